@@ -1,0 +1,206 @@
+"""Benchmark harness: every mode on the same prompts, side by side, checked against `ar`.
+
+Modes run interleaved prompt by prompt, so that the machine's noise falls on all of them
+alike; speedups are ratios of tokens/s measured in the same run. `ar` is the reference
+for losslessness and always runs. A divergence is any prompt whose tokens differ from
+`ar`'s; it counts as a near tie when `ar`'s top-2 logits at the first differing token
+were closer than the tolerance (a low-precision rounding flip rather than a bug).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from tqdm import tqdm
+
+from runtime.decoding import Step
+
+REFERENCE = "ar"
+WARMUP_TOKENS = 8
+# Top-2 logit margin under which a divergence counts as a near tie, by dtype: bfloat16
+# rounds logits of this model's magnitude (~10-30) to steps of 0.06-0.125.
+NEAR_TIE_TOL = {"float32": 1e-3, "bfloat16": 0.25, "float16": 0.05}
+
+
+class BenchInputError(ValueError):
+    pass
+
+
+@dataclass
+class Prompt:
+    question_id: int | str
+    category: str
+    text: str
+
+
+def default_prompts_path() -> Path:
+    return Path(str(resources.files("runtime") / "data" / "spec_bench" / "question.jsonl"))
+
+
+def load_prompts(path: str | Path, limit: int | None = None, per_category: int | None = None) -> list[Prompt]:
+    """First turns of a Spec-Bench-format JSONL file, optionally the first N per category, then the first N."""
+    path = Path(path)
+    if not path.is_file():
+        raise BenchInputError(f"prompt file {path} does not exist")
+    prompts, seen = [], defaultdict(int)
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            prompt = Prompt(row["question_id"], row["category"], row["turns"][0])
+        except (json.JSONDecodeError, KeyError, IndexError, TypeError) as e:
+            raise BenchInputError(
+                f"{path}:{lineno}: expected {{\"question_id\", \"category\", \"turns\": [...]}} ({e})"
+            ) from None
+        if not isinstance(prompt.text, str) or not prompt.text:
+            raise BenchInputError(f"{path}:{lineno}: the first turn must be a non-empty string")
+        if per_category is not None and seen[prompt.category] >= per_category:
+            continue
+        seen[prompt.category] += 1
+        prompts.append(prompt)
+    prompts = prompts[:limit] if limit is not None else prompts
+    if not prompts:
+        raise BenchInputError(f"{path} holds no prompts")
+    return prompts
+
+
+def first_divergence(ref: list[int], out: list[int]) -> int | None:
+    """Index of the first token where `out` differs from `ref` (None when identical)."""
+    for i, (a, b) in enumerate(zip(ref, out)):
+        if a != b:
+            return i
+    return None if len(ref) == len(out) else min(len(ref), len(out))
+
+
+def run_once(engine, mode: str, prompt_ids: list[int], max_new_tokens: int) -> dict:
+    steps: list[Step] = []
+    start = time.perf_counter()
+    for step in engine.steps(prompt_ids, mode, max_new_tokens):
+        steps.append(step)
+    seconds = time.perf_counter() - start
+    return {
+        "tokens": [t for s in steps for t in s.tokens],
+        "margins": [m for s in steps for m in (s.margins or [])],
+        "forward_passes": sum(s.forward_passes for s in steps),
+        "seconds": seconds,
+    }
+
+
+def run_bench(
+    engine,
+    prompts: list[Prompt],
+    modes: list[str],
+    max_new_tokens: int,
+    near_tie_tol: float,
+    threads: int,
+    progress: bool = True,
+) -> dict:
+    modes = [REFERENCE] + [m for m in modes if m != REFERENCE]
+    encoded = [engine.encode_chat(p.text) for p in prompts]
+    for ids in encoded:
+        engine.check_fits(ids, max_new_tokens)
+    for mode in modes:  # build every mode (loads peers' models) and warm it up, untimed
+        run_once(engine, mode, encoded[0], WARMUP_TOKENS)
+
+    runs: dict[str, list[dict]] = {m: [] for m in modes}
+    bar = tqdm(total=len(prompts) * len(modes), desc="bench", unit="run", disable=not progress, file=sys.stderr)
+    for prompt, ids in zip(prompts, encoded):
+        for mode in modes:
+            bar.set_postfix_str(f"{mode} q{prompt.question_id}")
+            runs[mode].append(run_once(engine, mode, ids, max_new_tokens))
+            bar.update()
+    bar.close()
+    return summarize(engine, prompts, modes, runs, max_new_tokens, near_tie_tol, threads)
+
+
+def _tokens(runs: list[dict]) -> int:
+    return sum(len(r["tokens"]) for r in runs)
+
+
+def _tokens_per_s(runs: list[dict]) -> float:
+    return _tokens(runs) / sum(r["seconds"] for r in runs)
+
+
+def _mean_accepted(runs: list[dict]) -> float:
+    """Generated tokens per target forward pass (tau)."""
+    return _tokens(runs) / sum(r["forward_passes"] for r in runs)
+
+
+def summarize(engine, prompts, modes, runs, max_new_tokens, near_tie_tol, threads) -> dict:
+    ref = runs[REFERENCE]
+    rates = {m: _tokens_per_s(runs[m]) for m in modes}
+    result = {
+        "model": engine.config.checkpoint,
+        "checkpoint_folder": str(engine.folder),
+        "dtype": engine.config.dtype,
+        "device": str(engine.model.device),
+        "threads": threads,
+        "max_new_tokens": max_new_tokens,
+        "prompts": len(prompts),
+        "near_tie_tol": near_tie_tol,
+        "modes": {},
+    }
+    for mode in modes:
+        rows, per_category = [], defaultdict(list)
+        for prompt, run, ref_run in zip(prompts, runs[mode], ref):
+            div = first_divergence(ref_run["tokens"], run["tokens"])
+            margin = ref_run["margins"][div] if div is not None and div < len(ref_run["margins"]) else None
+            rows.append({
+                "question_id": prompt.question_id,
+                "category": prompt.category,
+                "tokens": len(run["tokens"]),
+                "seconds": round(run["seconds"], 4),
+                "forward_passes": run["forward_passes"],
+                "identical_to_ar": div is None,
+                "first_divergence": div,
+                "ar_margin_at_divergence": margin,
+                "near_tie": margin is not None and margin < near_tie_tol,
+            })
+            per_category[prompt.category].append(run)
+        divergent = [r for r in rows if not r["identical_to_ar"]]
+        result["modes"][mode] = {
+            "tokens": _tokens(runs[mode]),
+            "seconds": round(sum(r["seconds"] for r in runs[mode]), 3),
+            "tokens_per_s": round(rates[mode], 3),
+            "speedup_vs_ar": round(rates[mode] / rates[REFERENCE], 4),
+            "speedup_vs_hf": round(rates[mode] / rates["hf"], 4) if "hf" in rates else None,
+            "mean_accepted": round(_mean_accepted(runs[mode]), 4),
+            "identical_to_ar": len(rows) - len(divergent),
+            "divergent": len(divergent),
+            "near_tie_divergences": sum(r["near_tie"] for r in divergent),
+            "per_category": {
+                cat: {
+                    "prompts": len(cat_runs),
+                    "tokens_per_s": round(_tokens_per_s(cat_runs), 3),
+                    "mean_accepted": round(_mean_accepted(cat_runs), 4),
+                }
+                for cat, cat_runs in per_category.items()
+            },
+            "per_prompt": rows,
+        }
+    return result
+
+
+def format_table(result: dict) -> str:
+    head = f"{'mode':<12}{'tokens':>8}{'tok/s':>9}{'vs ar':>8}{'vs hf':>8}{'tau':>7}{'identical':>11}{'divergent (near-tie)':>22}"
+    lines = [
+        f"model {result['model']}  dtype {result['dtype']}  device {result['device']}  threads {result['threads']}  "
+        f"prompts {result['prompts']}  max_new_tokens {result['max_new_tokens']}",
+        head,
+        "-" * len(head),
+    ]
+    for mode, m in result["modes"].items():
+        vs_hf = f"{m['speedup_vs_hf']:.2f}x" if m["speedup_vs_hf"] is not None else "-"
+        lines.append(
+            f"{mode:<12}{m['tokens']:>8}{m['tokens_per_s']:>9.2f}{m['speedup_vs_ar']:>7.2f}x{vs_hf:>8}"
+            f"{m['mean_accepted']:>7.2f}{m['identical_to_ar']:>7}/{result['prompts']:<3}"
+            f"{m['divergent']:>15} ({m['near_tie_divergences']})"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,94 @@
+"""Typed configuration, loaded from TOML files in configs/."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ModelConfig:
+    checkpoint: str = "default"
+    dtype: str = "float32"
+    device: str = "auto"
+    max_context: int = 2048
+
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+@dataclass
+class GenerationConfig:
+    mode: str = "ar"
+    max_new_tokens: int = 128
+
+
+@dataclass
+class RuntimeConfig:
+    threads: int = 2
+
+
+@dataclass
+class LeapfrogConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def validate(self) -> LeapfrogConfig:
+        if self.model.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.model.dtype!r}")
+        if self.model.max_context < 2:
+            raise ConfigError(f"max_context must be at least 2, got {self.model.max_context}")
+        if self.generation.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be at least 1, got {self.generation.max_new_tokens}")
+        if self.runtime.threads < 1:
+            raise ConfigError(f"threads must be at least 1, got {self.runtime.threads}")
+        return self
+
+
+def _section(cls, values: dict, name: str):
+    known = {f.name: f.type for f in dataclasses.fields(cls)}
+    unknown = set(values) - set(known)
+    if unknown:
+        raise ConfigError(f"[{name}]: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+    for key, value in values.items():
+        expected = type(getattr(cls(), key))
+        if not isinstance(value, expected) or isinstance(value, bool) != (expected is bool):
+            raise ConfigError(f"[{name}] {key} must be {expected.__name__}, got {value!r}")
+    return cls(**values)
+
+
+def load_config(path: str | Path | None = None) -> LeapfrogConfig:
+    """Read a config file (default: configs/default.toml); missing keys keep their defaults."""
+    path = Path(path) if path is not None else CONFIG_DIR / "default.toml"
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    sections = {f.name: f.type for f in dataclasses.fields(LeapfrogConfig)}
+    unknown = set(data) - set(sections)
+    if unknown:
+        raise ConfigError(f"{path}: unknown sections {sorted(unknown)}; known: {sorted(sections)}")
+    return LeapfrogConfig(
+        model=_section(ModelConfig, data.get("model", {}), "model"),
+        generation=_section(GenerationConfig, data.get("generation", {}), "generation"),
+        runtime=_section(RuntimeConfig, data.get("runtime", {}), "runtime"),
+    ).validate()

@@ -1,0 +1,62 @@
+"""Autoregressive greedy decoding as small named functions over the model's parts.
+
+Every decoding mode reports its progress as Steps: the tokens one target forward pass
+committed, with the target's top-2 logit margin at each of them (how close the greedy
+choice was to a tie; the benchmark uses it to tell near-tie flips from real errors).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from workers.kv_cache import KVCache
+from workers.model import Transformer
+
+
+@dataclass
+class Step:
+    tokens: list[int]  # committed by this step, in order
+    margins: list[float] | None  # top1 - top2 target logit at each of them (None: not known)
+    forward_passes: int = 1  # target-model forward passes the step took
+
+
+def greedy(logits: torch.Tensor) -> tuple[int, float]:
+    """logits (vocab,) -> (argmax token, top-2 margin)."""
+    top = torch.topk(logits.float(), 2)
+    return int(top.indices[0]), float(top.values[0] - top.values[1])
+
+
+def prefill(model: Transformer, cache: KVCache, prompt_ids: list[int]) -> torch.Tensor:
+    """Run the prompt through the model into the cache; return the last position's logits (vocab,)."""
+    tokens = torch.tensor([prompt_ids], device=model.device)
+    positions = torch.arange(cache.length, cache.length + len(prompt_ids), device=model.device)
+    h = model.run_layers(model.embed(tokens), model.context(positions, cache))
+    cache.commit(len(prompt_ids))
+    return model.lm_head(model.norm(h[0, -1]))
+
+
+def decode_one(model: Transformer, cache: KVCache, token: int) -> torch.Tensor:
+    """Append one token; return the logits (vocab,) for the position after it."""
+    tokens = torch.tensor([[token]], device=model.device)
+    positions = torch.tensor([cache.length], device=model.device)
+    logits = model(tokens, model.context(positions, cache))
+    cache.commit(1)
+    return logits[0, -1]
+
+
+@torch.inference_mode()
+def generate_greedy(
+    model: Transformer, cache: KVCache, prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int]
+) -> Iterator[Step]:
+    """Plain greedy decoding: one forward pass, one token. Stops after a stop token or max_new_tokens."""
+    cache.truncate(0)
+    logits = prefill(model, cache, prompt_ids)
+    for produced in range(1, max_new_tokens + 1):
+        token, margin = greedy(logits)
+        yield Step([token], [margin])
+        if token in stop_ids or produced == max_new_tokens:
+            return
+        logits = decode_one(model, cache, token)

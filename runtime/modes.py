@@ -1,0 +1,49 @@
+"""Decoding modes by name. Each mode turns prompt ids into Steps (runtime.decoding.Step):
+
+    mode.generate(prompt_ids, max_new_tokens) -> Iterator[Step]
+
+Later drafters register here and the CLI and benchmark pick them up by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from runtime.decoding import Step, generate_greedy
+
+
+class AutoregressiveMode:
+    """Plain greedy decoding with our engine: the reference every other mode must equal."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int) -> Iterator[Step]:
+        e = self.engine
+        return generate_greedy(e.model, e.cache, prompt_ids, max_new_tokens, e.stop_ids)
+
+
+def _hf(prompt_lookup: bool) -> Callable:
+    def build(engine):
+        from runtime.hf_peers import HfGenerateMode
+
+        return HfGenerateMode(engine, prompt_lookup=prompt_lookup)
+
+    return build
+
+
+MODES: dict[str, Callable] = {
+    "ar": AutoregressiveMode,
+    "hf": _hf(prompt_lookup=False),
+    "hf-pld": _hf(prompt_lookup=True),
+}
+
+
+class UnknownModeError(ValueError):
+    pass
+
+
+def build_mode(name: str, engine):
+    if name not in MODES:
+        raise UnknownModeError(f"unknown mode {name!r}; available: {', '.join(MODES)}")
+    return MODES[name](engine)

