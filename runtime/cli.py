@@ -30,6 +30,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads")
     p.add_argument("--max-new-tokens", type=positive_int)
+    p.add_argument("--ht-weights", help="hidden-transfer weights (.safetensors) for mode ht")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +63,7 @@ def resolve_config(args) -> LeapfrogConfig:
         ("threads", config.runtime, "threads"),
         ("max_new_tokens", config.generation, "max_new_tokens"),
         ("mode", config.generation, "mode"),
+        ("ht_weights", config.ht, "weights"),
     ):
         if getattr(args, attr, None) is not None:
             setattr(section, key, getattr(args, attr))
@@ -82,7 +84,7 @@ def make_engine(config: LeapfrogConfig):
     from runtime.engine import Engine
 
     torch.set_num_threads(config.runtime.threads)
-    return Engine(config.model)
+    return Engine(config.model, config.ht)
 
 
 def cmd_generate(args, config: LeapfrogConfig) -> int:
@@ -136,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     from runtime.bench import BenchInputError
     from runtime.engine import PromptTooLongError
     from runtime.modes import UnknownModeError
+    from workers.drafters.hidden_transfer import DrafterWeightsError
     from workers.loading import ModelLoadError
 
     parser = build_parser()
@@ -143,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = resolve_config(args)
         return {"generate": cmd_generate, "bench": cmd_bench}[args.command](args, config)
-    except (ConfigError, ModelLoadError, UnknownModeError, PromptTooLongError, BenchInputError) as e:
+    except (ConfigError, ModelLoadError, UnknownModeError, PromptTooLongError, BenchInputError, DrafterWeightsError) as e:
         print(f"leapfrog {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

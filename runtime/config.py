@@ -40,6 +40,17 @@ class GenerationConfig:
 
 
 @dataclass
+class HtConfig:
+    """Hidden-transfer drafting: trained weights and the token tree of each step."""
+
+    weights: str = "default"  # "default" (shipped for the default model) or a .safetensors path
+    budget: int = 16  # tree nodes per step, root included
+    top_k: int = 8  # candidates per draft depth
+    depth: int = 0  # draft depth used; 0 = every pseudo position of the weights
+    pseudo_nodes: int = 8  # tree nodes (highest-scoring) that get pseudo states
+
+
+@dataclass
 class RuntimeConfig:
     threads: int = 2
 
@@ -48,6 +59,7 @@ class RuntimeConfig:
 class LeapfrogConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    ht: HtConfig = field(default_factory=HtConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def validate(self) -> LeapfrogConfig:
@@ -57,6 +69,8 @@ class LeapfrogConfig:
             raise ConfigError(f"max_context must be at least 2, got {self.model.max_context}")
         if self.generation.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be at least 1, got {self.generation.max_new_tokens}")
+        if min(self.ht.budget, self.ht.top_k, self.ht.pseudo_nodes) < 1 or self.ht.depth < 0:
+            raise ConfigError(f"[ht] budget, top_k and pseudo_nodes must be >= 1 and depth >= 0: {self.ht}")
         if self.runtime.threads < 1:
             raise ConfigError(f"threads must be at least 1, got {self.runtime.threads}")
         return self
@@ -90,5 +104,6 @@ def load_config(path: str | Path | None = None) -> LeapfrogConfig:
     return LeapfrogConfig(
         model=_section(ModelConfig, data.get("model", {}), "model"),
         generation=_section(GenerationConfig, data.get("generation", {}), "generation"),
+        ht=_section(HtConfig, data.get("ht", {}), "ht"),
         runtime=_section(RuntimeConfig, data.get("runtime", {}), "runtime"),
     ).validate()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from runtime.config import ModelConfig
+from runtime.config import HtConfig, ModelConfig
 from runtime.decoding import Step
 from workers.loading import load_model, load_tokenizer
 
@@ -13,12 +13,18 @@ class PromptTooLongError(ValueError):
     pass
 
 
+# Cache slots beyond max_context for the pending positions of a tree step
+# (tree nodes plus pseudo states), which are written before acceptance trims them.
+TREE_HEADROOM = 512
+
+
 class Engine:
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, ht: HtConfig | None = None):
         self.config = config
+        self.ht_config = ht or HtConfig()
         self.model, self.folder = load_model(config.checkpoint, config.torch_dtype(), config.torch_device())
         self.tokenizer = load_tokenizer(self.folder)
-        self.cache = self.model.new_cache(config.max_context)
+        self.cache = self.model.new_cache(config.max_context + TREE_HEADROOM)
         self.stop_ids = self._stop_ids()
         self._modes: dict[str, object] = {}
 

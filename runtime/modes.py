@@ -23,6 +23,23 @@ class AutoregressiveMode:
         return generate_greedy(e.model, e.cache, prompt_ids, max_new_tokens, e.stop_ids)
 
 
+class HiddenTransferMode:
+    """Hidden-transfer drafts verified as a token tree (runtime.ht_decoding)."""
+
+    def __init__(self, engine):
+        from runtime.ht_decoding import HiddenTransferDecoder
+        from workers.drafters.hidden_transfer import HiddenTransfer, default_weights_path
+
+        e = engine
+        weights = default_weights_path(e.config.checkpoint) if e.ht_config.weights == "default" else e.ht_config.weights
+        ht = HiddenTransfer.load(weights, e.model.args).to(e.model.device)
+        self.engine = e
+        self.decoder = HiddenTransferDecoder(e.model, ht, e.cache, e.ht_config)
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int) -> Iterator[Step]:
+        return self.decoder.generate(prompt_ids, max_new_tokens, self.engine.stop_ids)
+
+
 def _hf(prompt_lookup: bool) -> Callable:
     def build(engine):
         from runtime.hf_peers import HfGenerateMode
@@ -34,6 +51,7 @@ def _hf(prompt_lookup: bool) -> Callable:
 
 MODES: dict[str, Callable] = {
     "ar": AutoregressiveMode,
+    "ht": HiddenTransferMode,
     "hf": _hf(prompt_lookup=False),
     "hf-pld": _hf(prompt_lookup=True),
 }

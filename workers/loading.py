@@ -162,7 +162,10 @@ def load_weights(folder: Path, n_layers: int) -> dict[str, torch.Tensor]:
 
     state: dict[str, torch.Tensor] = {}
     for shard in sorted(folder.glob("*.safetensors")):
-        state.update(load_file(shard))
+        try:
+            state.update(load_file(shard))
+        except Exception as e:  # safetensors raises its own error type for unreadable files
+            raise ModelLoadError(f"{shard} is not a readable safetensors file: {e}") from e
     return fuse_projections({k.removeprefix("model."): v for k, v in state.items()}, n_layers)
 
 
@@ -179,6 +182,9 @@ def fuse_projections(state: dict[str, torch.Tensor], n_layers: int) -> dict[str,
             for kind in ("weight", "bias"):
                 keys = [f"layers.{i}.{p}.{kind}" for p in parts]
                 if all(k in state for k in keys):
+                    if len({state[k].shape[1:] for k in keys}) > 1:
+                        shapes = ", ".join(f"{k} {tuple(state[k].shape)}" for k in keys)
+                        raise ModelLoadError(f"weights do not match: cannot fuse tensors of different shapes: {shapes}")
                     state[f"layers.{i}.{fused}.{kind}"] = torch.cat([state.pop(k) for k in keys])
     return state
 
@@ -203,6 +209,16 @@ def load_model(
         raise ModelLoadError(
             f"{folder}: weights do not match a {args.architecture} model; "
             f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+    shapes = model.state_dict()
+    wrong = [
+        f"{k} {tuple(state[k].shape)} (expected {tuple(shapes[k].shape)})"
+        for k in sorted(expected)
+        if state[k].shape != shapes[k].shape
+    ]
+    if wrong:
+        raise ModelLoadError(
+            f"{folder}: weights do not match a {args.architecture} model; wrong shapes: {', '.join(wrong[:5])}"
         )
     model.load_state_dict(state, strict=False, assign=True)
     if args.tie_embeddings:
@@ -230,4 +246,8 @@ def store_column_major(model: Transformer) -> None:
 def load_tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(folder)
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as e:  # no tokenizer files, or ones transformers cannot read
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise ModelLoadError(f"{folder}: no usable tokenizer ({reason})") from e

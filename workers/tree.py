@@ -1,0 +1,113 @@
+"""Token trees of draft candidates, flattened in topological order.
+
+Node 0 is the root: the token the target model already chose (the previous step's bonus
+token), not yet in the KV cache. Each other node is a draft for the token after its
+parent. A node's position is prefix_length + depth, and it may attend only to the cached
+prefix, its ancestors and itself (`ancestor_mask`).
+
+Drafts come as per-depth distributions, `draft_logprobs[d]` for the tokens at depth d+1,
+that do not depend on the tokens chosen above them (hidden-transfer and Medusa drafts are
+like that). A path's score is the sum of its tokens' log-probabilities.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class TokenTree:
+    tokens: list[int]
+    parents: list[int]  # parent index per node; -1 for the root
+    depths: list[int]
+    scores: list[float]  # path log-probability under the drafts (root: 0)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def max_depth(self) -> int:
+        return max(self.depths)
+
+    def children(self) -> list[list[int]]:
+        kids: list[list[int]] = [[] for _ in self.tokens]
+        for node, parent in enumerate(self.parents):
+            if parent >= 0:
+                kids[parent].append(node)
+        return kids
+
+    def ancestor_mask(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """(n, n) bool: True where node i may attend to node j (j is i or an ancestor of i)."""
+        n = len(self.tokens)
+        mask = torch.zeros(n, n, dtype=torch.bool)
+        for node, parent in enumerate(self.parents):
+            mask[node, node] = True
+            if parent >= 0:  # parents come first, so their rows are complete
+                mask[node] |= mask[parent]
+        return mask.to(device)
+
+    def path_to(self, node: int) -> list[int]:
+        """Node indices from the root to `node`, inclusive."""
+        path = []
+        while node >= 0:
+            path.append(node)
+            node = self.parents[node]
+        return path[::-1]
+
+
+def root_only(token: int) -> TokenTree:
+    return TokenTree([token], [-1], [0], [0.0])
+
+
+def build_dynamic_tree(root: int, draft_logprobs: torch.Tensor, budget: int, top_k: int) -> TokenTree:
+    """The `budget` nodes (root included) of highest path score, EAGLE-2 style.
+
+    draft_logprobs: (max_depth, vocab) log-probabilities for depths 1..max_depth.
+    Best-first search: the frontier holds each node's next-best unexpanded child and its
+    next sibling, so every pop is the best remaining node and the result is a valid tree.
+    """
+    depth_limit = draft_logprobs.shape[0]
+    top = torch.topk(draft_logprobs.float(), min(top_k, draft_logprobs.shape[-1]), dim=-1)
+    cand_lp, cand_tok = top.values.tolist(), top.indices.tolist()  # (depth, top_k), best first
+    tree = root_only(root)
+    # Heap entries: (-score, parent node, depth of the child, rank of the child among candidates).
+    frontier: list[tuple[float, int, int, int]] = []
+    if depth_limit > 0:
+        frontier.append((-cand_lp[0][0], 0, 1, 0))
+    while frontier and len(tree) < budget:
+        neg_score, parent, depth, rank = heapq.heappop(frontier)
+        node = len(tree)
+        tree.tokens.append(cand_tok[depth - 1][rank])
+        tree.parents.append(parent)
+        tree.depths.append(depth)
+        tree.scores.append(-neg_score)
+        parent_score = tree.scores[parent]
+        if rank + 1 < len(cand_lp[depth - 1]):  # the parent's next child
+            heapq.heappush(frontier, (-(parent_score + cand_lp[depth - 1][rank + 1]), parent, depth, rank + 1))
+        if depth < depth_limit:  # this node's best child
+            heapq.heappush(frontier, (-(-neg_score + cand_lp[depth][0]), node, depth + 1, 0))
+    return tree
+
+
+def build_template_tree(root: int, draft_logprobs: torch.Tensor, template: list[tuple[int, ...]]) -> TokenTree:
+    """A fixed tree: each template entry is a path of candidate ranks, e.g. (0, 1) = the
+    best depth-1 draft, then the second-best depth-2 draft. Paths deeper than the drafts
+    are dropped; every prefix of a kept path must itself be in the template."""
+    depth_limit = draft_logprobs.shape[0]
+    k = 1 + max((max(p) for p in template if p), default=0)
+    top = torch.topk(draft_logprobs.float(), min(k, draft_logprobs.shape[-1]), dim=-1)
+    cand_lp, cand_tok = top.values.tolist(), top.indices.tolist()
+    tree, index = root_only(root), {(): 0}
+    for path in sorted((p for p in template if 0 < len(p) <= depth_limit), key=len):
+        if path[:-1] not in index:
+            raise ValueError(f"template path {path} has no parent {path[:-1]} in the template")
+        parent, depth, rank = index[path[:-1]], len(path), path[-1]
+        index[path] = len(tree)
+        tree.tokens.append(cand_tok[depth - 1][rank])
+        tree.parents.append(parent)
+        tree.depths.append(depth)
+        tree.scores.append(tree.scores[parent] + cand_lp[depth - 1][rank])
+    return tree
