@@ -1,4 +1,5 @@
-"""The `leapfrog` command: generate (stream a reply) and bench (modes side by side)."""
+"""The `leapfrog` command: generate (stream a reply), bench (modes side by side) and
+train-ht (train hidden-transfer drafter weights)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="stream the reply to a chat prompt")
     gen.add_argument("--prompt", required=True, help="the user message")
     gen.add_argument("--mode", help="decoding mode (default: ar)")
+    gen.add_argument("--compare", help="comma-separated modes to run on the same prompt afterwards, for speed")
     add_common(gen)
 
     bench = sub.add_parser("bench", help="run decoding modes side by side on a prompt file")
@@ -51,7 +53,71 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", help="write the JSON result here")
     bench.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_common(bench)
+    add_train_ht(sub)
     return parser
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def add_train_ht(sub) -> None:
+    from runtime.train_ht import TRAIN_DTYPES, TrainConfig
+
+    d = TrainConfig()
+    p = sub.add_parser(
+        "train-ht",
+        help="train hidden-transfer drafter weights by self-distillation on ShareGPT",
+        description="Generate the model's greedy replies to ShareGPT training prompts (cached), then train "
+        "the hidden-transfer maps with the backbone frozen. Writes OUT (weights), OUT with .json (summary) "
+        "and .ckpt.pt (resumable checkpoint).",
+    )
+    p.add_argument("--config", help="TOML config file (default: configs/default.toml)")
+    p.add_argument("--checkpoint", help="'default', a .gguf file or a Hugging Face checkpoint folder")
+    p.add_argument("--dtype", choices=TRAIN_DTYPES, help="backbone dtype (the transfer trains in float32)")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads")
+    p.add_argument("--layer", type=positive_int, help="layers before the transfer (default: half the layers)")
+    p.add_argument("--k", type=positive_int, default=d.k, help=f"pseudo positions (draft depth) (default {d.k})")
+    p.add_argument("--no-pseudo-attention", action="store_true", help="pseudo states do not attend to each other")
+    p.add_argument("--examples", type=positive_int, default=d.examples,
+                   help=f"distilled training examples (default {d.examples})")
+    p.add_argument("--val-examples", type=non_negative_int, help="validation examples (default: 5%% of --examples)")
+    p.add_argument("--max-new-tokens", type=positive_int, help="reply length of the distilled examples (default 128)")
+    p.add_argument("--max-prompt-tokens", type=positive_int, default=d.max_prompt_tokens,
+                   help=f"skip longer prompts (default {d.max_prompt_tokens})")
+    p.add_argument("--steps", type=non_negative_int, default=d.steps, help=f"optimizer steps (default {d.steps})")
+    p.add_argument("--lr", type=positive_float, default=d.lr, help=f"AdamW learning rate (default {d.lr})")
+    p.add_argument("--schedule", choices=("cosine", "constant"), default=d.schedule, help="learning-rate schedule")
+    p.add_argument("--positions-per-seq", type=positive_int, default=d.positions_per_seq,
+                   help=f"positions drafted per sequence and step (default {d.positions_per_seq})")
+    p.add_argument("--batch", type=positive_int, default=d.batch, help=f"sequences per step (default {d.batch})")
+    p.add_argument("--out", default=d.out, help=f"weights file (default {d.out})")
+    p.add_argument("--data-dir", help="cache of distilled examples (default: $LEAPFROG_CACHE/distill)")
+    p.add_argument("--distill-batch", type=positive_int, default=d.distill_batch, help="generation batch size")
+    p.add_argument("--resume", action="store_true", help="continue from OUT's .ckpt.pt checkpoint")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--log-every", type=positive_int, default=d.log_every, help="print the mean loss every N steps")
+    p.add_argument("--eval-every", type=non_negative_int, default=d.eval_every,
+                   help="validate every N steps (0: at the end only)")
+    p.add_argument("--checkpoint-every", type=positive_int, default=d.checkpoint_every, help="save the checkpoint every N steps")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
 def resolve_config(args) -> LeapfrogConfig:
@@ -88,28 +154,37 @@ def make_engine(config: LeapfrogConfig):
 
 
 def cmd_generate(args, config: LeapfrogConfig) -> int:
+    from runtime.bench import first_divergence, run_once
+    from runtime.text import TextStream
+
     mode, max_new = config.generation.mode, config.generation.max_new_tokens
-    check_modes([mode])
+    compare = [m.strip() for m in (args.compare or "").split(",") if m.strip() and m.strip() != mode]
+    check_modes([mode, *compare])
     engine = make_engine(config)
     prompt_ids = engine.encode_chat(args.prompt)
     engine.check_fits(prompt_ids, max_new)
-    tokens = passes = 0
-    start = time.perf_counter()
-    from runtime.text import TextStream
-
+    tokens: list[int] = []
+    passes = 0
     text = TextStream(engine.tokenizer)
+    start = time.perf_counter()
     for step in engine.steps(prompt_ids, mode, max_new):
-        tokens += len(step.tokens)
+        tokens += step.tokens
         passes += step.forward_passes
         print(text.push(step.tokens), end="", flush=True)
-    print(text.flush())
     seconds = time.perf_counter() - start
-    print(
-        f"[{mode}] {tokens} tokens in {seconds:.2f}s: {tokens / seconds:.1f} tokens/s, "
-        f"{tokens / passes:.2f} tokens per forward pass ({config.model.dtype}, {config.runtime.threads} threads)",
-        file=sys.stderr,
-    )
+    print(text.flush())
+    report = f"{config.model.dtype}, {config.runtime.threads} threads"
+    print(f"[{mode}] {speed_line(len(tokens), seconds, passes)} ({report})", file=sys.stderr)
+    for other in compare:  # same prompt, same process, measured right after
+        run = run_once(engine, other, prompt_ids, max_new)
+        same = "identical" if first_divergence(tokens, run["tokens"]) is None else "DIFFERENT"
+        line = speed_line(len(run["tokens"]), run["seconds"], run["forward_passes"])
+        print(f"[{other}] {line}; output {same} to [{mode}]", file=sys.stderr)
     return 0
+
+
+def speed_line(tokens: int, seconds: float, passes: int) -> str:
+    return f"{tokens} tokens in {seconds:.2f}s: {tokens / seconds:.1f} tokens/s, {tokens / passes:.2f} tokens per forward pass"
 
 
 def cmd_bench(args, config: LeapfrogConfig) -> int:
@@ -134,19 +209,58 @@ def cmd_bench(args, config: LeapfrogConfig) -> int:
     return 0
 
 
+def cmd_train_ht(args, config: LeapfrogConfig) -> int:
+    from runtime.train_ht import TrainConfig, run
+
+    cfg = TrainConfig(
+        checkpoint=config.model.checkpoint,
+        dtype=config.model.dtype,
+        device=config.model.device,
+        threads=config.runtime.threads,
+        layer=args.layer,
+        k=args.k,
+        pseudo_attention=not args.no_pseudo_attention,
+        examples=args.examples,
+        val_examples=args.val_examples,
+        max_new_tokens=config.generation.max_new_tokens,
+        max_prompt_tokens=args.max_prompt_tokens,
+        steps=args.steps,
+        lr=args.lr,
+        schedule=args.schedule,
+        positions_per_seq=args.positions_per_seq,
+        batch=args.batch,
+        out=args.out,
+        data_dir=args.data_dir,
+        resume=args.resume,
+        seed=args.seed,
+        log_every=args.log_every,
+        eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every,
+        distill_batch=args.distill_batch,
+        progress=not args.no_progress,
+    )
+    run(cfg)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from runtime.bench import BenchInputError
     from runtime.engine import PromptTooLongError
     from runtime.modes import UnknownModeError
     from workers.drafters.hidden_transfer import DrafterWeightsError
+    from runtime.sharegpt import ShareGPTError
+    from runtime.train_ht import TrainError
     from workers.loading import ModelLoadError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         config = resolve_config(args)
-        return {"generate": cmd_generate, "bench": cmd_bench}[args.command](args, config)
-    except (ConfigError, ModelLoadError, UnknownModeError, PromptTooLongError, BenchInputError, DrafterWeightsError) as e:
+        return {"generate": cmd_generate, "bench": cmd_bench, "train-ht": cmd_train_ht}[args.command](args, config)
+    except (
+        ConfigError, ModelLoadError, UnknownModeError, PromptTooLongError, BenchInputError, DrafterWeightsError,
+        TrainError, ShareGPTError,
+    ) as e:
         print(f"leapfrog {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from runtime.chat import encode_chat, stop_ids
 from runtime.config import HtConfig, ModelConfig
 from runtime.decoding import Step
 from workers.loading import load_model, load_tokenizer
@@ -25,26 +26,11 @@ class Engine:
         self.model, self.folder = load_model(config.checkpoint, config.torch_dtype(), config.torch_device())
         self.tokenizer = load_tokenizer(self.folder)
         self.cache = self.model.new_cache(config.max_context + TREE_HEADROOM)
-        self.stop_ids = self._stop_ids()
+        self.stop_ids = stop_ids(self.tokenizer, self.folder)
         self._modes: dict[str, object] = {}
 
-    def _stop_ids(self) -> set[int]:
-        from transformers import GenerationConfig
-
-        ids = {self.tokenizer.eos_token_id}
-        try:
-            eos = GenerationConfig.from_pretrained(self.folder).eos_token_id
-        except OSError:  # no generation_config.json
-            eos = None
-        ids.update(eos if isinstance(eos, list) else [eos])
-        return {i for i in ids if i is not None}
-
     def encode_chat(self, prompt: str | list[dict]) -> list[int]:
-        """A user prompt (or a list of chat messages) -> prompt token ids, with the chat template."""
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        if self.tokenizer.chat_template is None:
-            return self.tokenizer.encode("\n".join(m["content"] for m in messages))
-        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+        return encode_chat(self.tokenizer, prompt)
 
     def check_fits(self, prompt_ids: list[int], max_new_tokens: int) -> None:
         if not prompt_ids:

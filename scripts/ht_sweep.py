@@ -1,0 +1,68 @@
+"""Sweep hidden-transfer tree settings (draft depth, node budget, weights) on one engine.
+
+Each setting runs through the benchmark harness against `ar` on the same prompts, in the
+same process, so every row is a side-by-side ratio. Prints a table and writes JSON.
+
+    python scripts/ht_sweep.py --weights out/ht/a.safetensors --depths 1,2,3,4 --budgets 4,8,16,32 \
+        --per-category 1 --max-new-tokens 64 --dtype bfloat16 --out docs/bench/ht-sweep.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+from pathlib import Path
+
+import torch
+
+from runtime.bench import NEAR_TIE_TOL, default_prompts_path, load_prompts, run_bench
+from runtime.config import HtConfig, ModelConfig
+from runtime.engine import Engine
+
+
+def ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--weights", required=True, help="comma-separated hidden-transfer weight files")
+    p.add_argument("--depths", type=ints, default=[0], help="draft depths (0 = all of the weights)")
+    p.add_argument("--budgets", type=ints, default=[16])
+    p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--pseudo-nodes", type=int, default=8)
+    p.add_argument("--per-category", type=int, default=1)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+
+    torch.set_num_threads(args.threads)
+    engine = Engine(ModelConfig(dtype=args.dtype))
+    prompts = load_prompts(default_prompts_path(), per_category=args.per_category)
+    rows = []
+    for weights, depth, budget in itertools.product(args.weights.split(","), args.depths, args.budgets):
+        engine.ht_config = HtConfig(weights=weights, budget=budget, top_k=args.top_k, depth=depth,
+                                     pseudo_nodes=min(args.pseudo_nodes, budget))
+        engine._modes.pop("ht", None)
+        result = run_bench(engine, prompts, ["ht"], args.max_new_tokens, NEAR_TIE_TOL[args.dtype], args.threads, False)
+        ht = result["modes"]["ht"]
+        row = {**dataclasses.asdict(engine.ht_config), "tau": ht["mean_accepted"],
+               "speedup_vs_ar": ht["speedup_vs_ar"], "ht_tokens_per_s": ht["tokens_per_s"],
+               "ar_tokens_per_s": result["modes"]["ar"]["tokens_per_s"],
+               "identical_to_ar": ht["identical_to_ar"], "divergent": ht["divergent"],
+               "near_tie_divergences": ht["near_tie_divergences"]}
+        rows.append(row)
+        print(f"{Path(weights).stem:<24} depth {depth} budget {budget:>3}: tau {row['tau']:.2f}  "
+              f"{row['speedup_vs_ar']:.2f}x ar  identical {row['identical_to_ar']}/{len(prompts)} "
+              f"(divergent {row['divergent']}, near-tie {row['near_tie_divergences']})", flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"prompts": len(prompts), "dtype": args.dtype, "threads": args.threads,
+                                          "max_new_tokens": args.max_new_tokens, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
