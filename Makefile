@@ -21,13 +21,13 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/leapfrog generate --prompt "$(DEMO_PROMPT)"
+	$(BIN)/leapfrog generate --mode ht --compare ar --dtype bfloat16 --prompt "$(DEMO_PROMPT)"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/leapfrog bench --per-category 2 --modes ar,hf,hf-pld --out out/bench.json
+	$(BIN)/leapfrog bench --per-category 2 --modes ar,hf,hf-pld,ht --dtype bfloat16 --out out/bench.json
 
 clean:
 	rm -rf $(VENV) out

@@ -89,6 +89,8 @@ def run_once(engine, mode: str, prompt_ids: list[int], max_new_tokens: int) -> d
         "tokens": [t for s in steps for t in s.tokens],
         "margins": [m for s in steps for m in (s.margins or [])],
         "forward_passes": sum(s.forward_passes for s in steps),
+        # Tokens committed by each single-pass decoding step (the first Step is the prefill).
+        "step_tokens": [len(s.tokens) for s in steps[1:] if s.forward_passes == 1],
         "seconds": seconds,
     }
 
@@ -133,8 +135,23 @@ def _mean_accepted(runs: list[dict]) -> float:
     return _tokens(runs) / sum(r["forward_passes"] for r in runs)
 
 
+def acceptance_by_depth(runs: list[dict]) -> list[float]:
+    """Fraction of decoding steps whose accepted path reached draft depth d, for d = 1, 2, ...
+
+    A step that commits n tokens accepted n - 1 drafts (plus the bonus token). Empty for
+    modes that commit one token per step or report no single-pass steps (hf modes).
+    """
+    sizes = [n for r in runs for n in r["step_tokens"]]
+    if not sizes or max(sizes) < 2:
+        return []
+    return [round(sum(n > d for n in sizes) / len(sizes), 4) for d in range(1, max(sizes))]
+
+
 def summarize(engine, prompts, modes, runs, max_new_tokens, near_tie_tol, threads) -> dict:
     ref = runs[REFERENCE]
+    ref_by_category = defaultdict(list)
+    for prompt, run in zip(prompts, ref):
+        ref_by_category[prompt.category].append(run)
     rates = {m: _tokens_per_s(runs[m]) for m in modes}
     result = {
         "model": engine.config.checkpoint,
@@ -175,10 +192,12 @@ def summarize(engine, prompts, modes, runs, max_new_tokens, near_tie_tol, thread
             "identical_to_ar": len(rows) - len(divergent),
             "divergent": len(divergent),
             "near_tie_divergences": sum(r["near_tie"] for r in divergent),
+            "acceptance_by_depth": acceptance_by_depth(runs[mode]),
             "per_category": {
                 cat: {
                     "prompts": len(cat_runs),
                     "tokens_per_s": round(_tokens_per_s(cat_runs), 3),
+                    "speedup_vs_ar": round(_tokens_per_s(cat_runs) / _tokens_per_s(ref_by_category[cat]), 4),
                     "mean_accepted": round(_mean_accepted(cat_runs), 4),
                 }
                 for cat, cat_runs in per_category.items()
@@ -203,4 +222,8 @@ def format_table(result: dict) -> str:
             f"{m['mean_accepted']:>7.2f}{m['identical_to_ar']:>7}/{result['prompts']:<3}"
             f"{m['divergent']:>15} ({m['near_tie_divergences']})"
         )
+    for mode, m in result["modes"].items():
+        if m.get("acceptance_by_depth"):
+            depths = "  ".join(f"d{d}: {rate:.2f}" for d, rate in enumerate(m["acceptance_by_depth"], 1))
+            lines.append(f"{mode}: steps reaching draft depth  {depths}")
     return "\n".join(lines)

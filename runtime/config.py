@@ -13,6 +13,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
+TREE_KINDS = ("dynamic", "template")
+
+
 class ConfigError(ValueError):
     pass
 
@@ -44,6 +47,7 @@ class HtConfig:
     """Hidden-transfer drafting: trained weights and the token tree of each step."""
 
     weights: str = "default"  # "default" (shipped for the default model) or a .safetensors path
+    tree: str = "dynamic"  # dynamic (best paths by draft confidence) | template (workers.tree.DEFAULT_TEMPLATE)
     budget: int = 16  # tree nodes per step, root included
     top_k: int = 8  # candidates per draft depth
     depth: int = 0  # draft depth used; 0 = every pseudo position of the weights
@@ -71,6 +75,8 @@ class LeapfrogConfig:
             raise ConfigError(f"max_new_tokens must be at least 1, got {self.generation.max_new_tokens}")
         if min(self.ht.budget, self.ht.top_k, self.ht.pseudo_nodes) < 1 or self.ht.depth < 0:
             raise ConfigError(f"[ht] budget, top_k and pseudo_nodes must be >= 1 and depth >= 0: {self.ht}")
+        if self.ht.tree not in TREE_KINDS:
+            raise ConfigError(f"[ht] tree must be one of {', '.join(TREE_KINDS)}, got {self.ht.tree!r}")
         if self.runtime.threads < 1:
             raise ConfigError(f"threads must be at least 1, got {self.runtime.threads}")
         return self

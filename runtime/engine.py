@@ -49,6 +49,11 @@ class Engine:
             self._modes[name] = build_mode(name, self)
         return self._modes[name]
 
+    def set_ht_config(self, ht: HtConfig) -> None:
+        """Use other hidden-transfer settings; the `ht` mode is rebuilt on its next use."""
+        self.ht_config = ht
+        self._modes.pop("ht", None)
+
     def steps(self, prompt_ids: list[int], mode: str, max_new_tokens: int) -> Iterator[Step]:
         self.check_fits(prompt_ids, max_new_tokens)
         return self.mode(mode).generate(prompt_ids, max_new_tokens)

@@ -24,7 +24,7 @@ from runtime.decoding import Step, greedy
 from workers.drafters.hidden_transfer import HiddenTransfer
 from workers.kv_cache import KVCache
 from workers.model import Transformer
-from workers.tree import TokenTree, build_dynamic_tree, root_only
+from workers.tree import DEFAULT_TEMPLATE, TokenTree, build_dynamic_tree, build_template_tree, root_only
 
 
 def pseudo_mask(node_mask: torch.Tensor, groups: list[int], k: int, pseudo_attention: bool) -> torch.Tensor:
@@ -53,7 +53,9 @@ def transfer_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward n new tokens with pseudo states for the nodes in `groups`.
 
-    Returns node logits (n, vocab) and draft logits (len(groups), k, vocab). Writes n
+    Returns final-normed hidden states of the nodes (n, dim) and of the pseudo states
+    (len(groups), k, dim): the caller applies the LM head to the rows it needs (every
+    node to verify the tree, one group's pseudo states to draft the next). Writes n
     pending positions to the cache (n + m*k in the layers above the transfer); commits
     nothing.
     """
@@ -66,8 +68,8 @@ def transfer_forward(
     mask = pseudo_mask(node_mask, groups, k, ht.config.pseudo_attention)
     h = torch.cat((h, pseudo.to(h.dtype)), dim=1)
     h = model.run_layers(h, model.context(torch.cat((positions, pseudo_pos)), cache, mask), L)
-    logits = model.lm_head(model.norm(h[0]))
-    return logits[:n], logits[n:].reshape(len(groups), k, -1)
+    h = model.norm(h[0])
+    return h[:n], h[n:].reshape(len(groups), k, -1)
 
 
 def accept_greedy(tree: TokenTree, targets: list[int]) -> list[int]:
@@ -84,15 +86,33 @@ def accept_greedy(tree: TokenTree, targets: list[int]) -> list[int]:
         path.append(match)
 
 
+def next_drafts(tree: TokenTree, path: list[int], groups: list[int], drafts: torch.Tensor) -> torch.Tensor | None:
+    """Drafts for the tree after a step that accepted `path`: (depth, ...) rows of
+    `drafts` (groups, k, ...), pseudo states or their logits; None when there are none.
+
+    The pseudo states of node a at position p draft the tokens at p+2..p+k+1. When the
+    path's last node x (position p + s) has none, those of its deepest ancestor a with
+    pseudo states still cover x's next tokens from depth s on: drafts[a][s:]. The root
+    always has pseudo states (its score, 0, is the highest), so only a path deeper than
+    k beyond its last drafted node ends with no drafts.
+    """
+    a = next(node for node in reversed(path) if node in groups)
+    shift = tree.depths[path[-1]] - tree.depths[a]
+    own = drafts[groups.index(a)]
+    return own[shift:] if shift < own.shape[0] else None
+
+
 class HiddenTransferDecoder:
     def __init__(self, model: Transformer, ht: HiddenTransfer, cache: KVCache, tree: HtConfig):
-        self.model, self.ht, self.cache, self.tree_config = model, ht, cache, tree
-        self.depth = min(tree.depth or ht.config.k, ht.config.k)
+        depth = min(tree.depth or ht.config.k, ht.config.k)
+        self.model, self.ht, self.cache, self.tree_config = model, ht.first(depth), cache, tree
 
     def build_tree(self, root: int, drafts: torch.Tensor | None) -> TokenTree:
         if drafts is None:
             return root_only(root)
-        logprobs = torch.log_softmax(drafts[: self.depth].float(), dim=-1)
+        logprobs = torch.log_softmax(drafts.float(), dim=-1)
+        if self.tree_config.tree == "template":
+            return build_template_tree(root, logprobs, DEFAULT_TEMPLATE[: self.tree_config.budget - 1])
         return build_dynamic_tree(root, logprobs, self.tree_config.budget, self.tree_config.top_k)
 
     def pseudo_groups(self, tree: TokenTree) -> list[int]:
@@ -105,27 +125,27 @@ class HiddenTransferDecoder:
         n = len(prompt_ids)
         positions = torch.arange(n, device=self.model.device)
         causal = torch.ones(n, n, dtype=torch.bool, device=self.model.device).tril()
-        logits, drafts = transfer_forward(self.model, self.ht, self.cache, prompt_ids, positions, causal, [n - 1])
+        h, pseudo = transfer_forward(self.model, self.ht, self.cache, prompt_ids, positions, causal, [n - 1])
         self.cache.commit(n)
-        token, margin = greedy(logits[-1])
-        return token, margin, drafts[0]
+        token, margin = greedy(self.model.lm_head(h[-1]))
+        return token, margin, self.model.lm_head(pseudo[0])
 
     def step(self, tree: TokenTree) -> tuple[list[int], list[float], torch.Tensor | None]:
         """Verify `tree`; returns committed tokens (accepted drafts + bonus), their margins
         and the drafts for the next tree (None when the path ended on a node without them)."""
         groups = self.pseudo_groups(tree)
         positions = self.cache.length + torch.tensor(tree.depths, device=self.model.device)
-        node_logits, drafts = transfer_forward(
+        h, pseudo = transfer_forward(
             self.model, self.ht, self.cache, tree.tokens, positions, tree.ancestor_mask(self.model.device), groups
         )
-        top = torch.topk(node_logits.float(), 2, dim=-1)
+        top = torch.topk(self.model.lm_head(h).float(), 2, dim=-1)
         targets = top.indices[:, 0].tolist()
         path = accept_greedy(tree, targets)
         self.cache.keep(path)
         margins = (top.values[path, 0] - top.values[path, 1]).tolist()
         tokens = [tree.tokens[i] for i in path[1:]] + [targets[path[-1]]]
-        last = path[-1]
-        return tokens, margins, drafts[groups.index(last)] if last in groups else None
+        pseudo = next_drafts(tree, path, groups, pseudo)
+        return tokens, margins, None if pseudo is None else self.model.lm_head(pseudo)
 
     @torch.inference_mode()
     def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int]) -> Iterator[Step]:

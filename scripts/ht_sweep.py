@@ -1,10 +1,13 @@
-"""Sweep hidden-transfer tree settings (draft depth, node budget, weights) on one engine.
+"""Sweep hidden-transfer settings (weights, draft depth, node budget, pseudo nodes) on one engine.
 
 Each setting runs through the benchmark harness against `ar` on the same prompts, in the
 same process, so every row is a side-by-side ratio. Prints a table and writes JSON.
 
     python scripts/ht_sweep.py --weights out/ht/a.safetensors --depths 1,2,3,4 --budgets 4,8,16,32 \
-        --per-category 1 --max-new-tokens 64 --dtype bfloat16 --out docs/bench/ht-sweep.json
+        --pseudo-nodes 1,4 --per-category 1 --max-new-tokens 64 --dtype bfloat16 --out docs/bench/ht-sweep.json
+
+A grid is the product of the lists; `--settings` instead takes explicit
+depth:budget:pseudo_nodes triples (e.g. 4:8:2,2:6:1).
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ def main() -> None:
     p.add_argument("--depths", type=ints, default=[0], help="draft depths (0 = all of the weights)")
     p.add_argument("--budgets", type=ints, default=[16])
     p.add_argument("--top-k", type=int, default=8)
-    p.add_argument("--pseudo-nodes", type=int, default=8)
+    p.add_argument("--pseudo-nodes", type=ints, default=[8])
+    p.add_argument("--settings", help="explicit depth:budget:pseudo_nodes triples, comma-separated")
+    p.add_argument("--tree", default="dynamic", choices=["dynamic", "template"])
     p.add_argument("--per-category", type=int, default=1)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--dtype", default="bfloat16")
@@ -44,19 +49,23 @@ def main() -> None:
     engine = Engine(ModelConfig(dtype=args.dtype))
     prompts = load_prompts(default_prompts_path(), per_category=args.per_category)
     rows = []
-    for weights, depth, budget in itertools.product(args.weights.split(","), args.depths, args.budgets):
-        engine.ht_config = HtConfig(weights=weights, budget=budget, top_k=args.top_k, depth=depth,
-                                     pseudo_nodes=min(args.pseudo_nodes, budget))
-        engine._modes.pop("ht", None)
+    if args.settings:
+        grid = [tuple(int(x) for x in triple.split(":")) for triple in args.settings.split(",")]
+    else:
+        grid = [(d, b, n) for d, b, n in itertools.product(args.depths, args.budgets, args.pseudo_nodes) if n <= b]
+    for weights, (depth, budget, pseudo_nodes) in itertools.product(args.weights.split(","), grid):
+        engine.set_ht_config(HtConfig(weights=weights, tree=args.tree, budget=budget, top_k=args.top_k, depth=depth,
+                                      pseudo_nodes=pseudo_nodes))
         result = run_bench(engine, prompts, ["ht"], args.max_new_tokens, NEAR_TIE_TOL[args.dtype], args.threads, False)
         ht = result["modes"]["ht"]
         row = {**dataclasses.asdict(engine.ht_config), "tau": ht["mean_accepted"],
                "speedup_vs_ar": ht["speedup_vs_ar"], "ht_tokens_per_s": ht["tokens_per_s"],
                "ar_tokens_per_s": result["modes"]["ar"]["tokens_per_s"],
+               "acceptance_by_depth": ht["acceptance_by_depth"],
                "identical_to_ar": ht["identical_to_ar"], "divergent": ht["divergent"],
                "near_tie_divergences": ht["near_tie_divergences"]}
         rows.append(row)
-        print(f"{Path(weights).stem:<24} depth {depth} budget {budget:>3}: tau {row['tau']:.2f}  "
+        print(f"{Path(weights).stem:<24} depth {depth} budget {budget:>3} pseudo {pseudo_nodes:>2}: tau {row['tau']:.2f}  "
               f"{row['speedup_vs_ar']:.2f}x ar  identical {row['identical_to_ar']}/{len(prompts)} "
               f"(divergent {row['divergent']}, near-tie {row['near_tie_divergences']})", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

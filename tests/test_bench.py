@@ -29,6 +29,7 @@ MODE_KEYS = {
     "identical_to_ar",
     "divergent",
     "near_tie_divergences",
+    "acceptance_by_depth",
     "per_category",
     "per_prompt",
 }
@@ -53,7 +54,7 @@ def test_bench_real_model(tmp_path, capsys):
         ],
     )
     out = tmp_path / "out" / "bench.json"
-    argv = ["bench", "--prompts", str(prompts), "--modes", "ar,hf,hf-pld", "--max-new-tokens", "6"]
+    argv = ["bench", "--prompts", str(prompts), "--modes", "ar,hf,hf-pld,ht", "--max-new-tokens", "6"]
     rc = main(argv + ["--out", str(out), "--no-progress", "--threads", "1"])
     stdout, stderr = capsys.readouterr()
     assert rc == 0, stderr
@@ -67,7 +68,7 @@ def test_bench_real_model(tmp_path, capsys):
     assert result["max_new_tokens"] == 6
     assert result["prompts"] == 2
     assert result["near_tie_tol"] == 1e-3
-    assert list(result["modes"]) == ["ar", "hf", "hf-pld"]
+    assert list(result["modes"]) == ["ar", "hf", "hf-pld", "ht"]
 
     for name, mode in result["modes"].items():
         assert set(mode) >= MODE_KEYS, name
@@ -97,6 +98,8 @@ def test_bench_real_model(tmp_path, capsys):
     assert hf["identical_to_ar"] == 2
     assert hf["mean_accepted"] == 1.0
     assert [r["tokens"] for r in hf["per_prompt"]] == [r["tokens"] for r in ar["per_prompt"]]
+    assert ar["acceptance_by_depth"] == [] and hf["acceptance_by_depth"] == []
+    assert result["modes"]["ht"]["identical_to_ar"] == 2  # float32: lossless
 
 
 # --------------------------------------------------------------------------- first_divergence
@@ -203,6 +206,7 @@ def make_run(tokens, margins=None, forward_passes=None, seconds=1.0) -> dict:
         "tokens": list(tokens),
         "margins": list(margins) if margins is not None else [],
         "forward_passes": forward_passes if forward_passes is not None else len(tokens),
+        "step_tokens": [],
         "seconds": seconds,
     }
 
@@ -278,8 +282,8 @@ def test_summarize_rates():
     assert fast["mean_accepted"] == 1.5  # 12 tokens in 8 forward passes
     assert ar["identical_to_ar"] == 3 and ar["divergent"] == 0
     assert fast["per_category"] == {
-        "x": {"prompts": 2, "tokens_per_s": 8.0, "mean_accepted": 2.0},
-        "y": {"prompts": 1, "tokens_per_s": 4.0, "mean_accepted": 1.0},
+        "x": {"prompts": 2, "tokens_per_s": 8.0, "speedup_vs_ar": 4.0, "mean_accepted": 2.0},  # ar: 8 tokens in 4 s
+        "y": {"prompts": 1, "tokens_per_s": 4.0, "speedup_vs_ar": 2.0, "mean_accepted": 1.0},
     }
     assert [r["forward_passes"] for r in fast["per_prompt"]] == [2, 2, 4]
     table = format_table(result)
@@ -298,3 +302,12 @@ def test_summarize_speedup_vs_hf():
     assert modes["hf"]["speedup_vs_hf"] == 1.0
     assert modes["m"]["speedup_vs_hf"] == 2.0
     assert modes["m"]["speedup_vs_ar"] == 4.0
+
+
+def test_acceptance_by_depth():
+    from runtime.bench import acceptance_by_depth
+
+    runs = [{"step_tokens": [1, 3, 2]}, {"step_tokens": [4]}]  # accepted 0, 2, 1 and 3 drafts
+    assert acceptance_by_depth(runs) == [0.75, 0.5, 0.25]
+    assert acceptance_by_depth([{"step_tokens": [1, 1]}]) == []
+    assert acceptance_by_depth([{"step_tokens": []}]) == []

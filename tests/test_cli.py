@@ -227,3 +227,20 @@ def test_prompt_too_long(capsys):
     assert rc == EXIT_USAGE
     assert "exceeds the context" in err and "5000" in err
     assert out == ""
+
+
+@pytest.mark.real_model
+def test_generate_ht_compare_ar(capsys):
+    """The demo's command: ht with the shipped weights, then ar on the same prompt."""
+    rc, out, err = run(capsys, "generate", "--prompt", "Name three fruits.", "--mode", "ht", "--compare", "ar,ht",
+                       "--max-new-tokens", "16", *T1)
+    assert rc == 0, err
+    assert out.strip()
+    assert re.search(r"\[ht\] \d+ tokens in [\d.]+s: [\d.]+ tokens/s, [\d.]+ tokens per forward pass", err), err
+    assert re.search(r"\[ar\] \d+ tokens .*; output identical to \[ht\]", err), err
+    assert err.count("[ht]") == 2  # ht itself is not run again by --compare
+
+
+def test_generate_compare_unknown_mode(capsys):
+    rc, out, err = run(capsys, "generate", "--prompt", "hi", "--compare", "ar,nope", *T1)
+    assert rc == EXIT_USAGE and "nope" in err and out == ""

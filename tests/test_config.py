@@ -67,6 +67,8 @@ def test_torch_device():
         ("[runtime]\nthreads = 0\n", "threads must be at least 1"),
         ("[generation]\nmax_new_tokens = 0\n", "max_new_tokens must be at least 1"),
         ("[model]\nmax_context = 1\n", "max_context must be at least 2"),
+        ('[ht]\ntree = "random"\n', "tree must be one of"),
+        ("[ht]\nbudget = 0\n", "budget, top_k and pseudo_nodes must be >= 1"),
         ("[model\ndtype = 'float32'\n", "not valid TOML"),
         ("model.dtype = \n", "not valid TOML"),
     ],

@@ -31,32 +31,35 @@ def greedy_tokens(engine, mode, prompt, n):
 
 
 @pytest.mark.parametrize(
-    "layer,k,pseudo_attention,budget,top_k,pseudo_nodes",
-    [(15, 3, True, 16, 8, 8), (24, 4, False, 24, 4, 24), (6, 2, True, 5, 2, 1)],
+    "layer,k,pseudo_attention,tree,budget,top_k,pseudo_nodes,depth",
+    [
+        (15, 3, True, "dynamic", 16, 8, 8, 0),
+        (24, 4, False, "dynamic", 24, 4, 24, 0),
+        (6, 2, True, "dynamic", 5, 2, 1, 0),
+        (15, 4, True, "template", 12, 8, 3, 0),
+        (10, 4, True, "dynamic", 10, 4, 4, 2),  # only the first 2 of 4 maps
+    ],
 )
-def test_ht_identical_to_ar(engine, tmp_path, layer, k, pseudo_attention, budget, top_k, pseudo_nodes):
+def test_ht_identical_to_ar(engine, tmp_path, layer, k, pseudo_attention, tree, budget, top_k, pseudo_nodes, depth):
     weights = tmp_path / "ht.safetensors"
     perturbed_transfer(engine.model.args, layer, k, pseudo_attention, seed=layer).save(weights, engine.model.args)
-    engine.ht_config = HtConfig(weights=str(weights), budget=budget, top_k=top_k, pseudo_nodes=pseudo_nodes)
-    engine._modes.pop("ht", None)
+    engine.set_ht_config(HtConfig(weights=str(weights), tree=tree, budget=budget, top_k=top_k,
+                                  pseudo_nodes=pseudo_nodes, depth=depth))
     for prompt in PROMPTS:
         ar = greedy_tokens(engine, "ar", prompt, 48)
         steps = list(engine.steps(engine.encode_chat(prompt), "ht", 48))
         assert [t for s in steps for t in s.tokens] == ar
         assert all(len(s.margins) == len(s.tokens) for s in steps)
-    engine._modes.pop("ht", None)
 
 
 def test_ht_respects_max_new_tokens_and_stop(engine, tmp_path):
     weights = tmp_path / "ht.safetensors"
     perturbed_transfer(engine.model.args, 15, 3, True, seed=1).save(weights, engine.model.args)
-    engine.ht_config = HtConfig(weights=str(weights))
-    engine._modes.pop("ht", None)
+    engine.set_ht_config(HtConfig(weights=str(weights)))
     for n in (1, 2, 7):
         assert greedy_tokens(engine, "ht", PROMPTS[1], n) == greedy_tokens(engine, "ar", PROMPTS[1], n)
     full = greedy_tokens(engine, "ht", PROMPTS[0], 200)
     assert full[-1] in engine.stop_ids and len(full) < 200  # stopped at EOS, not after it
-    engine._modes.pop("ht", None)
 
 
 def test_weights_that_do_not_fit_the_model(engine, tmp_path):
@@ -72,3 +75,36 @@ def test_weights_that_do_not_fit_the_model(engine, tmp_path):
     save_file({"x": torch.zeros(2)}, str(tmp_path / "foreign.safetensors"))
     with pytest.raises(DrafterWeightsError, match="not a Leapfrog"):
         HiddenTransfer.load(tmp_path / "foreign.safetensors", args)
+
+
+def test_shipped_weights_load_and_stay_lossless(engine):
+    from workers.drafters.hidden_transfer import SHIPPED_WEIGHTS
+
+    ht = HiddenTransfer.load(SHIPPED_WEIGHTS, engine.model.args)
+    assert 0 < ht.config.layer < engine.model.args.n_layers and ht.config.k >= 1
+    assert not torch.equal(ht.transfer, HiddenTransfer(ht.config, engine.model.args.dim).transfer)  # trained
+    engine.set_ht_config(HtConfig())  # weights = "default": the shipped file
+    steps = list(engine.steps(engine.encode_chat(PROMPTS[1]), "ht", 48))
+    assert [t for s in steps for t in s.tokens] == greedy_tokens(engine, "ar", PROMPTS[1], 48)
+    assert len(steps) < 48  # the trained drafts are accepted: fewer steps than tokens
+
+
+def test_first_maps_draft_like_the_full_transfer(engine):
+    """Pseudo state j never sees states > j, so the first 2 maps give the full module's first 2 drafts."""
+    from runtime.ht_decoding import transfer_forward
+
+    full = perturbed_transfer(engine.model.args, 12, 4, True, seed=3)
+    ids = engine.encode_chat(PROMPTS[0])
+    n = len(ids)
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    drafts = []
+    with torch.inference_mode():
+        for ht in (full, full.first(2)):
+            engine.cache.truncate(0)
+            pseudo = transfer_forward(engine.model, ht, engine.cache, ids, torch.arange(n), causal, [n - 1])[1]
+            drafts.append(engine.model.lm_head(pseudo))
+    engine.cache.truncate(0)
+    assert drafts[1].shape[1] == 2
+    torch.testing.assert_close(drafts[1], drafts[0][:, :2], atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="k must be in"):
+        full.first(5)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from runtime.ht_decoding import accept_greedy, pseudo_mask
+from runtime.ht_decoding import accept_greedy, next_drafts, pseudo_mask
 from workers.tree import TokenTree, build_dynamic_tree, build_template_tree, root_only
 
 
@@ -101,3 +101,25 @@ def test_pseudo_mask_layout():
     assert m[4].tolist() == [True, False, True, True, True]  # pseudo (2, 2) also sees pseudo (2, 1)
     off = pseudo_mask(node_mask, groups=[2], k=2, pseudo_attention=False)
     assert off[4].tolist() == [True, False, True, False, True]
+
+
+def test_next_drafts_fall_back_to_the_deepest_drafted_ancestor():
+    # A chain 0 -> 1 -> 2 -> 3; pseudo states (k = 3) for nodes 0 and 1 only.
+    tree = TokenTree([100, 10, 11, 12], [-1, 0, 1, 2], [0, 1, 2, 3], [0.0, -1.0, -2.0, -3.0])
+    drafts = torch.arange(2 * 3 * 5, dtype=torch.float).reshape(2, 3, 5)  # (groups, k, vocab)
+    groups = [0, 1]
+    assert torch.equal(next_drafts(tree, [0, 1], groups, drafts), drafts[1])  # own drafts
+    assert torch.equal(next_drafts(tree, [0], groups, drafts), drafts[0])
+    assert torch.equal(next_drafts(tree, [0, 1, 2], groups, drafts), drafts[1][1:])  # node 1's, one deeper
+    assert torch.equal(next_drafts(tree, [0, 1, 2, 3], groups, drafts), drafts[1][2:])
+    assert next_drafts(tree, [0, 1, 2, 3], [0], drafts[:1]) is None  # 3 beyond the root's k = 3
+
+
+def test_every_prefix_of_the_default_template_is_a_valid_tree():
+    from workers.tree import DEFAULT_TEMPLATE
+
+    lp = torch.log_softmax(torch.randn(4, 50), dim=-1)
+    for n in range(len(DEFAULT_TEMPLATE) + 1):
+        tree = build_template_tree(7, lp, DEFAULT_TEMPLATE[:n])
+        assert len(tree) == 1 + sum(len(p) <= 4 for p in DEFAULT_TEMPLATE[:n])
+        assert all(tree.parents[i] < i for i in range(1, len(tree)))

@@ -104,18 +104,18 @@ def test_training_drafts_equal_inference_drafts(model, examples, pseudo_attentio
             # Prefill-style: the real tokens 0..t in one pass, pseudo states for the last one.
             cache.truncate(0)
             causal = torch.ones(t + 1, t + 1, dtype=torch.bool).tril()
-            _, drafts = transfer_forward(model, ht, cache, ids[: t + 1], torch.arange(t + 1), causal, [t])
-            torch.testing.assert_close(train_drafts[i], drafts[0], atol=1e-4, rtol=1e-4)
+            _, pseudo = transfer_forward(model, ht, cache, ids[: t + 1], torch.arange(t + 1), causal, [t])
+            torch.testing.assert_close(train_drafts[i], model.lm_head(pseudo[0]), atol=1e-4, rtol=1e-4)
             # Decode-step-style: tokens up to P-1 committed, the rest as a chain of new nodes.
             if t >= P:
                 cache.truncate(0)
                 transfer_forward(model, ht, cache, ids[:P], torch.arange(P), torch.ones(P, P, dtype=torch.bool).tril(), [P - 1])
                 cache.commit(P)
                 n = t + 1 - P
-                _, drafts = transfer_forward(
+                _, pseudo = transfer_forward(
                     model, ht, cache, ids[P : t + 1], torch.arange(P, t + 1), torch.ones(n, n, dtype=torch.bool).tril(), [n - 1]
                 )
-                torch.testing.assert_close(train_drafts[i], drafts[0], atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(train_drafts[i], model.lm_head(pseudo[0]), atol=1e-4, rtol=1e-4)
 
 
 def test_targets_are_the_model_logits(model, examples):
@@ -209,8 +209,8 @@ def test_bfloat16_backbone(tiny_folder, examples, tmp_path):
         ours = draft_logits(model16, ht, encode_sequence(model16, ids, 2), torch.tensor([t]))[0]
         cache = model16.new_cache(64)
         causal = torch.ones(t + 1, t + 1, dtype=torch.bool).tril()
-        _, ref = transfer_forward(model16, ht, cache, ids[: t + 1], torch.arange(t + 1), causal, [t])
-    torch.testing.assert_close(ours, ref[0].float(), atol=0.1, rtol=0.05)
+        _, pseudo = transfer_forward(model16, ht, cache, ids[: t + 1], torch.arange(t + 1), causal, [t])
+    torch.testing.assert_close(ours, model16.lm_head(pseudo[0]).float(), atol=0.1, rtol=0.05)
 
 
 def test_cli_train_ht(tiny_folder, examples, tmp_path):

@@ -92,6 +92,14 @@ def build_dynamic_tree(root: int, draft_logprobs: torch.Tensor, budget: int, top
     return tree
 
 
+# A fixed tree of candidate-rank paths (see build_template_tree), ordered so that every
+# prefix of the list is itself a valid template: a budget of n nodes takes the first n - 1.
+DEFAULT_TEMPLATE: list[tuple[int, ...]] = [
+    (0,), (0, 0), (1,), (0, 0, 0), (0, 1), (2,), (1, 0), (0, 0, 0, 0), (0, 0, 1), (0, 1, 0), (3,),
+    (0, 2), (2, 0), (1, 1), (0, 0, 0, 1), (0, 0, 2), (1, 0, 0), (0, 0, 1, 0), (4,), (0, 3), (0, 1, 1),
+]
+
+
 def build_template_tree(root: int, draft_logprobs: torch.Tensor, template: list[tuple[int, ...]]) -> TokenTree:
     """A fixed tree: each template entry is a path of candidate ranks, e.g. (0, 1) = the
     best depth-1 draft, then the second-best depth-2 draft. Paths deeper than the drafts

@@ -13,7 +13,7 @@ metadata, so a mismatch with the model is caught on load.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -56,6 +56,15 @@ class HiddenTransfer(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """h (..., dim) -> pseudo states (..., k, dim)."""
         return torch.einsum("...d,ked->...ke", h.to(self.transfer.dtype), self.transfer)
+
+    def first(self, k: int) -> "HiddenTransfer":
+        """The first k maps only (k <= config.k): pseudo state j attends only to states < j,
+        so these drafts equal the full module's first k; the forward carries k states."""
+        if not 1 <= k <= self.config.k:
+            raise ValueError(f"k must be in 1..{self.config.k}, got {k}")
+        module = HiddenTransfer(replace(self.config, k=k), self.transfer.shape[-1])
+        module.transfer.data = self.transfer.data[:k].clone()
+        return module.to(self.transfer.device)
 
     def save(self, path: str | Path, args: ModelArgs, extra: dict | None = None) -> None:
         from safetensors.torch import save_file

@@ -1,0 +1,135 @@
+"""Where the time of an `ht` step goes, next to an `ar` step, on the same prompts.
+
+Wraps the parts of HiddenTransferDecoder.step with wall-clock timers (tree building, the
+one forward pass, top-2 of the node logits, acceptance, KV compaction); what is left of
+the step is Python overhead. Then times the forward pass alone for growing numbers of
+rows, to show what a bigger tree costs.
+
+    python scripts/profile_ht_step.py --dtype bfloat16 --per-category 1 --max-new-tokens 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+import runtime.ht_decoding as htd
+from runtime.bench import default_prompts_path, load_prompts
+from runtime.config import HtConfig, ModelConfig
+from runtime.engine import Engine
+
+TIMES: dict[str, float] = defaultdict(float)
+PHASE = ["decode"]  # "prefill" while the decoder's prefill runs
+
+
+def timed(name: str, fn):
+    def wrapper(*args, **kwargs):
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        TIMES[f"{PHASE[0]}:{name}"] += time.perf_counter() - t0
+        return out
+
+    return wrapper
+
+
+def forward_cost(engine: Engine, rows: list[int], context: int, repeats: int = 5) -> dict[int, float]:
+    """Milliseconds of one causal forward of n new rows on top of `context` cached positions."""
+    model, cache, out = engine.model, engine.cache, {}
+    with torch.inference_mode():
+        cache.truncate(0)
+        prefix = torch.randint(0, model.args.vocab_size, (1, context))
+        causal = torch.ones(context, context, dtype=torch.bool).tril()
+        model.run_layers(model.embed(prefix), model.context(torch.arange(context), cache, causal), 0)
+        cache.commit(context)
+        for n in rows:
+            tokens = torch.randint(0, model.args.vocab_size, (1, n))
+            positions = context + torch.arange(n)
+            mask = torch.ones(n, n, dtype=torch.bool).tril()
+            best = float("inf")
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                h = model.run_layers(model.embed(tokens), model.context(positions, cache, mask), 0)
+                model.lm_head(model.norm(h[0]))
+                best = min(best, time.perf_counter() - t0)
+            out[n] = round(best * 1000, 2)
+    cache.truncate(0)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--weights", default="default")
+    p.add_argument("--per-category", type=int, default=1)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", help="write the JSON result here")
+    args = p.parse_args()
+
+    torch.set_num_threads(args.threads)
+    engine = Engine(ModelConfig(dtype=args.dtype, device="cpu"), HtConfig(weights=args.weights))
+    prompts = [engine.encode_chat(q.text) for q in load_prompts(default_prompts_path(), per_category=args.per_category)]
+    decoder = engine.mode("ht").decoder
+    htd.transfer_forward = timed("forward", htd.transfer_forward)
+    htd.accept_greedy = timed("accept", htd.accept_greedy)
+    decoder.build_tree = timed("build_tree", decoder.build_tree)
+    decoder.cache.keep = timed("kv_keep", decoder.cache.keep)
+    prefill = decoder.prefill
+
+    def prefill_phase(*args, **kwargs):
+        PHASE[0] = "prefill"
+        try:
+            return timed("all", prefill)(*args, **kwargs)
+        finally:
+            PHASE[0] = "decode"
+
+    decoder.prefill = prefill_phase
+
+    ht_tokens = ht_steps = 0
+    ht_seconds = ar_seconds = ar_tokens = 0.0
+    for ids in prompts:
+        t0 = time.perf_counter()
+        steps = list(engine.steps(ids, "ar", args.max_new_tokens))
+        ar_seconds += time.perf_counter() - t0
+        ar_tokens += sum(len(s.tokens) for s in steps)
+        t0 = time.perf_counter()
+        steps = list(engine.steps(ids, "ht", args.max_new_tokens))
+        ht_seconds += time.perf_counter() - t0
+        ht_tokens += sum(len(s.tokens) for s in steps)
+        ht_steps += len(steps) - 1  # the first Step is the prefill
+    n = ht_steps
+    parts = {
+        "prefill": TIMES["prefill:all"],
+        "build_tree": TIMES["decode:build_tree"],
+        "forward": TIMES["decode:forward"],
+        "accept": TIMES["decode:accept"],
+        "kv_keep": TIMES["decode:kv_keep"],
+    }
+    report = {
+        "dtype": args.dtype,
+        "threads": args.threads,
+        "prompts": len(prompts),
+        "ar_ms_per_token": round(1000 * ar_seconds / ar_tokens, 2),
+        "ht_ms_per_token": round(1000 * ht_seconds / ht_tokens, 2),
+        "ht_steps": n,
+        "ht_tokens_per_step": round(ht_tokens / (n + len(prompts)), 3),
+        "ht_ms_per_step": round(1000 * (ht_seconds - parts["prefill"]) / n, 2),
+        "seconds": {k: round(v, 3) for k, v in parts.items()},
+        "ht_total_seconds": round(ht_seconds, 3),
+        "forward_ms_by_rows": forward_cost(engine, [1, 8, 16, 32, 48, 64, 96, 128], context=300),
+    }
+    other = ht_seconds - sum(parts.values())
+    report["seconds"]["python and other"] = round(other, 3)
+    print(json.dumps(report, indent=1))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
