@@ -48,10 +48,10 @@ class HtConfig:
 
     weights: str = "default"  # "default" (shipped for the default model) or a .safetensors path
     tree: str = "dynamic"  # dynamic (best paths by draft confidence) | template (workers.tree.DEFAULT_TEMPLATE)
-    budget: int = 16  # tree nodes per step, root included
+    budget: int = 8  # tree nodes per step, root included
     top_k: int = 8  # candidates per draft depth
     depth: int = 0  # draft depth used; 0 = every pseudo position of the weights
-    pseudo_nodes: int = 8  # tree nodes (highest-scoring) that get pseudo states
+    pseudo_nodes: int = 2  # tree nodes (highest-scoring) that get pseudo states
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """Where the time of an `ht` step goes, next to an `ar` step, on the same prompts.
 
 Wraps the parts of HiddenTransferDecoder.step with wall-clock timers (tree building, the
-one forward pass, top-2 of the node logits, acceptance, KV compaction); what is left of
-the step is Python overhead. Then times the forward pass alone for growing numbers of
+one forward pass, the LM head on nodes and drafts, acceptance, KV compaction); what is
+left of the step is Python overhead. Then times the forward pass alone for growing numbers of
 rows, to show what a bigger tree costs.
 
     python scripts/profile_ht_step.py --dtype bfloat16 --per-category 1 --max-new-tokens 128
@@ -24,7 +24,7 @@ from runtime.config import HtConfig, ModelConfig
 from runtime.engine import Engine
 
 TIMES: dict[str, float] = defaultdict(float)
-PHASE = ["decode"]  # "prefill" while the decoder's prefill runs
+PHASE = ["decode"]  # the timers' key: "prefill", "decode" (ht steps), "ar" or "rows"
 
 
 def timed(name: str, fn):
@@ -35,6 +35,18 @@ def timed(name: str, fn):
         return out
 
     return wrapper
+
+
+def time_module(name: str, module: torch.nn.Module) -> None:
+    """Accumulate the wall-clock time of every call of `module` (a submodule cannot be
+    replaced by a plain function, so this uses forward hooks)."""
+    start = [0.0]
+    module.register_forward_pre_hook(lambda *_: start.__setitem__(0, time.perf_counter()))
+
+    def done(*_):
+        TIMES[f"{PHASE[0]}:{name}"] += time.perf_counter() - start[0]
+
+    module.register_forward_hook(done)
 
 
 def forward_cost(engine: Engine, rows: list[int], context: int, repeats: int = 5) -> dict[int, float]:
@@ -79,6 +91,7 @@ def main() -> None:
     htd.accept_greedy = timed("accept", htd.accept_greedy)
     decoder.build_tree = timed("build_tree", decoder.build_tree)
     decoder.cache.keep = timed("kv_keep", decoder.cache.keep)
+    time_module("lm_head", engine.model.lm_head)
     prefill = decoder.prefill
 
     def prefill_phase(*args, **kwargs):
@@ -93,9 +106,11 @@ def main() -> None:
     ht_tokens = ht_steps = 0
     ht_seconds = ar_seconds = ar_tokens = 0.0
     for ids in prompts:
+        PHASE[0] = "ar"
         t0 = time.perf_counter()
         steps = list(engine.steps(ids, "ar", args.max_new_tokens))
         ar_seconds += time.perf_counter() - t0
+        PHASE[0] = "decode"
         ar_tokens += sum(len(s.tokens) for s in steps)
         t0 = time.perf_counter()
         steps = list(engine.steps(ids, "ht", args.max_new_tokens))
@@ -103,10 +118,12 @@ def main() -> None:
         ht_tokens += sum(len(s.tokens) for s in steps)
         ht_steps += len(steps) - 1  # the first Step is the prefill
     n = ht_steps
+    PHASE[0] = "rows"
     parts = {
         "prefill": TIMES["prefill:all"],
         "build_tree": TIMES["decode:build_tree"],
         "forward": TIMES["decode:forward"],
+        "lm_head": TIMES["decode:lm_head"],
         "accept": TIMES["decode:accept"],
         "kv_keep": TIMES["decode:kv_keep"],
     }
