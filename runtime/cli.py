@@ -144,7 +144,7 @@ def make_engine(config: LeapfrogConfig):
 
 
 def cmd_generate(args, config: LeapfrogConfig) -> int:
-    from runtime.bench import first_divergence, run_once
+    from runtime.bench import WARMUP_TOKENS, run_once
     from runtime.text import TextStream
 
     mode, max_new = config.generation.mode, config.generation.max_new_tokens
@@ -153,12 +153,17 @@ def cmd_generate(args, config: LeapfrogConfig) -> int:
     engine = make_engine(config)
     prompt_ids = engine.encode_chat(args.prompt)
     engine.check_fits(prompt_ids, max_new)
+    if compare:  # build and warm every compared mode, untimed, so no run pays first-call costs
+        for m in [mode, *compare]:
+            run_once(engine, m, prompt_ids, min(WARMUP_TOKENS, max_new))
     tokens: list[int] = []
+    margins: list[float] = []
     passes = 0
     text = TextStream(engine.tokenizer)
     start = time.perf_counter()
     for step in engine.steps(prompt_ids, mode, max_new):
         tokens += step.tokens
+        margins += step.margins or []
         passes += step.forward_passes
         print(text.push(step.tokens), end="", flush=True)
     seconds = time.perf_counter() - start
@@ -167,10 +172,25 @@ def cmd_generate(args, config: LeapfrogConfig) -> int:
     print(f"[{mode}] {speed_line(len(tokens), seconds, passes)} ({report})", file=sys.stderr)
     for other in compare:  # same prompt, same process, measured right after
         run = run_once(engine, other, prompt_ids, max_new)
-        same = "identical" if first_divergence(tokens, run["tokens"]) is None else "DIFFERENT"
         line = speed_line(len(run["tokens"]), run["seconds"], run["forward_passes"])
-        print(f"[{other}] {line}; output {same} to [{mode}]", file=sys.stderr)
+        same = describe_difference(tokens, margins, run["tokens"], config.model.dtype)
+        print(f"[{other}] {line}; output vs [{mode}]: {same}", file=sys.stderr)
     return 0
+
+
+def describe_difference(ref: list[int], ref_margins: list[float], out: list[int], dtype: str) -> str:
+    """'identical', or where `out` first differs from `ref` and the reference's top-2 logit
+    margin there, flagged as a near tie when it is under the dtype's tolerance."""
+    from runtime.bench import NEAR_TIE_TOL, first_divergence
+
+    at = first_divergence(ref, out)
+    if at is None:
+        return "identical"
+    if at >= len(ref_margins):
+        return f"differs from token {at} on"
+    margin, tol = ref_margins[at], NEAR_TIE_TOL[dtype]
+    kind = f"a {dtype} near tie, < {tol}" if margin < tol else f"NOT a near tie, >= {tol}"
+    return f"differs from token {at} on (top-2 logit margin there {margin:.4f}: {kind})"
 
 
 def speed_line(tokens: int, seconds: float, passes: int) -> str:

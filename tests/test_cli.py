@@ -237,10 +237,21 @@ def test_generate_ht_compare_ar(capsys):
     assert rc == 0, err
     assert out.strip()
     assert re.search(r"\[ht\] \d+ tokens in [\d.]+s: [\d.]+ tokens/s, [\d.]+ tokens per forward pass", err), err
-    assert re.search(r"\[ar\] \d+ tokens .*; output identical to \[ht\]", err), err
+    assert re.search(r"\[ar\] \d+ tokens .*; output vs \[ht\]: identical", err), err
     assert err.count("[ht]") == 2  # ht itself is not run again by --compare
 
 
 def test_generate_compare_unknown_mode(capsys):
     rc, out, err = run(capsys, "generate", "--prompt", "hi", "--compare", "ar,nope", *T1)
     assert rc == EXIT_USAGE and "nope" in err and out == ""
+
+
+def test_describe_difference_reports_position_and_margin():
+    from runtime.cli import describe_difference
+
+    assert describe_difference([1, 2, 3], [0.5, 0.5, 0.5], [1, 2, 3], "float32") == "identical"
+    tie = describe_difference([1, 2, 3], [0.5, 0.1, 0.5], [1, 9, 3], "bfloat16")
+    assert "token 1" in tie and "0.1000" in tie and "bfloat16 near tie" in tie
+    real = describe_difference([1, 2, 3], [0.5, 0.1, 0.5], [1, 9, 3], "float32")
+    assert "NOT a near tie" in real
+    assert "token 2" in describe_difference([1, 2], [0.5, 0.5], [1, 2, 3], "float32")
