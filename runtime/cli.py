@@ -140,7 +140,7 @@ def make_engine(config: LeapfrogConfig):
     from runtime.engine import Engine
 
     torch.set_num_threads(config.runtime.threads)
-    return Engine(config.model, config.ht)
+    return Engine(config.model, config.ht, config.pld, config.token_recycling)
 
 
 def cmd_generate(args, config: LeapfrogConfig) -> int:

@@ -55,6 +55,23 @@ class HtConfig:
 
 
 @dataclass
+class PldConfig:
+    """Prompt lookup (mode "pld"): drafts copied from the context after an n-gram match."""
+
+    min_ngram: int = 1
+    max_ngram: int = 3
+    depth: int = 10  # drafted tokens per step (a chain)
+
+
+@dataclass
+class TokenRecyclingConfig:
+    """Token recycling (mode "token-recycling"): adjacency table of the target's top-k next tokens."""
+
+    top_k: int = 8  # next tokens kept per vocabulary token (>= 5, the template's ranks)
+    budget: int = 8  # tree nodes per step, root included (a prefix of workers.tree.DEFAULT_TEMPLATE)
+
+
+@dataclass
 class RuntimeConfig:
     threads: int = 2
 
@@ -64,6 +81,8 @@ class LeapfrogConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     ht: HtConfig = field(default_factory=HtConfig)
+    pld: PldConfig = field(default_factory=PldConfig)
+    token_recycling: TokenRecyclingConfig = field(default_factory=TokenRecyclingConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def validate(self) -> LeapfrogConfig:
@@ -77,6 +96,11 @@ class LeapfrogConfig:
             raise ConfigError(f"[ht] budget, top_k and pseudo_nodes must be >= 1 and depth >= 0: {self.ht}")
         if self.ht.tree not in TREE_KINDS:
             raise ConfigError(f"[ht] tree must be one of {', '.join(TREE_KINDS)}, got {self.ht.tree!r}")
+        pld = self.pld
+        if not 1 <= pld.min_ngram <= pld.max_ngram or pld.depth < 1:
+            raise ConfigError(f"[pld] needs 1 <= min_ngram <= max_ngram and depth >= 1: {pld}")
+        if self.token_recycling.top_k < 5 or self.token_recycling.budget < 1:
+            raise ConfigError(f"[token_recycling] needs top_k >= 5 and budget >= 1: {self.token_recycling}")
         if self.runtime.threads < 1:
             raise ConfigError(f"threads must be at least 1, got {self.runtime.threads}")
         return self
@@ -111,5 +135,7 @@ def load_config(path: str | Path | None = None) -> LeapfrogConfig:
         model=_section(ModelConfig, data.get("model", {}), "model"),
         generation=_section(GenerationConfig, data.get("generation", {}), "generation"),
         ht=_section(HtConfig, data.get("ht", {}), "ht"),
+        pld=_section(PldConfig, data.get("pld", {}), "pld"),
+        token_recycling=_section(TokenRecyclingConfig, data.get("token_recycling", {}), "token_recycling"),
         runtime=_section(RuntimeConfig, data.get("runtime", {}), "runtime"),
     ).validate()

@@ -60,3 +60,15 @@ def generate_greedy(
         if token in stop_ids or produced == max_new_tokens:
             return
         logits = decode_one(model, cache, token)
+
+
+def clip_step(
+    tokens: list[int], margins: list[float], produced: int, max_new_tokens: int, stop_ids: set[int]
+) -> tuple[list[int], list[float], bool]:
+    """Cut a multi-token step's tokens (and margins) at max_new_tokens and just after the
+    first stop token; the flag says whether decoding ends with this step."""
+    tokens, margins = tokens[: max_new_tokens - produced], margins[: max_new_tokens - produced]
+    stop = next((i for i, t in enumerate(tokens) if t in stop_ids), None)
+    if stop is not None:
+        tokens, margins = tokens[: stop + 1], margins[: stop + 1]
+    return tokens, margins, stop is not None or produced + len(tokens) >= max_new_tokens

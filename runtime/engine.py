@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from runtime.chat import encode_chat, stop_ids
-from runtime.config import HtConfig, ModelConfig
+from runtime.config import HtConfig, ModelConfig, PldConfig, TokenRecyclingConfig
 from runtime.decoding import Step
 from workers.loading import load_model, load_tokenizer
 
@@ -20,9 +20,17 @@ TREE_HEADROOM = 512
 
 
 class Engine:
-    def __init__(self, config: ModelConfig, ht: HtConfig | None = None):
+    def __init__(
+        self,
+        config: ModelConfig,
+        ht: HtConfig | None = None,
+        pld: PldConfig | None = None,
+        token_recycling: TokenRecyclingConfig | None = None,
+    ):
         self.config = config
         self.ht_config = ht or HtConfig()
+        self.pld_config = pld or PldConfig()
+        self.token_recycling_config = token_recycling or TokenRecyclingConfig()
         self.model, self.folder = load_model(config.checkpoint, config.torch_dtype(), config.torch_device())
         self.tokenizer = load_tokenizer(self.folder)
         self.cache = self.model.new_cache(config.max_context + TREE_HEADROOM)

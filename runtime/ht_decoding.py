@@ -20,7 +20,8 @@ from collections.abc import Iterator
 import torch
 
 from runtime.config import HtConfig
-from runtime.decoding import Step, greedy
+from runtime.decoding import Step, clip_step, greedy
+from runtime.tree_decoding import accept_greedy
 from workers.drafters.hidden_transfer import HiddenTransfer
 from workers.kv_cache import KVCache
 from workers.model import Transformer
@@ -54,8 +55,8 @@ def transfer_forward(
     """Forward n new tokens with pseudo states for the nodes in `groups`.
 
     Returns final-normed hidden states of the nodes (n, dim) and of the pseudo states
-    (len(groups), k, dim): the caller applies the LM head to the rows it needs (every
-    node to verify the tree, one group's pseudo states to draft the next). Writes n
+    (len(groups), k, dim): the caller applies the LM head (nodes to verify the tree,
+    pseudo states to draft the next one). Writes n
     pending positions to the cache (n + m*k in the layers above the transfer); commits
     nothing.
     """
@@ -70,20 +71,6 @@ def transfer_forward(
     h = model.run_layers(h, model.context(torch.cat((positions, pseudo_pos)), cache, mask), L)
     h = model.norm(h[0])
     return h[:n], h[n:].reshape(len(groups), k, -1)
-
-
-def accept_greedy(tree: TokenTree, targets: list[int]) -> list[int]:
-    """Longest root path whose every child token equals the target's argmax at its parent.
-
-    targets[i] is the target's greedy token after node i. Returns node indices, root first.
-    """
-    children = tree.children()
-    path = [0]
-    while True:
-        match = next((c for c in children[path[-1]] if tree.tokens[c] == targets[path[-1]]), None)
-        if match is None:
-            return path
-        path.append(match)
 
 
 def next_drafts(tree: TokenTree, path: list[int], groups: list[int], drafts: torch.Tensor) -> torch.Tensor | None:
@@ -138,14 +125,17 @@ class HiddenTransferDecoder:
         h, pseudo = transfer_forward(
             self.model, self.ht, self.cache, tree.tokens, positions, tree.ancestor_mask(self.model.device), groups
         )
-        top = torch.topk(self.model.lm_head(h).float(), 2, dim=-1)
+        # One LM head call for nodes and pseudo states: at these few rows its cost is
+        # streaming the vocab x dim weight, so one call over all rows beats two smaller ones.
+        n, (m, k, dim) = h.shape[0], pseudo.shape
+        logits = self.model.lm_head(torch.cat((h, pseudo.reshape(m * k, dim))))
+        top = torch.topk(logits[:n].float(), 2, dim=-1)
         targets = top.indices[:, 0].tolist()
         path = accept_greedy(tree, targets)
         self.cache.keep(path)
         margins = (top.values[path, 0] - top.values[path, 1]).tolist()
         tokens = [tree.tokens[i] for i in path[1:]] + [targets[path[-1]]]
-        pseudo = next_drafts(tree, path, groups, pseudo)
-        return tokens, margins, None if pseudo is None else self.model.lm_head(pseudo)
+        return tokens, margins, next_drafts(tree, path, groups, logits[n:].reshape(m, k, -1))
 
     @torch.inference_mode()
     def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int]) -> Iterator[Step]:
@@ -157,12 +147,9 @@ class HiddenTransferDecoder:
             return
         while True:
             tokens, margins, next_drafts = self.step(self.build_tree(token, drafts))
-            tokens, margins = tokens[: max_new_tokens - produced], margins[: max_new_tokens - produced]
-            stop = next((i for i, t in enumerate(tokens) if t in stop_ids), None)
-            if stop is not None:
-                tokens, margins = tokens[: stop + 1], margins[: stop + 1]
+            tokens, margins, done = clip_step(tokens, margins, produced, max_new_tokens, stop_ids)
             produced += len(tokens)
             yield Step(tokens, margins)
-            if stop is not None or produced >= max_new_tokens:
+            if done:
                 return
             token, drafts = tokens[-1], next_drafts

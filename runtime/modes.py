@@ -40,6 +40,38 @@ class HiddenTransferMode:
         return self.decoder.generate(prompt_ids, max_new_tokens, self.engine.stop_ids)
 
 
+class TreeDrafterMode:
+    """A drafter from workers/drafters proposes a token tree each step; runtime.tree_decoding
+    verifies it. Subclasses build the drafter from the engine's config."""
+
+    def __init__(self, engine):
+        from runtime.tree_decoding import TreeDecoder
+
+        self.engine = engine
+        self.decoder = TreeDecoder(engine.model, engine.cache, self.build_drafter(engine))
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int) -> Iterator[Step]:
+        return self.decoder.generate(prompt_ids, max_new_tokens, self.engine.stop_ids)
+
+
+class PromptLookupMode(TreeDrafterMode):
+    @staticmethod
+    def build_drafter(engine):
+        from workers.drafters.prompt_lookup import PromptLookupDrafter
+
+        c = engine.pld_config
+        return PromptLookupDrafter(c.min_ngram, c.max_ngram, c.depth)
+
+
+class TokenRecyclingMode(TreeDrafterMode):
+    @staticmethod
+    def build_drafter(engine):
+        from workers.drafters.token_recycling import TokenRecyclingDrafter
+
+        c = engine.token_recycling_config
+        return TokenRecyclingDrafter(engine.model.args.vocab_size, c.top_k, c.budget)
+
+
 def _hf(prompt_lookup: bool) -> Callable:
     def build(engine):
         from runtime.hf_peers import HfGenerateMode
@@ -54,6 +86,8 @@ MODES: dict[str, Callable] = {
     "ht": HiddenTransferMode,
     "hf": _hf(prompt_lookup=False),
     "hf-pld": _hf(prompt_lookup=True),
+    "pld": PromptLookupMode,
+    "token-recycling": TokenRecyclingMode,
 }
 
 

@@ -1,0 +1,86 @@
+"""Train-free drafters (prompt lookup, token recycling): their trees, and lossless decoding."""
+
+import pytest
+import torch
+
+from runtime.config import ModelConfig, PldConfig, TokenRecyclingConfig
+from runtime.engine import Engine
+from workers.drafters.prompt_lookup import PromptLookupDrafter, lookup
+from workers.drafters.token_recycling import TokenRecyclingDrafter
+from workers.tree import DEFAULT_TEMPLATE
+
+
+def test_lookup_prefers_the_longest_then_latest_match():
+    #          0  1  2  3  4  5  6  7  8  9
+    context = [5, 6, 7, 8, 1, 6, 7, 9, 2, 6, 7]
+    assert lookup(context, 1, 3, 4) == [9, 2, 6, 7]  # "6 7" last seen at 5-6, followed by 9 2 6 7
+    assert lookup(context + [9], 1, 3, 2) == [2, 6]  # "6 7 9" at 5-7
+    assert lookup([1, 2, 3, 4], 1, 3, 5) == []  # nothing repeats
+    assert lookup([4, 1, 2, 4], 1, 3, 5) == [1, 2, 4]  # a 1-gram, continuation up to the end
+    assert lookup([3, 3], 2, 3, 5) == []  # below min_ngram
+
+
+def test_prompt_lookup_drafter_tracks_committed_tokens():
+    d = PromptLookupDrafter(1, 3, 3)
+    d.start([10, 11, 12, 13])
+    tree = d.propose(11)  # context ... 13, 11: "11" matched at 1, followed by 12 13 11
+    assert tree.tokens == [11, 12, 13, 11] and tree.parents == [-1, 0, 1, 2] and tree.depths == [0, 1, 2, 3]
+    d.observe(tree, [0, 1], torch.zeros(4, 1, dtype=torch.long))  # 11 and 12 accepted
+    assert d.context == [10, 11, 12, 13, 11, 12]
+    assert d.propose(99).tokens == [99]  # no match: the root alone
+
+
+def test_token_recycling_tree_follows_the_adjacency_table():
+    d = TokenRecyclingDrafter(vocab_size=50, top_k=5, budget=8)
+    assert d.propose(3).tokens == [3]  # empty table: root only
+    tree = d.propose(3)
+    top = torch.tensor([[10, 11, 12, 13, 14]])
+    d.observe(tree, [0], top)  # after token 3 the target likes 10, 11, 12, ...
+    d.adjacency[10] = torch.tensor([20, 21, 22, 23, 24])
+    tree = d.propose(3)
+    # DEFAULT_TEMPLATE[:7] = (0,), (0,0), (1,), (0,0,0), (0,1), (2,), (1,0); nothing known after 20 or 11.
+    expected = {(0,): 10, (1,): 11, (2,): 12, (0, 0): 20, (0, 1): 21}
+    assert sorted(tree.tokens[1:]) == sorted(expected.values())
+    for node in range(1, len(tree)):
+        parent = tree.parents[node]
+        assert parent < node and tree.depths[node] == tree.depths[parent] + 1
+    assert len(tree) <= 8
+
+
+def test_token_recycling_rejects_a_too_small_top_k():
+    with pytest.raises(ValueError, match="top_k"):
+        TokenRecyclingDrafter(vocab_size=50, top_k=3, budget=8, template=DEFAULT_TEMPLATE)
+
+
+PROMPTS = [
+    "Repeat this list exactly: apple, banana, cherry, apple, banana, cherry.",
+    "Write a Python function that reverses a string.",
+    "What is the capital of France?",
+]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine(ModelConfig(dtype="float32", device="cpu", max_context=1024),
+                  pld=PldConfig(min_ngram=1, max_ngram=3, depth=6), token_recycling=TokenRecyclingConfig(top_k=6, budget=12))
+
+
+@pytest.mark.parametrize("mode", ["pld", "token-recycling"])
+def test_train_free_drafters_identical_to_ar(engine, mode):
+    accepted_more_than_one = False
+    for prompt in PROMPTS:
+        ids = engine.encode_chat(prompt)
+        ar = [t for s in engine.steps(ids, "ar", 48) for t in s.tokens]
+        steps = list(engine.steps(ids, mode, 48))
+        assert [t for s in steps for t in s.tokens] == ar
+        assert all(len(s.margins) == len(s.tokens) for s in steps)
+        accepted_more_than_one |= any(len(s.tokens) > 1 for s in steps)
+    assert accepted_more_than_one  # the drafts were used, not just the bonus token
+
+
+@pytest.mark.parametrize("mode", ["pld", "token-recycling"])
+def test_train_free_drafters_respect_max_new_tokens(engine, mode):
+    ids = engine.encode_chat(PROMPTS[0])
+    for n in (1, 2, 5):
+        ar = [t for s in engine.steps(ids, "ar", n) for t in s.tokens]
+        assert [t for s in engine.steps(ids, mode, n) for t in s.tokens] == ar
