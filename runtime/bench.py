@@ -208,7 +208,8 @@ def summarize(engine, prompts, modes, runs, max_new_tokens, near_tie_tol, thread
 
 
 def format_table(result: dict) -> str:
-    head = f"{'mode':<12}{'tokens':>8}{'tok/s':>9}{'vs ar':>8}{'vs hf':>8}{'tau':>7}{'identical':>11}{'divergent (near-tie)':>22}"
+    w = max(12, 2 + max(len(mode) for mode in result["modes"]))
+    head = f"{'mode':<{w}}{'tokens':>8}{'tok/s':>9}{'vs ar':>8}{'vs hf':>8}{'tau':>7}{'identical':>11}{'divergent (near-tie)':>22}"
     lines = [
         f"model {result['model']}  dtype {result['dtype']}  device {result['device']}  threads {result['threads']}  "
         f"prompts {result['prompts']}  max_new_tokens {result['max_new_tokens']}",
@@ -218,7 +219,7 @@ def format_table(result: dict) -> str:
     for mode, m in result["modes"].items():
         vs_hf = f"{m['speedup_vs_hf']:.2f}x" if m["speedup_vs_hf"] is not None else "-"
         lines.append(
-            f"{mode:<12}{m['tokens']:>8}{m['tokens_per_s']:>9.2f}{m['speedup_vs_ar']:>7.2f}x{vs_hf:>8}"
+            f"{mode:<{w}}{m['tokens']:>8}{m['tokens_per_s']:>9.2f}{m['speedup_vs_ar']:>7.2f}x{vs_hf:>8}"
             f"{m['mean_accepted']:>7.2f}{m['identical_to_ar']:>7}/{result['prompts']:<3}"
             f"{m['divergent']:>15} ({m['near_tie_divergences']})"
         )
