@@ -56,7 +56,8 @@ class HtConfig:
 
 @dataclass
 class PldConfig:
-    """Prompt lookup (mode "pld"): drafts copied from the context after an n-gram match."""
+    """Prompt lookup (mode "pld", and grafted onto ht trees in "ht-pld"): drafts copied
+    from the context after an n-gram match."""
 
     min_ngram: int = 1
     max_ngram: int = 3

@@ -58,9 +58,10 @@ class Engine:
         return self._modes[name]
 
     def set_ht_config(self, ht: HtConfig) -> None:
-        """Use other hidden-transfer settings; the `ht` mode is rebuilt on its next use."""
+        """Use other hidden-transfer settings; the `ht` modes are rebuilt on their next use."""
         self.ht_config = ht
-        self._modes.pop("ht", None)
+        for name in ("ht", "ht-pld"):
+            self._modes.pop(name, None)
 
     def steps(self, prompt_ids: list[int], mode: str, max_new_tokens: int) -> Iterator[Step]:
         self.check_fits(prompt_ids, max_new_tokens)

@@ -25,7 +25,15 @@ from runtime.tree_decoding import accept_greedy
 from workers.drafters.hidden_transfer import HiddenTransfer
 from workers.kv_cache import KVCache
 from workers.model import Transformer
-from workers.tree import DEFAULT_TEMPLATE, TokenTree, build_dynamic_tree, build_template_tree, root_only
+from workers.drafters.prompt_lookup import PromptLookupDrafter
+from workers.tree import (
+    DEFAULT_TEMPLATE,
+    TokenTree,
+    build_dynamic_tree,
+    build_template_tree,
+    graft_chain,
+    root_only,
+)
 
 
 def pseudo_mask(node_mask: torch.Tensor, groups: list[int], k: int, pseudo_attention: bool) -> torch.Tensor:
@@ -90,17 +98,30 @@ def next_drafts(tree: TokenTree, path: list[int], groups: list[int], drafts: tor
 
 
 class HiddenTransferDecoder:
-    def __init__(self, model: Transformer, ht: HiddenTransfer, cache: KVCache, tree: HtConfig):
+    def __init__(
+        self,
+        model: Transformer,
+        ht: HiddenTransfer,
+        cache: KVCache,
+        tree: HtConfig,
+        lookup: PromptLookupDrafter | None = None,
+    ):
+        """`lookup`, when given, grafts its prompt-lookup chain onto every tree (mode ht-pld)."""
         depth = min(tree.depth or ht.config.k, ht.config.k)
         self.model, self.ht, self.cache, self.tree_config = model, ht.first(depth), cache, tree
+        self.lookup = lookup
 
     def build_tree(self, root: int, drafts: torch.Tensor | None) -> TokenTree:
-        if drafts is None:
-            return root_only(root)
-        logprobs = torch.log_softmax(drafts.float(), dim=-1)
-        if self.tree_config.tree == "template":
-            return build_template_tree(root, logprobs, DEFAULT_TEMPLATE[: self.tree_config.budget - 1])
-        return build_dynamic_tree(root, logprobs, self.tree_config.budget, self.tree_config.top_k)
+        logprobs = None if drafts is None else torch.log_softmax(drafts.float(), dim=-1)
+        if logprobs is None:
+            tree = root_only(root)
+        elif self.tree_config.tree == "template":
+            tree = build_template_tree(root, logprobs, DEFAULT_TEMPLATE[: self.tree_config.budget - 1])
+        else:
+            tree = build_dynamic_tree(root, logprobs, self.tree_config.budget, self.tree_config.top_k)
+        if self.lookup is not None:
+            tree = graft_chain(tree, self.lookup.drafts(root), logprobs)
+        return tree
 
     def pseudo_groups(self, tree: TokenTree) -> list[int]:
         """Nodes that get pseudo states: the highest-scoring ones, in tree order."""
@@ -135,11 +156,15 @@ class HiddenTransferDecoder:
         self.cache.keep(path)
         margins = (top.values[path, 0] - top.values[path, 1]).tolist()
         tokens = [tree.tokens[i] for i in path[1:]] + [targets[path[-1]]]
+        if self.lookup is not None:
+            self.lookup.observe(tree, path)
         return tokens, margins, next_drafts(tree, path, groups, logits[n:].reshape(m, k, -1))
 
     @torch.inference_mode()
     def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int]) -> Iterator[Step]:
         self.cache.truncate(0)
+        if self.lookup is not None:
+            self.lookup.start(prompt_ids)
         token, margin, drafts = self.prefill(prompt_ids)
         produced = 1
         yield Step([token], [margin])

@@ -26,6 +26,8 @@ class AutoregressiveMode:
 class HiddenTransferMode:
     """Hidden-transfer drafts verified as a token tree (runtime.ht_decoding)."""
 
+    with_lookup = False
+
     def __init__(self, engine):
         from runtime.ht_decoding import HiddenTransferDecoder
         from workers.drafters.hidden_transfer import HiddenTransfer, default_weights_path
@@ -34,7 +36,10 @@ class HiddenTransferMode:
         weights = default_weights_path(e.config.checkpoint) if e.ht_config.weights == "default" else e.ht_config.weights
         ht = HiddenTransfer.load(weights, e.model.args).to(e.model.device)
         self.engine = e
-        self.decoder = HiddenTransferDecoder(e.model, ht, e.cache, e.ht_config)
+        self.decoder = HiddenTransferDecoder(e.model, ht, e.cache, e.ht_config, self.lookup_drafter(e))
+
+    def lookup_drafter(self, engine):
+        return PromptLookupMode.build_drafter(engine) if self.with_lookup else None
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int) -> Iterator[Step]:
         return self.decoder.generate(prompt_ids, max_new_tokens, self.engine.stop_ids)
@@ -72,6 +77,12 @@ class TokenRecyclingMode(TreeDrafterMode):
         return TokenRecyclingDrafter(engine.model.args.vocab_size, c.top_k, c.budget)
 
 
+class HiddenTransferLookupMode(HiddenTransferMode):
+    """`ht` trees with the prompt-lookup chain of the [pld] settings grafted on."""
+
+    with_lookup = True
+
+
 def _hf(prompt_lookup: bool) -> Callable:
     def build(engine):
         from runtime.hf_peers import HfGenerateMode
@@ -84,6 +95,7 @@ def _hf(prompt_lookup: bool) -> Callable:
 MODES: dict[str, Callable] = {
     "ar": AutoregressiveMode,
     "ht": HiddenTransferMode,
+    "ht-pld": HiddenTransferLookupMode,
     "hf": _hf(prompt_lookup=False),
     "hf-pld": _hf(prompt_lookup=True),
     "pld": PromptLookupMode,

@@ -1,4 +1,5 @@
-"""Train-free drafters (prompt lookup, token recycling): their trees, and lossless decoding."""
+"""Drafters verified as token trees (prompt lookup, token recycling, hidden transfer with
+grafted prompt lookup): their trees, and lossless decoding on the real model."""
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ from runtime.config import ModelConfig, PldConfig, TokenRecyclingConfig
 from runtime.engine import Engine
 from workers.drafters.prompt_lookup import PromptLookupDrafter, lookup
 from workers.drafters.token_recycling import TokenRecyclingDrafter
-from workers.tree import DEFAULT_TEMPLATE
+from workers.tree import DEFAULT_TEMPLATE, build_dynamic_tree, graft_chain, root_only
 
 
 def test_lookup_prefers_the_longest_then_latest_match():
@@ -52,6 +53,22 @@ def test_token_recycling_rejects_a_too_small_top_k():
         TokenRecyclingDrafter(vocab_size=50, top_k=3, budget=8, template=DEFAULT_TEMPLATE)
 
 
+def test_graft_chain_reuses_matching_nodes_and_scores_new_ones():
+    lp = torch.log_softmax(torch.randn(2, 20), dim=-1)
+    tree = build_dynamic_tree(7, lp, budget=4, top_k=3)
+    first = tree.tokens[1]  # the best depth-1 draft
+    n = len(tree)
+    graft_chain(tree, [first, 5, 6], lp)
+    assert len(tree) <= n + 2  # `first` is reused; 5 (maybe) and 6 are new
+    node = tree.tokens.index(6, n)
+    assert tree.depths[node] == 3 and tree.scores[node] == float("-inf")  # deeper than the drafts
+    path = tree.path_to(node)
+    assert [tree.tokens[i] for i in path] == [7, first, 5, 6]
+    assert tree.ancestor_mask()[node, path].all()
+    lone = graft_chain(root_only(3), [4], None)
+    assert lone.tokens == [3, 4] and lone.parents == [-1, 0]
+
+
 PROMPTS = [
     "Repeat this list exactly: apple, banana, cherry, apple, banana, cherry.",
     "Write a Python function that reverses a string.",
@@ -65,8 +82,8 @@ def engine():
                   pld=PldConfig(min_ngram=1, max_ngram=3, depth=6), token_recycling=TokenRecyclingConfig(top_k=6, budget=12))
 
 
-@pytest.mark.parametrize("mode", ["pld", "token-recycling"])
-def test_train_free_drafters_identical_to_ar(engine, mode):
+@pytest.mark.parametrize("mode", ["pld", "token-recycling", "ht-pld"])
+def test_drafters_identical_to_ar(engine, mode):
     accepted_more_than_one = False
     for prompt in PROMPTS:
         ids = engine.encode_chat(prompt)
@@ -78,8 +95,8 @@ def test_train_free_drafters_identical_to_ar(engine, mode):
     assert accepted_more_than_one  # the drafts were used, not just the bonus token
 
 
-@pytest.mark.parametrize("mode", ["pld", "token-recycling"])
-def test_train_free_drafters_respect_max_new_tokens(engine, mode):
+@pytest.mark.parametrize("mode", ["pld", "token-recycling", "ht-pld"])
+def test_drafters_respect_max_new_tokens(engine, mode):
     ids = engine.encode_chat(PROMPTS[0])
     for n in (1, 2, 5):
         ar = [t for s in engine.steps(ids, "ar", n) for t in s.tokens]

@@ -119,3 +119,26 @@ def build_template_tree(root: int, draft_logprobs: torch.Tensor, template: list[
         tree.depths.append(depth)
         tree.scores.append(tree.scores[parent] + cand_lp[depth - 1][rank])
     return tree
+
+
+def graft_chain(tree: TokenTree, tokens: list[int], draft_logprobs: torch.Tensor | None) -> TokenTree:
+    """Add the path root -> tokens[0] -> tokens[1] ... to `tree` in place, reusing nodes that
+    already hold the same tokens. A new node at depth d scores its parent's score plus the
+    drafts' log-probability of its token at depth d, or -inf where the drafts stop."""
+    children = tree.children()
+    node = 0
+    for token in tokens:
+        match = next((c for c in children[node] if tree.tokens[c] == token), None)
+        if match is None:
+            depth = tree.depths[node] + 1
+            known = draft_logprobs is not None and depth <= draft_logprobs.shape[0]
+            gain = float(draft_logprobs[depth - 1, token]) if known else float("-inf")
+            match = len(tree)
+            tree.tokens.append(token)
+            tree.parents.append(node)
+            tree.depths.append(depth)
+            tree.scores.append(tree.scores[node] + gain)
+            children[node].append(match)
+            children.append([])
+        node = match
+    return tree

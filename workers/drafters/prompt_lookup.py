@@ -37,9 +37,13 @@ class PromptLookupDrafter:
     def start(self, prompt_ids: list[int]) -> None:
         self.context = list(prompt_ids)
 
+    def drafts(self, root: int) -> list[int]:
+        """The tokens to propose after `root` (possibly none)."""
+        return lookup(self.context + [root], self.min_ngram, self.max_ngram, self.depth)
+
     def propose(self, root: int) -> TokenTree:
-        drafts = lookup(self.context + [root], self.min_ngram, self.max_ngram, self.depth)
+        drafts = self.drafts(root)
         return chain(root, drafts) if drafts else root_only(root)
 
-    def observe(self, tree: TokenTree, path: list[int], top_tokens: torch.Tensor) -> None:
+    def observe(self, tree: TokenTree, path: list[int], top_tokens: torch.Tensor | None = None) -> None:
         self.context += [tree.tokens[i] for i in path]  # the root and the accepted drafts
