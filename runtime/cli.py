@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from runtime.config import DTYPES, ConfigError, LeapfrogConfig, load_config
+from runtime.modes import MODES
 
 EXIT_USAGE = 2
 
@@ -50,13 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="stream the reply to a chat prompt")
     gen.add_argument("--prompt", required=True, help="the user message")
-    gen.add_argument("--mode", help="decoding mode (default: ar)")
+    gen.add_argument("--mode", help=f"decoding mode: {', '.join(MODES)} (default: ar)")
     gen.add_argument("--compare", help="comma-separated modes to run on the same prompt afterwards, for speed")
     add_common(gen)
 
     bench = sub.add_parser("bench", help="run decoding modes side by side on a prompt file")
     bench.add_argument("--prompts", help="Spec-Bench-format JSONL (default: the bundled Spec-Bench)")
-    bench.add_argument("--modes", default="ar,hf,hf-pld", help="comma-separated modes (ar always runs)")
+    bench.add_argument("--modes", default="ar,hf,hf-pld", help=f"comma-separated modes of {', '.join(MODES)} (ar always runs)")
     bench.add_argument("--limit", type=positive_int, help="use the first N prompts")
     bench.add_argument("--per-category", type=positive_int, help="use the first N prompts of each category")
     bench.add_argument("--near-tie-tol", type=float, help="top-2 logit margin of a near tie (default by dtype)")
