@@ -43,6 +43,35 @@ class GenerationConfig:
 
 
 @dataclass
+class SamplingConfig:
+    """How the next token is chosen. temperature 0 is greedy; otherwise tokens are drawn
+    from softmax(logits / temperature) restricted to the top_k tokens (0: all) and to the
+    smallest set whose probability reaches top_p. Every mode draws with exactly this
+    distribution, and with the same seed every lossless mode draws the same tokens as ar
+    (runtime.sampling)."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self) -> SamplingConfig:
+        if not 0.0 <= self.temperature <= 100.0:
+            raise ConfigError(f"temperature must be in [0, 100], got {self.temperature}")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0 (0: off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed must be in [0, 2**63), got {self.seed}")
+        return self
+
+
+@dataclass
 class HtConfig:
     """Hidden-transfer drafting: trained weights and the token tree of each step."""
 
@@ -81,6 +110,7 @@ class RuntimeConfig:
 class LeapfrogConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     ht: HtConfig = field(default_factory=HtConfig)
     pld: PldConfig = field(default_factory=PldConfig)
     token_recycling: TokenRecyclingConfig = field(default_factory=TokenRecyclingConfig)
@@ -93,6 +123,7 @@ class LeapfrogConfig:
             raise ConfigError(f"max_context must be at least 2, got {self.model.max_context}")
         if self.generation.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be at least 1, got {self.generation.max_new_tokens}")
+        self.sampling.validate()
         if min(self.ht.budget, self.ht.top_k, self.ht.pseudo_nodes) < 1 or self.ht.depth < 0:
             raise ConfigError(f"[ht] budget, top_k and pseudo_nodes must be >= 1 and depth >= 0: {self.ht}")
         if self.ht.tree not in TREE_KINDS:
@@ -112,8 +143,11 @@ def _section(cls, values: dict, name: str):
     unknown = set(values) - set(known)
     if unknown:
         raise ConfigError(f"[{name}]: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+    values = dict(values)
     for key, value in values.items():
         expected = type(getattr(cls(), key))
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = values[key] = float(value)  # TOML writes 1.0 as 1 as often as not
         if not isinstance(value, expected) or isinstance(value, bool) != (expected is bool):
             raise ConfigError(f"[{name}] {key} must be {expected.__name__}, got {value!r}")
     return cls(**values)
@@ -135,6 +169,7 @@ def load_config(path: str | Path | None = None) -> LeapfrogConfig:
     return LeapfrogConfig(
         model=_section(ModelConfig, data.get("model", {}), "model"),
         generation=_section(GenerationConfig, data.get("generation", {}), "generation"),
+        sampling=_section(SamplingConfig, data.get("sampling", {}), "sampling"),
         ht=_section(HtConfig, data.get("ht", {}), "ht"),
         pld=_section(PldConfig, data.get("pld", {}), "pld"),
         token_recycling=_section(TokenRecyclingConfig, data.get("token_recycling", {}), "token_recycling"),
