@@ -54,7 +54,10 @@ def test_torch_device():
 @pytest.mark.parametrize(
     "text, match",
     [
-        ("[sampling]\ntemperature = 0.5\n", "unknown sections.*sampling"),
+        ("[sampler]\ntemperature = 0.5\n", "unknown sections.*sampler"),
+        ("[sampling]\ntemperature = -0.5\n", "temperature must be in"),
+        ("[sampling]\ntop_p = 0\n", "top_p must be in"),
+        ("[sampling]\ntop_k = -1\n", "top_k must be >= 0"),
         ("[model]\nquantize = true\n", "unknown keys.*quantize"),
         ("[runtime]\nthread = 4\n", "unknown keys.*thread"),
         ('[runtime]\nthreads = "4"\n', "threads must be int"),
