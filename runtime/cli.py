@@ -35,6 +35,14 @@ non_negative_int = number_type(int, lambda v: v >= 0, "an integer >= 0")
 positive_float = number_type(float, lambda v: v > 0, "a positive number")
 
 
+def layer_list(text: str) -> tuple[int, ...]:
+    """'24,27' -> (24, 27)."""
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers, got {text!r}") from None
+
+
 def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML config file (default: configs/default.toml)")
     p.add_argument("--checkpoint", help="'default', a .gguf file or a Hugging Face checkpoint folder")
@@ -63,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--per-category", type=positive_int, help="use the first N prompts of each category")
     bench.add_argument("--near-tie-tol", type=float, help="top-2 logit margin of a near tie (default by dtype)")
     bench.add_argument("--out", help="write the JSON result here")
+    bench.add_argument("--chart", help="write a PNG bar chart of the speedups here")
     bench.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_common(bench)
     add_sampling(bench)
@@ -99,6 +108,9 @@ def add_train_ht(sub) -> None:
     p.add_argument("--drafter", choices=KINDS, default=d.drafter,
                    help="ht: hidden transfer at --layer; medusa: heads after the last layer; pass: look-ahead embeddings")
     p.add_argument("--layer", type=positive_int, help="ht: layers before the transfer (default: half the layers)")
+    p.add_argument("--refine-layers", type=layer_list, default=(),
+                   help="ht: later layers that transfer again, comma-separated (FIRP style), e.g. 26")
+    p.add_argument("--init", help="start from these drafter weights (same kind, layer and k); new maps start at zero")
     p.add_argument("--k", type=positive_int, default=d.k, help=f"pseudo positions (draft depth) (default {d.k})")
     p.add_argument("--no-pseudo-attention", action="store_true", help="pseudo states do not attend to each other")
     p.add_argument("--examples", type=positive_int, default=d.examples,
@@ -247,6 +259,10 @@ def cmd_bench(args, config: LeapfrogConfig) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
         print(f"wrote {args.out}")
+    if args.chart:
+        from runtime.charts import speedup_chart
+
+        print(f"wrote {speedup_chart([result], [describe_sampling(config.sampling)], args.chart)}")
     return 0
 
 
@@ -260,6 +276,8 @@ def cmd_train_ht(args, config: LeapfrogConfig) -> int:
         threads=config.runtime.threads,
         drafter=args.drafter,
         layer=args.layer,
+        refine_layers=args.refine_layers,
+        init=args.init,
         k=args.k,
         pseudo_attention=not args.no_pseudo_attention,
         examples=args.examples,

@@ -7,7 +7,8 @@ token of the previous step:
 
   layers [0, L)      the n tree nodes (ancestor-only mask, positions P + depth)
   transfer           for m chosen nodes x, k pseudo states at positions pos(x) + 1..k
-  layers [L, N)      the n nodes and the m*k pseudo states together
+  layers [L, N)      the n nodes and the m*k pseudo states together (with refine layers,
+                     the pseudo states get another transfer from x at each of them)
   LM head            node logits verify the tree; pseudo logits are the next drafts
 
 Acceptance (runtime.tree_decoding.accept) walks down the tree with the target's greedy
@@ -80,7 +81,11 @@ def transfer_forward(
     pseudo_pos = (positions[groups, None] + offsets).reshape(-1)
     mask = pseudo_mask(node_mask, groups, k, ht.config.pseudo_attention)
     h = torch.cat((h, pseudo.to(h.dtype)), dim=1)
-    h = model.run_layers(h, model.context(torch.cat((positions, pseudo_pos)), cache, mask), L)
+    ctx = model.context(torch.cat((positions, pseudo_pos)), cache, mask)
+    for i, (start, end) in enumerate(ht.segments(model.args.n_layers)):
+        if i:  # a later transfer (FIRP style): the drafting nodes' states at this layer
+            h = torch.cat((h[:, :n], h[:, n:] + ht.refine(i - 1, h[0, groups]).reshape(1, -1, h.shape[-1]).to(h.dtype)), 1)
+        h = model.run_layers(h, ctx, start, end)
     h = model.norm(h[0])
     return h[:n], h[n:].reshape(len(groups), k, -1)
 

@@ -57,6 +57,8 @@ class TrainConfig:
     threads: int = 2
     drafter: str = "ht"  # ht | medusa | pass (workers.drafters.pseudo_states)
     layer: int | None = None  # ht only; None: half the layers
+    refine_layers: tuple[int, ...] = ()  # ht only: later layers that transfer again (FIRP style)
+    init: str | None = None  # start from these weights (same kind, layer and k); new parameters start fresh
     k: int = 3
     pseudo_attention: bool = True
     examples: int = 1000  # distilled training examples
@@ -104,11 +106,29 @@ class TrainConfig:
 def drafter_config(cfg: TrainConfig, n_layers: int) -> PseudoStateConfig:
     """The drafter to train: ht at --layer (default half the layers), medusa at N, pass at 0."""
     layer = {"medusa": n_layers, "pass": 0}.get(cfg.drafter, cfg.layer if cfg.layer is not None else n_layers // 2)
-    config = PseudoStateConfig(layer=layer, k=cfg.k, pseudo_attention=cfg.pseudo_attention, kind=cfg.drafter)
+    config = PseudoStateConfig(layer=layer, k=cfg.k, pseudo_attention=cfg.pseudo_attention, kind=cfg.drafter,
+                               refine_layers=tuple(cfg.refine_layers))
     problem = check_layer(config, n_layers)
     if problem:
         raise TrainError(problem)
     return config
+
+
+def start_from(ht: PseudoStateDrafter, path: str, args, log) -> None:
+    """Copy the parameters of the drafter in `path` into `ht` (same kind, layer, k and
+    pseudo attention); parameters it lacks (refine maps) keep their fresh start."""
+    from workers.drafters.pseudo_states import load
+
+    init = load(path, args)
+    a, b = init.config, ht.config
+    if (a.kind, a.layer, a.k, a.pseudo_attention) != (b.kind, b.layer, b.k, b.pseudo_attention):
+        raise TrainError(f"--init {path} holds {a}; it must match {b} in kind, layer, k and pseudo attention")
+    source, copied = dict(init.named_parameters()), []
+    for name, p in ht.named_parameters():
+        if name in source:
+            p.data.copy_(source[name].data)
+            copied.append(name)
+    log(f"[train-ht] started from {path} ({', '.join(copied)})")
 
 
 def weights_paths(out: str | Path) -> tuple[Path, Path, Path]:
@@ -153,18 +173,23 @@ class Encoded:
     h_layer: torch.Tensor  # (T, dim) hidden state after `layer` layers
     h_final: torch.Tensor  # (T, dim) hidden state after all layers (before the final norm)
     prefix: PrefixKV  # K/V of layers [layer, N) for positions 0..T-1
+    h_refine: list[torch.Tensor]  # (T, dim) hidden state at each refine layer
 
 
 @torch.no_grad()
-def encode_sequence(model: Transformer, ids: list[int], layer: int) -> Encoded:
+def encode_sequence(model: Transformer, ids: list[int], layer: int, refine_layers: tuple[int, ...] = ()) -> Encoded:
     """One no_grad pass over the real tokens, all layers through one KV cache."""
     T = len(ids)
     cache = model.new_cache(T)
     ctx = model.context(torch.arange(T, device=model.device), cache)
-    h_layer = model.run_layers(model.embed(torch.tensor([ids], device=model.device)), ctx, 0, layer)
-    h_final = model.run_layers(h_layer, ctx, layer)
+    bounds = [layer, *refine_layers, model.args.n_layers]
+    h = model.run_layers(model.embed(torch.tensor([ids], device=model.device)), ctx, 0, layer)
+    states = [h[0]]
+    for start, end in zip(bounds, bounds[1:]):
+        h = model.run_layers(h, ctx, start, end)
+        states.append(h[0])
     cache.commit(T)
-    return Encoded(h_layer[0], h_final[0], PrefixKV.from_cache(cache, layer))
+    return Encoded(states[0], states[-1], PrefixKV.from_cache(cache, layer), states[1:-1])
 
 
 def pseudo_tree_mask(S: int, k: int, pseudo_attention: bool, device) -> torch.Tensor:
@@ -175,7 +200,7 @@ def pseudo_tree_mask(S: int, k: int, pseudo_attention: bool, device) -> torch.Te
 
 def draft_logits(model: Transformer, ht: PseudoStateDrafter, enc: Encoded, ts: torch.Tensor) -> torch.Tensor:
     """Draft logits (S, k, vocab), float32, for the positions `ts` (S,); grad flows into ht."""
-    k, L = ht.config.k, ht.config.layer
+    k = ht.config.k
     S, T, device = ts.shape[0], enc.prefix.length, model.device
     pseudo = ht(enc.h_layer[ts])  # (S, k, dim) in the transfer's dtype (float32)
     offsets = torch.arange(1, k + 1, device=device)
@@ -184,7 +209,11 @@ def draft_logits(model: Transformer, ht: PseudoStateDrafter, enc: Encoded, ts: t
     # Pseudo state (t, j) sees the real tokens up to t only, as at inference.
     t_rows = ts.repeat_interleave(k)
     ctx.mask[:, :T] &= torch.arange(T, device=device)[None, :] <= t_rows[:, None]
-    h = model.run_layers(pseudo.reshape(1, S * k, -1).to(model.dtype), ctx, L)
+    h = pseudo.reshape(1, S * k, -1).to(model.dtype)
+    for i, (start, end) in enumerate(ht.segments(model.args.n_layers)):
+        if i:  # a later transfer from the real token's state at this layer
+            h = h + ht.refine(i - 1, enc.h_refine[i - 1][ts]).reshape(1, S * k, -1).to(h.dtype)
+        h = model.run_layers(h, ctx, start, end)
     return model.lm_head(model.norm(h[0])).float().reshape(S, k, -1)
 
 
@@ -222,7 +251,7 @@ def sequence_loss(
 ) -> torch.Tensor:
     lo, hi = valid_positions(example, ht.config.k)
     ts = (torch.randperm(hi - lo, generator=generator)[:n_positions] + lo).to(model.device)
-    enc = encode_sequence(model, example["prompt_ids"] + example["reply_ids"], ht.config.layer)
+    enc = encode_sequence(model, example["prompt_ids"] + example["reply_ids"], ht.config.layer, ht.config.refine_layers)
     target = target_logits(model, enc, ts, ht.config.k)
     return kl_loss(target, draft_logits(model, ht, enc, ts)).mean()
 
@@ -239,7 +268,7 @@ def evaluate(model: Transformer, ht: PseudoStateDrafter, examples: list[dict], m
             continue
         count = min(max_positions, hi - lo)
         ts_all = torch.linspace(lo, hi - 1, count).round().long().unique()
-        enc = encode_sequence(model, e["prompt_ids"] + e["reply_ids"], ht.config.layer)
+        enc = encode_sequence(model, e["prompt_ids"] + e["reply_ids"], ht.config.layer, ht.config.refine_layers)
         for chunk in ts_all.split(EVAL_CHUNK):
             ts = chunk.to(model.device)
             target = target_logits(model, enc, ts, k)
@@ -336,6 +365,8 @@ def train(
     model.requires_grad_(False)
     torch.manual_seed(cfg.seed)
     ht = build(ht_config, args.dim).to(model.device)  # float32 whatever the backbone dtype
+    if cfg.init and not cfg.resume:
+        start_from(ht, cfg.init, args, log)
     opt = torch.optim.AdamW(ht.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
     sampler = Sampler(len(train_examples), generator)

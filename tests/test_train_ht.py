@@ -18,6 +18,7 @@ from runtime.ht_decoding import transfer_forward
 from runtime.train_ht import (
     PrefixKV,
     TrainConfig,
+    TrainError,
     draft_logits,
     encode_sequence,
     evaluate,
@@ -26,7 +27,7 @@ from runtime.train_ht import (
     weights_paths,
 )
 from workers.drafters.hidden_transfer import HiddenTransfer
-from workers.drafters.pseudo_states import PseudoStateConfig, load
+from workers.drafters.pseudo_states import PseudoStateConfig, build, load
 from workers.loading import load_model
 
 VOCAB = 128
@@ -73,10 +74,11 @@ def examples(model):
     return out[:120], out[120:]
 
 
-def perturbed(model, layer, k, pseudo_attention, seed=0):
+def perturbed(model, layer, k, pseudo_attention, seed=0, kind="ht", refine_layers=()):
     torch.manual_seed(seed)
-    ht = HiddenTransfer(PseudoStateConfig(layer, k, pseudo_attention), model.args.dim)
-    ht.transfer.data += 0.1 * torch.randn_like(ht.transfer)
+    ht = build(PseudoStateConfig(layer, k, pseudo_attention, kind, refine_layers), model.args.dim)
+    for p in ht.parameters():
+        p.data += 0.1 * torch.randn_like(p)
     return ht
 
 
@@ -89,16 +91,20 @@ def config(tmp_path, **kw):
 # ------------------------------------------------------------------ training == inference
 
 
-@pytest.mark.parametrize("pseudo_attention", [True, False])
-def test_training_drafts_equal_inference_drafts(model, examples, pseudo_attention):
-    """The read-only prefix path computes exactly what runtime.ht_decoding uses at inference."""
-    ht = perturbed(model, layer=2, k=3, pseudo_attention=pseudo_attention)
+@pytest.mark.parametrize(
+    "kind,layer,refine_layers,pseudo_attention",
+    [("ht", 2, (), True), ("ht", 2, (), False), ("ht", 1, (2, 3), True), ("medusa", 4, (), True), ("pass", 0, (), True)],
+)
+def test_training_drafts_equal_inference_drafts(model, examples, kind, layer, refine_layers, pseudo_attention):
+    """The read-only prefix path computes exactly what runtime.ht_decoding uses at inference,
+    for every pseudo-state kind and with FIRP-style refine layers."""
+    ht = perturbed(model, layer, 3, pseudo_attention, kind=kind, refine_layers=refine_layers)
     e = examples[0][0]
     ids = e["prompt_ids"] + e["reply_ids"]
     P = len(e["prompt_ids"])
     ts = [P - 1, P + 4, P + 11, len(ids) - 4]  # several positions at once: groups must not leak
     with torch.no_grad():
-        enc = encode_sequence(model, ids, ht.config.layer)
+        enc = encode_sequence(model, ids, ht.config.layer, ht.config.refine_layers)
         train_drafts = draft_logits(model, ht, enc, torch.tensor(ts))
         cache = model.new_cache(64)
         for i, t in enumerate(ts):
@@ -177,7 +183,7 @@ def test_save_load_and_resume(model, examples, tmp_path):
     out, summary_path, ckpt = weights_paths(cfg.out)
     assert out.is_file() and summary_path.is_file() and ckpt.is_file()
     summary = json.loads(summary_path.read_text())
-    assert summary["steps"] == 10 and summary["config"] == {"layer": 2, "k": 3, "pseudo_attention": True, "kind": "ht"}
+    assert summary["steps"] == 10 and summary["config"] == {"layer": 2, "k": 3, "pseudo_attention": True, "kind": "ht", "refine_layers": []}
     assert {"time_s", "examples", "val"} <= set(summary) and len(summary["val"]["top1"]) == 3
 
     messages = []
@@ -232,7 +238,7 @@ def test_cli_train_ht(tiny_folder, examples, tmp_path):
     assert main(argv) == 0
     summary = json.loads(out.with_suffix(".json").read_text())
     assert summary["steps"] == 3 and summary["examples"]["train"] == 8 and summary["examples"]["val"] == 2
-    assert summary["config"] == {"layer": 3, "k": 2, "pseudo_attention": False, "kind": "ht"}
+    assert summary["config"] == {"layer": 3, "k": 2, "pseudo_attention": False, "kind": "ht", "refine_layers": []}
     assert summary["parameters"] == 2 * 64 * 64
     # leapfrog-style usage errors, not tracebacks
     assert main(argv + ["--layer", "4"]) == 2
@@ -243,7 +249,7 @@ def test_cli_train_ht(tiny_folder, examples, tmp_path):
     for kind, layer, parameters in (("medusa", 4, 2 * (64 * 64 + 64)), ("pass", 0, 2 * 64)):
         assert main(layer_free + ["--drafter", kind]) == 0
         summary = json.loads(out.with_suffix(".json").read_text())
-        assert summary["config"] == {"layer": layer, "k": 2, "pseudo_attention": False, "kind": kind}
+        assert summary["config"] == {"layer": layer, "k": 2, "pseudo_attention": False, "kind": kind, "refine_layers": []}
         assert summary["parameters"] == parameters
         assert load(out, load_model(str(tiny_folder), torch.float32, "cpu")[0].args).config.kind == kind
 
@@ -298,3 +304,32 @@ def test_sharegpt_split():
 def test_truncated_array_parser():
     assert sharegpt.parse_truncated_array('[ {"a": 1},\n {"b": [2, 3]} , {"c": "cut') == [{"a": 1}, {"b": [2, 3]}]
     assert sharegpt.parse_truncated_array("[1, 2]") == [1, 2]
+
+
+def test_refine_layers_train_from_init_and_decode_losslessly(tiny_folder, model, examples, tmp_path):
+    """FIRP-style ht: a second transfer at a later layer, started from plain ht weights
+    (refine maps at zero: the same drafts), trained, then lossless in decoding."""
+    from runtime.config import HtConfig
+    from runtime.ht_decoding import HiddenTransferDecoder
+    from runtime.sampling import Greedy
+
+    train_ex, val_ex = examples
+    base = tmp_path / "base.safetensors"
+    cfg = TrainConfig(layer=1, k=2, steps=2, batch=2, positions_per_seq=4, out=str(base), eval_every=0, progress=False)
+    train(model, train_ex, val_ex, cfg, log=lambda *_: None)
+    firp = tmp_path / "firp.safetensors"
+    cfg = TrainConfig(layer=1, k=2, refine_layers=(3,), init=str(base), steps=0, batch=2, positions_per_seq=4,
+                      out=str(firp), eval_every=0, progress=False)
+    _, summary = train(model, train_ex, val_ex, cfg, log=lambda *_: None)
+    plain = evaluate(model, load(base, model.args), val_ex)
+    assert summary["val"]["top1"] == plain["top1"]  # zero refine maps: the drafts of the base weights
+    cfg.steps, cfg.init = 4, str(base)
+    trained, _ = train(model, train_ex, val_ex, cfg, log=lambda *_: None)
+    assert trained.refine_maps.abs().sum() > 0 and load(firp, model.args).config.refine_layers == (3,)
+    cache = model.new_cache(256)
+    prompt = train_ex[0]["prompt_ids"]
+    ar = [t for s in generate_ar(model, cache, prompt, 16, set()) for t in s.tokens]
+    decoder = HiddenTransferDecoder(model, trained, cache, HtConfig(budget=6, top_k=3, pseudo_nodes=3))
+    assert [t for s in decoder.generate(prompt, 16, set(), Greedy()) for t in s.tokens] == ar
+    with pytest.raises(TrainError, match="refine layers must increase"):
+        train(model, train_ex, val_ex, TrainConfig(layer=2, refine_layers=(2,), out=str(firp)), log=lambda *_: None)

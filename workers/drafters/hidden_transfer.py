@@ -5,6 +5,7 @@ token (position t) is mapped by W_1..W_k to pseudo states W_j h for positions t+
 They join the sequence there and run through the remaining layers with the real tokens;
 the LM head then reads from pseudo state j a draft of the token at t+j+1
 (workers.drafters.pseudo_states describes the family; runtime.ht_decoding runs it).
+With `refine_layers`, maps U_ij at each later layer R_i add U_ij h_(R_i) to pseudo state j.
 """
 
 from __future__ import annotations
@@ -20,6 +21,13 @@ class HiddenTransfer(PseudoStateDrafter):
         super().__init__(config)
         # (k, dim, dim); identity start: each pseudo state begins as a copy of h.
         self.transfer = nn.Parameter(torch.eye(dim).repeat(config.k, 1, 1))
+        if config.refine_layers:
+            # (k, refine layers, dim, dim); zero start: refinement begins as a no-op.
+            self.refine_maps = nn.Parameter(torch.zeros(config.k, len(config.refine_layers), dim, dim))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return torch.einsum("...d,ked->...ke", h.to(self.transfer.dtype), self.transfer)
+
+    def refine(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        """h (..., dim) at refine layer i -> the additions to the pseudo states (..., k, dim)."""
+        return torch.einsum("...d,ked->...ke", h.to(self.refine_maps.dtype), self.refine_maps[:, i])

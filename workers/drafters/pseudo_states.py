@@ -15,6 +15,12 @@ Medusa's heads sit after the last layer, so nothing follows them but the norm an
 head; PaSS's embeddings enter before the first, so they see the whole model. One
 decoder (runtime.ht_decoding) and one training loop (runtime.train_ht) serve all three.
 
+Hidden transfer may also transfer again at later layers (FIRP style, `refine_layers`
+R_1 < R_2 < ...): at R_i each pseudo state gets U_ij h_(R_i) added, the drafting token's
+hidden state at that layer through one more learned map per position, so the drafts
+see the real token's deeper features too. `segments` gives the layer ranges between
+the transfers.
+
 Weights are safetensors with the config and the target model's shape in the metadata,
 so a file for another model, or of another kind, is caught on load.
 """
@@ -45,6 +51,7 @@ class PseudoStateConfig:
     k: int  # pseudo positions (draft depth beyond the bonus token)
     pseudo_attention: bool = True  # pseudo state j attends to pseudo states < j
     kind: str = "ht"
+    refine_layers: tuple[int, ...] = ()  # ht only: later layers that transfer again (FIRP style)
 
 
 def shipped_weights(checkpoint: str, kind: str) -> Path:
@@ -66,6 +73,11 @@ def check_layer(config: PseudoStateConfig, n_layers: int) -> str | None:
     want = {"medusa": (n_layers, n_layers), "pass": (0, 0)}.get(config.kind, (1, n_layers - 1))
     if not want[0] <= config.layer <= want[1]:
         return f"a {config.kind} drafter needs layer in {want[0]}..{want[1]} of this {n_layers}-layer model, got {config.layer}"
+    refine = config.refine_layers
+    if refine and config.kind != "ht":
+        return f"refine layers are for ht only, not {config.kind}"
+    if list(refine) != sorted(set(refine)) or any(not config.layer < r < n_layers for r in refine):
+        return f"refine layers must increase strictly within {config.layer + 1}..{n_layers - 1}, got {list(refine)}"
     return None
 
 
@@ -79,6 +91,12 @@ class PseudoStateDrafter(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """h (..., dim) -> pseudo states (..., k, dim)."""
         raise NotImplementedError
+
+    def segments(self, n_layers: int) -> list[tuple[int, int]]:
+        """Layer ranges the pseudo states run through: [L, R_1), [R_1, R_2), ..., [R_m, N);
+        before range i > 0 they are refined with `refine(i - 1, h)`."""
+        bounds = [self.config.layer, *self.config.refine_layers, n_layers]
+        return list(zip(bounds, bounds[1:]))
 
     def first(self, k: int) -> PseudoStateDrafter:
         """The first k pseudo positions only (k <= config.k): pseudo state j never attends to
@@ -128,7 +146,7 @@ def load(path: str | Path, args: ModelArgs) -> PseudoStateDrafter:
         raise DrafterWeightsError(
             f"{path} was trained for a model {meta['model']}, but the loaded model is {model_signature(args)}"
         )
-    config = PseudoStateConfig(**meta["config"])
+    config = PseudoStateConfig(**{**meta["config"], "refine_layers": tuple(meta["config"].get("refine_layers", ()))})
     problem = check_layer(config, args.n_layers)
     module = build(config, args.dim) if problem is None else None
     shapes = {name: tuple(p.shape) for name, p in module.named_parameters()} if module else {}
