@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
+import threading
 import time
+from pathlib import Path
 
-from runtime.config import ServerConfig
+from runtime.config import LeapfrogConfig, ServerConfig
 from runtime.protocol import Cancel, Error, ErrorCode, Message, ProtocolError, Request, Stats, decode, encode, read_frame
 from runtime.service import Cancellation, Service
 
@@ -40,6 +43,8 @@ class Server:
     async def close(self) -> None:
         """Stop listening, close every connection (cancelling its request) and wait for
         their tasks, so that nothing is left running on the loop."""
+        if self._server is None:
+            return
         self._server.close()
         tasks = []
         for conn in list(self.connections):
@@ -175,3 +180,36 @@ class Connection:
     def close(self) -> None:
         if not self.writer.is_closing():
             self.writer.close()
+
+
+def model_name(checkpoint: str) -> str:
+    """The name /v1/models reports: the checkpoint's file or folder name."""
+    if checkpoint == "default":
+        from workers.loading import default_gguf_path
+
+        return default_gguf_path().stem
+    return Path(checkpoint).name.removesuffix(".gguf")
+
+
+async def serve(engines: list, config: LeapfrogConfig, ready=None) -> None:
+    """Run the native server and (unless http_port is -1) the OpenAI endpoint on `engines`
+    until cancelled. `ready((host, port), http_address_or_None)` is called once both listen."""
+    from runtime.openai_api import OpenAIApi
+
+    service = Service(engines, config)
+    server = Server(service, config.server)
+    api = OpenAIApi(service, model_name(config.model.checkpoint)) if config.server.http_port >= 0 else None
+    try:
+        address = await server.start()
+        http = await api.start(config.server.host, config.server.http_port) if api else None
+        if ready is not None:
+            ready(address, http)
+        stop = asyncio.Event()
+        if threading.current_thread() is threading.main_thread():
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)  # `ray job stop`, `kill`
+        await stop.wait()  # until SIGTERM, or cancelled (Ctrl-C)
+    finally:
+        if api is not None:
+            await api.close()
+        await server.close()
+        service.close()

@@ -12,24 +12,31 @@ import msgpack
 from mock_engine import MockEngine, expected_reply
 from runtime.client import Client
 from runtime.config import LeapfrogConfig, ServerConfig
+from runtime.openai_api import OpenAIApi
 from runtime.protocol import HEADER, decode, read_frame
 from runtime.server import Server
 from runtime.service import Service
 
 
 @contextlib.asynccontextmanager
-async def running_server(engines: int = 1, step_delay: float = 0.0, **server_options):
-    """(server, engines) listening on 127.0.0.1:<free port>."""
+async def running_server(engines: int = 1, step_delay: float = 0.0, http: bool = False, **server_options):
+    """(server, engines) listening on 127.0.0.1:<free port>; with http, the OpenAI
+    endpoint too, its (host, port) in server.http_address."""
     config = LeapfrogConfig(server=ServerConfig(host="127.0.0.1", port=0, **server_options))
     config.generation.max_new_tokens = 64
     config.validate()
     mocks = [MockEngine(step_delay=step_delay) for _ in range(engines)]
     service = Service(mocks, config)
     server = Server(service, config.server)
+    api = OpenAIApi(service, "mock-model") if http else None
     await server.start()
+    if api is not None:
+        server.http_address = await api.start("127.0.0.1", 0)
     try:
         yield server, mocks
     finally:
+        if api is not None:
+            await api.close()
         await server.close()
         service.close()
 
