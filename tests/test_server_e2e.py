@@ -5,6 +5,7 @@ client and to the openai package, and leaves the KV cache empty."""
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import openai
 import pytest
@@ -63,3 +64,32 @@ async def test_served_tokens_equal_the_engines(engine):
     assert ar.text == engine.tokenizer.decode(reference, skip_special_tokens=True) == text
     assert ar.stats.tau == 1.0 and pld.stats.forward_passes <= ar.stats.forward_passes
     assert engine.cache.length == 0
+
+
+def test_leapfrog_serve_command():
+    """`leapfrog serve` as a user runs it: prints its addresses, serves, stops on SIGTERM."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    from runtime.client import SyncClient
+
+    argv = [sys.executable, "-m", "runtime.cli", "serve", "--port", "0", "--http-port", "-1", "--threads", "1",
+            "--max-new-tokens", "8", "--mode", "pld"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        first = proc.stdout.readline()
+        match = re.match(r"leapfrog serve: native protocol on (\S+):(\d+)", first)
+        assert match, first + proc.stdout.read() if proc.poll() is not None else first
+        assert "mode pld, 1 engine(s)" in proc.stdout.readline()
+        with SyncClient(match[1], int(match[2]), timeout=60) as client:
+            reply = client.generate(PROMPT)
+        assert reply.stats.tokens == 8 and reply.stats.mode == "pld" and reply.text
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
