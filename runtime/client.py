@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from runtime.protocol import Cancel, Chunk, Error, ErrorCode, Request, Stats, decode, encode, read_frame
 
@@ -67,12 +67,21 @@ class _Connection:
         return not self.writer.is_closing() and not self.reader.at_eof()
 
 
-@dataclass
+class _Outcome:
+    stats: Stats | None = None
+
+
 class Stream:
     """An async iterator of Chunks; `.stats` holds the Stats frame once it has ended."""
 
-    _chunks: AsyncIterator[Chunk]
-    stats: Stats | None = field(default=None)
+    def __init__(self, chunks: AsyncIterator[Chunk], outcome: _Outcome):
+        # The generator gets the outcome, not the stream: no reference cycle, so a stream
+        # dropped after a bare `break` is finalized (and cancelled) right away.
+        self._chunks, self._outcome = chunks, outcome
+
+    @property
+    def stats(self) -> Stats | None:
+        return self._outcome.stats
 
     def __aiter__(self):
         return self
@@ -115,9 +124,8 @@ class Client:
         messages = None if isinstance(prompt, str) else prompt
         request = Request(next(self._ids), prompt if messages is None else None, messages, mode, max_new_tokens,
                           temperature, top_k, top_p, seed)
-        stream = Stream(None)  # type: ignore[arg-type]
-        stream._chunks = self._run(request, stream)
-        return stream
+        outcome = _Outcome()
+        return Stream(self._run(request, outcome), outcome)
 
     async def generate(self, prompt: str | list[dict], **options) -> Reply:
         """The whole reply; options as for stream()."""
@@ -165,7 +173,7 @@ class Client:
                 return message
             # A frame of an earlier request on this connection (one that crossed its cancel).
 
-    async def _run(self, request: Request, stream: Stream) -> AsyncIterator[Chunk]:
+    async def _run(self, request: Request, outcome: _Outcome) -> AsyncIterator[Chunk]:
         conn, message = await self._start(request)
         ended = False  # the request is over on the server: the connection can be reused
         try:
@@ -173,7 +181,7 @@ class Client:
                 if isinstance(message, Chunk):
                     yield message
                 elif isinstance(message, Stats):
-                    stream.stats, ended = message, True
+                    outcome.stats, ended = message, True
                     return
                 elif isinstance(message, Error):
                     ended = message.id is not None

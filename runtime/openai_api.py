@@ -23,8 +23,8 @@ from runtime.protocol import Chunk, Error, ErrorCode, ProtocolError, Request, St
 from runtime.service import Cancellation, Service
 
 STATUS = {ErrorCode.OVERLOADED: 429, ErrorCode.INTERNAL: 500}  # anything else: 400
-UNSUPPORTED = ("stop", "logprobs", "top_logprobs", "tools", "tool_choice", "functions", "suffix", "echo", "best_of")
-IGNORED = ("model", "user", "stream_options", "frequency_penalty", "presence_penalty", "logit_bias", "n", "metadata")
+UNSUPPORTED = ("stop", "logprobs", "top_logprobs", "tools", "tool_choice", "functions", "suffix", "echo", "best_of", "logit_bias")
+IGNORED = ("model", "user", "stream_options", "frequency_penalty", "presence_penalty", "n", "metadata")
 
 
 def error_response(code: str, message: str) -> web.Response:

@@ -88,6 +88,15 @@ async def test_closing_a_stream_early_cancels_it_and_frees_the_engine():
         await assert_healthy(server, engines)
 
 
+async def test_a_bare_break_still_cancels_once_the_stream_is_dropped():
+    async with running_server(step_delay=0.02) as (server, engines), Client(*server.address) as client:
+        async for _ in client.stream("dropped", max_new_tokens=64):
+            break  # no aclose(): the event loop finalizes the stream's generator
+        await wait_until(lambda: all_released(server, engines))
+        assert engines[0].produced < len(expected_reply(engines[0].encode_chat("dropped"), 64)) / 2
+        await wait_until(lambda: len(client._idle) == 1)
+
+
 async def test_cancel_while_queued():
     async with running_server(step_delay=0.05) as (server, engines), Client(*server.address) as client:
         running = asyncio.create_task(client.generate("first", max_new_tokens=20))
