@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import msgpack
 
