@@ -3,8 +3,13 @@
 Modes run interleaved prompt by prompt, so that the machine's noise falls on all of them
 alike; speedups are ratios of tokens/s measured in the same run. `ar` is the reference
 for losslessness and always runs. A divergence is any prompt whose tokens differ from
-`ar`'s; it counts as a near tie when `ar`'s top-2 logits at the first differing token
-were closer than the tolerance (a low-precision rounding flip rather than a bug).
+`ar`'s; it counts as a near tie when `ar`'s margin at the first differing token (the top-2
+logit gap, or for sampling the logit change that flips the draw: runtime.sampling) was
+under the tolerance (a low-precision rounding flip rather than a bug).
+
+With sampling, prompt i is drawn with seed `seed + i` in every mode, so lossless modes
+must reproduce `ar`'s sampled tokens; the hf peers sample with transformers' own RNG and
+are compared by speed only.
 """
 
 from __future__ import annotations
@@ -13,12 +18,13 @@ import json
 import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from importlib import resources
 from pathlib import Path
 
 from tqdm import tqdm
 
+from runtime.config import SamplingConfig
 from runtime.decoding import Step
 
 REFERENCE = "ar"
@@ -79,10 +85,10 @@ def first_divergence(ref: list[int], out: list[int]) -> int | None:
     return None if len(ref) == len(out) else min(len(ref), len(out))
 
 
-def run_once(engine, mode: str, prompt_ids: list[int], max_new_tokens: int) -> dict:
+def run_once(engine, mode: str, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingConfig | None = None) -> dict:
     steps: list[Step] = []
     start = time.perf_counter()
-    for step in engine.steps(prompt_ids, mode, max_new_tokens):
+    for step in engine.steps(prompt_ids, mode, max_new_tokens, sampling):
         steps.append(step)
     seconds = time.perf_counter() - start
     return {
@@ -103,23 +109,29 @@ def run_bench(
     near_tie_tol: float,
     threads: int,
     progress: bool = True,
+    sampling: SamplingConfig | None = None,
 ) -> dict:
+    sampling = sampling or SamplingConfig()
     modes = [REFERENCE] + [m for m in modes if m != REFERENCE]
     encoded = [engine.encode_chat(p.text) for p in prompts]
     for ids in encoded:
         engine.check_fits(ids, max_new_tokens)
     for mode in modes:  # build every mode (loads peers' models) and warm it up, untimed
-        run_once(engine, mode, encoded[0], WARMUP_TOKENS)
+        run_once(engine, mode, encoded[0], WARMUP_TOKENS, sampling)
+    seeds = [replace(sampling, seed=sampling.seed + i) for i in range(len(prompts))]
 
     runs: dict[str, list[dict]] = {m: [] for m in modes}
     bar = tqdm(total=len(prompts) * len(modes), desc="bench", unit="run", disable=not progress, file=sys.stderr)
-    for prompt, ids in zip(prompts, encoded):
+    for prompt, ids, prompt_sampling in zip(prompts, encoded, seeds):
         for mode in modes:
             bar.set_postfix_str(f"{mode} q{prompt.question_id}")
-            runs[mode].append(run_once(engine, mode, ids, max_new_tokens))
+            runs[mode].append(run_once(engine, mode, ids, max_new_tokens, prompt_sampling))
             bar.update()
     bar.close()
-    return summarize(engine, prompts, modes, runs, max_new_tokens, near_tie_tol, threads)
+    comparable = {m: sampling.greedy or getattr(engine.mode(m), "same_draws_as_ar", True) for m in modes}
+    result = summarize(engine, prompts, modes, runs, max_new_tokens, near_tie_tol, threads, comparable)
+    result["sampling"] = asdict(sampling)
+    return result
 
 
 def _tokens(runs: list[dict]) -> int:
@@ -147,7 +159,10 @@ def acceptance_by_depth(runs: list[dict]) -> list[float]:
     return [round(sum(n > d for n in sizes) / len(sizes), 4) for d in range(1, max(sizes))]
 
 
-def summarize(engine, prompts, modes, runs, max_new_tokens, near_tie_tol, threads) -> dict:
+def summarize(engine, prompts, modes, runs, max_new_tokens, near_tie_tol, threads, comparable=None) -> dict:
+    """`comparable[mode]` False: the mode's tokens are not expected to equal ar's (sampled hf
+    peers); its identity columns are None."""
+    comparable = comparable or {}
     ref = runs[REFERENCE]
     ref_by_category = defaultdict(list)
     for prompt, run in zip(prompts, ref):
@@ -166,8 +181,9 @@ def summarize(engine, prompts, modes, runs, max_new_tokens, near_tie_tol, thread
     }
     for mode in modes:
         rows, per_category = [], defaultdict(list)
+        checked = comparable.get(mode, True)
         for prompt, run, ref_run in zip(prompts, runs[mode], ref):
-            div = first_divergence(ref_run["tokens"], run["tokens"])
+            div = first_divergence(ref_run["tokens"], run["tokens"]) if checked else None
             margin = ref_run["margins"][div] if div is not None and div < len(ref_run["margins"]) else None
             rows.append({
                 "question_id": prompt.question_id,
@@ -175,13 +191,13 @@ def summarize(engine, prompts, modes, runs, max_new_tokens, near_tie_tol, thread
                 "tokens": len(run["tokens"]),
                 "seconds": round(run["seconds"], 4),
                 "forward_passes": run["forward_passes"],
-                "identical_to_ar": div is None,
+                "identical_to_ar": div is None if checked else None,
                 "first_divergence": div,
                 "ar_margin_at_divergence": margin,
                 "near_tie": margin is not None and margin < near_tie_tol,
             })
             per_category[prompt.category].append(run)
-        divergent = [r for r in rows if not r["identical_to_ar"]]
+        divergent = [r for r in rows if r["identical_to_ar"] is False]
         result["modes"][mode] = {
             "tokens": _tokens(runs[mode]),
             "seconds": round(sum(r["seconds"] for r in runs[mode]), 3),
@@ -189,9 +205,9 @@ def summarize(engine, prompts, modes, runs, max_new_tokens, near_tie_tol, thread
             "speedup_vs_ar": round(rates[mode] / rates[REFERENCE], 4),
             "speedup_vs_hf": round(rates[mode] / rates["hf"], 4) if "hf" in rates else None,
             "mean_accepted": round(_mean_accepted(runs[mode]), 4),
-            "identical_to_ar": len(rows) - len(divergent),
-            "divergent": len(divergent),
-            "near_tie_divergences": sum(r["near_tie"] for r in divergent),
+            "identical_to_ar": len(rows) - len(divergent) if checked else None,
+            "divergent": len(divergent) if checked else None,
+            "near_tie_divergences": sum(r["near_tie"] for r in divergent) if checked else None,
             "acceptance_by_depth": acceptance_by_depth(runs[mode]),
             "per_category": {
                 cat: {
@@ -210,18 +226,25 @@ def summarize(engine, prompts, modes, runs, max_new_tokens, near_tie_tol, thread
 def format_table(result: dict) -> str:
     w = max(12, 2 + max(len(mode) for mode in result["modes"]))
     head = f"{'mode':<{w}}{'tokens':>8}{'tok/s':>9}{'vs ar':>8}{'vs hf':>8}{'tau':>7}{'identical':>11}{'divergent (near-tie)':>22}"
+    sampling = result.get("sampling") or {"temperature": 0.0}
+    how = "greedy" if not sampling["temperature"] else (
+        f"temperature {sampling['temperature']} top-k {sampling['top_k']} top-p {sampling['top_p']} seed {sampling['seed']}+i"
+    )
     lines = [
         f"model {result['model']}  dtype {result['dtype']}  device {result['device']}  threads {result['threads']}  "
-        f"prompts {result['prompts']}  max_new_tokens {result['max_new_tokens']}",
+        f"prompts {result['prompts']}  max_new_tokens {result['max_new_tokens']}  {how}",
         head,
         "-" * len(head),
     ]
     for mode, m in result["modes"].items():
         vs_hf = f"{m['speedup_vs_hf']:.2f}x" if m["speedup_vs_hf"] is not None else "-"
+        if m["identical_to_ar"] is None:  # sampled hf peers: other draws, same distribution
+            identity = f"{'-':>11}{'(own sampler)':>22}"
+        else:
+            identity = f"{m['identical_to_ar']:>7}/{result['prompts']:<3}{m['divergent']:>15} ({m['near_tie_divergences']})"
         lines.append(
             f"{mode:<{w}}{m['tokens']:>8}{m['tokens_per_s']:>9.2f}{m['speedup_vs_ar']:>7.2f}x{vs_hf:>8}"
-            f"{m['mean_accepted']:>7.2f}{m['identical_to_ar']:>7}/{result['prompts']:<3}"
-            f"{m['divergent']:>15} ({m['near_tie_divergences']})"
+            f"{m['mean_accepted']:>7.2f}{identity}"
         )
     for mode, m in result["modes"].items():
         if m.get("acceptance_by_depth"):

@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="stream the reply to a chat prompt")
+    add_sampling(gen)
     gen.add_argument("--prompt", required=True, help="the user message")
     gen.add_argument("--mode", help=f"decoding mode: {', '.join(MODES)} (default: ar)")
     gen.add_argument("--compare", help="comma-separated modes to run on the same prompt afterwards, for speed")
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", help="write the JSON result here")
     bench.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_common(bench)
+    add_sampling(bench)
     add_train_ht(sub)
 
     serve = sub.add_parser(
@@ -78,19 +80,30 @@ def build_parser() -> argparse.ArgumentParser:
                        help="OpenAI-compatible endpoint port (default 7861; -1: off)")
     serve.add_argument("--mode", help=f"default decoding mode of requests: {', '.join(MODES)} (default: ar)")
     serve.add_argument("--concurrency", type=positive_int, help="requests decoding at once, one engine each (default 1)")
+    add_sampling(serve)  # the defaults of requests that leave them out
     add_common(serve)
     return parser
 
 
+def add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", type=number_type(float, lambda v: 0 <= v <= 100, "a number in [0, 100]"),
+                   help="0 = greedy (default); above 0 every mode samples with exactly ar's distribution")
+    p.add_argument("--top-k", type=non_negative_int, help="sample from the k likeliest tokens (0 = off)")
+    p.add_argument("--top-p", type=number_type(float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
+                   help="sample from the smallest set reaching this probability (1 = off)")
+    p.add_argument("--seed", type=non_negative_int, help="sampling seed: the same seed gives the same reply in every mode")
+
+
 def add_train_ht(sub) -> None:
     from runtime.train_ht import TRAIN_DTYPES, TrainConfig
+    from workers.drafters.pseudo_states import KINDS
 
     d = TrainConfig()
     p = sub.add_parser(
         "train-ht",
-        help="train hidden-transfer drafter weights by self-distillation on ShareGPT",
+        help="train a pseudo-state drafter (ht, medusa, pass) by self-distillation on ShareGPT",
         description="Generate the model's greedy replies to ShareGPT training prompts (cached), then train "
-        "the hidden-transfer maps with the backbone frozen. Writes OUT (weights), OUT with .json (summary) "
+        "the drafter (hidden-transfer maps, Medusa heads or PaSS look-ahead embeddings) with the backbone frozen. Writes OUT (weights), OUT with .json (summary) "
         "and .ckpt.pt (resumable checkpoint).",
     )
     p.add_argument("--config", help="TOML config file (default: configs/default.toml)")
@@ -98,7 +111,9 @@ def add_train_ht(sub) -> None:
     p.add_argument("--dtype", choices=TRAIN_DTYPES, help="backbone dtype (the transfer trains in float32)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads")
-    p.add_argument("--layer", type=positive_int, help="layers before the transfer (default: half the layers)")
+    p.add_argument("--drafter", choices=KINDS, default=d.drafter,
+                   help="ht: hidden transfer at --layer; medusa: heads after the last layer; pass: look-ahead embeddings")
+    p.add_argument("--layer", type=positive_int, help="ht: layers before the transfer (default: half the layers)")
     p.add_argument("--k", type=positive_int, default=d.k, help=f"pseudo positions (draft depth) (default {d.k})")
     p.add_argument("--no-pseudo-attention", action="store_true", help="pseudo states do not attend to each other")
     p.add_argument("--examples", type=positive_int, default=d.examples,
@@ -134,7 +149,10 @@ def resolve_config(args) -> LeapfrogConfig:
         ("threads", config.runtime, "threads"),
         ("max_new_tokens", config.generation, "max_new_tokens"),
         ("mode", config.generation, "mode"),
-        ("ht_weights", config.ht, "weights"),
+        ("ht_weights", config.drafters.ht, "weights"),
+        ("temperature", config.sampling, "temperature"),
+        ("top_k", config.sampling, "top_k"),
+        ("top_p", config.sampling, "top_p"),
         ("host", config.server, "host"),
         ("port", config.server, "port"),
         ("http_port", config.server, "http_port"),
@@ -142,6 +160,8 @@ def resolve_config(args) -> LeapfrogConfig:
     ):
         if getattr(args, attr, None) is not None:
             setattr(section, key, getattr(args, attr))
+    if args.command in ("generate", "bench", "serve") and args.seed is not None:  # train-ht's --seed is its own
+        config.sampling.seed = args.seed
     return config.validate()
 
 
@@ -159,7 +179,7 @@ def make_engine(config: LeapfrogConfig):
     from runtime.engine import Engine
 
     torch.set_num_threads(config.runtime.threads)
-    return Engine(config.model, config.ht, config.pld, config.token_recycling)
+    return Engine(config.model, config.drafters)
 
 
 def cmd_generate(args, config: LeapfrogConfig) -> int:
@@ -172,34 +192,44 @@ def cmd_generate(args, config: LeapfrogConfig) -> int:
     engine = make_engine(config)
     prompt_ids = engine.encode_chat(args.prompt)
     engine.check_fits(prompt_ids, max_new)
+    sampling = config.sampling
     if compare:  # build and warm every compared mode, untimed, so no run pays first-call costs
         for m in [mode, *compare]:
-            run_once(engine, m, prompt_ids, min(WARMUP_TOKENS, max_new))
+            run_once(engine, m, prompt_ids, min(WARMUP_TOKENS, max_new), sampling)
     tokens: list[int] = []
     margins: list[float] = []
     passes = 0
     text = TextStream(engine.tokenizer)
     start = time.perf_counter()
-    for step in engine.steps(prompt_ids, mode, max_new):
+    for step in engine.steps(prompt_ids, mode, max_new, sampling):
         tokens += step.tokens
         margins += step.margins or []
         passes += step.forward_passes
         print(text.push(step.tokens), end="", flush=True)
     seconds = time.perf_counter() - start
     print(text.flush())
-    report = f"{config.model.dtype}, {config.runtime.threads} threads"
+    report = f"{config.model.dtype}, {config.runtime.threads} threads, {describe_sampling(sampling)}"
     print(f"[{mode}] {speed_line(len(tokens), seconds, passes)} ({report})", file=sys.stderr)
     for other in compare:  # same prompt, same process, measured right after
-        run = run_once(engine, other, prompt_ids, max_new)
+        run = run_once(engine, other, prompt_ids, max_new, sampling)
         line = speed_line(len(run["tokens"]), run["seconds"], run["forward_passes"])
-        same = describe_difference(tokens, margins, run["tokens"], config.model.dtype)
+        if sampling.greedy or getattr(engine.mode(other), "same_draws_as_ar", True):
+            same = describe_difference(tokens, margins, run["tokens"], config.model.dtype)
+        else:
+            same = "not comparable token by token (transformers' own sampler)"
         print(f"[{other}] {line}; output vs [{mode}]: {same}", file=sys.stderr)
     return 0
 
 
+def describe_sampling(sampling) -> str:
+    if sampling.greedy:
+        return "greedy"
+    return f"temperature {sampling.temperature}, top-k {sampling.top_k}, top-p {sampling.top_p}, seed {sampling.seed}"
+
+
 def describe_difference(ref: list[int], ref_margins: list[float], out: list[int], dtype: str) -> str:
-    """'identical', or where `out` first differs from `ref` and the reference's top-2 logit
-    margin there, flagged as a near tie when it is under the dtype's tolerance."""
+    """'identical', or where `out` first differs from `ref` and the reference's margin there
+    (runtime.sampling), flagged as a near tie when it is under the dtype's tolerance."""
     from runtime.bench import NEAR_TIE_TOL, first_divergence
 
     at = first_divergence(ref, out)
@@ -209,7 +239,7 @@ def describe_difference(ref: list[int], ref_margins: list[float], out: list[int]
         return f"differs from token {at} on"
     margin, tol = ref_margins[at], NEAR_TIE_TOL[dtype]
     kind = f"a {dtype} near tie, < {tol}" if margin < tol else f"NOT a near tie, >= {tol}"
-    return f"differs from token {at} on (top-2 logit margin there {margin:.4f}: {kind})"
+    return f"differs from token {at} on (margin there {margin:.4f} logits: {kind})"
 
 
 def speed_line(tokens: int, seconds: float, passes: int) -> str:
@@ -229,7 +259,8 @@ def cmd_bench(args, config: LeapfrogConfig) -> int:
     tol = args.near_tie_tol if args.near_tie_tol is not None else NEAR_TIE_TOL[config.model.dtype]
     engine = make_engine(config)
     result = run_bench(
-        engine, prompts, modes, config.generation.max_new_tokens, tol, config.runtime.threads, not args.no_progress
+        engine, prompts, modes, config.generation.max_new_tokens, tol, config.runtime.threads, not args.no_progress,
+        config.sampling,
     )
     print(format_table(result))
     if args.out:
@@ -271,6 +302,7 @@ def cmd_train_ht(args, config: LeapfrogConfig) -> int:
         dtype=config.model.dtype,
         device=config.model.device,
         threads=config.runtime.threads,
+        drafter=args.drafter,
         layer=args.layer,
         k=args.k,
         pseudo_attention=not args.no_pseudo_attention,
@@ -301,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     from runtime.bench import BenchInputError
     from runtime.engine import PromptTooLongError
     from runtime.modes import UnknownModeError
-    from workers.drafters.hidden_transfer import DrafterWeightsError
+    from workers.drafters.pseudo_states import DrafterWeightsError
     from runtime.sharegpt import ShareGPTError
     from runtime.train_ht import TrainError
     from workers.loading import ModelLoadError

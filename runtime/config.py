@@ -73,7 +73,8 @@ class SamplingConfig:
 
 @dataclass
 class HtConfig:
-    """Hidden-transfer drafting: trained weights and the token tree of each step."""
+    """A pseudo-state drafter mode (ht, medusa, pass: workers.drafters.pseudo_states):
+    trained weights and the token tree of each step."""
 
     weights: str = "default"  # "default" (shipped for the default model) or a .safetensors path
     tree: str = "dynamic"  # dynamic (best paths by draft confidence) | template (workers.tree.DEFAULT_TEMPLATE)
@@ -102,8 +103,47 @@ class TokenRecyclingConfig:
 
 
 @dataclass
+class EarlyExitConfig:
+    """Early-exit self-drafting (mode "early-exit"): a chain from the first layers."""
+
+    layer: int = 0  # layers that draft (then the final norm and LM head); 0 = half the layers
+    depth: int = 3  # drafted tokens per step
+
+
+@dataclass
+class DrafterConfigs:
+    """Every drafter's settings; each is a [section] of its own in config files."""
+
+    ht: HtConfig = field(default_factory=HtConfig)
+    medusa: HtConfig = field(default_factory=HtConfig)
+    pass_: HtConfig = field(default_factory=HtConfig)  # [pass] in files ("pass" is a Python keyword)
+    pld: PldConfig = field(default_factory=PldConfig)
+    token_recycling: TokenRecyclingConfig = field(default_factory=TokenRecyclingConfig)
+    early_exit: EarlyExitConfig = field(default_factory=EarlyExitConfig)
+
+    def validate(self) -> DrafterConfigs:
+        for name, tree in (("ht", self.ht), ("medusa", self.medusa), ("pass", self.pass_)):
+            if min(tree.budget, tree.top_k, tree.pseudo_nodes) < 1 or tree.depth < 0:
+                raise ConfigError(f"[{name}] budget, top_k and pseudo_nodes must be >= 1 and depth >= 0: {tree}")
+            if tree.tree not in TREE_KINDS:
+                raise ConfigError(f"[{name}] tree must be one of {', '.join(TREE_KINDS)}, got {tree.tree!r}")
+        pld = self.pld
+        if not 1 <= pld.min_ngram <= pld.max_ngram or pld.depth < 1:
+            raise ConfigError(f"[pld] needs 1 <= min_ngram <= max_ngram and depth >= 1: {pld}")
+        if self.token_recycling.top_k < 5 or self.token_recycling.budget < 1:
+            raise ConfigError(f"[token_recycling] needs top_k >= 5 and budget >= 1: {self.token_recycling}")
+        if self.early_exit.layer < 0 or self.early_exit.depth < 1:
+            raise ConfigError(f"[early_exit] needs layer >= 0 and depth >= 1: {self.early_exit}")
+        return self
+
+
+@dataclass
 class RuntimeConfig:
     threads: int = 2
+
+
+# Config-file sections of DrafterConfigs fields, where the two differ.
+DRAFTER_SECTIONS = {"pass_": "pass"}
 
 
 @dataclass
@@ -126,9 +166,7 @@ class LeapfrogConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    ht: HtConfig = field(default_factory=HtConfig)
-    pld: PldConfig = field(default_factory=PldConfig)
-    token_recycling: TokenRecyclingConfig = field(default_factory=TokenRecyclingConfig)
+    drafters: DrafterConfigs = field(default_factory=DrafterConfigs)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
 
@@ -140,15 +178,7 @@ class LeapfrogConfig:
         if self.generation.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be at least 1, got {self.generation.max_new_tokens}")
         self.sampling.validate()
-        if min(self.ht.budget, self.ht.top_k, self.ht.pseudo_nodes) < 1 or self.ht.depth < 0:
-            raise ConfigError(f"[ht] budget, top_k and pseudo_nodes must be >= 1 and depth >= 0: {self.ht}")
-        if self.ht.tree not in TREE_KINDS:
-            raise ConfigError(f"[ht] tree must be one of {', '.join(TREE_KINDS)}, got {self.ht.tree!r}")
-        pld = self.pld
-        if not 1 <= pld.min_ngram <= pld.max_ngram or pld.depth < 1:
-            raise ConfigError(f"[pld] needs 1 <= min_ngram <= max_ngram and depth >= 1: {pld}")
-        if self.token_recycling.top_k < 5 or self.token_recycling.budget < 1:
-            raise ConfigError(f"[token_recycling] needs top_k >= 5 and budget >= 1: {self.token_recycling}")
+        self.drafters.validate()
         if self.runtime.threads < 1:
             raise ConfigError(f"threads must be at least 1, got {self.runtime.threads}")
         self.validate_server()
@@ -192,17 +222,15 @@ def load_config(path: str | Path | None = None) -> LeapfrogConfig:
         raise ConfigError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
-    sections = {f.name: f.type for f in dataclasses.fields(LeapfrogConfig)}
-    unknown = set(data) - set(sections)
+    top = {f.name: f for f in dataclasses.fields(LeapfrogConfig) if f.name != "drafters"}
+    drafters = {DRAFTER_SECTIONS.get(f.name, f.name): f for f in dataclasses.fields(DrafterConfigs)}
+    unknown = set(data) - set(top) - set(drafters)
     if unknown:
-        raise ConfigError(f"{path}: unknown sections {sorted(unknown)}; known: {sorted(sections)}")
-    return LeapfrogConfig(
-        model=_section(ModelConfig, data.get("model", {}), "model"),
-        generation=_section(GenerationConfig, data.get("generation", {}), "generation"),
-        sampling=_section(SamplingConfig, data.get("sampling", {}), "sampling"),
-        ht=_section(HtConfig, data.get("ht", {}), "ht"),
-        pld=_section(PldConfig, data.get("pld", {}), "pld"),
-        token_recycling=_section(TokenRecyclingConfig, data.get("token_recycling", {}), "token_recycling"),
-        runtime=_section(RuntimeConfig, data.get("runtime", {}), "runtime"),
-        server=_section(ServerConfig, data.get("server", {}), "server"),
-    ).validate()
+        raise ConfigError(f"{path}: unknown sections {sorted(unknown)}; known: {sorted([*top, *drafters])}")
+
+    def read(sections: dict, cls) -> object:
+        return cls(**{f.name: _section(f.default_factory, data.get(name, {}), name) for name, f in sections.items()})
+
+    config = read(top, LeapfrogConfig)
+    config.drafters = read(drafters, DrafterConfigs)
+    return config.validate()

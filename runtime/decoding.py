@@ -1,8 +1,8 @@
-"""Autoregressive greedy decoding as small named functions over the model's parts.
+"""Autoregressive decoding as small named functions over the model's parts.
 
 Every decoding mode reports its progress as Steps: the tokens one target forward pass
-committed, with the target's top-2 logit margin at each of them (how close the greedy
-choice was to a tie; the benchmark uses it to tell near-tie flips from real errors).
+committed, with the margin of each choice (how close it came to another token, see
+runtime.sampling; the benchmark uses it to tell near-tie flips from real errors).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from runtime.sampling import Greedy, Sampler
 from workers.kv_cache import KVCache
 from workers.model import Transformer
 
@@ -19,14 +20,8 @@ from workers.model import Transformer
 @dataclass
 class Step:
     tokens: list[int]  # committed by this step, in order
-    margins: list[float] | None  # top1 - top2 target logit at each of them (None: not known)
+    margins: list[float] | None  # margin of each choice (runtime.sampling; None: not known)
     forward_passes: int = 1  # target-model forward passes the step took
-
-
-def greedy(logits: torch.Tensor) -> tuple[int, float]:
-    """logits (vocab,) -> (argmax token, top-2 margin)."""
-    top = torch.topk(logits.float(), 2)
-    return int(top.indices[0]), float(top.values[0] - top.values[1])
 
 
 def prefill(model: Transformer, cache: KVCache, prompt_ids: list[int]) -> torch.Tensor:
@@ -48,14 +43,21 @@ def decode_one(model: Transformer, cache: KVCache, token: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def generate_greedy(
-    model: Transformer, cache: KVCache, prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int]
+def generate_ar(
+    model: Transformer,
+    cache: KVCache,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    stop_ids: set[int],
+    choose: Greedy | Sampler | None = None,
 ) -> Iterator[Step]:
-    """Plain greedy decoding: one forward pass, one token. Stops after a stop token or max_new_tokens."""
+    """Plain decoding: one forward pass, one token (greedy unless `choose` samples).
+    Stops after a stop token or max_new_tokens."""
+    choose = choose or Greedy()
     cache.truncate(0)
     logits = prefill(model, cache, prompt_ids)
     for produced in range(1, max_new_tokens + 1):
-        token, margin = greedy(logits)
+        token, margin = choose.choose(logits, produced - 1)
         yield Step([token], [margin])
         if token in stop_ids or produced == max_new_tokens:
             return

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 from runtime.chat import encode_chat, stop_ids
-from runtime.config import HtConfig, ModelConfig, PldConfig, TokenRecyclingConfig
+from runtime.config import DrafterConfigs, ModelConfig, SamplingConfig
 from runtime.decoding import Step
 from workers.loading import load_model, load_tokenizer
 
@@ -20,17 +21,9 @@ TREE_HEADROOM = 512
 
 
 class Engine:
-    def __init__(
-        self,
-        config: ModelConfig,
-        ht: HtConfig | None = None,
-        pld: PldConfig | None = None,
-        token_recycling: TokenRecyclingConfig | None = None,
-    ):
+    def __init__(self, config: ModelConfig, drafters: DrafterConfigs | None = None):
         self.config = config
-        self.ht_config = ht or HtConfig()
-        self.pld_config = pld or PldConfig()
-        self.token_recycling_config = token_recycling or TokenRecyclingConfig()
+        self.drafters = drafters or DrafterConfigs()
         self.model, self.folder = load_model(config.checkpoint, config.torch_dtype(), config.torch_device())
         self.tokenizer = load_tokenizer(self.folder)
         self.cache = self.model.new_cache(config.max_context + TREE_HEADROOM)
@@ -57,12 +50,18 @@ class Engine:
             self._modes[name] = build_mode(name, self)
         return self._modes[name]
 
-    def set_ht_config(self, ht: HtConfig) -> None:
-        """Use other hidden-transfer settings; the `ht` modes are rebuilt on their next use."""
-        self.ht_config = ht
-        for name in ("ht", "ht-pld"):
-            self._modes.pop(name, None)
+    def set_drafter_config(self, name: str, settings) -> None:
+        """Replace one field of DrafterConfigs ("ht", "medusa", "pass_", ...); the modes
+        that draft are rebuilt on their next use (the hf peers are kept)."""
+        self.drafters = dataclasses.replace(self.drafters, **{name: settings})
+        for mode in [m for m in self._modes if m != "ar" and not m.startswith("hf")]:
+            del self._modes[mode]
 
-    def steps(self, prompt_ids: list[int], mode: str, max_new_tokens: int) -> Iterator[Step]:
+    def steps(
+        self, prompt_ids: list[int], mode: str, max_new_tokens: int, sampling: SamplingConfig | None = None
+    ) -> Iterator[Step]:
+        """The reply as Steps; greedy unless `sampling` has a temperature above 0."""
         self.check_fits(prompt_ids, max_new_tokens)
-        return self.mode(mode).generate(prompt_ids, max_new_tokens)
+        if sampling is not None:
+            sampling.validate()
+        return self.mode(mode).generate(prompt_ids, max_new_tokens, sampling)

@@ -1,4 +1,6 @@
-"""Hidden-transfer decoding: verify a token tree and draft the next one in one forward pass.
+"""Pseudo-state decoding (ht, medusa, pass): verify a token tree and draft the next one
+in one forward pass. The drafter (workers.drafters.pseudo_states) sits at layer L:
+0 < L < N for hidden transfer, N for Medusa heads, 0 for PaSS look-ahead embeddings.
 
 One step, with P tokens already in the cache and a tree of n nodes rooted at the bonus
 token of the previous step:
@@ -8,10 +10,11 @@ token of the previous step:
   layers [L, N)      the n nodes and the m*k pseudo states together
   LM head            node logits verify the tree; pseudo logits are the next drafts
 
-Greedy acceptance keeps the longest path whose every token is the target's argmax at its
-parent, plus the bonus token (the argmax at the path's last node). The path's KV entries
+Acceptance (runtime.tree_decoding.accept) walks down the tree with the target's greedy
+or sampled choices and ends with the bonus token. The path's KV entries
 are compacted in place; pseudo states and rejected nodes are dropped. The next tree is
-drafted from the pseudo states of the path's last node.
+drafted from the pseudo states of the path's last node. (With L = N the second layer
+range is empty: Medusa's heads feed the norm and LM head directly.)
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ from collections.abc import Iterator
 import torch
 
 from runtime.config import HtConfig
-from runtime.decoding import Step, clip_step, greedy
-from runtime.tree_decoding import accept_greedy
-from workers.drafters.hidden_transfer import HiddenTransfer
+from runtime.decoding import Step, clip_step
+from runtime.sampling import Greedy, Sampler
+from runtime.tree_decoding import accept
+from workers.drafters.pseudo_states import PseudoStateDrafter
 from workers.kv_cache import KVCache
 from workers.model import Transformer
 from workers.drafters.prompt_lookup import PromptLookupDrafter
@@ -53,7 +57,7 @@ def pseudo_mask(node_mask: torch.Tensor, groups: list[int], k: int, pseudo_atten
 
 def transfer_forward(
     model: Transformer,
-    ht: HiddenTransfer,
+    ht: PseudoStateDrafter,
     cache: KVCache,
     tokens: list[int],
     positions: torch.Tensor,
@@ -101,7 +105,7 @@ class HiddenTransferDecoder:
     def __init__(
         self,
         model: Transformer,
-        ht: HiddenTransfer,
+        ht: PseudoStateDrafter,
         cache: KVCache,
         tree: HtConfig,
         lookup: PromptLookupDrafter | None = None,
@@ -128,19 +132,22 @@ class HiddenTransferDecoder:
         best = sorted(range(len(tree)), key=lambda i: -tree.scores[i])[: self.tree_config.pseudo_nodes]
         return sorted(best)
 
-    def prefill(self, prompt_ids: list[int]) -> tuple[int, float, torch.Tensor]:
+    def prefill(self, prompt_ids: list[int], choose: Greedy | Sampler) -> tuple[int, float, torch.Tensor]:
         """Prompt into the cache; returns the first token, its margin and the first drafts."""
         n = len(prompt_ids)
         positions = torch.arange(n, device=self.model.device)
         causal = torch.ones(n, n, dtype=torch.bool, device=self.model.device).tril()
         h, pseudo = transfer_forward(self.model, self.ht, self.cache, prompt_ids, positions, causal, [n - 1])
         self.cache.commit(n)
-        token, margin = greedy(self.model.lm_head(h[-1]))
+        token, margin = choose.choose(self.model.lm_head(h[-1]), 0)
         return token, margin, self.model.lm_head(pseudo[0])
 
-    def step(self, tree: TokenTree) -> tuple[list[int], list[float], torch.Tensor | None]:
-        """Verify `tree`; returns committed tokens (accepted drafts + bonus), their margins
-        and the drafts for the next tree (None when the path ended on a node without them)."""
+    def step(
+        self, tree: TokenTree, choose: Greedy | Sampler, index: int
+    ) -> tuple[list[int], list[float], torch.Tensor | None]:
+        """Verify `tree`, whose first child is reply token `index`; returns committed tokens
+        (accepted drafts + bonus), their margins and the drafts for the next tree (None
+        when the path ended on a node without them)."""
         groups = self.pseudo_groups(tree)
         positions = self.cache.length + torch.tensor(tree.depths, device=self.model.device)
         h, pseudo = transfer_forward(
@@ -150,28 +157,26 @@ class HiddenTransferDecoder:
         # streaming the vocab x dim weight, so one call over all rows beats two smaller ones.
         n, (m, k, dim) = h.shape[0], pseudo.shape
         logits = self.model.lm_head(torch.cat((h, pseudo.reshape(m * k, dim))))
-        top = torch.topk(logits[:n].float(), 2, dim=-1)
-        targets = top.indices[:, 0].tolist()
-        path = accept_greedy(tree, targets)
+        path, tokens, margins = accept(tree, logits[:n], choose, index)
         self.cache.keep(path)
-        margins = (top.values[path, 0] - top.values[path, 1]).tolist()
-        tokens = [tree.tokens[i] for i in path[1:]] + [targets[path[-1]]]
         if self.lookup is not None:
             self.lookup.observe(tree, path)
         return tokens, margins, next_drafts(tree, path, groups, logits[n:].reshape(m, k, -1))
 
     @torch.inference_mode()
-    def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int]) -> Iterator[Step]:
+    def generate(
+        self, prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int], choose: Greedy | Sampler
+    ) -> Iterator[Step]:
         self.cache.truncate(0)
         if self.lookup is not None:
             self.lookup.start(prompt_ids)
-        token, margin, drafts = self.prefill(prompt_ids)
+        token, margin, drafts = self.prefill(prompt_ids, choose)
         produced = 1
         yield Step([token], [margin])
         if token in stop_ids or max_new_tokens == 1:
             return
         while True:
-            tokens, margins, next_drafts = self.step(self.build_tree(token, drafts))
+            tokens, margins, next_drafts = self.step(self.build_tree(token, drafts), choose, produced)
             tokens, margins, done = clip_step(tokens, margins, produced, max_new_tokens, stop_ids)
             produced += len(tokens)
             yield Step(tokens, margins)

@@ -1,6 +1,9 @@
 """Decoding modes by name. Each mode turns prompt ids into Steps (runtime.decoding.Step):
 
-    mode.generate(prompt_ids, max_new_tokens) -> Iterator[Step]
+    mode.generate(prompt_ids, max_new_tokens, sampling) -> Iterator[Step]
+
+`sampling` (runtime.config.SamplingConfig, None = greedy) picks the tokens; every mode
+here but the hf peers draws exactly `ar`'s tokens for the same seed (runtime.sampling).
 
 Later drafters register here and the CLI and benchmark pick them up by name.
 """
@@ -9,40 +12,57 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from runtime.decoding import Step, generate_greedy
+from runtime.config import SamplingConfig
+from runtime.decoding import Step, generate_ar
+from runtime.sampling import chooser
 
 
 class AutoregressiveMode:
-    """Plain greedy decoding with our engine: the reference every other mode must equal."""
+    """Plain decoding with our engine: the reference every other mode must equal."""
 
     def __init__(self, engine):
         self.engine = engine
 
-    def generate(self, prompt_ids: list[int], max_new_tokens: int) -> Iterator[Step]:
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingConfig | None = None) -> Iterator[Step]:
         e = self.engine
-        return generate_greedy(e.model, e.cache, prompt_ids, max_new_tokens, e.stop_ids)
+        return generate_ar(e.model, e.cache, prompt_ids, max_new_tokens, e.stop_ids, chooser(sampling, max_new_tokens))
 
 
-class HiddenTransferMode:
-    """Hidden-transfer drafts verified as a token tree (runtime.ht_decoding)."""
+class PseudoStateMode:
+    """A pseudo-state drafter (workers.drafters.pseudo_states) of `kind`, drafting inside the
+    forward pass that verifies its token tree (runtime.ht_decoding)."""
 
+    kind = "ht"
+    settings_field = "ht"  # the DrafterConfigs field with its weights and tree settings
     with_lookup = False
 
     def __init__(self, engine):
         from runtime.ht_decoding import HiddenTransferDecoder
-        from workers.drafters.hidden_transfer import HiddenTransfer, default_weights_path
+        from workers.drafters.pseudo_states import DrafterWeightsError, load, shipped_weights
 
         e = engine
-        weights = default_weights_path(e.config.checkpoint) if e.ht_config.weights == "default" else e.ht_config.weights
-        ht = HiddenTransfer.load(weights, e.model.args).to(e.model.device)
+        settings = getattr(e.drafters, self.settings_field)
+        path = shipped_weights(e.config.checkpoint, self.kind) if settings.weights == "default" else settings.weights
+        drafter = load(path, e.model.args)
+        if drafter.config.kind != self.kind:
+            raise DrafterWeightsError(f"{path} holds a {drafter.config.kind} drafter, not a {self.kind} one")
         self.engine = e
-        self.decoder = HiddenTransferDecoder(e.model, ht, e.cache, e.ht_config, self.lookup_drafter(e))
+        self.decoder = HiddenTransferDecoder(e.model, drafter.to(e.model.device), e.cache, settings, self.lookup_drafter(e))
 
     def lookup_drafter(self, engine):
         return PromptLookupMode.build_drafter(engine) if self.with_lookup else None
 
-    def generate(self, prompt_ids: list[int], max_new_tokens: int) -> Iterator[Step]:
-        return self.decoder.generate(prompt_ids, max_new_tokens, self.engine.stop_ids)
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingConfig | None = None) -> Iterator[Step]:
+        choose = chooser(sampling, max_new_tokens)
+        return self.decoder.generate(prompt_ids, max_new_tokens, self.engine.stop_ids, choose)
+
+
+class MedusaMode(PseudoStateMode):
+    kind = settings_field = "medusa"
+
+
+class LookaheadMode(PseudoStateMode):
+    kind, settings_field = "pass", "pass_"
 
 
 class TreeDrafterMode:
@@ -55,8 +75,9 @@ class TreeDrafterMode:
         self.engine = engine
         self.decoder = TreeDecoder(engine.model, engine.cache, self.build_drafter(engine))
 
-    def generate(self, prompt_ids: list[int], max_new_tokens: int) -> Iterator[Step]:
-        return self.decoder.generate(prompt_ids, max_new_tokens, self.engine.stop_ids)
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingConfig | None = None) -> Iterator[Step]:
+        choose = chooser(sampling, max_new_tokens)
+        return self.decoder.generate(prompt_ids, max_new_tokens, self.engine.stop_ids, choose)
 
 
 class PromptLookupMode(TreeDrafterMode):
@@ -64,7 +85,7 @@ class PromptLookupMode(TreeDrafterMode):
     def build_drafter(engine):
         from workers.drafters.prompt_lookup import PromptLookupDrafter
 
-        c = engine.pld_config
+        c = engine.drafters.pld
         return PromptLookupDrafter(c.min_ngram, c.max_ngram, c.depth)
 
 
@@ -73,11 +94,20 @@ class TokenRecyclingMode(TreeDrafterMode):
     def build_drafter(engine):
         from workers.drafters.token_recycling import TokenRecyclingDrafter
 
-        c = engine.token_recycling_config
+        c = engine.drafters.token_recycling
         return TokenRecyclingDrafter(engine.model.args.vocab_size, c.top_k, c.budget)
 
 
-class HiddenTransferLookupMode(HiddenTransferMode):
+class EarlyExitMode(TreeDrafterMode):
+    @staticmethod
+    def build_drafter(engine):
+        from workers.drafters.early_exit import EarlyExitDrafter
+
+        c = engine.drafters.early_exit
+        return EarlyExitDrafter(engine.model, engine.cache, c.layer or engine.model.args.n_layers // 2, c.depth)
+
+
+class HiddenTransferLookupMode(PseudoStateMode):
     """`ht` trees with the prompt-lookup chain of the [pld] settings grafted on."""
 
     with_lookup = True
@@ -94,10 +124,13 @@ def _hf(prompt_lookup: bool) -> Callable:
 
 MODES: dict[str, Callable] = {
     "ar": AutoregressiveMode,
-    "ht": HiddenTransferMode,
+    "ht": PseudoStateMode,
     "ht-pld": HiddenTransferLookupMode,
     "hf": _hf(prompt_lookup=False),
     "hf-pld": _hf(prompt_lookup=True),
+    "medusa": MedusaMode,
+    "pass": LookaheadMode,
+    "early-exit": EarlyExitMode,
     "pld": PromptLookupMode,
     "token-recycling": TokenRecyclingMode,
 }

@@ -196,8 +196,7 @@ class Service:
         start = time.perf_counter()
         steps = None
         try:
-            kwargs = {} if job.sampling.greedy else {"sampling": job.sampling}
-            steps = engine.steps(job.prompt_ids, job.mode, job.max_new_tokens, **kwargs)
+            steps = engine.steps(job.prompt_ids, job.mode, job.max_new_tokens, sampling=job.sampling)
             finish = "length"
             for step in steps:
                 if cancel.is_set():

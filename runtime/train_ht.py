@@ -1,13 +1,15 @@
-"""Train hidden-transfer drafter weights by self-distillation (`leapfrog train-ht`).
+"""Train pseudo-state drafters by self-distillation (`leapfrog train-ht`).
 
-The backbone is frozen; only HiddenTransfer.transfer (k matrices dim x dim) learns. For
-each training sequence (a ShareGPT prompt and the model's own greedy reply, from
-runtime.distill):
+Any kind of workers.drafters.pseudo_states trains here with the same data and loss:
+hidden transfer (`--drafter ht`, at --layer L), Medusa heads (`medusa`, L = N) and PaSS
+look-ahead embeddings (`pass`, L = 0). The backbone is frozen; only the drafter's
+parameters learn. For each training sequence (a ShareGPT prompt and the model's own
+greedy reply, from runtime.distill):
 
   1. Under no_grad, the whole model runs once over the real tokens with a KV cache,
      which gives the hidden state after L layers at every position (h_L), the target
      logits, and the K/V of every layer for positions 0..T-1.
-  2. S positions t of the reply region (t + k < T) are drawn. The transfer maps h_L[t]
+  2. S positions t of the reply region (t + k < T) are drawn. The drafter maps h_L[t]
      to k pseudo states, placed at positions t+1..t+k, and they run through layers
      [L, N) against a read-only copy of the cached K/V (PrefixKV). Pseudo state (t, j)
      sees real positions <= t and, with pseudo attention, pseudo states (t, < j): the
@@ -36,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from workers.drafters.hidden_transfer import HiddenTransfer, HiddenTransferConfig, model_signature
+from workers.drafters.pseudo_states import KINDS, PseudoStateConfig, PseudoStateDrafter, build, check_layer, model_signature
 from workers.model import Transformer
 
 TRAIN_DTYPES = ("float32", "bfloat16")
@@ -53,7 +55,8 @@ class TrainConfig:
     dtype: str = "float32"  # backbone dtype; the transfer and the loss stay float32
     device: str = "auto"
     threads: int = 2
-    layer: int | None = None  # None: half the layers
+    drafter: str = "ht"  # ht | medusa | pass (workers.drafters.pseudo_states)
+    layer: int | None = None  # ht only; None: half the layers
     k: int = 3
     pseudo_attention: bool = True
     examples: int = 1000  # distilled training examples
@@ -81,6 +84,10 @@ class TrainConfig:
         return self.val_examples if self.val_examples is not None else max(1, round(self.examples * 0.05))
 
     def validate(self) -> TrainConfig:
+        if self.drafter not in KINDS:
+            raise TrainError(f"--drafter must be one of {', '.join(KINDS)}, got {self.drafter!r}")
+        if self.layer is not None and self.drafter != "ht":
+            raise TrainError(f"--layer is for ht only: a {self.drafter} drafter has a fixed layer")
         if self.dtype not in TRAIN_DTYPES:
             raise TrainError(f"--dtype must be one of {', '.join(TRAIN_DTYPES)}, got {self.dtype!r}")
         if self.schedule not in ("constant", "cosine"):
@@ -92,6 +99,16 @@ class TrainConfig:
         if self.val_examples is not None and self.val_examples < 0:
             raise TrainError(f"val-examples must be >= 0, got {self.val_examples}")
         return self
+
+
+def drafter_config(cfg: TrainConfig, n_layers: int) -> PseudoStateConfig:
+    """The drafter to train: ht at --layer (default half the layers), medusa at N, pass at 0."""
+    layer = {"medusa": n_layers, "pass": 0}.get(cfg.drafter, cfg.layer if cfg.layer is not None else n_layers // 2)
+    config = PseudoStateConfig(layer=layer, k=cfg.k, pseudo_attention=cfg.pseudo_attention, kind=cfg.drafter)
+    problem = check_layer(config, n_layers)
+    if problem:
+        raise TrainError(problem)
+    return config
 
 
 def weights_paths(out: str | Path) -> tuple[Path, Path, Path]:
@@ -156,7 +173,7 @@ def pseudo_tree_mask(S: int, k: int, pseudo_attention: bool, device) -> torch.Te
     return torch.block_diag(*[block] * S).to(device)
 
 
-def draft_logits(model: Transformer, ht: HiddenTransfer, enc: Encoded, ts: torch.Tensor) -> torch.Tensor:
+def draft_logits(model: Transformer, ht: PseudoStateDrafter, enc: Encoded, ts: torch.Tensor) -> torch.Tensor:
     """Draft logits (S, k, vocab), float32, for the positions `ts` (S,); grad flows into ht."""
     k, L = ht.config.k, ht.config.layer
     S, T, device = ts.shape[0], enc.prefix.length, model.device
@@ -201,7 +218,7 @@ def usable(examples: list[dict], k: int) -> list[dict]:
 
 
 def sequence_loss(
-    model: Transformer, ht: HiddenTransfer, example: dict, n_positions: int, generator: torch.Generator
+    model: Transformer, ht: PseudoStateDrafter, example: dict, n_positions: int, generator: torch.Generator
 ) -> torch.Tensor:
     lo, hi = valid_positions(example, ht.config.k)
     ts = (torch.randperm(hi - lo, generator=generator)[:n_positions] + lo).to(model.device)
@@ -211,7 +228,7 @@ def sequence_loss(
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, ht: HiddenTransfer, examples: list[dict], max_positions: int = 64) -> dict:
+def evaluate(model: Transformer, ht: PseudoStateDrafter, examples: list[dict], max_positions: int = 64) -> dict:
     """Validation KL, per-depth top-1/top-5 accuracy vs the target argmax, mean accepted chain."""
     k = ht.config.k
     n, kl_sum = 0, 0.0
@@ -303,15 +320,13 @@ def train(
     val_examples: list[dict],
     cfg: TrainConfig,
     log=print,
-) -> tuple[HiddenTransfer, dict]:
+) -> tuple[PseudoStateDrafter, dict]:
     """Train (or resume) the transfer; saves weights, summary JSON and checkpoint; returns both."""
     from tqdm import tqdm
 
     args = model.args
-    layer = cfg.layer if cfg.layer is not None else args.n_layers // 2
-    if not 0 < layer < args.n_layers:
-        raise TrainError(f"--layer must be in 1..{args.n_layers - 1} for this {args.n_layers}-layer model, got {layer}")
-    ht_config = HiddenTransferConfig(layer=layer, k=cfg.k, pseudo_attention=cfg.pseudo_attention)
+    ht_config = drafter_config(cfg, args.n_layers)
+    layer = ht_config.layer
     train_examples, val_examples = usable(train_examples, cfg.k), usable(val_examples, cfg.k)
     if not train_examples:
         raise TrainError(f"no training example has a reply of at least k={cfg.k} tokens")
@@ -320,8 +335,8 @@ def train(
 
     model.requires_grad_(False)
     torch.manual_seed(cfg.seed)
-    ht = HiddenTransfer(ht_config, args.dim).to(model.device)  # float32 whatever the backbone dtype
-    opt = torch.optim.AdamW([ht.transfer], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ht = build(ht_config, args.dim).to(model.device)  # float32 whatever the backbone dtype
+    opt = torch.optim.AdamW(ht.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
     sampler = Sampler(len(train_examples), generator)
     step, elapsed, history, val_history = 0, 0.0, [], []
@@ -336,7 +351,7 @@ def train(
             )
         if state["data"] != fingerprint:
             log(f"[train-ht] warning: the training examples differ from those of {ckpt_path}")
-        ht.transfer.data.copy_(state["transfer"])
+        ht.load_state_dict(state["drafter"])
         opt.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
         if state["data"] == fingerprint:
@@ -351,7 +366,7 @@ def train(
         save_checkpoint(
             ckpt_path,
             {
-                "transfer": ht.transfer.detach().cpu(),
+                "drafter": {name: t.detach().cpu() for name, t in ht.state_dict().items()},
                 "optimizer": opt.state_dict(),
                 "generator": generator.get_state(),
                 "perm": sampler.perm,
@@ -367,7 +382,8 @@ def train(
         )
 
     log(
-        f"[train-ht] layer {layer}/{args.n_layers}, k {cfg.k}, pseudo attention {cfg.pseudo_attention}; "
+        f"[train-ht] {ht_config.kind} drafter ({ht.parameter_count():,} parameters), layer {layer}/{args.n_layers}, "
+        f"k {cfg.k}, pseudo attention {cfg.pseudo_attention}; "
         f"{len(train_examples)} training / {len(val_examples)} validation sequences; "
         f"{cfg.steps} steps of {cfg.batch} x {cfg.positions_per_seq} positions"
     )
@@ -422,6 +438,7 @@ def train(
         "model": model_signature(args),
         "checkpoint": cfg.checkpoint,
         "dtype": cfg.dtype,
+        "parameters": ht.parameter_count(),
         "steps": step,
         "time_s": round(elapsed, 1),
         "examples": {
@@ -466,9 +483,7 @@ def run(cfg: TrainConfig, log=print) -> dict:
     torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     model, folder = load_model(cfg.checkpoint, DTYPES[cfg.dtype], device)
-    layer = cfg.layer if cfg.layer is not None else model.args.n_layers // 2
-    if not 0 < layer < model.args.n_layers:
-        raise TrainError(f"--layer must be in 1..{model.args.n_layers - 1} for this model, got {layer}")
+    drafter_config(cfg, model.args.n_layers)  # fail before distilling
     settings = DistillSettings(cfg.max_prompt_tokens, cfg.max_new_tokens, cfg.dtype)
     common = dict(settings=settings, data_dir=cfg.data_dir, batch_size=cfg.distill_batch, device=device, progress=cfg.progress)
     train_examples = distill(folder, cfg.examples, "train", **common)

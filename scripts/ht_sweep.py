@@ -54,11 +54,11 @@ def main() -> None:
     else:
         grid = [(d, b, n) for d, b, n in itertools.product(args.depths, args.budgets, args.pseudo_nodes) if n <= b]
     for weights, (depth, budget, pseudo_nodes) in itertools.product(args.weights.split(","), grid):
-        engine.set_ht_config(HtConfig(weights=weights, tree=args.tree, budget=budget, top_k=args.top_k, depth=depth,
+        engine.set_drafter_config("ht", HtConfig(weights=weights, tree=args.tree, budget=budget, top_k=args.top_k, depth=depth,
                                       pseudo_nodes=pseudo_nodes))
         result = run_bench(engine, prompts, ["ht"], args.max_new_tokens, NEAR_TIE_TOL[args.dtype], args.threads, False)
         ht = result["modes"]["ht"]
-        row = {**dataclasses.asdict(engine.ht_config), "tau": ht["mean_accepted"],
+        row = {**dataclasses.asdict(engine.drafters.ht), "tau": ht["mean_accepted"],
                "speedup_vs_ar": ht["speedup_vs_ar"], "ht_tokens_per_s": ht["tokens_per_s"],
                "ar_tokens_per_s": result["modes"]["ar"]["tokens_per_s"],
                "acceptance_by_depth": ht["acceptance_by_depth"],

@@ -20,7 +20,7 @@ import torch
 
 import runtime.ht_decoding as htd
 from runtime.bench import default_prompts_path, load_prompts
-from runtime.config import HtConfig, ModelConfig
+from runtime.config import DrafterConfigs, HtConfig, ModelConfig
 from runtime.engine import Engine
 
 TIMES: dict[str, float] = defaultdict(float)
@@ -84,7 +84,7 @@ def main() -> None:
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
-    engine = Engine(ModelConfig(dtype=args.dtype, device="cpu"), HtConfig(weights=args.weights))
+    engine = Engine(ModelConfig(dtype=args.dtype, device="cpu"), DrafterConfigs(ht=HtConfig(weights=args.weights)))
     prompts = [engine.encode_chat(q.text) for q in load_prompts(default_prompts_path(), per_category=args.per_category)]
     decoder = engine.mode("ht").decoder
     htd.transfer_forward = timed("forward", htd.transfer_forward)

@@ -311,3 +311,24 @@ def test_acceptance_by_depth():
     assert acceptance_by_depth(runs) == [0.75, 0.5, 0.25]
     assert acceptance_by_depth([{"step_tokens": [1, 1]}]) == []
     assert acceptance_by_depth([{"step_tokens": []}]) == []
+
+
+@pytest.mark.real_model
+def test_bench_sampled_real_model(tmp_path, capsys):
+    """Sampling: lossless modes reproduce ar's seeded draws; hf samples with its own RNG."""
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"question_id": 1, "category": "qa", "turns": ["Name a colour."]},
+                                                 {"question_id": 2, "category": "qa", "turns": ["Name a fruit."]}])
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--prompts", str(prompts), "--modes", "ar,hf,pld,ht", "--max-new-tokens", "12",
+               "--temperature", "0.8", "--top-p", "0.9", "--seed", "5", "--out", str(out), "--no-progress",
+               "--threads", "1"])
+    stdout, stderr = capsys.readouterr()
+    assert rc == 0, stderr
+    assert "temperature 0.8 top-k 0 top-p 0.9 seed 5+i" in stdout and "(own sampler)" in stdout
+    result = json.loads(out.read_text())
+    assert result["sampling"] == {"temperature": 0.8, "top_k": 0, "top_p": 0.9, "seed": 5}
+    for mode in ("pld", "ht"):
+        assert result["modes"][mode]["identical_to_ar"] == 2
+    hf = result["modes"]["hf"]
+    assert hf["identical_to_ar"] is None and hf["divergent"] is None
+    assert all(r["identical_to_ar"] is None for r in hf["per_prompt"])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from runtime.cli import EXIT_USAGE, main
-from runtime.decoding import generate_greedy
+from runtime.decoding import generate_ar
 from runtime.modes import MODES
 
 # Every command runs on one thread: the machine is shared.
@@ -163,7 +163,7 @@ def test_empty_prompts_file(capsys, tmp_path):
     "text, match",
     [
         ("[model]\nflavour = 'vanilla'\n", "unknown keys"),
-        ("[sampling]\ntop_p = 0.9\n", "unknown sections"),
+        ("[sampler]\ntop_p = 0.9\n", "unknown sections"),
         ("[generation]\nmax_new_tokens = 'ten'\n", "max_new_tokens must be int"),
         ("[runtime]\nthreads = 1.5\n", "threads must be int"),
         ("[model]\ndtype = 'int4'\n", "dtype must be one of"),
@@ -218,7 +218,7 @@ def test_generate_smoke(capsys, real_model):
     )["input_ids"]
     stop = {tokenizer.eos_token_id}
     with torch.inference_mode():
-        tokens = [t for s in generate_greedy(model, model.new_cache(128), list(ids), 8, stop) for t in s.tokens]
+        tokens = [t for s in generate_ar(model, model.new_cache(128), list(ids), 8, stop) for t in s.tokens]
     assert len(tokens) == n
     assert out == tokenizer.decode(tokens, skip_special_tokens=True) + "\n"
 
@@ -257,3 +257,25 @@ def test_describe_difference_reports_position_and_margin():
     real = describe_difference([1, 2, 3], [0.5, 0.1, 0.5], [1, 9, 3], "float32")
     assert "NOT a near tie" in real
     assert "token 2" in describe_difference([1, 2], [0.5, 0.5], [1, 2, 3], "float32")
+
+
+@pytest.mark.real_model
+def test_generate_sampled_compare(capsys):
+    """Same seed, same reply in every lossless mode; a reply other than the greedy one."""
+    args = ("--prompt", "Write a haiku about rain.", "--max-new-tokens", "20", *T1)
+    rc, greedy_out, err = run(capsys, "generate", *args)
+    assert rc == 0, err
+    rc, out, err = run(capsys, "generate", *args, "--mode", "ht", "--compare", "ar,token-recycling",
+                       "--temperature", "0.9", "--top-k", "40", "--seed", "7")
+    assert rc == 0, err
+    assert "temperature 0.9, top-k 40, top-p 1.0, seed 7" in err
+    assert re.search(r"\[ar\] .*; output vs \[ht\]: identical", err), err
+    assert re.search(r"\[token-recycling\] .*; output vs \[ht\]: identical", err), err
+    assert out != greedy_out
+
+
+@pytest.mark.parametrize("flag,value", [("--temperature", "-1"), ("--top-p", "0"), ("--top-p", "1.5"), ("--top-k", "-2")])
+def test_bad_sampling_flags(capsys, flag, value):
+    with pytest.raises(SystemExit):
+        main(["generate", "--prompt", "hi", flag, value])
+    assert "expected" in capsys.readouterr().err

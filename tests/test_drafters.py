@@ -4,7 +4,7 @@ grafted prompt lookup): their trees, and lossless decoding on the real model."""
 import pytest
 import torch
 
-from runtime.config import ModelConfig, PldConfig, TokenRecyclingConfig
+from runtime.config import DrafterConfigs, ModelConfig, PldConfig, SamplingConfig, TokenRecyclingConfig
 from runtime.engine import Engine
 from workers.drafters.prompt_lookup import PromptLookupDrafter, lookup
 from workers.drafters.token_recycling import TokenRecyclingDrafter
@@ -78,8 +78,9 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def engine():
-    return Engine(ModelConfig(dtype="float32", device="cpu", max_context=1024),
-                  pld=PldConfig(min_ngram=1, max_ngram=3, depth=6), token_recycling=TokenRecyclingConfig(top_k=6, budget=12))
+    drafters = DrafterConfigs(pld=PldConfig(min_ngram=1, max_ngram=3, depth=6),
+                              token_recycling=TokenRecyclingConfig(top_k=6, budget=12))
+    return Engine(ModelConfig(dtype="float32", device="cpu", max_context=1024), drafters)
 
 
 @pytest.mark.parametrize("mode", ["pld", "token-recycling", "ht-pld"])
@@ -95,9 +96,82 @@ def test_drafters_identical_to_ar(engine, mode):
     assert accepted_more_than_one  # the drafts were used, not just the bonus token
 
 
+@pytest.mark.parametrize("mode", ["ht", "pld", "token-recycling", "ht-pld"])
+def test_sampled_drafters_draw_ar_tokens(engine, mode):
+    """Same seed, same tokens as ar's sampling (runtime.sampling), with top-k and top-p."""
+    accepted_more_than_one = False
+    for prompt, sampling in zip(PROMPTS, [SamplingConfig(0.7, 0, 0.9, seed=1), SamplingConfig(1.0, 20, 1.0, seed=2)]):
+        ids = engine.encode_chat(prompt)
+        ar = [t for s in engine.steps(ids, "ar", 40, sampling) for t in s.tokens]
+        steps = list(engine.steps(ids, mode, 40, sampling))
+        assert [t for s in steps for t in s.tokens] == ar
+        accepted_more_than_one |= any(len(s.tokens) > 1 for s in steps)
+    assert ar != [t for s in engine.steps(ids, "ar", 40) for t in s.tokens]  # it sampled: not the greedy reply
+    assert accepted_more_than_one
+
+
 @pytest.mark.parametrize("mode", ["pld", "token-recycling", "ht-pld"])
 def test_drafters_respect_max_new_tokens(engine, mode):
     ids = engine.encode_chat(PROMPTS[0])
     for n in (1, 2, 5):
         ar = [t for s in engine.steps(ids, "ar", n) for t in s.tokens]
         assert [t for s in engine.steps(ids, mode, n) for t in s.tokens] == ar
+
+
+# --------------------------------------------------------------------------- medusa, pass, early-exit
+
+SETTINGS_FIELD = {"ht": "ht", "medusa": "medusa", "pass": "pass_"}
+
+
+def random_drafter(engine, tmp_path, kind: str, k: int = 3):
+    """Weights of `kind` with random noise on their starting point, saved for the engine."""
+    from workers.drafters.pseudo_states import PseudoStateConfig, build
+
+    args = engine.model.args
+    layer = {"ht": 12, "medusa": args.n_layers, "pass": 0}[kind]
+    torch.manual_seed(7)
+    drafter = build(PseudoStateConfig(layer=layer, k=k, kind=kind), args.dim)
+    for p in drafter.parameters():
+        p.data += 0.02 * torch.randn_like(p)
+    path = tmp_path / f"{kind}.safetensors"
+    drafter.save(path, args)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["medusa", "pass"])
+def test_pseudo_state_kinds_identical_to_ar(engine, tmp_path, kind):
+    from runtime.config import HtConfig
+
+    engine.set_drafter_config(SETTINGS_FIELD[kind], HtConfig(weights=str(random_drafter(engine, tmp_path, kind)), budget=10))
+    sampling = SamplingConfig(0.8, 0, 0.95, seed=3)
+    for prompt in PROMPTS[:2]:
+        ids = engine.encode_chat(prompt)
+        for how in (None, sampling):
+            ar = [t for s in engine.steps(ids, "ar", 32, how) for t in s.tokens]
+            assert [t for s in engine.steps(ids, kind, 32, how) for t in s.tokens] == ar, how
+
+
+def test_weights_of_another_kind_are_refused(engine, tmp_path):
+    from runtime.config import HtConfig
+    from workers.drafters.pseudo_states import DrafterWeightsError
+
+    engine.set_drafter_config("ht", HtConfig(weights=str(random_drafter(engine, tmp_path, "medusa"))))
+    with pytest.raises(DrafterWeightsError, match="holds a medusa drafter, not a ht one"):
+        engine.mode("ht")
+    engine.set_drafter_config("ht", HtConfig())
+
+
+@pytest.mark.parametrize("layer,depth", [(20, 3), (6, 1)])
+def test_early_exit_identical_to_ar(engine, layer, depth):
+    from runtime.config import EarlyExitConfig
+
+    engine.set_drafter_config("early_exit", EarlyExitConfig(layer=layer, depth=depth))
+    accepted_more_than_one = False
+    for prompt, sampling in zip(PROMPTS, [None, SamplingConfig(0.7, 0, 0.9, seed=4), None]):
+        ids = engine.encode_chat(prompt)
+        ar = [t for s in engine.steps(ids, "ar", 40, sampling) for t in s.tokens]
+        steps = list(engine.steps(ids, "early-exit", 40, sampling))
+        assert [t for s in steps for t in s.tokens] == ar
+        assert engine.cache.length < len(ids) + 40 + depth  # the drafts' cache entries were dropped
+        accepted_more_than_one |= any(len(s.tokens) > 1 for s in steps)
+    assert accepted_more_than_one

@@ -5,7 +5,8 @@ import torch
 
 from runtime.config import HtConfig, ModelConfig
 from runtime.engine import Engine
-from workers.drafters.hidden_transfer import DrafterWeightsError, HiddenTransfer, HiddenTransferConfig
+from workers.drafters.hidden_transfer import HiddenTransfer
+from workers.drafters.pseudo_states import DrafterWeightsError, PseudoStateConfig, load, shipped_weights
 
 PROMPTS = [
     "What is the capital of France?",
@@ -16,7 +17,7 @@ PROMPTS = [
 
 def perturbed_transfer(args, layer, k, pseudo_attention, seed):
     torch.manual_seed(seed)
-    ht = HiddenTransfer(HiddenTransferConfig(layer=layer, k=k, pseudo_attention=pseudo_attention), args.dim)
+    ht = HiddenTransfer(PseudoStateConfig(layer=layer, k=k, pseudo_attention=pseudo_attention), args.dim)
     ht.transfer.data += 0.02 * torch.randn_like(ht.transfer)
     return ht
 
@@ -43,7 +44,7 @@ def greedy_tokens(engine, mode, prompt, n):
 def test_ht_identical_to_ar(engine, tmp_path, layer, k, pseudo_attention, tree, budget, top_k, pseudo_nodes, depth):
     weights = tmp_path / "ht.safetensors"
     perturbed_transfer(engine.model.args, layer, k, pseudo_attention, seed=layer).save(weights, engine.model.args)
-    engine.set_ht_config(HtConfig(weights=str(weights), tree=tree, budget=budget, top_k=top_k,
+    engine.set_drafter_config("ht", HtConfig(weights=str(weights), tree=tree, budget=budget, top_k=top_k,
                                   pseudo_nodes=pseudo_nodes, depth=depth))
     for prompt in PROMPTS:
         ar = greedy_tokens(engine, "ar", prompt, 48)
@@ -55,7 +56,7 @@ def test_ht_identical_to_ar(engine, tmp_path, layer, k, pseudo_attention, tree, 
 def test_ht_respects_max_new_tokens_and_stop(engine, tmp_path):
     weights = tmp_path / "ht.safetensors"
     perturbed_transfer(engine.model.args, 15, 3, True, seed=1).save(weights, engine.model.args)
-    engine.set_ht_config(HtConfig(weights=str(weights)))
+    engine.set_drafter_config("ht", HtConfig(weights=str(weights)))
     for n in (1, 2, 7):
         assert greedy_tokens(engine, "ht", PROMPTS[1], n) == greedy_tokens(engine, "ar", PROMPTS[1], n)
     full = greedy_tokens(engine, "ht", PROMPTS[0], 200)
@@ -65,25 +66,23 @@ def test_ht_respects_max_new_tokens_and_stop(engine, tmp_path):
 def test_weights_that_do_not_fit_the_model(engine, tmp_path):
     args = engine.model.args
     with pytest.raises(DrafterWeightsError, match="do not exist"):
-        HiddenTransfer.load(tmp_path / "missing.safetensors", args)
+        load(tmp_path / "missing.safetensors", args)
     other = args.__class__(**{**args.__dict__, "dim": 64, "n_layers": 4})
-    HiddenTransfer(HiddenTransferConfig(layer=2, k=2), 64).save(tmp_path / "small.safetensors", other)
+    HiddenTransfer(PseudoStateConfig(layer=2, k=2), 64).save(tmp_path / "small.safetensors", other)
     with pytest.raises(DrafterWeightsError, match="trained for a model"):
-        HiddenTransfer.load(tmp_path / "small.safetensors", args)
+        load(tmp_path / "small.safetensors", args)
     from safetensors.torch import save_file
 
     save_file({"x": torch.zeros(2)}, str(tmp_path / "foreign.safetensors"))
     with pytest.raises(DrafterWeightsError, match="not a Leapfrog"):
-        HiddenTransfer.load(tmp_path / "foreign.safetensors", args)
+        load(tmp_path / "foreign.safetensors", args)
 
 
 def test_shipped_weights_load_and_stay_lossless(engine):
-    from workers.drafters.hidden_transfer import SHIPPED_WEIGHTS
-
-    ht = HiddenTransfer.load(SHIPPED_WEIGHTS, engine.model.args)
+    ht = load(shipped_weights("default", "ht"), engine.model.args)
     assert 0 < ht.config.layer < engine.model.args.n_layers and ht.config.k >= 1
     assert not torch.equal(ht.transfer, HiddenTransfer(ht.config, engine.model.args.dim).transfer)  # trained
-    engine.set_ht_config(HtConfig())  # weights = "default": the shipped file
+    engine.set_drafter_config("ht", HtConfig())  # weights = "default": the shipped file
     steps = list(engine.steps(engine.encode_chat(PROMPTS[1]), "ht", 48))
     assert [t for s in steps for t in s.tokens] == greedy_tokens(engine, "ar", PROMPTS[1], 48)
     assert len(steps) < 48  # the trained drafts are accepted: fewer steps than tokens

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runtime.decoding import generate_greedy
+from runtime.decoding import generate_ar
 from workers.kv_cache import CacheFullError, KVCache
 
 LAYERS, HEADS, HEAD_DIM, MAX_LEN = 2, 2, 3, 8
@@ -195,12 +195,12 @@ def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral_window"])
-def test_generate_greedy_matches_transformers(tiny_models, kind):
+def test_generate_ar_matches_transformers(tiny_models, kind):
     model, hf = tiny_models(kind)
     expected = hf_greedy(hf, PROMPT, N_NEW)
     assert len(expected) == N_NEW
     cache = model.new_cache(64)
-    steps = list(generate_greedy(model, cache, PROMPT, N_NEW, stop_ids=set()))
+    steps = list(generate_ar(model, cache, PROMPT, N_NEW, stop_ids=set()))
     assert all(len(s.tokens) == 1 and s.forward_passes == 1 for s in steps)
     assert all(len(s.margins) == 1 and s.margins[0] >= 0 for s in steps)
     assert [s.tokens[0] for s in steps] == expected
@@ -208,14 +208,14 @@ def test_generate_greedy_matches_transformers(tiny_models, kind):
     assert cache.length == len(PROMPT) + N_NEW - 1
 
 
-def test_generate_greedy_stops_at_stop_token_and_reuses_cache(tiny_models):
+def test_generate_ar_stops_at_stop_token_and_reuses_cache(tiny_models):
     model, _ = tiny_models("llama")
     cache = model.new_cache(64)
-    full = [s.tokens[0] for s in generate_greedy(model, cache, PROMPT, 10, stop_ids=set())]
+    full = [s.tokens[0] for s in generate_ar(model, cache, PROMPT, 10, stop_ids=set())]
     # A second run on the same (dirty) cache starts from scratch and gives the same tokens.
-    again = [s.tokens[0] for s in generate_greedy(model, cache, PROMPT, 10, stop_ids=set())]
+    again = [s.tokens[0] for s in generate_ar(model, cache, PROMPT, 10, stop_ids=set())]
     assert again == full
     stop = full[4]
     first = full.index(stop)
-    stopped = [s.tokens[0] for s in generate_greedy(model, cache, PROMPT, 10, stop_ids={stop})]
+    stopped = [s.tokens[0] for s in generate_ar(model, cache, PROMPT, 10, stop_ids={stop})]
     assert stopped == full[: first + 1]  # the stop token itself is yielded, nothing after it

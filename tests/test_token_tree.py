@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from runtime.ht_decoding import accept_greedy, next_drafts, pseudo_mask
+from runtime.ht_decoding import next_drafts, pseudo_mask
+from runtime.sampling import Greedy
+from runtime.tree_decoding import accept
 from workers.tree import TokenTree, build_dynamic_tree, build_template_tree, root_only
 
 
@@ -76,6 +78,16 @@ def test_ancestor_mask():
     )
     assert torch.equal(mask, expected)
     assert tree.path_to(4) == [0, 1, 3, 4]
+
+
+def accept_greedy(tree, targets):
+    """accept() with greedy choices whose argmax after node i is targets[i]; checks the
+    committed tokens (path drafts + bonus) and returns the path."""
+    logits = torch.nn.functional.one_hot(torch.tensor(targets), 128).float()
+    path, tokens, margins = accept(tree, logits, Greedy(), 0)
+    assert tokens == [tree.tokens[i] for i in path[1:]] + [targets[path[-1]]]
+    assert margins == [1.0] * len(tokens)
+    return path
 
 
 def test_accept_greedy_on_hand_built_targets():

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from runtime import distill, sharegpt
-from runtime.decoding import generate_greedy
+from runtime.decoding import generate_ar
 from runtime.ht_decoding import transfer_forward
 from runtime.train_ht import (
     PrefixKV,
@@ -25,7 +25,8 @@ from runtime.train_ht import (
     train,
     weights_paths,
 )
-from workers.drafters.hidden_transfer import HiddenTransfer, HiddenTransferConfig
+from workers.drafters.hidden_transfer import HiddenTransfer
+from workers.drafters.pseudo_states import PseudoStateConfig, load
 from workers.loading import load_model
 
 VOCAB = 128
@@ -67,14 +68,14 @@ def examples(model):
     out = []
     for i in range(130):
         prompt = torch.randint(0, VOCAB, (int(torch.randint(6, 15, (1,), generator=g)),), generator=g).tolist()
-        reply = [t for s in generate_greedy(model, cache, prompt, REPLY, set()) for t in s.tokens]
+        reply = [t for s in generate_ar(model, cache, prompt, REPLY, set()) for t in s.tokens]
         out.append({"id": f"syn{i}", "prompt_ids": prompt, "reply_ids": reply})
     return out[:120], out[120:]
 
 
 def perturbed(model, layer, k, pseudo_attention, seed=0):
     torch.manual_seed(seed)
-    ht = HiddenTransfer(HiddenTransferConfig(layer, k, pseudo_attention), model.args.dim)
+    ht = HiddenTransfer(PseudoStateConfig(layer, k, pseudo_attention), model.args.dim)
     ht.transfer.data += 0.1 * torch.randn_like(ht.transfer)
     return ht
 
@@ -153,7 +154,7 @@ def test_prefix_kv_is_read_only(model, examples):
 def test_training_lowers_loss_and_keeps_accuracy(model, examples, tmp_path):
     train_ex, val_ex = examples
     cfg = config(tmp_path, pseudo_attention=True, steps=60, lr=1e-2, batch=8, positions_per_seq=16)
-    initial = evaluate(model, HiddenTransfer(HiddenTransferConfig(2, 3), model.args.dim), val_ex)
+    initial = evaluate(model, HiddenTransfer(PseudoStateConfig(2, 3), model.args.dim), val_ex)
     ht, summary = train(model, train_ex, val_ex, cfg, log=lambda *_: None)
     losses = summary["loss_history"]
     assert len(losses) == 60
@@ -176,7 +177,7 @@ def test_save_load_and_resume(model, examples, tmp_path):
     out, summary_path, ckpt = weights_paths(cfg.out)
     assert out.is_file() and summary_path.is_file() and ckpt.is_file()
     summary = json.loads(summary_path.read_text())
-    assert summary["steps"] == 10 and summary["config"] == {"layer": 2, "k": 3, "pseudo_attention": True}
+    assert summary["steps"] == 10 and summary["config"] == {"layer": 2, "k": 3, "pseudo_attention": True, "kind": "ht"}
     assert {"time_s", "examples", "val"} <= set(summary) and len(summary["val"]["top1"]) == 3
 
     messages = []
@@ -187,7 +188,7 @@ def test_save_load_and_resume(model, examples, tmp_path):
     # Ten steps, a checkpoint, ten more: the same weights as twenty straight steps.
     torch.testing.assert_close(resumed.transfer, straight.transfer, atol=1e-6, rtol=1e-5)
 
-    loaded = HiddenTransfer.load(out, model.args)
+    loaded = load(out, model.args)
     assert loaded.config == resumed.config
     torch.testing.assert_close(loaded.transfer, resumed.transfer.detach())
 
@@ -231,9 +232,20 @@ def test_cli_train_ht(tiny_folder, examples, tmp_path):
     assert main(argv) == 0
     summary = json.loads(out.with_suffix(".json").read_text())
     assert summary["steps"] == 3 and summary["examples"]["train"] == 8 and summary["examples"]["val"] == 2
-    assert summary["config"] == {"layer": 3, "k": 2, "pseudo_attention": False}
-    # leapfrog-style usage error, not a traceback
+    assert summary["config"] == {"layer": 3, "k": 2, "pseudo_attention": False, "kind": "ht"}
+    assert summary["parameters"] == 2 * 64 * 64
+    # leapfrog-style usage errors, not tracebacks
     assert main(argv + ["--layer", "4"]) == 2
+    assert main(argv + ["--drafter", "medusa"]) == 2  # --layer is for ht only
+
+    at = argv.index("--layer")
+    layer_free = argv[:at] + argv[at + 2 :]
+    for kind, layer, parameters in (("medusa", 4, 2 * (64 * 64 + 64)), ("pass", 0, 2 * 64)):
+        assert main(layer_free + ["--drafter", kind]) == 0
+        summary = json.loads(out.with_suffix(".json").read_text())
+        assert summary["config"] == {"layer": layer, "k": 2, "pseudo_attention": False, "kind": kind}
+        assert summary["parameters"] == parameters
+        assert load(out, load_model(str(tiny_folder), torch.float32, "cpu")[0].args).config.kind == kind
 
 
 # ------------------------------------------------------------------ distillation data
@@ -248,7 +260,7 @@ def test_batched_generation_matches_greedy(tiny_folder, model):
     replies = distill.generate_batch(hf, prompts, 12, pad_id=0, stops=stops)
     cache = model.new_cache(64)
     for p, r in zip(prompts, replies):
-        assert r == [t for s in generate_greedy(model, cache, p, 12, stops) for t in s.tokens]
+        assert r == [t for s in generate_ar(model, cache, p, 12, stops) for t in s.tokens]
 
 
 def test_cache_file_survives_interruption(tmp_path):

@@ -1,0 +1,143 @@
+"""Drafters that draft inside the verifying forward pass from pseudo hidden states.
+
+Three methods share one shape. After `layer` decoder layers, a small module maps the
+hidden state h of the token at position t to k pseudo states for positions t+1..t+k;
+they run through the remaining layers with the real tokens (pseudo state j attending to
+the real context and, with `pseudo_attention`, to pseudo states < j), and the final
+norm and the frozen LM head read from pseudo state j a draft of the token at t+j+1:
+
+    kind     layer L     pseudo state j                  parameters
+    ht       0 < L < N   W_j h                           k * dim^2   (hidden transfer)
+    medusa   N           h + SiLU(W_j h + b_j)           k * (dim^2 + dim)   (Medusa-1 heads)
+    pass     0           e_j, whatever the token          k * dim     (PaSS look-ahead embeddings)
+
+Medusa's heads sit after the last layer, so nothing follows them but the norm and LM
+head; PaSS's embeddings enter before the first, so they see the whole model. One
+decoder (runtime.ht_decoding) and one training loop (runtime.train_ht) serve all three.
+
+Weights are safetensors with the config and the target model's shape in the metadata,
+so a file for another model, or of another kind, is caught on load.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from workers.model import ModelArgs
+
+KINDS = ("ht", "medusa", "pass")
+METADATA_KEY = "leapfrog.hidden_transfer"  # the key of the first (ht-only) files, kept for all kinds
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"  # shipped for the default model
+
+
+class DrafterWeightsError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class PseudoStateConfig:
+    layer: int  # decoder layers run before the pseudo states join
+    k: int  # pseudo positions (draft depth beyond the bonus token)
+    pseudo_attention: bool = True  # pseudo state j attends to pseudo states < j
+    kind: str = "ht"
+
+
+def shipped_weights(checkpoint: str, kind: str) -> Path:
+    """The weights of `kind` shipped for the default model (SmolLM2-135M-Instruct)."""
+    if checkpoint != "default":
+        raise DrafterWeightsError(
+            f"no {kind} weights ship for this checkpoint: train them with `leapfrog train-ht --drafter {kind}` "
+            f"and set [{kind}] weights in the config"
+        )
+    return WEIGHTS_DIR / f"smollm2-135m-{kind}.safetensors"
+
+
+def check_layer(config: PseudoStateConfig, n_layers: int) -> str | None:
+    """Why `config` does not fit an n_layers model (None when it does)."""
+    if config.kind not in KINDS:
+        return f"kind must be one of {', '.join(KINDS)}, got {config.kind!r}"
+    if config.k < 1:
+        return f"k must be >= 1, got {config.k}"
+    want = {"medusa": (n_layers, n_layers), "pass": (0, 0)}.get(config.kind, (1, n_layers - 1))
+    if not want[0] <= config.layer <= want[1]:
+        return f"a {config.kind} drafter needs layer in {want[0]}..{want[1]} of this {n_layers}-layer model, got {config.layer}"
+    return None
+
+
+class PseudoStateDrafter(nn.Module):
+    """Base of the three kinds: every parameter has the k pseudo positions as dimension 0."""
+
+    def __init__(self, config: PseudoStateConfig):
+        super().__init__()
+        self.config = config
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """h (..., dim) -> pseudo states (..., k, dim)."""
+        raise NotImplementedError
+
+    def first(self, k: int) -> PseudoStateDrafter:
+        """The first k pseudo positions only (k <= config.k): pseudo state j never attends to
+        states > j, so these drafts equal the full module's first k."""
+        if not 1 <= k <= self.config.k:
+            raise ValueError(f"k must be in 1..{self.config.k}, got {k}")
+        dim = next(self.parameters()).shape[-1]
+        module = type(self)(replace(self.config, k=k), dim)
+        for name, p in module.named_parameters():
+            p.data = dict(self.named_parameters())[name].data[:k].clone()
+        return module.to(next(self.parameters()).device)
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def save(self, path: str | Path, args: ModelArgs, extra: dict | None = None) -> None:
+        from safetensors.torch import save_file
+
+        meta = {"config": asdict(self.config), "model": model_signature(args), **(extra or {})}
+        tensors = {name: p.detach().float().contiguous() for name, p in self.named_parameters()}
+        save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(meta)})
+
+
+def build(config: PseudoStateConfig, dim: int) -> PseudoStateDrafter:
+    """A fresh drafter of config.kind (its training starting point)."""
+    from workers.drafters.hidden_transfer import HiddenTransfer
+    from workers.drafters.lookahead import LookaheadEmbeddings
+    from workers.drafters.medusa import MedusaHeads
+
+    return {"ht": HiddenTransfer, "medusa": MedusaHeads, "pass": LookaheadEmbeddings}[config.kind](config, dim)
+
+
+def load(path: str | Path, args: ModelArgs) -> PseudoStateDrafter:
+    """Weights saved by PseudoStateDrafter.save, checked against the loaded model."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise DrafterWeightsError(f"drafter weights {path} do not exist (train them with `leapfrog train-ht`)")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads((f.metadata() or {})[METADATA_KEY])
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except (KeyError, json.JSONDecodeError, OSError, RuntimeError) as e:
+        raise DrafterWeightsError(f"{path} is not a Leapfrog drafter file ({e})") from None
+    if meta["model"] != model_signature(args):
+        raise DrafterWeightsError(
+            f"{path} was trained for a model {meta['model']}, but the loaded model is {model_signature(args)}"
+        )
+    config = PseudoStateConfig(**meta["config"])
+    problem = check_layer(config, args.n_layers)
+    module = build(config, args.dim) if problem is None else None
+    shapes = {name: tuple(p.shape) for name, p in module.named_parameters()} if module else {}
+    if problem or shapes != {name: tuple(t.shape) for name, t in tensors.items()}:
+        raise DrafterWeightsError(f"{path}: config {config} does not fit a {args.n_layers}-layer model ({problem or shapes})")
+    for name, p in module.named_parameters():
+        p.data.copy_(tensors[name])
+    return module
+
+
+def model_signature(args: ModelArgs) -> dict:
+    return {"architecture": args.architecture, "dim": args.dim, "n_layers": args.n_layers, "vocab_size": args.vocab_size}
