@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from runtime.client import Client
-from runtime.config import LeapfrogConfig, ModelConfig, ServerConfig
+from runtime.config import LeapfrogConfig, ModelConfig, SamplingConfig, ServerConfig
 from runtime.openai_api import OpenAIApi
 from runtime.server import Server
 from runtime.service import Service
@@ -63,6 +63,22 @@ async def test_served_tokens_equal_the_engines(engine):
     assert ar.token_ids == reference and pld.token_ids == reference
     assert ar.text == engine.tokenizer.decode(reference, skip_special_tokens=True) == text
     assert ar.stats.tau == 1.0 and pld.stats.forward_passes <= ar.stats.forward_passes
+    assert engine.cache.length == 0
+
+
+async def test_sampling_parameters_reach_the_engine(engine):
+    """A sampled request: the same seed gives the engine's own sampled tokens, in ar and in
+    a lossless speculative mode; another seed gives others."""
+    sampling = SamplingConfig(temperature=0.9, top_k=50, top_p=0.95, seed=7)
+    ids = engine.encode_chat(PROMPT)
+    reference = [t for step in engine.steps(ids, "ar", MAX_NEW, sampling) for t in step.tokens]
+    async with serving(engine) as (native, _), Client(*native) as client:
+        options = dict(max_new_tokens=MAX_NEW, temperature=0.9, top_k=50, top_p=0.95)
+        ar = await client.generate(PROMPT, mode="ar", seed=7, **options)
+        pld = await client.generate(PROMPT, mode="pld", seed=7, **options)
+        other = await client.generate(PROMPT, mode="ar", seed=8, **options)
+    assert ar.token_ids == reference and pld.token_ids == reference
+    assert other.token_ids != reference
     assert engine.cache.length == 0
 
 
