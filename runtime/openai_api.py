@@ -47,7 +47,9 @@ class OpenAIApi:
         self._runner: web.AppRunner | None = None
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
-        self._runner = web.AppRunner(self.app, access_log=None)
+        # handler_cancellation: a client that hangs up cancels its handler, which closes
+        # the request's stream and so stops its decode (non-streaming requests too).
+        self._runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()

@@ -22,6 +22,9 @@ from serving import (
 
 BAD_FRAMES = {
     "malformed msgpack": (b"\xc1", ErrorCode.MALFORMED_FRAME),
+    "empty frame": (b"", ErrorCode.MALFORMED_FRAME),
+    "nesting bomb": (b"\x91" * 100_000 + b"\x00", ErrorCode.MALFORMED_FRAME),
+    "array length past the frame": (b"\xdd\xff\xff\xff\xff", ErrorCode.MALFORMED_FRAME),
     "truncated msgpack": (msgpack.packb({"type": "request", "id": 1})[:-3], ErrorCode.MALFORMED_FRAME),
     "trailing bytes": (msgpack.packb(request()) + b"\x00", ErrorCode.MALFORMED_FRAME),
     "not a map": ([1, 2, 3], ErrorCode.MALFORMED_FRAME),

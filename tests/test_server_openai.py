@@ -136,3 +136,14 @@ async def test_client_leaving_a_stream_cancels_the_request():
         await wait_until(lambda: all_released(server, engines))
         assert engines[0].produced < 20
         await assert_healthy(server, engines)
+
+
+async def test_client_hanging_up_on_a_whole_reply_cancels_it():
+    async with running_server(http=True, step_delay=0.03) as (server, engines):
+        host, port = server.http_address
+        impatient = openai.AsyncOpenAI(base_url=f"http://{host}:{port}/v1", api_key="-", max_retries=0, timeout=0.2)
+        with pytest.raises(openai.APITimeoutError):
+            await impatient.chat.completions.create(model="m", messages=MESSAGES, max_tokens=64)
+        await wait_until(lambda: all_released(server, engines))
+        assert engines[0].produced < 20  # stopped soon after the hang-up, not at the end of the reply
+        await assert_healthy(server, engines)
