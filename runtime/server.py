@@ -104,11 +104,15 @@ class Connection:
             try:
                 message = decode(body)
             except ProtocolError as e:
-                # Not knowing which request a broken frame meant, we end the running one (if
-                # any): the client waits for an answer to it and this frame is that answer.
-                if self.request is not None and e.request_id in (None, self.request_id):
+                # A broken frame while a request runs ends that request: the client waits for
+                # an answer about it, and this error is the answer. The request is cancelled
+                # and detached at once, so the connection can take the next one (frames
+                # still on their way for the old id are skipped by the client).
+                if self.cancel is not None:
+                    e.request_id = self.request_id
                     self.cancel.set()
-                await self.send_quietly(Error(e.code, e.message, e.request_id if e.request_id is not None else self.request_id))
+                    self._end_request(self.cancel)
+                await self.send_quietly(Error(e.code, e.message, e.request_id))
                 continue
             await self._dispatch(message)
 

@@ -219,3 +219,25 @@ async def test_engine_failure_is_an_internal_error_and_the_server_goes_on():
         engines[0].steps = original
         writer.close()
         await assert_healthy(server, engines)
+
+
+async def test_broken_frame_mid_stream_ends_that_request_and_the_connection_goes_on():
+    async with running_server(step_delay=0.02) as (server, engines):
+        reader, writer = await connect(server)
+        writer.write(frame(request(id=1, prompt="interrupted", max_new_tokens=64)))
+        assert (await receive(reader)).type == "chunk"
+        writer.write(frame(b"\xc1"))
+        frames = await receive_until_end(reader)
+        assert frames[-1].type == "error" and frames[-1].id == 1 and frames[-1].code == ErrorCode.MALFORMED_FRAME
+        # The next request is accepted right away; stray frames of request 1 may come first.
+        writer.write(frame(request(id=2, prompt="next", max_new_tokens=64)))
+        mine = []
+        while not mine or mine[-1].type == "chunk":
+            message = await receive(reader)
+            if message.id == 2:
+                mine.append(message)
+        assert mine[-1].type == "stats"
+        assert [t for m in mine[:-1] for t in m.token_ids] == expected_reply(engines[0].encode_chat("next"), 64)
+        assert engines[0].calls[0]["max_new_tokens"] == 64 and len(engines[0].calls) == 2
+        writer.close()
+        await assert_healthy(server, engines)
