@@ -66,3 +66,15 @@ def test_job_serves_and_stops():
         wait_for(lambda: jobs.get_job_status(job) == JobStatus.STOPPED, 60, "the job to stop")
     finally:
         ray.shutdown()
+
+
+def test_replicas_get_ports_of_their_own():
+    from runtime.config import LeapfrogConfig, ServerConfig
+    from runtime.serve import replica_config
+
+    config = LeapfrogConfig(server=ServerConfig(port=7860, http_port=7861))
+    ports = [(c.server.port, c.server.http_port) for c in (replica_config(config, i) for i in range(3))]
+    assert ports == [(7860, 7861), (7862, 7863), (7864, 7865)]
+    assert config.server.port == 7860  # the original is not changed
+    loose = replica_config(LeapfrogConfig(server=ServerConfig(port=0, http_port=-1)), 2).server
+    assert (loose.port, loose.http_port) == (0, -1)
