@@ -156,6 +156,9 @@ class Client:
                     return conn, first
             except (ConnectionError, asyncio.IncompleteReadError):
                 pass
+            except BaseException:  # a timeout, or our task cancelled: the request may be running
+                conn.close()
+                raise
             conn.close()
         conn = await self._connect()
         try:

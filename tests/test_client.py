@@ -91,3 +91,15 @@ async def test_sync_client():
         assert first.token_ids == expected[:1] and stream_stats is None  # closed early: cancelled
         assert code == ErrorCode.INVALID_MAX_NEW_TOKENS
         await assert_healthy(server, engines)
+
+
+async def test_timeout_on_a_pooled_connection_closes_it_and_the_server_cancels():
+    async with running_server(step_delay=0.3) as (server, engines), Client(*server.address, timeout=5) as client:
+        await client.generate("warm", max_new_tokens=1)  # leaves one pooled connection
+        pooled = client._idle[0]
+        client.timeout = 0.1
+        with pytest.raises(TimeoutError):
+            await client.generate("slow", max_new_tokens=30)
+        assert not client._idle and pooled.writer.is_closing()
+        await wait_until(lambda: all_released(server, engines) and not server.connections, timeout=10)
+        assert engines[0].produced < 30
