@@ -1,5 +1,5 @@
-"""The `leapfrog` command: generate (stream a reply), bench (modes side by side) and
-train-ht (train hidden-transfer drafter weights)."""
+"""The `leapfrog` command: generate (stream a reply), bench (modes side by side),
+train-ht (train hidden-transfer drafter weights) and serve (the streaming server)."""
 
 from __future__ import annotations
 
@@ -76,6 +76,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(bench)
     add_sampling(bench)
     add_train_ht(sub)
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve streaming replies: native msgpack protocol over TCP and an OpenAI-compatible HTTP endpoint",
+        description="Load the model and serve it (docs/serving.md). Defaults come from the [server] section.",
+    )
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=number_type(int, lambda v: 0 <= v <= 65535, "a port number"),
+                       help="native protocol port (default 7860; 0: any free port)")
+    serve.add_argument("--http-port", type=number_type(int, lambda v: -1 <= v <= 65535, "a port number or -1"),
+                       help="OpenAI-compatible endpoint port (default 7861; -1: off)")
+    serve.add_argument("--mode", help=f"default decoding mode of requests: {', '.join(MODES)} (default: ar)")
+    serve.add_argument("--concurrency", type=positive_int, help="requests decoding at once, one engine each (default 1)")
+    add_sampling(serve)  # the defaults of requests that leave them out
+    add_common(serve)
     return parser
 
 
@@ -150,10 +165,14 @@ def resolve_config(args) -> LeapfrogConfig:
         ("temperature", config.sampling, "temperature"),
         ("top_k", config.sampling, "top_k"),
         ("top_p", config.sampling, "top_p"),
+        ("host", config.server, "host"),
+        ("port", config.server, "port"),
+        ("http_port", config.server, "http_port"),
+        ("concurrency", config.server, "concurrency"),
     ):
         if getattr(args, attr, None) is not None:
             setattr(section, key, getattr(args, attr))
-    if args.command in ("generate", "bench") and args.seed is not None:  # train-ht's --seed is its own
+    if args.command in ("generate", "bench", "serve") and args.seed is not None:  # train-ht's --seed is its own
         config.sampling.seed = args.seed
     return config.validate()
 
@@ -266,6 +285,31 @@ def cmd_bench(args, config: LeapfrogConfig) -> int:
     return 0
 
 
+def cmd_serve(args, config: LeapfrogConfig) -> int:
+    import uvloop
+
+    from runtime.server import serve
+
+    mode = config.generation.mode
+    check_modes([mode])
+    engines = [make_engine(config) for _ in range(config.server.concurrency)]
+    for engine in engines:
+        engine.mode(mode)  # build the default mode now (drafter weights load), not on the first request
+
+    def ready(address, http) -> None:
+        host, port = address
+        print(f"leapfrog serve: native protocol on {host}:{port}", flush=True)
+        if http is not None:
+            print(f"leapfrog serve: OpenAI-compatible endpoint on http://{http[0]}:{http[1]}/v1", flush=True)
+        print(f"leapfrog serve: mode {mode}, {len(engines)} engine(s); Ctrl-C stops", flush=True)
+
+    try:
+        uvloop.run(serve(engines, config, ready))
+    except OSError as e:  # the port is taken, or the host is not an address of this machine
+        raise ConfigError(f"cannot listen on {config.server.host}: {e}") from None
+    return 0
+
+
 def cmd_train_ht(args, config: LeapfrogConfig) -> int:
     from runtime.train_ht import TrainConfig, run
 
@@ -316,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = resolve_config(args)
-        return {"generate": cmd_generate, "bench": cmd_bench, "train-ht": cmd_train_ht}[args.command](args, config)
+        commands = {"generate": cmd_generate, "bench": cmd_bench, "train-ht": cmd_train_ht, "serve": cmd_serve}
+        return commands[args.command](args, config)
     except (
         ConfigError, ModelLoadError, UnknownModeError, PromptTooLongError, BenchInputError, DrafterWeightsError,
         TrainError, ShareGPTError,

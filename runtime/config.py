@@ -147,12 +147,28 @@ DRAFTER_SECTIONS = {"pass_": "pass"}
 
 
 @dataclass
+class ServerConfig:
+    """`leapfrog serve`: where it listens and what it admits (runtime/server.py, docs/serving.md)."""
+
+    host: str = "127.0.0.1"
+    port: int = 7860  # native protocol: length-prefixed msgpack frames over TCP (0: any free port)
+    http_port: int = 7861  # OpenAI-compatible HTTP endpoint (-1: off, 0: any free port)
+    concurrency: int = 1  # requests decoding at once; each has its own engine (model + KV cache)
+    max_queue: int = 64  # requests waiting for an engine; more are refused (code "overloaded")
+    max_connections: int = 256  # open native connections; more are refused ("too_many_connections")
+    max_frame_bytes: int = 1 << 20  # largest frame a client may send
+    max_new_tokens: int = 2048  # upper limit on a request's max_new_tokens
+    idle_timeout: float = 60.0  # seconds a connection may sit with no request running and no frame
+
+
+@dataclass
 class LeapfrogConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     drafters: DrafterConfigs = field(default_factory=DrafterConfigs)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
 
     def validate(self) -> LeapfrogConfig:
         if self.model.dtype not in DTYPES:
@@ -165,7 +181,21 @@ class LeapfrogConfig:
         self.drafters.validate()
         if self.runtime.threads < 1:
             raise ConfigError(f"threads must be at least 1, got {self.runtime.threads}")
+        self.validate_server()
         return self
+
+    def validate_server(self) -> None:
+        s = self.server
+        if not 0 <= s.port <= 65535 or not -1 <= s.http_port <= 65535:
+            raise ConfigError(f"[server] port must be in [0, 65535] and http_port in [-1, 65535]: {s}")
+        if s.port == s.http_port != 0:
+            raise ConfigError(f"[server] port and http_port are both {s.port}")
+        if min(s.concurrency, s.max_connections, s.max_new_tokens) < 1 or s.max_queue < 0:
+            raise ConfigError(f"[server] concurrency, max_connections, max_new_tokens must be >= 1, max_queue >= 0: {s}")
+        if s.max_frame_bytes < 1024:
+            raise ConfigError(f"[server] max_frame_bytes must be at least 1024, got {s.max_frame_bytes}")
+        if not s.idle_timeout > 0:
+            raise ConfigError(f"[server] idle_timeout must be > 0 seconds, got {s.idle_timeout}")
 
 
 def _section(cls, values: dict, name: str):

@@ -45,7 +45,9 @@ GOOD_ROW = {"question_id": 1, "category": "qa", "turns": ["Hi?"]}
         ["generate", "--prompt", "hi", "--dtype", "float64"],
         ["generate"],  # --prompt is required
         [],  # a command is required
-        ["serve"],
+        ["serve", "--port", "70000"],
+        ["serve", "--http-port", "-2"],
+        ["serve", "--concurrency", "0"],
     ],
 )
 def test_argparse_errors(capsys, argv):

@@ -12,6 +12,7 @@ from runtime.config import (
     LeapfrogConfig,
     ModelConfig,
     RuntimeConfig,
+    ServerConfig,
     load_config,
 )
 
@@ -72,6 +73,15 @@ def test_torch_device():
         ("[model]\nmax_context = 1\n", "max_context must be at least 2"),
         ('[ht]\ntree = "random"\n', "tree must be one of"),
         ("[ht]\nbudget = 0\n", "budget, top_k and pseudo_nodes must be >= 1"),
+        ("[server]\nport = 70000\n", "port must be in"),
+        ("[server]\nhttp_port = -2\n", "http_port in"),
+        ("[server]\nport = 9000\nhttp_port = 9000\n", "both 9000"),
+        ("[server]\nconcurrency = 0\n", "concurrency, max_connections, max_new_tokens must be >= 1"),
+        ("[server]\nmax_queue = -1\n", "max_queue >= 0"),
+        ("[server]\nmax_frame_bytes = 100\n", "max_frame_bytes must be at least 1024"),
+        ("[server]\nidle_timeout = 0\n", "idle_timeout must be > 0"),
+        ('[server]\nport = "7860"\n', "port must be int"),
+        ("[server]\nworkers = 2\n", "unknown keys.*workers"),
         ("[model\ndtype = 'float32'\n", "not valid TOML"),
         ("model.dtype = \n", "not valid TOML"),
     ],
@@ -79,6 +89,13 @@ def test_torch_device():
 def test_bad_config(tmp_path, text, match):
     with pytest.raises(ConfigError, match=match):
         load_config(write(tmp_path, text))
+
+
+def test_server_section(tmp_path):
+    assert load_config().server == ServerConfig()
+    config = load_config(write(tmp_path, '[server]\nhost = "0.0.0.0"\nport = 0\nhttp_port = -1\nidle_timeout = 5\n'))
+    assert config.server.host == "0.0.0.0" and config.server.port == 0 and config.server.http_port == -1
+    assert config.server.idle_timeout == 5.0 and config.server.max_queue == ServerConfig().max_queue
 
 
 def test_missing_file(tmp_path):
