@@ -27,7 +27,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/leapfrog bench --per-category 2 --modes ar,hf,hf-pld,ht,ht-pld,pld,token-recycling --dtype bfloat16 --out out/bench.json
+	$(BIN)/leapfrog bench --per-category 2 --modes ar,hf,hf-pld,ht,ht-pld,medusa,pass,early-exit,pld,token-recycling --dtype bfloat16 --out out/bench.json --chart out/bench.png
 
 clean:
 	rm -rf $(VENV) out

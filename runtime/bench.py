@@ -131,6 +131,8 @@ def run_bench(
     comparable = {m: sampling.greedy or getattr(engine.mode(m), "same_draws_as_ar", True) for m in modes}
     result = summarize(engine, prompts, modes, runs, max_new_tokens, near_tie_tol, threads, comparable)
     result["sampling"] = asdict(sampling)
+    for m in modes:
+        result["modes"][m]["drafter"] = getattr(engine.mode(m), "drafter_info", None)
     return result
 
 
@@ -225,7 +227,8 @@ def summarize(engine, prompts, modes, runs, max_new_tokens, near_tie_tol, thread
 
 def format_table(result: dict) -> str:
     w = max(12, 2 + max(len(mode) for mode in result["modes"]))
-    head = f"{'mode':<{w}}{'tokens':>8}{'tok/s':>9}{'vs ar':>8}{'vs hf':>8}{'tau':>7}{'identical':>11}{'divergent (near-tie)':>22}"
+    head = (f"{'mode':<{w}}{'tokens':>8}{'tok/s':>9}{'vs ar':>8}{'vs hf':>8}{'tau':>7}{'identical':>11}"
+            f"{'divergent (near-tie)':>22}{'draft params':>14}{'trained':>9}")
     sampling = result.get("sampling") or {"temperature": 0.0}
     how = "greedy" if not sampling["temperature"] else (
         f"temperature {sampling['temperature']} top-k {sampling['top_k']} top-p {sampling['top_p']} seed {sampling['seed']}+i"
@@ -242,9 +245,12 @@ def format_table(result: dict) -> str:
             identity = f"{'-':>11}{'(own sampler)':>22}"
         else:
             identity = f"{m['identical_to_ar']:>7}/{result['prompts']:<3}{m['divergent']:>15} ({m['near_tie_divergences']})"
+        drafter = m.get("drafter") or {}
+        params = f"{drafter['parameters']:,}" if drafter.get("parameters") else "-"
+        trained = f"{drafter['training_s'] / 60:.0f} min" if drafter.get("training_s") else "-"
         lines.append(
             f"{mode:<{w}}{m['tokens']:>8}{m['tokens_per_s']:>9.2f}{m['speedup_vs_ar']:>7.2f}x{vs_hf:>8}"
-            f"{m['mean_accepted']:>7.2f}{identity}"
+            f"{m['mean_accepted']:>7.2f}{identity}{params:>14}{trained:>9}"
         )
     for mode, m in result["modes"].items():
         if m.get("acceptance_by_depth"):

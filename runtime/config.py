@@ -106,8 +106,8 @@ class TokenRecyclingConfig:
 class EarlyExitConfig:
     """Early-exit self-drafting (mode "early-exit"): a chain from the first layers."""
 
-    layer: int = 0  # layers that draft (then the final norm and LM head); 0 = half the layers
-    depth: int = 3  # drafted tokens per step
+    layer: int = 25  # layers that draft (then the final norm and LM head); 0 = half the layers
+    depth: int = 2  # drafted tokens per step (a chain)
 
 
 @dataclass

@@ -4,6 +4,8 @@
 
 `sampling` (runtime.config.SamplingConfig, None = greedy) picks the tokens; every mode
 here but the hf peers draws exactly `ar`'s tokens for the same seed (runtime.sampling).
+Modes with trained drafters report `drafter_info` (parameters, training time) for the
+benchmark table.
 
 Later drafters register here and the CLI and benchmark pick them up by name.
 """
@@ -48,6 +50,9 @@ class PseudoStateMode:
             raise DrafterWeightsError(f"{path} holds a {drafter.config.kind} drafter, not a {self.kind} one")
         self.engine = e
         self.decoder = HiddenTransferDecoder(e.model, drafter.to(e.model.device), e.cache, settings, self.lookup_drafter(e))
+        trained = drafter.training_summary
+        self.drafter_info = {"parameters": drafter.parameter_count(), "training_s": trained.get("time_s"),
+                             "training_steps": trained.get("steps")}
 
     def lookup_drafter(self, engine):
         return PromptLookupMode.build_drafter(engine) if self.with_lookup else None
@@ -103,8 +108,12 @@ class EarlyExitMode(TreeDrafterMode):
     def build_drafter(engine):
         from workers.drafters.early_exit import EarlyExitDrafter
 
-        c = engine.drafters.early_exit
-        return EarlyExitDrafter(engine.model, engine.cache, c.layer or engine.model.args.n_layers // 2, c.depth)
+        from runtime.config import ConfigError
+
+        c, n_layers = engine.drafters.early_exit, engine.model.args.n_layers
+        if c.layer > n_layers:
+            raise ConfigError(f"[early_exit] layer {c.layer} is beyond this model's {n_layers} layers")
+        return EarlyExitDrafter(engine.model, engine.cache, c.layer or n_layers // 2, c.depth)
 
 
 class HiddenTransferLookupMode(PseudoStateMode):

@@ -87,6 +87,7 @@ class PseudoStateDrafter(nn.Module):
     def __init__(self, config: PseudoStateConfig):
         super().__init__()
         self.config = config
+        self.training_summary: dict = {}  # how the weights were trained, from the file (time_s, steps, ...)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """h (..., dim) -> pseudo states (..., k, dim)."""
@@ -154,6 +155,7 @@ def load(path: str | Path, args: ModelArgs) -> PseudoStateDrafter:
         raise DrafterWeightsError(f"{path}: config {config} does not fit a {args.n_layers}-layer model ({problem or shapes})")
     for name, p in module.named_parameters():
         p.data.copy_(tensors[name])
+    module.training_summary = meta.get("training", {})
     return module
 
 
