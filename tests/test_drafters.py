@@ -175,3 +175,19 @@ def test_early_exit_identical_to_ar(engine, layer, depth):
         assert engine.cache.length < len(ids) + 40 + depth  # the drafts' cache entries were dropped
         accepted_more_than_one |= any(len(s.tokens) > 1 for s in steps)
     assert accepted_more_than_one
+
+
+@pytest.mark.parametrize("kind", ["medusa", "pass"])
+def test_shipped_weights_are_trained_and_lossless(engine, kind):
+    from runtime.config import HtConfig
+    from workers.drafters.pseudo_states import PseudoStateConfig, build, load, shipped_weights
+
+    drafter = load(shipped_weights("default", kind), engine.model.args)
+    assert drafter.config.kind == kind and drafter.training_summary["steps"] > 0
+    fresh = build(PseudoStateConfig(drafter.config.layer, drafter.config.k, kind=kind), engine.model.args.dim)
+    assert any(not torch.equal(a, b) for a, b in zip(drafter.parameters(), fresh.parameters()))  # trained
+    engine.set_drafter_config(SETTINGS_FIELD[kind], HtConfig())  # weights = "default": the shipped file
+    ids = engine.encode_chat(PROMPTS[1])
+    steps = list(engine.steps(ids, kind, 48))
+    assert [t for s in steps for t in s.tokens] == [t for s in engine.steps(ids, "ar", 48) for t in s.tokens]
+    assert len(steps) < 48  # the trained drafts are accepted: fewer steps than tokens
