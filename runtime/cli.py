@@ -51,6 +51,8 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=positive_int, help="torch CPU threads")
     p.add_argument("--max-new-tokens", type=positive_int)
     p.add_argument("--ht-weights", help="hidden-transfer weights (.safetensors) for mode ht")
+    p.add_argument("--workers", type=positive_int, help="model replicas of modes pipeline and async (default 2)")
+    p.add_argument("--transport", choices=["ray", "local"], help="how pipeline/async reach their workers (default ray)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(bench)
     add_sampling(bench)
     add_train_ht(sub)
+
+    sweep = sub.add_parser("sweep", help="latency/compute sweep of the pipelined modes over a grid (CSV + Pareto plot)")
+    sweep.add_argument("--config", required=True, help="a config with a [sweep] section (e.g. configs/sweep.toml)")
+    sweep.add_argument("--out", required=True, help="folder for sweep.csv, sweep.json and sweep.png")
+    sweep.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     serve = sub.add_parser(
         "serve",
@@ -169,6 +176,8 @@ def resolve_config(args) -> LeapfrogConfig:
         ("port", config.server, "port"),
         ("http_port", config.server, "http_port"),
         ("concurrency", config.server, "concurrency"),
+        ("workers", config.pipeline, "workers"),
+        ("transport", config.pipeline, "transport"),
     ):
         if getattr(args, attr, None) is not None:
             setattr(section, key, getattr(args, attr))
@@ -191,7 +200,7 @@ def make_engine(config: LeapfrogConfig):
     from runtime.engine import Engine
 
     torch.set_num_threads(config.runtime.threads)
-    return Engine(config.model, config.drafters)
+    return Engine(config.model, config.drafters, config.pipeline)
 
 
 def cmd_generate(args, config: LeapfrogConfig) -> int:
@@ -285,6 +294,16 @@ def cmd_bench(args, config: LeapfrogConfig) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from runtime.sweep import load_sweep, run_sweep
+
+    sweep = load_sweep(args.config)
+    print(f"sweep: {len(sweep.points())} grid points x modes ar, {', '.join(sweep.references + sweep.modes)}")
+    out = run_sweep(sweep, args.out, not args.no_progress)
+    print(f"wrote {out / 'sweep.csv'}, {out / 'sweep.json'} and {out / 'sweep.png'}")
+    return 0
+
+
 def cmd_serve(args, config: LeapfrogConfig) -> int:
     import uvloop
 
@@ -359,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command == "sweep":  # its config file carries a [sweep] section
+            return cmd_sweep(args)
         config = resolve_config(args)
         commands = {"generate": cmd_generate, "bench": cmd_bench, "train-ht": cmd_train_ht, "serve": cmd_serve}
         return commands[args.command](args, config)

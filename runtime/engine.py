@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Iterator
 
 from runtime.chat import encode_chat, stop_ids
-from runtime.config import DrafterConfigs, ModelConfig, SamplingConfig
+from runtime.config import DrafterConfigs, ModelConfig, PipelineConfig, SamplingConfig
 from runtime.decoding import Step
 from workers.loading import load_model, load_tokenizer
 
@@ -21,9 +21,10 @@ TREE_HEADROOM = 512
 
 
 class Engine:
-    def __init__(self, config: ModelConfig, drafters: DrafterConfigs | None = None):
+    def __init__(self, config: ModelConfig, drafters: DrafterConfigs | None = None, pipeline: PipelineConfig | None = None):
         self.config = config
         self.drafters = drafters or DrafterConfigs()
+        self.pipeline = pipeline or PipelineConfig()
         self.model, self.folder = load_model(config.checkpoint, config.torch_dtype(), config.torch_device())
         self.tokenizer = load_tokenizer(self.folder)
         self.cache = self.model.new_cache(config.max_context + TREE_HEADROOM)
@@ -54,8 +55,22 @@ class Engine:
         """Replace one field of DrafterConfigs ("ht", "medusa", "pass_", ...); the modes
         that draft are rebuilt on their next use (the hf peers are kept)."""
         self.drafters = dataclasses.replace(self.drafters, **{name: settings})
-        for mode in [m for m in self._modes if m != "ar" and not m.startswith("hf")]:
-            del self._modes[mode]
+        self._drop_modes(lambda mode: mode != "ar" and not mode.startswith("hf"))
+
+    def set_pipeline_config(self, pipeline: PipelineConfig) -> None:
+        """New [pipeline] settings; the multi-worker modes restart their workers on next use."""
+        self.pipeline = pipeline.validate()
+        self._drop_modes(lambda mode: mode in ("pipeline", "async"))
+
+    def close(self) -> None:
+        """Stop what the modes started (the pipelined modes' workers)."""
+        self._drop_modes(lambda mode: True)
+
+    def _drop_modes(self, which) -> None:
+        for name in [m for m in self._modes if which(m)]:
+            mode = self._modes.pop(name)
+            if hasattr(mode, "close"):
+                mode.close()
 
     def steps(
         self, prompt_ids: list[int], mode: str, max_new_tokens: int, sampling: SamplingConfig | None = None
