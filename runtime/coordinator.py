@@ -102,6 +102,7 @@ class Request:
     drafting: bool = False
     done: bool = False
     epoch: int = 0
+    failures: dict[int, int] = field(default_factory=dict)  # faults per worker
     metrics: Metrics = field(default_factory=Metrics)
 
     @property
@@ -208,10 +209,17 @@ class Coordinator:
 
     async def _start_workers(self) -> None:
         """Create the workers that do not exist yet, all at once (the first request waits
-        for its replicas to load; later requests find them ready)."""
+        for its replicas to load; later requests find them ready), and restart those that
+        sat out the last request."""
         missing = [i for i in range(self.transport.size) if i not in self.transport.handles and i not in self.down]
         if missing:
             await asyncio.gather(*(self.transport.handle(i) for i in missing))
+        for i in [i for i in self.down if i not in self.restarting]:
+            try:
+                await self.transport.restart(i)
+                self.down.discard(i)
+            except Exception:  # noqa: BLE001 - it stays down; the others serve
+                pass
 
     # --- events -------------------------------------------------------------------------
 
@@ -268,8 +276,11 @@ class Coordinator:
         return [Step(tokens, margins)]
 
     def _fault(self, req: Request, worker: int, error: Exception) -> None:
-        """Retire a failed worker and restart it; its step in flight is forgotten."""
+        """Retire a failed worker and restart it; its step in flight is forgotten. A worker
+        that keeps failing sits out the rest of the request (and gets a fresh start with the
+        next one)."""
         req.metrics.faults += 1
+        req.failures[worker] = req.failures.get(worker, 0) + 1
         for launch in [x for x in req.launches.values() if x.worker == worker]:
             req.launches.pop(launch.step_id)
         if worker == self.drafter:
@@ -277,7 +288,7 @@ class Coordinator:
         self.down.add(worker)
         self.busy.pop(worker, None)
         self.cached[worker] = []
-        if worker not in self.restarting:
+        if worker not in self.restarting and req.failures[worker] <= RESTART_ATTEMPTS:
             self.restarting[worker] = asyncio.ensure_future(self._restart(worker))
 
     async def _restart(self, worker: int) -> None:

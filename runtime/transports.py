@@ -35,8 +35,8 @@ class Lane:
         threading.Thread(target=self._run, name=name, daemon=True).start()
 
     def _run(self) -> None:
-        while True:
-            fn, loop, future = self.calls.get()
+        while (call := self.calls.get()) is not None:
+            fn, loop, future = call
             try:
                 result = fn()
             except BaseException as e:  # noqa: BLE001 - handed to the awaiting coroutine
@@ -49,6 +49,10 @@ class Lane:
         future = loop.create_future()
         self.calls.put((fn, loop, future))
         return future
+
+    def close(self) -> None:
+        """The thread ends after the call it is running (a hung one: when that returns)."""
+        self.calls.put(None)
 
 
 class LocalHandle:
@@ -84,11 +88,15 @@ class LocalTransport:
         return self.handles[i]
 
     async def restart(self, i: int) -> None:
-        self.handles.pop(i, None)  # a hung thread is left behind; a fresh worker takes its place
+        handle = self.handles.pop(i, None)
+        if handle is not None:  # a hung thread ends when its call does; a fresh worker takes its place
+            handle.lane.close()
         self.restarts += 1
         await self.handle(i)
 
     async def close(self) -> None:
+        for handle in self.handles.values():
+            handle.lane.close()
         self.handles.clear()
 
 

@@ -95,8 +95,8 @@ class DecodeWorker:
         if self._request != (req.request_id, req.sampling):
             sampling = SamplingConfig(**req.sampling) if req.sampling else None
             self._choose, self._request = chooser(sampling, req.max_new_tokens), (req.request_id, req.sampling)
-            with self._lock:
-                self._aborted.clear()
+            with self._lock:  # step ids only grow: older ones can go (an early abort of this one stays)
+                self._aborted = {s for s in self._aborted if s >= req.step_id}
         return self._choose
 
     @torch.inference_mode()
