@@ -431,6 +431,13 @@ class Coordinator:
         req.chain = base + result.tokens
         req.draft_cached = result.cache_length
 
+    async def close(self) -> None:
+        """Stop restarts in progress and the workers."""
+        for task in self.restarting.values():
+            task.cancel()
+        await asyncio.gather(*self.restarting.values(), return_exceptions=True)
+        await self.transport.close()
+
     # --- end of a request ---------------------------------------------------------------
 
     async def _drain(self, req: Request) -> None:

@@ -177,7 +177,7 @@ class PipelineMode:
         return None if m is None else m.summary()
 
     def close(self) -> None:
-        self._call(self.transport.close())
+        self._call(self.coordinator.close())
         self.loop.call_soon_threadsafe(self.loop.stop)
 
 

@@ -46,7 +46,7 @@ AXES = {  # grid axis -> (section of LeapfrogConfig, field)
 SETTINGS = {"modes": ["pipeline"], "references": ["ht"], "per_category": None, "limit": None}
 CSV_FIELDS = [
     "point", *AXES, "mode", "tokens", "tokens_per_s", "speedup_vs_ar", "latency_ms_per_token",
-    "worker_ms_per_token", "tau", "identical", "prompts", "hit_rate", "wasted_steps", "faults", "pareto",
+    "worker_ms_per_token", "tau", "identical_prompts", "prompts", "hit_rate", "wasted_steps", "faults", "pareto",
 ]
 
 
@@ -150,7 +150,7 @@ def csv_rows(index: int, point: dict, result: dict) -> list[dict]:
             "tokens": m["tokens"], "tokens_per_s": m["tokens_per_s"], "speedup_vs_ar": m["speedup_vs_ar"],
             "latency_ms_per_token": round(1000 * m["latency_per_token_s"], 3),
             "worker_ms_per_token": round(1000 * m["worker_s_per_token"], 3), "tau": m["mean_accepted"],
-            "identical": m["identical_to_ar"], "prompts": result["prompts"], "hit_rate": workers.get("hit_rate"),
+            "identical_prompts": m["identical_to_ar"], "prompts": result["prompts"], "hit_rate": workers.get("hit_rate"),
             "wasted_steps": workers.get("wasted_steps"), "faults": workers.get("faults"), "pareto": False,
         })
     return rows
