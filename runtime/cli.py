@@ -229,7 +229,7 @@ def cmd_generate(args, config: LeapfrogConfig) -> int:
         print(text.push(step.tokens), end="", flush=True)
     seconds = time.perf_counter() - start
     print(text.flush())
-    report = f"{config.model.dtype}, {config.runtime.threads} threads, {describe_sampling(sampling)}"
+    report = f"{config.model.dtype}, {describe_threads(mode, config)}, {describe_sampling(sampling)}"
     print(f"[{mode}] {speed_line(len(tokens), seconds, passes)} ({report})", file=sys.stderr)
     for other in compare:  # same prompt, same process, measured right after
         run = run_once(engine, other, prompt_ids, max_new, sampling)
@@ -238,8 +238,16 @@ def cmd_generate(args, config: LeapfrogConfig) -> int:
             same = describe_difference(tokens, margins, run["tokens"], config.model.dtype)
         else:
             same = "not comparable token by token (transformers' own sampler)"
-        print(f"[{other}] {line}; output vs [{mode}]: {same}", file=sys.stderr)
+        print(f"[{other}] {line} ({describe_threads(other, config)}); output vs [{mode}]: {same}", file=sys.stderr)
+    engine.close()
     return 0
+
+
+def describe_threads(mode: str, config: LeapfrogConfig) -> str:
+    p = config.pipeline
+    if mode in ("pipeline", "async"):
+        return f"{p.workers} workers x {p.threads} thread{'s' * (p.threads > 1)} ({p.transport})"
+    return f"{config.runtime.threads} threads"
 
 
 def describe_sampling(sampling) -> str:

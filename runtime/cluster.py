@@ -18,6 +18,8 @@ def ensure_ray(workers: int) -> None:
     if os.environ.get("RAY_ADDRESS"):  # inside `ray job submit`, or pointed at a cluster
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
     else:
+        # A private cluster of this process: no token to hand out (Ray warns otherwise).
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         # One CPU per worker at least: more workers than cores time-share them (and say so in sweeps).
         ray.init(
             num_cpus=max(os.cpu_count() or 1, workers), include_dashboard=False,
