@@ -319,6 +319,10 @@ def cmd_serve(args, config: LeapfrogConfig) -> int:
 
     mode = config.generation.mode
     check_modes([mode])
+    if mode in ("pipeline", "async") and config.pipeline.transport == "ray":  # room for every engine's workers
+        from runtime.cluster import ensure_ray
+
+        ensure_ray(config.pipeline.workers * config.server.concurrency)
     engines = [make_engine(config) for _ in range(config.server.concurrency)]
     for engine in engines:
         engine.mode(mode)  # build the default mode now (drafter weights load), not on the first request

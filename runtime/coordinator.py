@@ -43,6 +43,7 @@ from workers.decode_worker import OBSERVED_TOP_K
 from workers.drafters.token_recycling import TokenRecyclingDrafter
 
 RESTART_ATTEMPTS = 3
+MODES = ("pipeline", "async")
 
 
 @dataclass
@@ -156,13 +157,10 @@ def subtree_paths(launch: Launch, seq: list[int]) -> list[list[int]]:
 
 
 class Coordinator:
-    def __init__(self, transport, config: PipelineConfig, drafters: DrafterConfigs, vocab_size: int, mode: str):
-        if mode == "async" and transport.size < 2:
-            raise ValueError("mode async needs at least 2 workers: one drafts, the others verify")
+    def __init__(self, transport, config: PipelineConfig, drafters: DrafterConfigs, vocab_size: int):
         self.transport, self.config, self.drafters, self.vocab = transport, config, drafters, vocab_size
-        self.mode = mode
-        self.drafter = 0 if mode == "async" else None
-        self.verifiers = [i for i in range(transport.size) if i != self.drafter]
+        self.drafter: int | None = None  # async: the drafting worker (per request, see _use)
+        self.verifiers = list(range(transport.size))
         self.cached: dict[int, list[int]] = {i: [] for i in range(transport.size)}  # each worker's cache
         self.busy: dict[int, asyncio.Task] = {}
         self.down: set[int] = set()
@@ -176,14 +174,28 @@ class Coordinator:
         self.current: Request | None = None  # one request at a time: the workers' caches are its
         self.lock = asyncio.Lock()
 
+    def check_mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"the coordinator runs modes {MODES}, not {mode!r}")
+        if mode == "async" and self.transport.size < 2:
+            raise ValueError("mode async needs at least 2 workers: one drafts, the others verify")
+
+    def _use(self, mode: str) -> None:
+        """async: worker 0 drafts and the others verify; pipeline: all verify."""
+        self.check_mode(mode)
+        self.drafter = 0 if mode == "async" else None
+        self.verifiers = [i for i in range(self.transport.size) if i != self.drafter]
+
     def _id(self) -> int:
         self.next_id += 1
         return self.next_id
 
     async def generate(
-        self, prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int], sampling: SamplingConfig | None = None
+        self, prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int], sampling: SamplingConfig | None = None,
+        mode: str = "pipeline",
     ) -> AsyncIterator[Step]:
         """The reply as Steps, exactly `ar`'s tokens."""
+        self.check_mode(mode)
         greedy = sampling is None or sampling.greedy
         req = Request(self._id(), list(prompt_ids), len(prompt_ids), max_new_tokens, set(stop_ids),
                       None if greedy else asdict(sampling))
@@ -191,7 +203,8 @@ class Coordinator:
         await self.lock.acquire()
         self.current = req
         try:
-            await self._start_workers()
+            self._use(mode)
+            await self.start_workers()
             self._schedule(req)
             while not req.done:
                 kind, item, payload = await req.events.get()
@@ -207,7 +220,7 @@ class Coordinator:
             self.last_metrics, self.current = req.metrics, None
             self.lock.release()
 
-    async def _start_workers(self) -> None:
+    async def start_workers(self) -> None:
         """Create the workers that do not exist yet, all at once (the first request waits
         for its replicas to load; later requests find them ready), and restart those that
         sat out the last request."""

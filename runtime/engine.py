@@ -30,6 +30,7 @@ class Engine:
         self.cache = self.model.new_cache(config.max_context + TREE_HEADROOM)
         self.stop_ids = stop_ids(self.tokenizer, self.folder)
         self._modes: dict[str, object] = {}
+        self._workers = None  # runtime.worker_pool.WorkerPool of the pipelined modes, made on first use
 
     def encode_chat(self, prompt: str | list[dict]) -> list[int]:
         return encode_chat(self.tokenizer, prompt)
@@ -51,26 +52,31 @@ class Engine:
             self._modes[name] = build_mode(name, self)
         return self._modes[name]
 
+    def workers(self):
+        """The pipelined modes' workers and coordinator, started on first use."""
+        from runtime.worker_pool import WorkerPool
+
+        if self._workers is None:
+            self._workers = WorkerPool(self)
+        return self._workers
+
     def set_drafter_config(self, name: str, settings) -> None:
         """Replace one field of DrafterConfigs ("ht", "medusa", "pass_", ...); the modes
-        that draft are rebuilt on their next use (the hf peers are kept)."""
+        that draft are rebuilt on their next use (the hf peers are kept), the workers restart."""
         self.drafters = dataclasses.replace(self.drafters, **{name: settings})
-        self._drop_modes(lambda mode: mode != "ar" and not mode.startswith("hf"))
+        self._modes = {name: mode for name, mode in self._modes.items() if name == "ar" or name.startswith("hf")}
+        self.close()
 
     def set_pipeline_config(self, pipeline: PipelineConfig) -> None:
-        """New [pipeline] settings; the multi-worker modes restart their workers on next use."""
+        """New [pipeline] settings; the workers restart on next use."""
         self.pipeline = pipeline.validate()
-        self._drop_modes(lambda mode: mode in ("pipeline", "async"))
+        self.close()
 
     def close(self) -> None:
-        """Stop what the modes started (the pipelined modes' workers)."""
-        self._drop_modes(lambda mode: True)
-
-    def _drop_modes(self, which) -> None:
-        for name in [m for m in self._modes if which(m)]:
-            mode = self._modes.pop(name)
-            if hasattr(mode, "close"):
-                mode.close()
+        """Stop the pipelined modes' workers (a later pipelined reply starts new ones)."""
+        if self._workers is not None:
+            self._workers.close()
+            self._workers = None
 
     def steps(
         self, prompt_ids: list[int], mode: str, max_new_tokens: int, sampling: SamplingConfig | None = None

@@ -123,62 +123,25 @@ class HiddenTransferLookupMode(PseudoStateMode):
 
 
 class PipelineMode:
-    """Several workers (model replicas) on one reply: runtime.coordinator with the [pipeline]
-    settings, over Ray actors or in-process threads. `metrics` describes the last reply."""
+    """Several workers (model replicas) on one reply: the engine's WorkerPool
+    (runtime.worker_pool) with the [pipeline] settings, over Ray actors or in-process
+    threads. `metrics` describes the last reply of this mode."""
 
     name = "pipeline"
 
     def __init__(self, engine):
-        import asyncio
-        import threading
-
-        from runtime.coordinator import Coordinator
-
-        self.engine, c = engine, engine.pipeline
-        self.loop = asyncio.new_event_loop()
-        threading.Thread(target=self.loop.run_forever, name=f"leapfrog-{self.name}", daemon=True).start()
-        self.transport = self.build_transport(engine, c)
-        self.coordinator = Coordinator(self.transport, c, engine.drafters, engine.model.args.vocab_size, self.name)
-
-    @staticmethod
-    def build_transport(engine, c):
-        from dataclasses import asdict
-
-        from runtime.transports import LocalTransport, RayTransport
-        from workers.ray_worker import load_worker
-
-        if c.transport == "local":
-            return LocalTransport(c.workers, lambda i: load_worker(engine.config, engine.drafters.ht, model=engine.model))
-        from runtime.cluster import ensure_ray
-
-        ensure_ray(c.workers)
-        return RayTransport(c.workers, asdict(engine.config), asdict(engine.drafters.ht), c.threads)
-
-    def _call(self, coroutine):
-        import asyncio
-
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+        self.engine, self.metrics = engine, None
+        pool = self.engine.workers()
+        pool.coordinator.check_mode(self.name)
+        pool.start()
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingConfig | None = None) -> Iterator[Step]:
-        replies = self.coordinator.generate(prompt_ids, max_new_tokens, self.engine.stop_ids, sampling)
-
-        async def step():
-            return await anext(replies, None)
-
+        pool = self.engine.workers()
         try:
-            while (item := self._call(step())) is not None:
-                yield item
+            yield from pool.generate(self.name, prompt_ids, max_new_tokens, sampling)
         finally:
-            self._call(replies.aclose())
-
-    @property
-    def metrics(self) -> dict | None:
-        m = self.coordinator.last_metrics
-        return None if m is None else m.summary()
-
-    def close(self) -> None:
-        self._call(self.coordinator.close())
-        self.loop.call_soon_threadsafe(self.loop.stop)
+            last = pool.coordinator.last_metrics
+            self.metrics = None if last is None else last.summary()
 
 
 class AsyncDraftMode(PipelineMode):

@@ -23,6 +23,9 @@ from runtime.messages import DraftRequest, DraftResult, Prediction, StepRequest,
 from workers.decode_worker import DecodeWorker, advance
 
 
+PLACEMENT_TIMEOUT_S = 120.0  # a cluster may need to scale up; longer means it lacks the resources
+
+
 class WorkerFailed(RuntimeError):
     """A worker died, hung past the timeout or answered nonsense."""
 
@@ -141,7 +144,7 @@ class RayTransport:
 
             from workers.ray_worker import RayDecodeWorker
 
-            await self.group.ready()
+            await self._placed()
             placement = PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=i)
             actor = RayDecodeWorker.options(
                 num_cpus=1, num_gpus=1 if self.gpu else 0, scheduling_strategy=placement, name=None
@@ -150,6 +153,17 @@ class RayTransport:
             await handle.health()  # the replica is loaded: the first step is not charged for it
             self.handles[i] = handle
         return self.handles[i]
+
+    async def _placed(self) -> None:
+        import ray
+
+        try:
+            await asyncio.wait_for(self.group.ready(), PLACEMENT_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise WorkerFailed(
+                f"Ray could not place {self.size} workers ({self.group.bundle_specs[0]} each) in "
+                f"{PLACEMENT_TIMEOUT_S:.0f} s; free now: {ray.available_resources()}"
+            ) from None
 
     async def restart(self, i: int) -> None:
         import ray

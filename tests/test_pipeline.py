@@ -36,9 +36,10 @@ def ar_tokens(engine, ids, n, sampling=None):
     return [t for s in engine.steps(ids, "ar", n, sampling) for t in s.tokens]
 
 
-def run(engine, coordinator, ids, n, sampling=None):
+def run(engine, coordinator, ids, n, sampling=None, mode="pipeline"):
     async def collect():
-        return [t for s in [s async for s in coordinator.generate(ids, n, engine.stop_ids, sampling)] for t in s.tokens]
+        steps = [s async for s in coordinator.generate(ids, n, engine.stop_ids, sampling, mode)]
+        return [t for s in steps for t in s.tokens]
 
     return asyncio.run(collect())
 
@@ -51,7 +52,9 @@ def make_coordinator(engine, mode="pipeline", worker_class=DecodeWorker, **setti
         return worker_class(w.model, w.drafter, w.cache)
 
     transport = LocalTransport(config.workers, make)
-    return Coordinator(transport, config, engine.drafters, engine.model.args.vocab_size, mode), transport
+    coordinator = Coordinator(transport, config, engine.drafters, engine.model.args.vocab_size)
+    coordinator.check_mode(mode)
+    return coordinator, transport
 
 
 # --------------------------------------------------------------------------- messages, trees
@@ -120,7 +123,8 @@ def test_async_mode_identical_to_ar_and_uses_the_chain(engine):
     coordinator, _ = make_coordinator(engine, "async", drafter_layer=24, draft_chunk=2)
     for prompt in PROMPTS:
         ids = engine.encode_chat(prompt)
-        assert run(engine, coordinator, ids, 40) == ar_tokens(engine, ids, 40)
+        assert run(engine, coordinator, ids, 40, mode="async") == ar_tokens(engine, ids, 40)
+        assert coordinator.last_metrics.worker_s > 0
     with pytest.raises(ValueError, match="at least 2 workers"):
         make_coordinator(engine, "async", workers=1)
 
@@ -138,6 +142,10 @@ def test_max_new_tokens_and_the_mode_interface(engine):
     for n in (1, 2, 5):
         assert [t for s in engine.steps(ids, "pipeline", n) for t in s.tokens] == ar_tokens(engine, ids, n)
     assert engine.mode("pipeline").metrics["tokens"] == 5
+    # Both pipelined modes run on the engine's one set of workers, one after the other.
+    pool = engine.workers()
+    assert [t for s in engine.steps(ids, "async", 5) for t in s.tokens] == ar_tokens(engine, ids, 5)
+    assert engine.workers() is pool and engine.mode("async").metrics["tokens"] == 5
 
 
 def test_wrong_predictions_are_rolled_back(engine, monkeypatch):

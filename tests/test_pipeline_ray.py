@@ -40,24 +40,32 @@ def test_ray_pipeline_identical_to_ar(engine):
     assert metrics["worker_s"] > 0 and metrics["spawned"] > 0  # both actors worked, on predictions
 
 
+def test_ray_async_shares_the_workers(engine):
+    transport = engine.workers().transport
+    ids = engine.encode_chat(PROMPT)
+    assert [t for s in engine.steps(ids, "async", 32) for t in s.tokens] == ar_tokens(engine, ids, 32)
+    assert engine.workers().transport is transport and len(transport.handles) == 2
+    assert engine.mode("async").metrics["faults"] == 0
+
+
 def test_killing_an_actor_mid_request_loses_nothing(engine):
     import ray
 
-    mode = engine.mode("pipeline")
+    mode, transport = engine.mode("pipeline"), engine.workers().transport
     ids = engine.encode_chat(PROMPT)
     tokens: list[int] = []
     for i, step in enumerate(engine.steps(ids, "pipeline", 48)):
         tokens += step.tokens
         if i == 2:
-            victim = mode.transport.handles[1].actor
+            victim = transport.handles[1].actor
             ray.kill(victim, no_restart=True)
     assert tokens == ar_tokens(engine, ids, 48)
-    assert mode.metrics["faults"] >= 1 and mode.transport.restarts >= 1
+    assert mode.metrics["faults"] >= 1 and transport.restarts >= 1
     # The replacement loads in the background (the request did not wait for it) ...
     deadline = time.monotonic() + 120
-    while 1 not in mode.transport.handles and time.monotonic() < deadline:
+    while 1 not in transport.handles and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert mode.transport.handles[1].actor != victim
+    assert transport.handles[1].actor != victim
     # ... and serves the next request next to worker 0 (steps spawned on predictions), exactly.
     ids = engine.encode_chat("What is the capital of France?")
     assert [t for s in engine.steps(ids, "pipeline", 32) for t in s.tokens] == ar_tokens(engine, ids, 32)
