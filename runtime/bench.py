@@ -169,14 +169,15 @@ def worker_summary(runs: list[dict]) -> dict | None:
         return None
     total = {key: sum(m[key] for m in metrics) for key in (
         "tokens", "steps", "spawned", "hits", "wasted_steps", "wasted_tokens", "forward_tokens", "worker_s",
-        "round_trip_s", "coordinator_s", "faults", "wall_s")}
+        "step_s", "draft_s", "drafts", "round_trip_s", "coordinator_s", "faults", "wall_s")}
     per = max(total["tokens"], 1)
     return {
         **total,
         "hit_rate": round(total["hits"] / total["spawned"], 4) if total["spawned"] else None,
         "worker_s_per_token": round(total["worker_s"] / per, 5),
-        "forward_s_per_step": round(total["worker_s"] / max(total["steps"], 1), 5),
-        "transport_s_per_step": round(max(total["round_trip_s"] - total["worker_s"], 0) / max(total["steps"], 1), 5),
+        "forward_s_per_step": round(total["step_s"] / max(total["steps"], 1), 5),
+        "forward_s_per_draft": round(total["draft_s"] / total["drafts"], 5) if total["drafts"] else None,
+        "transport_s_per_step": round(max(total["round_trip_s"] - total["step_s"], 0) / max(total["steps"], 1), 5),
         "coordinator_s_per_token": round(total["coordinator_s"] / per, 6),
     }
 
@@ -283,7 +284,9 @@ def format_table(result: dict) -> str:
             lines.append(
                 f"{mode}: {w['steps']} steps, {w['spawned']} on predictions (hit {hits}), {w['wasted_steps']} wasted "
                 f"({w['wasted_tokens']} tree tokens); per step: forward {1000 * w['forward_s_per_step']:.1f} ms, "
-                f"transport {1000 * w['transport_s_per_step']:.1f} ms; coordinator {1000 * w['coordinator_s_per_token']:.2f} ms/token; "
+                f"transport {1000 * w['transport_s_per_step']:.1f} ms; "
+                + (f"{w['drafts']} drafter calls of {1000 * w['forward_s_per_draft']:.1f} ms; " if w["drafts"] else "")
+                + f"coordinator {1000 * w['coordinator_s_per_token']:.2f} ms/token; "
                 f"{w['worker_s_per_token'] * 1000:.1f} worker-ms/token; faults {w['faults']}"
             )
     for mode, m in result["modes"].items():

@@ -57,7 +57,10 @@ class Metrics:
     wasted_steps: int = 0  # steps that committed nothing (stale, aborted or beaten)
     wasted_tokens: int = 0  # tree nodes those steps ran
     forward_tokens: int = 0  # tree nodes and catch-up tokens all steps ran
-    worker_s: float = 0.0  # compute inside the workers (steps and drafts)
+    worker_s: float = 0.0  # compute inside the workers: step_s + draft_s
+    step_s: float = 0.0  # ... in verifying steps
+    draft_s: float = 0.0  # ... in the asynchronous drafter's calls
+    drafts: int = 0
     round_trip_s: float = 0.0  # launch to result, summed over steps
     coordinator_s: float = 0.0  # building trees and merging results
     faults: int = 0
@@ -70,7 +73,7 @@ class Metrics:
             "hit_rate": self.hits / self.spawned if self.spawned else None,
             "worker_s_per_token": self.worker_s / per,
             "latency_per_token_s": self.wall_s / per,
-            "transport_s_per_step": max(self.round_trip_s - self.worker_s, 0.0) / max(self.steps, 1),
+            "transport_s_per_step": max(self.round_trip_s - self.step_s, 0.0) / max(self.steps, 1),
         }
 
 
@@ -259,6 +262,7 @@ class Coordinator:
         m = req.metrics
         m.steps += 1
         m.worker_s += result.forward_s
+        m.step_s += result.forward_s
         m.round_trip_s += time.perf_counter() - launch.started
         m.forward_tokens += len(launch.request.context) - 1 + len(launch.plan.tree)
         full = launch.base + result.tokens
@@ -441,6 +445,8 @@ class Coordinator:
     def _drafted(self, req: Request, base: list[int], result: DraftResult) -> None:
         req.drafting = False
         req.metrics.worker_s += result.forward_s
+        req.metrics.draft_s += result.forward_s
+        req.metrics.drafts += 1
         req.chain = base + result.tokens
         req.draft_cached = result.cache_length
 

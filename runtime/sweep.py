@@ -107,6 +107,10 @@ def run_sweep(sweep: Sweep, out: str | Path, progress: bool = True) -> Path:
     prompts = load_prompts(default_prompts_path(), sweep.limit, sweep.per_category)
     rows, results, engines = [], [], {}
     points = sweep.points()
+    if sweep.modes and sweep.base.pipeline.transport == "ray":  # room for the largest grid point's workers
+        from runtime.cluster import ensure_ray
+
+        ensure_ray(max(sweep.config_at(point).pipeline.workers for point in points))
     bar = tqdm(points, desc="sweep", unit="point", disable=not progress, file=sys.stderr)
     for index, point in enumerate(bar):
         bar.set_postfix_str(" ".join(f"{k}={v}" for k, v in point.items()))
