@@ -188,8 +188,8 @@ def pareto_chart(rows: list[dict], path: Path, title: str) -> Path:
                 ax.annotate(f"{r['workers']}w {r['policy']} p{r['predict_layer']}", (r["worker_ms_per_token"], r["latency_ms_per_token"]),
                             fontsize=6, xytext=(3, 3), textcoords="offset points")
     front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["worker_ms_per_token"])
-    ax.plot([r["worker_ms_per_token"] for r in front], [r["latency_ms_per_token"] for r in front], "k--", linewidth=1,
-            label="Pareto frontier")
+    ax.plot([r["worker_ms_per_token"] for r in front], [r["latency_ms_per_token"] for r in front], "k--o", linewidth=1,
+            markersize=11, markerfacecolor="none", label="Pareto frontier")
     ax.set_xlabel("compute: busy worker-ms per token")
     ax.set_ylabel("latency: ms per token")
     ax.set_title(title, fontsize=9)
