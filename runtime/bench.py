@@ -98,6 +98,7 @@ def run_once(engine, mode: str, prompt_ids: list[int], max_new_tokens: int, samp
         # Tokens committed by each single-pass decoding step (the first Step is the prefill).
         "step_tokens": [len(s.tokens) for s in steps[1:] if s.forward_passes == 1],
         "seconds": seconds,
+        "workers": getattr(engine.mode(mode), "metrics", None),  # multi-worker modes: runtime.coordinator.Metrics
     }
 
 
@@ -161,6 +162,26 @@ def acceptance_by_depth(runs: list[dict]) -> list[float]:
     return [round(sum(n > d for n in sizes) / len(sizes), 4) for d in range(1, max(sizes))]
 
 
+def worker_summary(runs: list[dict]) -> dict | None:
+    """Pipelined modes: the coordinator's metrics summed over prompts."""
+    metrics = [r["workers"] for r in runs if r.get("workers")]
+    if not metrics:
+        return None
+    total = {key: sum(m[key] for m in metrics) for key in (
+        "tokens", "steps", "spawned", "hits", "wasted_steps", "wasted_tokens", "forward_tokens", "worker_s",
+        "step_s", "draft_s", "drafts", "round_trip_s", "coordinator_s", "faults", "wall_s")}
+    per = max(total["tokens"], 1)
+    return {
+        **total,
+        "hit_rate": round(total["hits"] / total["spawned"], 4) if total["spawned"] else None,
+        "worker_s_per_token": round(total["worker_s"] / per, 5),
+        "forward_s_per_step": round(total["step_s"] / max(total["steps"], 1), 5),
+        "forward_s_per_draft": round(total["draft_s"] / total["drafts"], 5) if total["drafts"] else None,
+        "transport_s_per_step": round(max(total["round_trip_s"] - total["step_s"], 0) / max(total["steps"], 1), 5),
+        "coordinator_s_per_token": round(total["coordinator_s"] / per, 6),
+    }
+
+
 def summarize(engine, prompts, modes, runs, max_new_tokens, near_tie_tol, threads, comparable=None) -> dict:
     """`comparable[mode]` False: the mode's tokens are not expected to equal ar's (sampled hf
     peers); its identity columns are None."""
@@ -211,6 +232,10 @@ def summarize(engine, prompts, modes, runs, max_new_tokens, near_tie_tol, thread
             "divergent": len(divergent) if checked else None,
             "near_tie_divergences": sum(r["near_tie"] for r in divergent) if checked else None,
             "acceptance_by_depth": acceptance_by_depth(runs[mode]),
+            "latency_per_token_s": round(1 / rates[mode], 6),
+            # Compute: busy worker-seconds per token; a single-worker mode is busy all along.
+            "worker_s_per_token": (worker_summary(runs[mode]) or {}).get("worker_s_per_token", round(1 / rates[mode], 6)),
+            "workers": worker_summary(runs[mode]),
             "per_category": {
                 cat: {
                     "prompts": len(cat_runs),
@@ -252,6 +277,18 @@ def format_table(result: dict) -> str:
             f"{mode:<{w}}{m['tokens']:>8}{m['tokens_per_s']:>9.2f}{m['speedup_vs_ar']:>7.2f}x{vs_hf:>8}"
             f"{m['mean_accepted']:>7.2f}{identity}{params:>14}{trained:>9}"
         )
+    for mode, m in result["modes"].items():
+        w = m.get("workers")
+        if w:
+            hits = f"{w['hit_rate']:.0%}" if w["hit_rate"] is not None else "-"
+            lines.append(
+                f"{mode}: {w['steps']} steps, {w['spawned']} on predictions (hit {hits}), {w['wasted_steps']} wasted "
+                f"({w['wasted_tokens']} tree tokens); per step: forward {1000 * w['forward_s_per_step']:.1f} ms, "
+                f"transport {1000 * w['transport_s_per_step']:.1f} ms; "
+                + (f"{w['drafts']} drafter calls of {1000 * w['forward_s_per_draft']:.1f} ms; " if w["drafts"] else "")
+                + f"coordinator {1000 * w['coordinator_s_per_token']:.2f} ms/token; "
+                f"{w['worker_s_per_token'] * 1000:.1f} worker-ms/token; faults {w['faults']}"
+            )
     for mode, m in result["modes"].items():
         if m.get("acceptance_by_depth"):
             depths = "  ".join(f"d{d}: {rate:.2f}" for d, rate in enumerate(m["acceptance_by_depth"], 1))

@@ -51,6 +51,8 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=positive_int, help="torch CPU threads")
     p.add_argument("--max-new-tokens", type=positive_int)
     p.add_argument("--ht-weights", help="hidden-transfer weights (.safetensors) for mode ht")
+    p.add_argument("--workers", type=positive_int, help="model replicas of modes pipeline and async (default 2)")
+    p.add_argument("--transport", choices=["ray", "local"], help="how pipeline/async reach their workers (default ray)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(bench)
     add_sampling(bench)
     add_train_ht(sub)
+
+    sweep = sub.add_parser("sweep", help="latency/compute sweep of the pipelined modes over a grid (CSV + Pareto plot)")
+    sweep.add_argument("--config", required=True, help="a config with a [sweep] section (e.g. configs/sweep.toml)")
+    sweep.add_argument("--out", required=True, help="folder for sweep.csv, sweep.json and sweep.png")
+    sweep.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     serve = sub.add_parser(
         "serve",
@@ -169,6 +176,8 @@ def resolve_config(args) -> LeapfrogConfig:
         ("port", config.server, "port"),
         ("http_port", config.server, "http_port"),
         ("concurrency", config.server, "concurrency"),
+        ("workers", config.pipeline, "workers"),
+        ("transport", config.pipeline, "transport"),
     ):
         if getattr(args, attr, None) is not None:
             setattr(section, key, getattr(args, attr))
@@ -191,7 +200,7 @@ def make_engine(config: LeapfrogConfig):
     from runtime.engine import Engine
 
     torch.set_num_threads(config.runtime.threads)
-    return Engine(config.model, config.drafters)
+    return Engine(config.model, config.drafters, config.pipeline)
 
 
 def cmd_generate(args, config: LeapfrogConfig) -> int:
@@ -220,7 +229,7 @@ def cmd_generate(args, config: LeapfrogConfig) -> int:
         print(text.push(step.tokens), end="", flush=True)
     seconds = time.perf_counter() - start
     print(text.flush())
-    report = f"{config.model.dtype}, {config.runtime.threads} threads, {describe_sampling(sampling)}"
+    report = f"{config.model.dtype}, {describe_threads(mode, config)}, {describe_sampling(sampling)}"
     print(f"[{mode}] {speed_line(len(tokens), seconds, passes)} ({report})", file=sys.stderr)
     for other in compare:  # same prompt, same process, measured right after
         run = run_once(engine, other, prompt_ids, max_new, sampling)
@@ -229,8 +238,16 @@ def cmd_generate(args, config: LeapfrogConfig) -> int:
             same = describe_difference(tokens, margins, run["tokens"], config.model.dtype)
         else:
             same = "not comparable token by token (transformers' own sampler)"
-        print(f"[{other}] {line}; output vs [{mode}]: {same}", file=sys.stderr)
+        print(f"[{other}] {line} ({describe_threads(other, config)}); output vs [{mode}]: {same}", file=sys.stderr)
+    engine.close()
     return 0
+
+
+def describe_threads(mode: str, config: LeapfrogConfig) -> str:
+    p = config.pipeline
+    if mode in ("pipeline", "async"):
+        return f"{p.workers} workers x {p.threads} thread{'s' * (p.threads > 1)} ({p.transport})"
+    return f"{config.runtime.threads} threads"
 
 
 def describe_sampling(sampling) -> str:
@@ -285,6 +302,16 @@ def cmd_bench(args, config: LeapfrogConfig) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from runtime.sweep import load_sweep, run_sweep
+
+    sweep = load_sweep(args.config)
+    print(f"sweep: {len(sweep.points())} grid points x modes ar, {', '.join(sweep.references + sweep.modes)}")
+    out = run_sweep(sweep, args.out, not args.no_progress)
+    print(f"wrote {out / 'sweep.csv'}, {out / 'sweep.json'} and {out / 'sweep.png'}")
+    return 0
+
+
 def cmd_serve(args, config: LeapfrogConfig) -> int:
     import uvloop
 
@@ -292,6 +319,10 @@ def cmd_serve(args, config: LeapfrogConfig) -> int:
 
     mode = config.generation.mode
     check_modes([mode])
+    if mode in ("pipeline", "async") and config.pipeline.transport == "ray":  # room for every engine's workers
+        from runtime.cluster import ensure_ray
+
+        ensure_ray(config.pipeline.workers * config.server.concurrency)
     engines = [make_engine(config) for _ in range(config.server.concurrency)]
     for engine in engines:
         engine.mode(mode)  # build the default mode now (drafter weights load), not on the first request
@@ -359,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command == "sweep":  # its config file carries a [sweep] section
+            return cmd_sweep(args)
         config = resolve_config(args)
         commands = {"generate": cmd_generate, "bench": cmd_bench, "train-ht": cmd_train_ht, "serve": cmd_serve}
         return commands[args.command](args, config)

@@ -142,6 +142,40 @@ class RuntimeConfig:
     threads: int = 2
 
 
+PIPELINE_POLICIES = ("chain", "fanout")
+TRANSPORTS = ("ray", "local")
+
+
+@dataclass
+class PipelineConfig:
+    """Modes `pipeline` and `async`: several workers, each a model replica (runtime.coordinator)."""
+
+    workers: int = 2  # model replicas; one Ray actor each (one GPU, or one CPU core)
+    transport: str = "ray"  # ray (actors) | local (threads in this process, sharing one replica)
+    threads: int = 1  # torch threads per worker on the CPU
+    policy: str = "chain"  # chain: a prediction seeds one step | fanout: one per alternative too
+    predict_layer: int = 0  # layers after which a step predicts its walk (early exit); 0 = from the drafts at launch
+    confidence: float = 0.5  # drafts-based prediction: descend to a child drafted at least this likely
+    alternatives: int = 2  # next-best bonus tokens per prediction (leaves, or fanout steps)
+    continuation_budget: int = 6  # nodes drafted after the predicted trunk
+    lookup: bool = True  # graft prompt-lookup chains ([pld] settings) onto every tree
+    drafter_layer: int = 8  # async: the drafting worker's early-exit layers
+    draft_chunk: int = 2  # async: tokens per drafting call
+    max_chain: int = 8  # async: drafted tokens kept ahead of the committed ones
+    step_timeout: float = 60.0  # seconds a worker may take for a step before it is restarted
+
+    def validate(self) -> PipelineConfig:
+        if self.policy not in PIPELINE_POLICIES or self.transport not in TRANSPORTS:
+            raise ConfigError(f"[pipeline] policy must be one of {PIPELINE_POLICIES}, transport one of {TRANSPORTS}: {self}")
+        if min(self.workers, self.threads, self.drafter_layer, self.draft_chunk, self.max_chain) < 1:
+            raise ConfigError(f"[pipeline] workers, threads, drafter_layer, draft_chunk, max_chain must be >= 1: {self}")
+        if not 0 < self.confidence < 1:
+            raise ConfigError(f"[pipeline] confidence must be in (0, 1), got {self.confidence}")
+        if min(self.predict_layer, self.alternatives, self.continuation_budget) < 0 or not self.step_timeout > 0:
+            raise ConfigError(f"[pipeline] predict_layer, alternatives, continuation_budget must be >= 0, step_timeout > 0: {self}")
+        return self
+
+
 # Config-file sections of DrafterConfigs fields, where the two differ.
 DRAFTER_SECTIONS = {"pass_": "pass"}
 
@@ -168,6 +202,7 @@ class LeapfrogConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     drafters: DrafterConfigs = field(default_factory=DrafterConfigs)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
 
     def validate(self) -> LeapfrogConfig:
@@ -181,6 +216,7 @@ class LeapfrogConfig:
         self.drafters.validate()
         if self.runtime.threads < 1:
             raise ConfigError(f"threads must be at least 1, got {self.runtime.threads}")
+        self.pipeline.validate()
         self.validate_server()
         return self
 
@@ -216,17 +252,24 @@ def _section(cls, values: dict, name: str):
 def load_config(path: str | Path | None = None) -> LeapfrogConfig:
     """Read a config file (default: configs/default.toml); missing keys keep their defaults."""
     path = Path(path) if path is not None else CONFIG_DIR / "default.toml"
+    return config_from_dict(read_toml(path), str(path))
+
+
+def read_toml(path: Path) -> dict:
     try:
-        data = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+
+
+def config_from_dict(data: dict, source: str) -> LeapfrogConfig:
     top = {f.name: f for f in dataclasses.fields(LeapfrogConfig) if f.name != "drafters"}
     drafters = {DRAFTER_SECTIONS.get(f.name, f.name): f for f in dataclasses.fields(DrafterConfigs)}
     unknown = set(data) - set(top) - set(drafters)
     if unknown:
-        raise ConfigError(f"{path}: unknown sections {sorted(unknown)}; known: {sorted([*top, *drafters])}")
+        raise ConfigError(f"{source}: unknown sections {sorted(unknown)}; known: {sorted([*top, *drafters])}")
 
     def read(sections: dict, cls) -> object:
         return cls(**{f.name: _section(f.default_factory, data.get(name, {}), name) for name, f in sections.items()})

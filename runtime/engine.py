@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Iterator
 
 from runtime.chat import encode_chat, stop_ids
-from runtime.config import DrafterConfigs, ModelConfig, SamplingConfig
+from runtime.config import DrafterConfigs, ModelConfig, PipelineConfig, SamplingConfig
 from runtime.decoding import Step
 from workers.loading import load_model, load_tokenizer
 
@@ -21,14 +21,16 @@ TREE_HEADROOM = 512
 
 
 class Engine:
-    def __init__(self, config: ModelConfig, drafters: DrafterConfigs | None = None):
+    def __init__(self, config: ModelConfig, drafters: DrafterConfigs | None = None, pipeline: PipelineConfig | None = None):
         self.config = config
         self.drafters = drafters or DrafterConfigs()
+        self.pipeline = pipeline or PipelineConfig()
         self.model, self.folder = load_model(config.checkpoint, config.torch_dtype(), config.torch_device())
         self.tokenizer = load_tokenizer(self.folder)
         self.cache = self.model.new_cache(config.max_context + TREE_HEADROOM)
         self.stop_ids = stop_ids(self.tokenizer, self.folder)
         self._modes: dict[str, object] = {}
+        self._workers = None  # runtime.worker_pool.WorkerPool of the pipelined modes, made on first use
 
     def encode_chat(self, prompt: str | list[dict]) -> list[int]:
         return encode_chat(self.tokenizer, prompt)
@@ -50,12 +52,31 @@ class Engine:
             self._modes[name] = build_mode(name, self)
         return self._modes[name]
 
+    def workers(self):
+        """The pipelined modes' workers and coordinator, started on first use."""
+        from runtime.worker_pool import WorkerPool
+
+        if self._workers is None:
+            self._workers = WorkerPool(self)
+        return self._workers
+
     def set_drafter_config(self, name: str, settings) -> None:
         """Replace one field of DrafterConfigs ("ht", "medusa", "pass_", ...); the modes
-        that draft are rebuilt on their next use (the hf peers are kept)."""
+        that draft are rebuilt on their next use (the hf peers are kept), the workers restart."""
         self.drafters = dataclasses.replace(self.drafters, **{name: settings})
-        for mode in [m for m in self._modes if m != "ar" and not m.startswith("hf")]:
-            del self._modes[mode]
+        self._modes = {name: mode for name, mode in self._modes.items() if name == "ar" or name.startswith("hf")}
+        self.close()
+
+    def set_pipeline_config(self, pipeline: PipelineConfig) -> None:
+        """New [pipeline] settings; the workers restart on next use."""
+        self.pipeline = pipeline.validate()
+        self.close()
+
+    def close(self) -> None:
+        """Stop the pipelined modes' workers (a later pipelined reply starts new ones)."""
+        if self._workers is not None:
+            self._workers.close()
+            self._workers = None
 
     def steps(
         self, prompt_ids: list[int], mode: str, max_new_tokens: int, sampling: SamplingConfig | None = None

@@ -122,6 +122,34 @@ class HiddenTransferLookupMode(PseudoStateMode):
     with_lookup = True
 
 
+class PipelineMode:
+    """Several workers (model replicas) on one reply: the engine's WorkerPool
+    (runtime.worker_pool) with the [pipeline] settings, over Ray actors or in-process
+    threads. `metrics` describes the last reply of this mode."""
+
+    name = "pipeline"
+
+    def __init__(self, engine):
+        self.engine, self.metrics = engine, None
+        pool = self.engine.workers()
+        pool.coordinator.check_mode(self.name)
+        pool.start()
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingConfig | None = None) -> Iterator[Step]:
+        pool = self.engine.workers()
+        try:
+            yield from pool.generate(self.name, prompt_ids, max_new_tokens, sampling)
+        finally:
+            last = pool.coordinator.last_metrics
+            self.metrics = None if last is None else last.summary()
+
+
+class AsyncDraftMode(PipelineMode):
+    """Worker 0 drafts ahead with early-exit layers; the others verify what it drafted."""
+
+    name = "async"
+
+
 def _hf(prompt_lookup: bool) -> Callable:
     def build(engine):
         from runtime.hf_peers import HfGenerateMode
@@ -142,6 +170,8 @@ MODES: dict[str, Callable] = {
     "early-exit": EarlyExitMode,
     "pld": PromptLookupMode,
     "token-recycling": TokenRecyclingMode,
+    "pipeline": PipelineMode,
+    "async": AsyncDraftMode,
 }
 
 

@@ -44,7 +44,7 @@ class Replica:
         from runtime.server import serve
 
         torch.set_num_threads(config.runtime.threads)
-        engines = [Engine(config.model, config.drafters) for _ in range(config.server.concurrency)]
+        engines = [Engine(config.model, config.drafters, config.pipeline) for _ in range(config.server.concurrency)]
         for engine in engines:
             engine.mode(config.generation.mode)
         self._addresses: dict | None = None
