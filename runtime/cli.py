@@ -1,5 +1,7 @@
-"""The `leapfrog` command: generate (stream a reply), bench (modes side by side),
-train-ht (train hidden-transfer drafter weights) and serve (the streaming server)."""
+"""The `leapfrog` command: generate (stream a reply), bench (modes side by side), sweep
+(the pipelined modes over a grid), train (drafter weights) and serve (the streaming
+server). Each command reads its config (configs.files), builds an Engine with
+Engine.from_config and hands it to the host-side package that does the work."""
 
 from __future__ import annotations
 
@@ -9,8 +11,25 @@ import sys
 import time
 from pathlib import Path
 
-from runtime.config import DTYPES, ConfigError, LeapfrogConfig, load_config
-from runtime.modes import MODES
+import uvloop
+
+from configs.files import load_config
+from configs.schema import DRAFTER_KINDS, DTYPES, ConfigError, LeapfrogConfig
+from configs.training import TRAIN_DTYPES, TrainConfig, TrainError
+from runtime.bench.charts import speedup_chart
+from runtime.bench.harness import NEAR_TIE_TOL, WARMUP_TOKENS, run_bench, run_once
+from runtime.bench.prompts import BenchInputError, default_prompts_path, load_prompts
+from runtime.bench.report import describe_difference, describe_sampling, describe_threads, format_table, speed_line
+from runtime.bench.sweep import load_sweep, run_sweep
+from runtime.engine import Engine, PromptTooLongError
+from runtime.modes import MODES, PIPELINED_MODES, UnknownModeError, check_mode
+from runtime.pipeline.cluster import ensure_ray
+from runtime.serving.servers import run_servers
+from runtime.text.stream import TextStream
+from runtime.training.sharegpt import ShareGPTError
+from runtime.training.trainer import run as run_training
+from workers.drafters.loading import DrafterWeightsError
+from workers.loading import ModelLoadError
 
 EXIT_USAGE = 2
 
@@ -50,7 +69,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads")
     p.add_argument("--max-new-tokens", type=positive_int)
-    p.add_argument("--ht-weights", help="hidden-transfer weights (.safetensors) for mode ht")
+    p.add_argument("--ht-weights", help="hidden-transfer weights (.safetensors) for modes ht, ht-pld, pipeline, async")
     p.add_argument("--workers", type=positive_int, help="model replicas of modes pipeline and async (default 2)")
     p.add_argument("--transport", choices=["ray", "local"], help="how pipeline/async reach their workers (default ray)")
 
@@ -77,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_common(bench)
     add_sampling(bench)
-    add_train_ht(sub)
+    add_train(sub)
 
     sweep = sub.add_parser("sweep", help="latency/compute sweep of the pipelined modes over a grid (CSV + Pareto plot)")
     sweep.add_argument("--config", required=True, help="a config with a [sweep] section (e.g. configs/sweep.toml)")
@@ -110,13 +129,11 @@ def add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=non_negative_int, help="sampling seed: the same seed gives the same reply in every mode")
 
 
-def add_train_ht(sub) -> None:
-    from runtime.train_ht import TRAIN_DTYPES, TrainConfig
-    from workers.drafters.pseudo_states import KINDS
-
+def add_train(sub) -> None:
     d = TrainConfig()
     p = sub.add_parser(
-        "train-ht",
+        "train",
+        aliases=["train-ht"],  # its name before it trained medusa and pass too
         help="train a pseudo-state drafter (ht, medusa, pass) by self-distillation on ShareGPT",
         description="Generate the model's greedy replies to ShareGPT training prompts (cached), then train "
         "the drafter (hidden-transfer maps, Medusa heads or PaSS look-ahead embeddings) with the backbone frozen. Writes OUT (weights), OUT with .json (summary) "
@@ -127,7 +144,7 @@ def add_train_ht(sub) -> None:
     p.add_argument("--dtype", choices=TRAIN_DTYPES, help="backbone dtype (the transfer trains in float32)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads")
-    p.add_argument("--drafter", choices=KINDS, default=d.drafter,
+    p.add_argument("--drafter", choices=DRAFTER_KINDS, default=d.drafter,
                    help="ht: hidden transfer at --layer; medusa: heads after the last layer; pass: look-ahead embeddings")
     p.add_argument("--layer", type=positive_int, help="ht: layers before the transfer (default: half the layers)")
     p.add_argument("--refine-layers", type=layer_list, default=(),
@@ -181,36 +198,17 @@ def resolve_config(args) -> LeapfrogConfig:
     ):
         if getattr(args, attr, None) is not None:
             setattr(section, key, getattr(args, attr))
-    if args.command in ("generate", "bench", "serve") and args.seed is not None:  # train-ht's --seed is its own
+    if args.command in ("generate", "bench", "serve") and args.seed is not None:  # train's --seed is its own
         config.sampling.seed = args.seed
     return config.validate()
 
 
-def check_modes(names: list[str]) -> None:
-    from runtime.modes import MODES, UnknownModeError
-
-    for name in names:
-        if name not in MODES:
-            raise UnknownModeError(f"unknown mode {name!r}; available: {', '.join(MODES)}")
-
-
-def make_engine(config: LeapfrogConfig):
-    import torch
-
-    from runtime.engine import Engine
-
-    torch.set_num_threads(config.runtime.threads)
-    return Engine(config.model, config.drafters, config.pipeline)
-
-
 def cmd_generate(args, config: LeapfrogConfig) -> int:
-    from runtime.bench import WARMUP_TOKENS, run_once
-    from runtime.text import TextStream
-
     mode, max_new = config.generation.mode, config.generation.max_new_tokens
     compare = [m.strip() for m in (args.compare or "").split(",") if m.strip() and m.strip() != mode]
-    check_modes([mode, *compare])
-    engine = make_engine(config)
+    for name in [mode, *compare]:
+        check_mode(name)
+    engine = Engine.from_config(config)
     prompt_ids = engine.encode_chat(args.prompt)
     engine.check_fits(prompt_ids, max_new)
     sampling = config.sampling
@@ -243,50 +241,17 @@ def cmd_generate(args, config: LeapfrogConfig) -> int:
     return 0
 
 
-def describe_threads(mode: str, config: LeapfrogConfig) -> str:
-    p = config.pipeline
-    if mode in ("pipeline", "async"):
-        return f"{p.workers} workers x {p.threads} thread{'s' * (p.threads > 1)} ({p.transport})"
-    return f"{config.runtime.threads} threads"
-
-
-def describe_sampling(sampling) -> str:
-    if sampling.greedy:
-        return "greedy"
-    return f"temperature {sampling.temperature}, top-k {sampling.top_k}, top-p {sampling.top_p}, seed {sampling.seed}"
-
-
-def describe_difference(ref: list[int], ref_margins: list[float], out: list[int], dtype: str) -> str:
-    """'identical', or where `out` first differs from `ref` and the reference's margin there
-    (runtime.sampling), flagged as a near tie when it is under the dtype's tolerance."""
-    from runtime.bench import NEAR_TIE_TOL, first_divergence
-
-    at = first_divergence(ref, out)
-    if at is None:
-        return "identical"
-    if at >= len(ref_margins):
-        return f"differs from token {at} on"
-    margin, tol = ref_margins[at], NEAR_TIE_TOL[dtype]
-    kind = f"a {dtype} near tie, < {tol}" if margin < tol else f"NOT a near tie, >= {tol}"
-    return f"differs from token {at} on (margin there {margin:.4f} logits: {kind})"
-
-
-def speed_line(tokens: int, seconds: float, passes: int) -> str:
-    return f"{tokens} tokens in {seconds:.2f}s: {tokens / seconds:.1f} tokens/s, {tokens / passes:.2f} tokens per forward pass"
-
-
 def cmd_bench(args, config: LeapfrogConfig) -> int:
-    from runtime.bench import NEAR_TIE_TOL, default_prompts_path, format_table, load_prompts, run_bench
-
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes:
         raise ConfigError("--modes is empty")
-    check_modes(modes)
+    for name in modes:
+        check_mode(name)
     prompts = load_prompts(args.prompts or default_prompts_path(), args.limit, args.per_category)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     tol = args.near_tie_tol if args.near_tie_tol is not None else NEAR_TIE_TOL[config.model.dtype]
-    engine = make_engine(config)
+    engine = Engine.from_config(config)
     result = run_bench(
         engine, prompts, modes, config.generation.max_new_tokens, tol, config.runtime.threads, not args.no_progress,
         config.sampling,
@@ -296,15 +261,11 @@ def cmd_bench(args, config: LeapfrogConfig) -> int:
         Path(args.out).write_text(json.dumps(result, indent=1))
         print(f"wrote {args.out}")
     if args.chart:
-        from runtime.charts import speedup_chart
-
         print(f"wrote {speedup_chart([result], [describe_sampling(config.sampling)], args.chart)}")
     return 0
 
 
 def cmd_sweep(args) -> int:
-    from runtime.sweep import load_sweep, run_sweep
-
     sweep = load_sweep(args.config)
     print(f"sweep: {len(sweep.points())} grid points x modes ar, {', '.join(sweep.references + sweep.modes)}")
     out = run_sweep(sweep, args.out, not args.no_progress)
@@ -313,17 +274,11 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_serve(args, config: LeapfrogConfig) -> int:
-    import uvloop
-
-    from runtime.server import serve
-
     mode = config.generation.mode
-    check_modes([mode])
-    if mode in ("pipeline", "async") and config.pipeline.transport == "ray":  # room for every engine's workers
-        from runtime.cluster import ensure_ray
-
+    check_mode(mode)
+    if mode in PIPELINED_MODES and config.pipeline.transport == "ray":  # room for every engine's workers
         ensure_ray(config.pipeline.workers * config.server.concurrency)
-    engines = [make_engine(config) for _ in range(config.server.concurrency)]
+    engines = [Engine.from_config(config) for _ in range(config.server.concurrency)]
     for engine in engines:
         engine.mode(mode)  # build the default mode now (drafter weights load), not on the first request
 
@@ -335,15 +290,13 @@ def cmd_serve(args, config: LeapfrogConfig) -> int:
         print(f"leapfrog serve: mode {mode}, {len(engines)} engine(s); Ctrl-C stops", flush=True)
 
     try:
-        uvloop.run(serve(engines, config, ready))
+        uvloop.run(run_servers(engines, config, ready))
     except OSError as e:  # the port is taken, or the host is not an address of this machine
         raise ConfigError(f"cannot listen on {config.server.host}: {e}") from None
     return 0
 
 
-def cmd_train_ht(args, config: LeapfrogConfig) -> int:
-    from runtime.train_ht import TrainConfig, run
-
+def cmd_train(args, config: LeapfrogConfig) -> int:
     cfg = TrainConfig(
         checkpoint=config.model.checkpoint,
         dtype=config.model.dtype,
@@ -374,26 +327,18 @@ def cmd_train_ht(args, config: LeapfrogConfig) -> int:
         distill_batch=args.distill_batch,
         progress=not args.no_progress,
     )
-    run(cfg)
+    run_training(cfg)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    from runtime.bench import BenchInputError
-    from runtime.engine import PromptTooLongError
-    from runtime.modes import UnknownModeError
-    from workers.drafters.pseudo_states import DrafterWeightsError
-    from runtime.sharegpt import ShareGPTError
-    from runtime.train_ht import TrainError
-    from workers.loading import ModelLoadError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         if args.command == "sweep":  # its config file carries a [sweep] section
             return cmd_sweep(args)
         config = resolve_config(args)
-        commands = {"generate": cmd_generate, "bench": cmd_bench, "train-ht": cmd_train_ht, "serve": cmd_serve}
+        commands = {"generate": cmd_generate, "bench": cmd_bench, "train": cmd_train, "train-ht": cmd_train, "serve": cmd_serve}
         return commands[args.command](args, config)
     except (
         ConfigError, ModelLoadError, UnknownModeError, PromptTooLongError, BenchInputError, DrafterWeightsError,

@@ -1,23 +1,24 @@
-"""The engine: one model, its tokenizer and KV cache, and the decoding modes over them."""
+"""The engine: one model, its tokenizer and KV cache, and the decoding modes over them.
+
+`Engine.from_config(config)` is the one way the CLI, the sweep and the Ray job build one.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
 
-from runtime.chat import encode_chat, stop_ids
-from runtime.config import DrafterConfigs, ModelConfig, PipelineConfig, SamplingConfig
-from runtime.decoding import Step
+from configs.schema import DrafterConfigs, LeapfrogConfig, ModelConfig, PipelineConfig, SamplingConfig
+from runtime.decoding.steps import Step
+from runtime.modes import build_mode
+from runtime.pipeline.worker_pool import WorkerPool
+from runtime.text.chat import encode_chat, stop_ids
 from workers.loading import load_model, load_tokenizer
+from workers.tree_step import decoding_cache
 
 
 class PromptTooLongError(ValueError):
     pass
-
-
-# Cache slots beyond max_context for the pending positions of a tree step
-# (tree nodes plus pseudo states), which are written before acceptance trims them.
-TREE_HEADROOM = 512
 
 
 class Engine:
@@ -27,10 +28,18 @@ class Engine:
         self.pipeline = pipeline or PipelineConfig()
         self.model, self.folder = load_model(config.checkpoint, config.torch_dtype(), config.torch_device())
         self.tokenizer = load_tokenizer(self.folder)
-        self.cache = self.model.new_cache(config.max_context + TREE_HEADROOM)
+        self.cache = decoding_cache(self.model, config.max_context)
         self.stop_ids = stop_ids(self.tokenizer, self.folder)
         self._modes: dict[str, object] = {}
-        self._workers = None  # runtime.worker_pool.WorkerPool of the pipelined modes, made on first use
+        self._workers = None  # runtime.pipeline.worker_pool.WorkerPool of the pipelined modes, made on first use
+
+    @classmethod
+    def from_config(cls, config: LeapfrogConfig) -> Engine:
+        """An engine with every section of `config` that decoding reads; sets torch's CPU threads."""
+        import torch
+
+        torch.set_num_threads(config.runtime.threads)
+        return cls(config.model, config.drafters, config.pipeline)
 
     def encode_chat(self, prompt: str | list[dict]) -> list[int]:
         return encode_chat(self.tokenizer, prompt)
@@ -45,17 +54,13 @@ class Engine:
             )
 
     def mode(self, name: str):
-        """The decoding mode called `name`, built on first use."""
-        from runtime.modes import build_mode
-
+        """The decoding mode called `name`, built on first use (runtime.modes)."""
         if name not in self._modes:
             self._modes[name] = build_mode(name, self)
         return self._modes[name]
 
     def workers(self):
         """The pipelined modes' workers and coordinator, started on first use."""
-        from runtime.worker_pool import WorkerPool
-
         if self._workers is None:
             self._workers = WorkerPool(self)
         return self._workers
@@ -81,8 +86,7 @@ class Engine:
     def steps(
         self, prompt_ids: list[int], mode: str, max_new_tokens: int, sampling: SamplingConfig | None = None
     ) -> Iterator[Step]:
-        """The reply as Steps; greedy unless `sampling` has a temperature above 0."""
+        """The reply as Steps; greedy unless `sampling` (validated when it was made) has a
+        temperature above 0."""
         self.check_fits(prompt_ids, max_new_tokens)
-        if sampling is not None:
-            sampling.validate()
         return self.mode(mode).generate(prompt_ids, max_new_tokens, sampling)

@@ -1,22 +1,36 @@
-"""Decoding modes by name. Each mode turns prompt ids into Steps (runtime.decoding.Step):
+"""Decoding modes by name. Each mode turns prompt ids into Steps (runtime.decoding.steps.Step):
 
     mode.generate(prompt_ids, max_new_tokens, sampling) -> Iterator[Step]
 
-`sampling` (runtime.config.SamplingConfig, None = greedy) picks the tokens; every mode
-here but the hf peers draws exactly `ar`'s tokens for the same seed (runtime.sampling).
+`sampling` (configs.schema.SamplingConfig, None = greedy) picks the tokens; every mode
+here but the hf peers draws exactly `ar`'s tokens for the same seed (workers.sampling).
 Modes with trained drafters report `drafter_info` (parameters, training time) for the
-benchmark table.
+benchmark table. A mode is a thin adapter: it builds its decoder (runtime.decoding) or
+reaches the engine's workers (runtime.pipeline) from the engine's config.
 
-Later drafters register here and the CLI and benchmark pick them up by name.
+`check_mode` is the one check of a mode name; the CLI, the server and the sweep call it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from runtime.config import SamplingConfig
-from runtime.decoding import Step, generate_ar
-from runtime.sampling import chooser
+from configs.schema import ConfigError, SamplingConfig
+from runtime.decoding.autoregressive import generate_ar
+from runtime.decoding.hf_peers import HfGenerateMode
+from runtime.decoding.pseudo_state_decoder import PseudoStateDecoder
+from runtime.decoding.steps import Step
+from runtime.decoding.tree_decoder import TreeDecoder
+from runtime.pipeline.coordinator import MODES as PIPELINED_MODES  # noqa: F401 - the modes on several workers, named here too
+from workers.drafters.early_exit import EarlyExitDrafter
+from workers.drafters.loading import DrafterWeightsError, load, weights_file
+from workers.drafters.prompt_lookup import PromptLookupDrafter
+from workers.drafters.token_recycling import TokenRecyclingDrafter
+from workers.sampling import chooser
+
+
+class UnknownModeError(ValueError):
+    pass
 
 
 class AutoregressiveMode:
@@ -30,32 +44,32 @@ class AutoregressiveMode:
         return generate_ar(e.model, e.cache, prompt_ids, max_new_tokens, e.stop_ids, chooser(sampling, max_new_tokens))
 
 
+def prompt_lookup_drafter(engine) -> PromptLookupDrafter:
+    c = engine.drafters.pld
+    return PromptLookupDrafter(c.min_ngram, c.max_ngram, c.depth)
+
+
 class PseudoStateMode:
     """A pseudo-state drafter (workers.drafters.pseudo_states) of `kind`, drafting inside the
-    forward pass that verifies its token tree (runtime.ht_decoding)."""
+    forward pass that verifies its token tree (runtime.decoding.pseudo_state_decoder)."""
 
     kind = "ht"
     settings_field = "ht"  # the DrafterConfigs field with its weights and tree settings
     with_lookup = False
 
     def __init__(self, engine):
-        from runtime.ht_decoding import HiddenTransferDecoder
-        from workers.drafters.pseudo_states import DrafterWeightsError, load, shipped_weights
-
         e = engine
         settings = getattr(e.drafters, self.settings_field)
-        path = shipped_weights(e.config.checkpoint, self.kind) if settings.weights == "default" else settings.weights
+        path = weights_file(e.config.checkpoint, self.kind, settings.weights)
         drafter = load(path, e.model.args)
         if drafter.config.kind != self.kind:
             raise DrafterWeightsError(f"{path} holds a {drafter.config.kind} drafter, not a {self.kind} one")
         self.engine = e
-        self.decoder = HiddenTransferDecoder(e.model, drafter.to(e.model.device), e.cache, settings, self.lookup_drafter(e))
+        lookup = prompt_lookup_drafter(e) if self.with_lookup else None
+        self.decoder = PseudoStateDecoder(e.model, drafter.to(e.model.device), e.cache, settings, lookup)
         trained = drafter.training_summary
         self.drafter_info = {"parameters": drafter.parameter_count(), "training_s": trained.get("time_s"),
                              "training_steps": trained.get("steps")}
-
-    def lookup_drafter(self, engine):
-        return PromptLookupMode.build_drafter(engine) if self.with_lookup else None
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingConfig | None = None) -> Iterator[Step]:
         choose = chooser(sampling, max_new_tokens)
@@ -70,13 +84,17 @@ class LookaheadMode(PseudoStateMode):
     kind, settings_field = "pass", "pass_"
 
 
+class HiddenTransferLookupMode(PseudoStateMode):
+    """`ht` trees with the prompt-lookup chain of the [pld] settings grafted on."""
+
+    with_lookup = True
+
+
 class TreeDrafterMode:
-    """A drafter from workers/drafters proposes a token tree each step; runtime.tree_decoding
+    """A drafter from workers/drafters proposes a token tree each step; runtime.decoding.tree_decoder
     verifies it. Subclasses build the drafter from the engine's config."""
 
     def __init__(self, engine):
-        from runtime.tree_decoding import TreeDecoder
-
         self.engine = engine
         self.decoder = TreeDecoder(engine.model, engine.cache, self.build_drafter(engine))
 
@@ -86,19 +104,12 @@ class TreeDrafterMode:
 
 
 class PromptLookupMode(TreeDrafterMode):
-    @staticmethod
-    def build_drafter(engine):
-        from workers.drafters.prompt_lookup import PromptLookupDrafter
-
-        c = engine.drafters.pld
-        return PromptLookupDrafter(c.min_ngram, c.max_ngram, c.depth)
+    build_drafter = staticmethod(prompt_lookup_drafter)
 
 
 class TokenRecyclingMode(TreeDrafterMode):
     @staticmethod
     def build_drafter(engine):
-        from workers.drafters.token_recycling import TokenRecyclingDrafter
-
         c = engine.drafters.token_recycling
         return TokenRecyclingDrafter(engine.model.args.vocab_size, c.top_k, c.budget)
 
@@ -106,26 +117,16 @@ class TokenRecyclingMode(TreeDrafterMode):
 class EarlyExitMode(TreeDrafterMode):
     @staticmethod
     def build_drafter(engine):
-        from workers.drafters.early_exit import EarlyExitDrafter
-
-        from runtime.config import ConfigError
-
         c, n_layers = engine.drafters.early_exit, engine.model.args.n_layers
         if c.layer > n_layers:
             raise ConfigError(f"[early_exit] layer {c.layer} is beyond this model's {n_layers} layers")
         return EarlyExitDrafter(engine.model, engine.cache, c.layer or n_layers // 2, c.depth)
 
 
-class HiddenTransferLookupMode(PseudoStateMode):
-    """`ht` trees with the prompt-lookup chain of the [pld] settings grafted on."""
-
-    with_lookup = True
-
-
 class PipelineMode:
     """Several workers (model replicas) on one reply: the engine's WorkerPool
-    (runtime.worker_pool) with the [pipeline] settings, over Ray actors or in-process
-    threads. `metrics` describes the last reply of this mode."""
+    (runtime.pipeline.worker_pool) with the [pipeline] settings, over Ray actors or
+    in-process threads. `metrics` describes the last reply of this mode."""
 
     name = "pipeline"
 
@@ -151,12 +152,7 @@ class AsyncDraftMode(PipelineMode):
 
 
 def _hf(prompt_lookup: bool) -> Callable:
-    def build(engine):
-        from runtime.hf_peers import HfGenerateMode
-
-        return HfGenerateMode(engine, prompt_lookup=prompt_lookup)
-
-    return build
+    return lambda engine: HfGenerateMode(engine, prompt_lookup=prompt_lookup)
 
 
 MODES: dict[str, Callable] = {
@@ -175,11 +171,12 @@ MODES: dict[str, Callable] = {
 }
 
 
-class UnknownModeError(ValueError):
-    pass
+def check_mode(name: str) -> None:
+    """UnknownModeError, naming the modes there are, unless `name` is one of them."""
+    if name not in MODES:
+        raise UnknownModeError(f"unknown mode {name!r}; available: {', '.join(MODES)}")
 
 
 def build_mode(name: str, engine):
-    if name not in MODES:
-        raise UnknownModeError(f"unknown mode {name!r}; available: {', '.join(MODES)}")
+    check_mode(name)
     return MODES[name](engine)

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from runtime.bench import NEAR_TIE_TOL, default_prompts_path, load_prompts, run_bench
-from runtime.config import HtConfig, ModelConfig
+from configs.schema import ModelConfig, PseudoStateModeConfig
+from runtime.bench.harness import NEAR_TIE_TOL, run_bench
+from runtime.bench.prompts import default_prompts_path, load_prompts
 from runtime.engine import Engine
 
 
@@ -54,7 +55,7 @@ def main() -> None:
     else:
         grid = [(d, b, n) for d, b, n in itertools.product(args.depths, args.budgets, args.pseudo_nodes) if n <= b]
     for weights, (depth, budget, pseudo_nodes) in itertools.product(args.weights.split(","), grid):
-        engine.set_drafter_config("ht", HtConfig(weights=weights, tree=args.tree, budget=budget, top_k=args.top_k, depth=depth,
+        engine.set_drafter_config("ht", PseudoStateModeConfig(weights=weights, tree=args.tree, budget=budget, top_k=args.top_k, depth=depth,
                                       pseudo_nodes=pseudo_nodes))
         result = run_bench(engine, prompts, ["ht"], args.max_new_tokens, NEAR_TIE_TOL[args.dtype], args.threads, False)
         ht = result["modes"]["ht"]

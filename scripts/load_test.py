@@ -23,8 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from runtime.bench import default_prompts_path, load_prompts  # noqa: E402
-from runtime.client import Client  # noqa: E402
+from runtime.bench.prompts import default_prompts_path, load_prompts  # noqa: E402
+from runtime.serving.client import Client  # noqa: E402
 
 
 def percentiles(values: list[float]) -> dict:

@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from runtime.charts import speedup_chart
+from runtime.bench.charts import speedup_chart
 
 
 def main() -> int:

@@ -1,8 +1,8 @@
 """Where the time of an `ht` step goes, next to an `ar` step, on the same prompts.
 
-Wraps the parts of HiddenTransferDecoder.step with wall-clock timers (tree building, the
-one forward pass, the LM head on nodes and drafts, acceptance, KV compaction); what is
-left of the step is Python overhead. Then times the forward pass alone for growing numbers of
+Wraps the parts of PseudoStateDecoder's steps with wall-clock timers (tree building, the
+tree step, and inside it the LM head on nodes and drafts, acceptance and KV compaction;
+the rest of the tree step is its forward pass); what is left is Python overhead. Then times the forward pass alone for growing numbers of
 rows, to show what a bigger tree costs.
 
     python scripts/profile_ht_step.py --dtype bfloat16 --per-category 1 --max-new-tokens 128
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-import runtime.ht_decoding as htd
-from runtime.bench import default_prompts_path, load_prompts
-from runtime.config import DrafterConfigs, HtConfig, ModelConfig
+import workers.tree_step as tree_step_module
+from configs.schema import DrafterConfigs, ModelConfig, PseudoStateModeConfig
+from runtime.bench.prompts import default_prompts_path, load_prompts
 from runtime.engine import Engine
 
 TIMES: dict[str, float] = defaultdict(float)
@@ -84,24 +84,24 @@ def main() -> None:
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
-    engine = Engine(ModelConfig(dtype=args.dtype, device="cpu"), DrafterConfigs(ht=HtConfig(weights=args.weights)))
+    engine = Engine(ModelConfig(dtype=args.dtype, device="cpu"), DrafterConfigs(ht=PseudoStateModeConfig(weights=args.weights)))
     prompts = [engine.encode_chat(q.text) for q in load_prompts(default_prompts_path(), per_category=args.per_category)]
     decoder = engine.mode("ht").decoder
-    htd.transfer_forward = timed("forward", htd.transfer_forward)
-    htd.accept_greedy = timed("accept", htd.accept_greedy)
+    tree_step_module.accept = timed("accept", tree_step_module.accept)
     decoder.build_tree = timed("build_tree", decoder.build_tree)
     decoder.cache.keep = timed("kv_keep", decoder.cache.keep)
     time_module("lm_head", engine.model.lm_head)
-    prefill = decoder.prefill
+    step = decoder.step
 
-    def prefill_phase(*args, **kwargs):
-        PHASE[0] = "prefill"
+    def step_by_phase(tree, choose, index, catch_up=()):
+        """The first step (the prompt caught up) is the prefill."""
+        PHASE[0] = "prefill" if catch_up else "decode"
         try:
-            return timed("all", prefill)(*args, **kwargs)
+            return timed("all" if catch_up else "step", step)(tree, choose, index, catch_up)
         finally:
             PHASE[0] = "decode"
 
-    decoder.prefill = prefill_phase
+    decoder.step = step_by_phase
 
     ht_tokens = ht_steps = 0
     ht_seconds = ar_seconds = ar_tokens = 0.0
@@ -122,7 +122,7 @@ def main() -> None:
     parts = {
         "prefill": TIMES["prefill:all"],
         "build_tree": TIMES["decode:build_tree"],
-        "forward": TIMES["decode:forward"],
+        "forward": TIMES["decode:step"] - TIMES["decode:lm_head"] - TIMES["decode:accept"] - TIMES["decode:kv_keep"],
         "lm_head": TIMES["decode:lm_head"],
         "accept": TIMES["decode:accept"],
         "kv_keep": TIMES["decode:kv_keep"],

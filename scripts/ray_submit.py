@@ -2,7 +2,7 @@
 
     python scripts/ray_submit.py --address http://HEAD:8265 -- --config configs/default.toml --replicas 2
 
-is `ray job submit --working-dir . -- python -m runtime.serve ARGS`, plus waiting until
+is `ray job submit --working-dir . -- python -m runtime.serving.ray_job ARGS`, plus waiting until
 every replica listens: it prints the job id, the replicas' addresses and the command that
 stops the job, then exits (the job keeps running). Exit code 1 if the job fails first.
 The repository root is the working directory shipped to the cluster (.venv, out/ and
@@ -26,13 +26,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--address", default="http://127.0.0.1:8265", help="the cluster's job server (dashboard) address")
     parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for the replicas to listen")
-    parser.add_argument("serve_args", nargs=argparse.REMAINDER, help="-- then arguments of python -m runtime.serve")
+    parser.add_argument("serve_args", nargs=argparse.REMAINDER, help="-- then arguments of python -m runtime.serving.ray_job")
     args = parser.parse_args()
     serve_args = args.serve_args[1:] if args.serve_args[:1] == ["--"] else args.serve_args
 
     client = JobSubmissionClient(args.address)
     job = client.submit_job(
-        entrypoint=" ".join(["python", "-m", "runtime.serve", *serve_args]),
+        entrypoint=" ".join(["python", "-m", "runtime.serving.ray_job", *serve_args]),
         runtime_env={"working_dir": str(ROOT), "excludes": [".venv", "out", ".git", "__pycache__"]},
     )
     print(f"submitted job {job}", flush=True)

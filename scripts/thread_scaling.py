@@ -21,7 +21,7 @@ import torch
 
 def time_forward(threads: int, dtype: str, tokens: int, prefix: int, repeats: int, start=None) -> float:
     """Median ms of one forward pass of `tokens` new positions after `prefix` cached ones."""
-    from runtime.config import ModelConfig
+    from configs.schema import ModelConfig
     from workers.loading import load_model
 
     torch.set_num_threads(threads)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import threading
 import time
 
-from runtime.config import ModelConfig
-from runtime.decoding import Step, clip_step
+from configs.schema import ModelConfig
+from runtime.decoding.steps import Step, clip_step
 from runtime.engine import Engine
 from workers.kv_cache import KVCache
 

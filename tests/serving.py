@@ -8,14 +8,14 @@ import contextlib
 import dataclasses
 
 import msgpack
-
 from mock_engine import MockEngine, expected_reply
-from runtime.client import Client
-from runtime.config import LeapfrogConfig, ServerConfig
-from runtime.openai_api import OpenAIApi
-from runtime.protocol import HEADER, decode, read_frame
-from runtime.server import Server
-from runtime.service import Service
+
+from configs.schema import LeapfrogConfig, ServerConfig
+from runtime.serving.client import Client
+from runtime.serving.native_server import NativeServer
+from runtime.serving.openai_api import OpenAIApi
+from runtime.serving.protocol import HEADER, decode, read_frame
+from runtime.serving.service import Service
 
 
 @contextlib.asynccontextmanager
@@ -27,7 +27,7 @@ async def running_server(engines: int = 1, step_delay: float = 0.0, http: bool =
     config.validate()
     mocks = [MockEngine(step_delay=step_delay) for _ in range(engines)]
     service = Service(mocks, config)
-    server = Server(service, config.server)
+    server = NativeServer(service, config.server)
     api = OpenAIApi(service, "mock-model") if http else None
     await server.start()
     if api is not None:

@@ -1,0 +1,1 @@
+"""The device side: everything that touches model tensors. Imports nothing from runtime/."""

@@ -49,6 +49,28 @@ class TokenTree:
                 mask[node] |= mask[parent]
         return mask.to(device)
 
+    def child(self, node: int, token: int) -> int | None:
+        """The child of `node` holding `token` (the first, should two hold it), or None."""
+        return next((c for c in range(node + 1, len(self.tokens)) if self.parents[c] == node and self.tokens[c] == token), None)
+
+    def walk(self, tokens: list[int], node: int = 0) -> int | None:
+        """The node reached from `node` by following `tokens` down the tree, or None when they leave it."""
+        for token in tokens:
+            node = self.child(node, token)
+            if node is None:
+                return None
+        return node
+
+    @classmethod
+    def from_parents(cls, tokens: list[int], parents: list[int]) -> TokenTree:
+        """A tree of unscored nodes from its flat form (the root first, every parent before its children)."""
+        if not tokens or len(parents) != len(tokens) or parents[0] != -1 or any(not 0 <= p < i for i, p in enumerate(parents) if i):
+            raise ValueError("a tree needs the root first and every parent before its child")
+        depths = [0] * len(tokens)
+        for i, p in enumerate(parents[1:], 1):
+            depths[i] = depths[p] + 1
+        return cls(list(tokens), list(parents), depths, [0.0] * len(tokens))
+
     def path_to(self, node: int) -> list[int]:
         """Node indices from the root to `node`, inclusive."""
         path = []
@@ -60,6 +82,12 @@ class TokenTree:
 
 def root_only(token: int) -> TokenTree:
     return TokenTree([token], [-1], [0], [0.0])
+
+
+def chain(root: int, tokens: list[int]) -> TokenTree:
+    """root -> tokens[0] -> tokens[1] -> ..., unscored."""
+    n = len(tokens)
+    return TokenTree([root, *tokens], list(range(-1, n)), list(range(n + 1)), [0.0] * (n + 1))
 
 
 def build_dynamic_tree(root: int, draft_logprobs: torch.Tensor, budget: int, top_k: int) -> TokenTree:
@@ -121,14 +149,14 @@ def build_template_tree(root: int, draft_logprobs: torch.Tensor, template: list[
     return tree
 
 
-def graft_chain(tree: TokenTree, tokens: list[int], draft_logprobs: torch.Tensor | None) -> TokenTree:
-    """Add the path root -> tokens[0] -> tokens[1] ... to `tree` in place, reusing nodes that
-    already hold the same tokens. A new node at depth d scores its parent's score plus the
-    drafts' log-probability of its token at depth d, or -inf where the drafts stop."""
-    children = tree.children()
-    node = 0
+def graft_chain(tree: TokenTree, tokens: list[int], draft_logprobs: torch.Tensor | None, at: int = 0) -> TokenTree:
+    """Add the path at -> tokens[0] -> tokens[1] ... to `tree` in place (from the root unless
+    `at` names another node), reusing nodes that already hold the same tokens. A new node
+    at depth d scores its parent's score plus the drafts' log-probability of its token at
+    depth d, or -inf where the drafts stop (or there are none)."""
+    node = at
     for token in tokens:
-        match = next((c for c in children[node] if tree.tokens[c] == token), None)
+        match = tree.child(node, token)
         if match is None:
             depth = tree.depths[node] + 1
             known = draft_logprobs is not None and depth <= draft_logprobs.shape[0]
@@ -138,7 +166,5 @@ def graft_chain(tree: TokenTree, tokens: list[int], draft_logprobs: torch.Tensor
             tree.parents.append(node)
             tree.depths.append(depth)
             tree.scores.append(tree.scores[node] + gain)
-            children[node].append(match)
-            children.append([])
         node = match
     return tree

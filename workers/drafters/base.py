@@ -1,4 +1,4 @@
-"""The narrow interface of drafters verified by runtime.tree_decoding.TreeDecoder.
+"""The narrow interface of drafters verified by runtime.decoding.tree_decoder.TreeDecoder.
 
 A drafter sees the committed tokens and the target's outputs, and proposes a token tree
 per step; it never changes what is committed, so any drafter is lossless.

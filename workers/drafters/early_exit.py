@@ -1,11 +1,14 @@
 """Early-exit self-drafting: the target's first layers, its final norm and LM head draft a chain.
 
 No new parameters: the drafter is the model cut after `layer` layers (the predictor that
-predictive pipelined decoding uses). From the root token, each draft runs one position
-through layers [0, layer) with the committed cache and takes the argmax of
-lm_head(norm(h)); `depth` drafts form a chain. The drafted positions' K/V of those
-layers are written into the cache as if committed and then truncated away, so the
-verifying forward pass overwrites them.
+predictive pipelined decoding uses). `early_exit_chain` is written once for its two
+users: mode `early-exit` (EarlyExitDrafter, below) and the asynchronous drafter of the
+pipeline (workers.decode_worker.DecodeWorker.draft). It feeds tokens through layers
+[0, layer) into the cache, as if committed, and takes argmax lm_head(norm(h)) of the
+last one as the next token, one position at a time.
+
+EarlyExitDrafter drafts `depth` tokens from the root this way and then truncates the
+cache back, so the verifying forward pass overwrites those entries.
 """
 
 from __future__ import annotations
@@ -14,7 +17,20 @@ import torch
 
 from workers.kv_cache import KVCache
 from workers.model import Transformer
-from workers.tree import TokenTree
+from workers.tree import TokenTree, chain
+
+
+def early_exit_chain(model: Transformer, cache: KVCache, feed: list[int], n: int, layer: int) -> list[int]:
+    """Commit `feed` (layers [0, layer) only) and draft n tokens after it, each committed in
+    turn so the next draft attends to it; returns the drafts."""
+    drafted = []
+    for _ in range(n):
+        positions = torch.arange(cache.length, cache.length + len(feed), device=model.device)
+        h = model.run_layers(model.embed(torch.tensor([feed], device=model.device)), model.context(positions, cache), 0, layer)
+        cache.commit(len(feed))
+        feed = [int(model.lm_head(model.norm(h[0, -1])).argmax())]
+        drafted.append(feed[0])
+    return drafted
 
 
 class EarlyExitDrafter:
@@ -29,18 +45,10 @@ class EarlyExitDrafter:
         pass  # nothing is kept between requests
 
     def propose(self, root: int) -> TokenTree:
-        model, cache = self.model, self.cache
-        committed, token, chain = cache.length, root, []
-        for _ in range(self.depth):
-            tokens = torch.tensor([[token]], device=model.device)
-            positions = torch.tensor([cache.length], device=model.device)
-            h = model.run_layers(model.embed(tokens), model.context(positions, cache), 0, self.layer)
-            cache.commit(1)  # the next draft attends to this one
-            token = int(model.lm_head(model.norm(h[0, -1])).argmax())
-            chain.append(token)
-        cache.truncate(committed)
-        n = len(chain) + 1
-        return TokenTree([root, *chain], list(range(-1, n - 1)), list(range(n)), [0.0] * n)
+        committed = self.cache.length
+        drafts = early_exit_chain(self.model, self.cache, [root], self.depth, self.layer)
+        self.cache.truncate(committed)
+        return chain(root, drafts)
 
     def observe(self, tree: TokenTree, path: list[int], top_tokens: torch.Tensor) -> None:
         pass  # the drafts come from the model itself

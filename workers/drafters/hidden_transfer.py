@@ -4,7 +4,7 @@ After `layer` decoder layers (0 < layer < N), the hidden state h of the last acc
 token (position t) is mapped by W_1..W_k to pseudo states W_j h for positions t+1..t+k.
 They join the sequence there and run through the remaining layers with the real tokens;
 the LM head then reads from pseudo state j a draft of the token at t+j+1
-(workers.drafters.pseudo_states describes the family; runtime.ht_decoding runs it).
+(workers.drafters.pseudo_states describes the family; workers.drafters.pseudo_forward runs it).
 With `refine_layers`, maps U_ij at each later layer R_i add U_ij h_(R_i) to pseudo state j.
 """
 

@@ -9,12 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from workers.tree import TokenTree, root_only
-
-
-def chain(root: int, tokens: list[int]) -> TokenTree:
-    n = len(tokens)
-    return TokenTree([root, *tokens], list(range(-1, n)), list(range(n + 1)), [0.0] * (n + 1))
+from workers.tree import TokenTree, chain
 
 
 def lookup(context: list[int], min_ngram: int, max_ngram: int, depth: int) -> list[int]:
@@ -42,8 +37,7 @@ class PromptLookupDrafter:
         return lookup(self.context + [root], self.min_ngram, self.max_ngram, self.depth)
 
     def propose(self, root: int) -> TokenTree:
-        drafts = self.drafts(root)
-        return chain(root, drafts) if drafts else root_only(root)
+        return chain(root, self.drafts(root))
 
     def observe(self, tree: TokenTree, path: list[int], top_tokens: torch.Tensor | None = None) -> None:
         self.context += [tree.tokens[i] for i in path]  # the root and the accepted drafts

@@ -13,16 +13,18 @@ norm and the frozen LM head read from pseudo state j a draft of the token at t+j
 
 Medusa's heads sit after the last layer, so nothing follows them but the norm and LM
 head; PaSS's embeddings enter before the first, so they see the whole model. One
-decoder (runtime.ht_decoding) and one training loop (runtime.train_ht) serve all three.
+forward (workers.drafters.pseudo_forward) serves all three: the decoder
+(runtime.decoding.pseudo_state_decoder), the pipeline's worker (workers.decode_worker)
+and training (runtime.training).
 
 Hidden transfer may also transfer again at later layers (FIRP style, `refine_layers`
 R_1 < R_2 < ...): at R_i each pseudo state gets U_ij h_(R_i) added, the drafting token's
 hidden state at that layer through one more learned map per position, so the drafts
-see the real token's deeper features too. `segments` gives the layer ranges between
-the transfers.
+see the real token's deeper features too.
 
 Weights are safetensors with the config and the target model's shape in the metadata,
-so a file for another model, or of another kind, is caught on load.
+so a file for another model, or of another kind, is caught on load
+(workers.drafters.loading).
 """
 
 from __future__ import annotations
@@ -34,15 +36,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from configs.schema import DRAFTER_KINDS as KINDS
 from workers.model import ModelArgs
 
-KINDS = ("ht", "medusa", "pass")
 METADATA_KEY = "leapfrog.hidden_transfer"  # the key of the first (ht-only) files, kept for all kinds
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"  # shipped for the default model
-
-
-class DrafterWeightsError(ValueError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -52,16 +49,6 @@ class PseudoStateConfig:
     pseudo_attention: bool = True  # pseudo state j attends to pseudo states < j
     kind: str = "ht"
     refine_layers: tuple[int, ...] = ()  # ht only: later layers that transfer again (FIRP style)
-
-
-def shipped_weights(checkpoint: str, kind: str) -> Path:
-    """The weights of `kind` shipped for the default model (SmolLM2-135M-Instruct)."""
-    if checkpoint != "default":
-        raise DrafterWeightsError(
-            f"no {kind} weights ship for this checkpoint: train them with `leapfrog train-ht --drafter {kind}` "
-            f"and set [{kind}] weights in the config"
-        )
-    return WEIGHTS_DIR / f"smollm2-135m-{kind}.safetensors"
 
 
 def check_layer(config: PseudoStateConfig, n_layers: int) -> str | None:
@@ -93,12 +80,6 @@ class PseudoStateDrafter(nn.Module):
         """h (..., dim) -> pseudo states (..., k, dim)."""
         raise NotImplementedError
 
-    def segments(self, n_layers: int) -> list[tuple[int, int]]:
-        """Layer ranges the pseudo states run through: [L, R_1), [R_1, R_2), ..., [R_m, N);
-        before range i > 0 they are refined with `refine(i - 1, h)`."""
-        bounds = [self.config.layer, *self.config.refine_layers, n_layers]
-        return list(zip(bounds, bounds[1:]))
-
     def first(self, k: int) -> PseudoStateDrafter:
         """The first k pseudo positions only (k <= config.k): pseudo state j never attends to
         states > j, so these drafts equal the full module's first k."""
@@ -119,44 +100,6 @@ class PseudoStateDrafter(nn.Module):
         meta = {"config": asdict(self.config), "model": model_signature(args), **(extra or {})}
         tensors = {name: p.detach().float().contiguous() for name, p in self.named_parameters()}
         save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(meta)})
-
-
-def build(config: PseudoStateConfig, dim: int) -> PseudoStateDrafter:
-    """A fresh drafter of config.kind (its training starting point)."""
-    from workers.drafters.hidden_transfer import HiddenTransfer
-    from workers.drafters.lookahead import LookaheadEmbeddings
-    from workers.drafters.medusa import MedusaHeads
-
-    return {"ht": HiddenTransfer, "medusa": MedusaHeads, "pass": LookaheadEmbeddings}[config.kind](config, dim)
-
-
-def load(path: str | Path, args: ModelArgs) -> PseudoStateDrafter:
-    """Weights saved by PseudoStateDrafter.save, checked against the loaded model."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise DrafterWeightsError(f"drafter weights {path} do not exist (train them with `leapfrog train-ht`)")
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = json.loads((f.metadata() or {})[METADATA_KEY])
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except (KeyError, json.JSONDecodeError, OSError, RuntimeError) as e:
-        raise DrafterWeightsError(f"{path} is not a Leapfrog drafter file ({e})") from None
-    if meta["model"] != model_signature(args):
-        raise DrafterWeightsError(
-            f"{path} was trained for a model {meta['model']}, but the loaded model is {model_signature(args)}"
-        )
-    config = PseudoStateConfig(**{**meta["config"], "refine_layers": tuple(meta["config"].get("refine_layers", ()))})
-    problem = check_layer(config, args.n_layers)
-    module = build(config, args.dim) if problem is None else None
-    shapes = {name: tuple(p.shape) for name, p in module.named_parameters()} if module else {}
-    if problem or shapes != {name: tuple(t.shape) for name, t in tensors.items()}:
-        raise DrafterWeightsError(f"{path}: config {config} does not fit a {args.n_layers}-layer model ({problem or shapes})")
-    for name, p in module.named_parameters():
-        p.data.copy_(tensors[name])
-    module.training_summary = meta.get("training", {})
-    return module
 
 
 def model_signature(args: ModelArgs) -> dict:

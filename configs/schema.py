@@ -1,0 +1,243 @@
+"""Typed configuration: one dataclass per section of a config file (configs/*.toml).
+
+Both sides use these: the device side (workers/) reads the model, sampling and drafter
+settings it is handed; the host side (runtime/) reads them all. configs.files turns a
+TOML file into a validated LeapfrogConfig.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+TREE_KINDS = ("dynamic", "template")
+DRAFTER_KINDS = ("ht", "medusa", "pass")  # the pseudo-state drafters (workers.drafters.pseudo_states)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ModelConfig:
+    checkpoint: str = "default"
+    dtype: str = "float32"
+    device: str = "auto"
+    max_context: int = 2048
+
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def torch_device(self) -> torch.device:
+        return torch_device(self.device)
+
+
+def torch_device(name: str) -> torch.device:
+    """"auto" (cuda when available, else cpu), cpu, cuda or cuda:N."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class GenerationConfig:
+    mode: str = "ar"
+    max_new_tokens: int = 128
+
+
+@dataclass
+class SamplingConfig:
+    """How the next token is chosen. temperature 0 is greedy; otherwise tokens are drawn
+    from softmax(logits / temperature) restricted to the top_k tokens (0: all) and to the
+    smallest set whose probability reaches top_p. Every mode draws with exactly this
+    distribution, and with the same seed every lossless mode draws the same tokens as ar
+    (workers.sampling)."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()  # a SamplingConfig that exists is a valid one (fields set later: validate() again)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self) -> SamplingConfig:
+        if not 0.0 <= self.temperature <= 100.0:
+            raise ConfigError(f"temperature must be in [0, 100], got {self.temperature}")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0 (0: off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed must be in [0, 2**63), got {self.seed}")
+        return self
+
+
+@dataclass
+class PseudoStateModeConfig:
+    """The [ht], [medusa] and [pass] sections: a pseudo-state drafter mode's trained
+    weights (workers.drafters.pseudo_states) and the token tree of each step."""
+
+    weights: str = "default"  # "default" (shipped for the default model) or a .safetensors path
+    tree: str = "dynamic"  # dynamic (best paths by draft confidence) | template (workers.tree.DEFAULT_TEMPLATE)
+    budget: int = 8  # tree nodes per step, root included
+    top_k: int = 8  # candidates per draft depth
+    depth: int = 0  # draft depth used; 0 = every pseudo position of the weights
+    pseudo_nodes: int = 2  # tree nodes (highest-scoring) that get pseudo states
+
+
+@dataclass
+class PldConfig:
+    """Prompt lookup (mode "pld", and grafted onto ht trees in "ht-pld"): drafts copied
+    from the context after an n-gram match."""
+
+    min_ngram: int = 1
+    max_ngram: int = 3
+    depth: int = 10  # drafted tokens per step (a chain)
+
+
+@dataclass
+class TokenRecyclingConfig:
+    """Token recycling (mode "token-recycling"): adjacency table of the target's top-k next tokens."""
+
+    top_k: int = 8  # next tokens kept per vocabulary token (>= 5, the template's ranks)
+    budget: int = 8  # tree nodes per step, root included (a prefix of workers.tree.DEFAULT_TEMPLATE)
+
+
+@dataclass
+class EarlyExitConfig:
+    """Early-exit self-drafting (mode "early-exit"): a chain from the first layers."""
+
+    layer: int = 25  # layers that draft (then the final norm and LM head); 0 = half the layers
+    depth: int = 2  # drafted tokens per step (a chain)
+
+
+@dataclass
+class DrafterConfigs:
+    """Every drafter's settings; each is a [section] of its own in config files."""
+
+    ht: PseudoStateModeConfig = field(default_factory=PseudoStateModeConfig)
+    medusa: PseudoStateModeConfig = field(default_factory=PseudoStateModeConfig)
+    pass_: PseudoStateModeConfig = field(default_factory=PseudoStateModeConfig)  # [pass] in files ("pass" is a Python keyword)
+    pld: PldConfig = field(default_factory=PldConfig)
+    token_recycling: TokenRecyclingConfig = field(default_factory=TokenRecyclingConfig)
+    early_exit: EarlyExitConfig = field(default_factory=EarlyExitConfig)
+
+    def validate(self) -> DrafterConfigs:
+        for name, tree in (("ht", self.ht), ("medusa", self.medusa), ("pass", self.pass_)):
+            if min(tree.budget, tree.top_k, tree.pseudo_nodes) < 1 or tree.depth < 0:
+                raise ConfigError(f"[{name}] budget, top_k and pseudo_nodes must be >= 1 and depth >= 0: {tree}")
+            if tree.tree not in TREE_KINDS:
+                raise ConfigError(f"[{name}] tree must be one of {', '.join(TREE_KINDS)}, got {tree.tree!r}")
+        pld = self.pld
+        if not 1 <= pld.min_ngram <= pld.max_ngram or pld.depth < 1:
+            raise ConfigError(f"[pld] needs 1 <= min_ngram <= max_ngram and depth >= 1: {pld}")
+        if self.token_recycling.top_k < 5 or self.token_recycling.budget < 1:
+            raise ConfigError(f"[token_recycling] needs top_k >= 5 and budget >= 1: {self.token_recycling}")
+        if self.early_exit.layer < 0 or self.early_exit.depth < 1:
+            raise ConfigError(f"[early_exit] needs layer >= 0 and depth >= 1: {self.early_exit}")
+        return self
+
+
+@dataclass
+class RuntimeConfig:
+    threads: int = 2
+
+
+PIPELINE_POLICIES = ("chain", "fanout")
+TRANSPORTS = ("ray", "local")
+
+
+@dataclass
+class PipelineConfig:
+    """Modes `pipeline` and `async`: several workers, each a model replica (runtime.pipeline.coordinator)."""
+
+    workers: int = 2  # model replicas; one Ray actor each (one GPU, or one CPU core)
+    transport: str = "ray"  # ray (actors) | local (threads in this process, sharing one replica)
+    threads: int = 1  # torch threads per worker on the CPU
+    policy: str = "chain"  # chain: a prediction seeds one step | fanout: one per alternative too
+    predict_layer: int = 0  # layers after which a step predicts its walk (early exit); 0 = from the drafts at launch
+    confidence: float = 0.5  # drafts-based prediction: descend to a child drafted at least this likely
+    alternatives: int = 2  # next-best bonus tokens per prediction (leaves, or fanout steps)
+    continuation_budget: int = 6  # nodes drafted after the predicted trunk
+    lookup: bool = True  # graft prompt-lookup chains ([pld] settings) onto every tree
+    drafter_layer: int = 8  # async: the drafting worker's early-exit layers
+    draft_chunk: int = 2  # async: tokens per drafting call
+    max_chain: int = 8  # async: drafted tokens kept ahead of the committed ones
+    step_timeout: float = 60.0  # seconds a worker may take for a step before it is restarted
+
+    def validate(self) -> PipelineConfig:
+        if self.policy not in PIPELINE_POLICIES or self.transport not in TRANSPORTS:
+            raise ConfigError(f"[pipeline] policy must be one of {PIPELINE_POLICIES}, transport one of {TRANSPORTS}: {self}")
+        if min(self.workers, self.threads, self.drafter_layer, self.draft_chunk, self.max_chain) < 1:
+            raise ConfigError(f"[pipeline] workers, threads, drafter_layer, draft_chunk, max_chain must be >= 1: {self}")
+        if not 0 < self.confidence < 1:
+            raise ConfigError(f"[pipeline] confidence must be in (0, 1), got {self.confidence}")
+        if min(self.predict_layer, self.alternatives, self.continuation_budget) < 0 or not self.step_timeout > 0:
+            raise ConfigError(f"[pipeline] predict_layer, alternatives, continuation_budget must be >= 0, step_timeout > 0: {self}")
+        return self
+
+
+# Config-file sections of DrafterConfigs fields, where the two differ.
+DRAFTER_SECTIONS = {"pass_": "pass"}
+
+
+@dataclass
+class ServerConfig:
+    """`leapfrog serve`: where it listens and what it admits (runtime/serving/, docs/serving.md)."""
+
+    host: str = "127.0.0.1"
+    port: int = 7860  # native protocol: length-prefixed msgpack frames over TCP (0: any free port)
+    http_port: int = 7861  # OpenAI-compatible HTTP endpoint (-1: off, 0: any free port)
+    concurrency: int = 1  # requests decoding at once; each has its own engine (model + KV cache)
+    max_queue: int = 64  # requests waiting for an engine; more are refused (code "overloaded")
+    max_connections: int = 256  # open native connections; more are refused ("too_many_connections")
+    max_frame_bytes: int = 1 << 20  # largest frame a client may send
+    max_new_tokens: int = 2048  # upper limit on a request's max_new_tokens
+    idle_timeout: float = 60.0  # seconds a connection may sit with no request running and no frame
+
+
+@dataclass
+class LeapfrogConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    drafters: DrafterConfigs = field(default_factory=DrafterConfigs)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+    def validate(self) -> LeapfrogConfig:
+        if self.model.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.model.dtype!r}")
+        if self.model.max_context < 2:
+            raise ConfigError(f"max_context must be at least 2, got {self.model.max_context}")
+        if self.generation.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be at least 1, got {self.generation.max_new_tokens}")
+        self.sampling.validate()
+        self.drafters.validate()
+        if self.runtime.threads < 1:
+            raise ConfigError(f"threads must be at least 1, got {self.runtime.threads}")
+        self.pipeline.validate()
+        self.validate_server()
+        return self
+
+    def validate_server(self) -> None:
+        s = self.server
+        if not 0 <= s.port <= 65535 or not -1 <= s.http_port <= 65535:
+            raise ConfigError(f"[server] port must be in [0, 65535] and http_port in [-1, 65535]: {s}")
+        if s.port == s.http_port != 0:
+            raise ConfigError(f"[server] port and http_port are both {s.port}")
+        if min(s.concurrency, s.max_connections, s.max_new_tokens) < 1 or s.max_queue < 0:
+            raise ConfigError(f"[server] concurrency, max_connections, max_new_tokens must be >= 1, max_queue >= 0: {s}")
+        if s.max_frame_bytes < 1024:
+            raise ConfigError(f"[server] max_frame_bytes must be at least 1024, got {s.max_frame_bytes}")
+        if not s.idle_timeout > 0:
+            raise ConfigError(f"[server] idle_timeout must be > 0 seconds, got {s.idle_timeout}")

@@ -1,0 +1,67 @@
+"""`leapfrog train`: the settings of one drafter training run (runtime.training.trainer)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from configs.schema import DRAFTER_KINDS
+
+TRAIN_DTYPES = ("float32", "bfloat16")
+
+
+class TrainError(ValueError):
+    """A training setup that cannot work, with the reason in words."""
+
+
+@dataclass
+class TrainConfig:
+    checkpoint: str = "default"
+    dtype: str = "float32"  # backbone dtype; the transfer and the loss stay float32
+    device: str = "auto"
+    threads: int = 2
+    drafter: str = "ht"  # ht | medusa | pass (workers.drafters.pseudo_states)
+    layer: int | None = None  # ht only; None: half the layers
+    refine_layers: tuple[int, ...] = ()  # ht only: later layers that transfer again (FIRP style)
+    init: str | None = None  # start from these weights (same kind, layer and k); new parameters start fresh
+    k: int = 3
+    pseudo_attention: bool = True
+    examples: int = 1000  # distilled training examples
+    val_examples: int | None = None  # None: 5% of examples (at least 1)
+    max_new_tokens: int = 128
+    max_prompt_tokens: int = 256
+    steps: int = 1000
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    schedule: str = "cosine"  # constant | cosine (to 10% of lr at the last step)
+    positions_per_seq: int = 32
+    batch: int = 4  # sequences per optimizer step
+    out: str = "ht.safetensors"
+    data_dir: str | None = None
+    resume: bool = False
+    seed: int = 0
+    log_every: int = 50
+    eval_every: int = 200  # 0: validate at the end only
+    checkpoint_every: int = 100
+    val_positions: int = 64  # positions per validation sequence (evenly spaced)
+    distill_batch: int = 8
+    progress: bool = True
+
+    def n_val(self) -> int:
+        return self.val_examples if self.val_examples is not None else max(1, round(self.examples * 0.05))
+
+    def validate(self) -> TrainConfig:
+        if self.drafter not in DRAFTER_KINDS:
+            raise TrainError(f"--drafter must be one of {', '.join(DRAFTER_KINDS)}, got {self.drafter!r}")
+        if self.layer is not None and self.drafter != "ht":
+            raise TrainError(f"--layer is for ht only: a {self.drafter} drafter has a fixed layer")
+        if self.dtype not in TRAIN_DTYPES:
+            raise TrainError(f"--dtype must be one of {', '.join(TRAIN_DTYPES)}, got {self.dtype!r}")
+        if self.schedule not in ("constant", "cosine"):
+            raise TrainError(f"schedule must be constant or cosine, got {self.schedule!r}")
+        if self.k < 1 or self.examples < 1 or self.steps < 0 or self.positions_per_seq < 1 or self.batch < 1:
+            raise TrainError("k, examples, positions-per-seq and batch must be >= 1 and steps >= 0")
+        if self.lr <= 0:
+            raise TrainError(f"lr must be positive, got {self.lr}")
+        if self.val_examples is not None and self.val_examples < 0:
+            raise TrainError(f"val-examples must be >= 0, got {self.val_examples}")
+        return self

@@ -1,0 +1,1 @@
+"""Benchmarking: prompts, the side-by-side harness, reports, the pipelined sweep, charts."""

@@ -1,0 +1,53 @@
+"""Autoregressive decoding (mode `ar`, the reference of every other mode) as small named
+functions over the model's parts: prefill, one-token step, the loop."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from runtime.decoding.steps import Step
+from workers.kv_cache import KVCache
+from workers.model import Transformer
+from workers.sampling import Chooser, Greedy
+
+
+def prefill(model: Transformer, cache: KVCache, prompt_ids: list[int]) -> torch.Tensor:
+    """Run the prompt through the model into the cache; return the last position's logits (vocab,)."""
+    tokens = torch.tensor([prompt_ids], device=model.device)
+    positions = torch.arange(cache.length, cache.length + len(prompt_ids), device=model.device)
+    h = model.run_layers(model.embed(tokens), model.context(positions, cache))
+    cache.commit(len(prompt_ids))
+    return model.lm_head(model.norm(h[0, -1]))
+
+
+def decode_one(model: Transformer, cache: KVCache, token: int) -> torch.Tensor:
+    """Append one token; return the logits (vocab,) for the position after it."""
+    tokens = torch.tensor([[token]], device=model.device)
+    positions = torch.tensor([cache.length], device=model.device)
+    logits = model(tokens, model.context(positions, cache))
+    cache.commit(1)
+    return logits[0, -1]
+
+
+@torch.inference_mode()
+def generate_ar(
+    model: Transformer,
+    cache: KVCache,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    stop_ids: set[int],
+    choose: Chooser | None = None,
+) -> Iterator[Step]:
+    """Plain decoding: one forward pass, one token (greedy unless `choose` samples).
+    Stops after a stop token or max_new_tokens."""
+    choose = choose or Greedy()
+    cache.truncate(0)
+    logits = prefill(model, cache, prompt_ids)
+    for produced in range(1, max_new_tokens + 1):
+        token, margin = choose.choose(logits, produced - 1)
+        yield Step([token], [margin])
+        if token in stop_ids or produced == max_new_tokens:
+            return
+        logits = decode_one(model, cache, token)

@@ -1,0 +1,57 @@
+"""Hugging Face `generate` as peer modes: plain, and with prompt lookup decoding.
+
+With sampling they use transformers' own sampler (seeded with torch.manual_seed): the
+same distribution as ours, but not the same draws, so the benchmark cannot compare
+their sampled tokens with `ar`'s one by one.
+
+They load transformers' own model from the same checkpoint folder, dtype and device as
+the engine. transformers returns the whole reply at the end, so each call yields one
+Step; a forward pre-hook counts the model's forward passes for mean_accepted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from configs.schema import SamplingConfig
+from runtime.decoding.steps import Step
+
+PROMPT_LOOKUP_TOKENS = 10  # candidate tokens per lookup, as in transformers' documentation
+
+
+class HfGenerateMode:
+    same_draws_as_ar = False  # sampled tokens follow transformers' RNG, not workers.sampling
+
+    def __init__(self, engine, prompt_lookup: bool):
+        from transformers import AutoModelForCausalLM
+
+        self.engine = engine
+        self.prompt_lookup = prompt_lookup
+        self.model = AutoModelForCausalLM.from_pretrained(engine.folder, dtype=engine.model.dtype)
+        self.model.to(engine.model.device).eval()
+        self.forward_passes = 0
+        self.model.register_forward_pre_hook(self._count)
+
+    def _count(self, module, args):
+        self.forward_passes += 1
+
+    @torch.inference_mode()
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingConfig | None = None) -> Iterator[Step]:
+        input_ids = torch.tensor([prompt_ids], device=self.model.device)
+        extra = {"prompt_lookup_num_tokens": PROMPT_LOOKUP_TOKENS} if self.prompt_lookup else {}
+        if sampling is not None and not sampling.greedy:
+            torch.manual_seed(sampling.seed)
+            extra.update(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
+        self.forward_passes = 0
+        out = self.model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=sampling is not None and not sampling.greedy,
+            eos_token_id=sorted(self.engine.stop_ids),
+            pad_token_id=self.engine.tokenizer.pad_token_id or sorted(self.engine.stop_ids)[0],
+            **extra,
+        )
+        yield Step(out[0, len(prompt_ids) :].tolist(), None, forward_passes=self.forward_passes)

@@ -1,0 +1,86 @@
+"""Pseudo-state decoding (modes `ht`, `medusa`, `pass`, `ht-pld`): verify a token tree and
+draft the next one in one forward pass (workers.tree_step with a drafter of
+workers.drafters.pseudo_states at layer L: 0 < L < N for hidden transfer, N for Medusa
+heads, 0 for PaSS look-ahead embeddings).
+
+  first step   the prompt as catch-up rows before a root-only tree of its last token,
+               pseudo states at the root: the first token and the first drafts
+  each step    a tree from the drafts (best paths by draft confidence, or a fixed
+               template), the prompt-lookup chain grafted on in `ht-pld`; pseudo states
+               for the highest-scoring nodes; the walk with the target's choices is
+               committed, and the pseudo logits covering the tokens after it draft the
+               next tree
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from configs.schema import PseudoStateModeConfig
+from runtime.decoding.steps import Step, clip_step
+from workers.drafters.prompt_lookup import PromptLookupDrafter
+from workers.drafters.pseudo_forward import run_to_end
+from workers.drafters.pseudo_states import PseudoStateDrafter
+from workers.kv_cache import KVCache
+from workers.model import Transformer
+from workers.sampling import Chooser
+from workers.tree import DEFAULT_TEMPLATE, TokenTree, build_dynamic_tree, build_template_tree, graft_chain, root_only
+from workers.tree_step import StepOutcome, tree_step
+
+
+class PseudoStateDecoder:
+    def __init__(
+        self,
+        model: Transformer,
+        drafter: PseudoStateDrafter,
+        cache: KVCache,
+        settings: PseudoStateModeConfig,
+        lookup: PromptLookupDrafter | None = None,
+    ):
+        """`settings` size each step's tree and the drafter's depth; `lookup`, when given,
+        grafts its prompt-lookup chain onto every tree (mode ht-pld)."""
+        depth = min(settings.depth or drafter.config.k, drafter.config.k)
+        self.model, self.drafter, self.cache, self.settings = model, drafter.first(depth), cache, settings
+        self.lookup = lookup
+
+    def build_tree(self, root: int, drafts: torch.Tensor | None) -> TokenTree:
+        logprobs = None if drafts is None else torch.log_softmax(drafts.float(), dim=-1)
+        if logprobs is None:
+            tree = root_only(root)
+        elif self.settings.tree == "template":
+            tree = build_template_tree(root, logprobs, DEFAULT_TEMPLATE[: self.settings.budget - 1])
+        else:
+            tree = build_dynamic_tree(root, logprobs, self.settings.budget, self.settings.top_k)
+        if self.lookup is not None:
+            tree = graft_chain(tree, self.lookup.drafts(root), logprobs)
+        return tree
+
+    def pseudo_groups(self, tree: TokenTree) -> list[int]:
+        """Nodes that get pseudo states: the highest-scoring ones, in tree order."""
+        best = sorted(range(len(tree)), key=lambda i: -tree.scores[i])[: self.settings.pseudo_nodes]
+        return sorted(best)
+
+    def step(self, tree: TokenTree, choose: Chooser, index: int, catch_up: list[int] = ()) -> StepOutcome:
+        """Verify `tree` (its first child is reply token `index`) after the catch-up tokens."""
+        steps = tree_step(self.model, self.cache, tree, choose, index, catch_up, self.drafter, self.pseudo_groups(tree))
+        outcome = run_to_end(steps)
+        if self.lookup is not None:
+            self.lookup.observe(tree, outcome.path)
+        return outcome
+
+    @torch.inference_mode()
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int], choose: Chooser) -> Iterator[Step]:
+        self.cache.truncate(0)
+        if self.lookup is not None:
+            self.lookup.start(prompt_ids[:-1])  # its last token comes back as the first step's root
+        outcome = self.step(root_only(prompt_ids[-1]), choose, 0, prompt_ids[:-1])
+        produced = 0
+        while True:
+            tokens, margins, done = clip_step(outcome.tokens, outcome.margins, produced, max_new_tokens, stop_ids)
+            produced += len(tokens)
+            yield Step(tokens, margins)
+            if done:
+                return
+            outcome = self.step(self.build_tree(tokens[-1], outcome.drafts), choose, produced)

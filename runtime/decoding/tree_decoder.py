@@ -1,0 +1,49 @@
+"""Tree decoding for drafters that propose tokens from outside the model (modes `pld`,
+`token-recycling`, `early-exit`: workers.drafters).
+
+After the prefill, every step is one tree step (workers.tree_step) without pseudo
+states: the drafter's tree, rooted at the bonus token of the previous step, runs
+through all layers with its ancestor-only mask; the walk with the target's choices is
+committed and its KV kept; the drafter then sees the tree, the path and the target's
+top-k after every node (`observe`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from runtime.decoding.autoregressive import prefill
+from runtime.decoding.steps import Step, clip_step
+from workers.drafters.base import Drafter
+from workers.drafters.pseudo_forward import run_to_end
+from workers.kv_cache import KVCache
+from workers.model import Transformer
+from workers.sampling import Chooser
+from workers.tree_step import tree_step
+
+
+class TreeDecoder:
+    def __init__(self, model: Transformer, cache: KVCache, drafter: Drafter):
+        self.model, self.cache, self.drafter = model, cache, drafter
+
+    @torch.inference_mode()
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int], choose: Chooser) -> Iterator[Step]:
+        self.cache.truncate(0)
+        self.drafter.start(prompt_ids)
+        token, margin = choose.choose(prefill(self.model, self.cache, prompt_ids), 0)
+        produced = 1
+        yield Step([token], [margin])
+        if token in stop_ids or max_new_tokens == 1:
+            return
+        while True:
+            tree = self.drafter.propose(token)
+            outcome = run_to_end(tree_step(self.model, self.cache, tree, choose, produced))
+            self.drafter.observe(tree, outcome.path, torch.topk(outcome.logits, self.drafter.observed_top_k, dim=-1).indices)
+            tokens, margins, done = clip_step(outcome.tokens, outcome.margins, produced, max_new_tokens, stop_ids)
+            produced += len(tokens)
+            yield Step(tokens, margins)
+            if done:
+                return
+            token = tokens[-1]

@@ -1,0 +1,1 @@
+"""Modes `pipeline` and `async`: one reply on several workers, driven by an asyncio coordinator."""

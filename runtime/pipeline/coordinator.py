@@ -1,0 +1,376 @@
+"""The pipelined runtime's coordinator: owns each request's committed tokens and decides
+what every worker runs next (modes `pipeline` and `async`).
+
+Every step verifies a token tree rooted at the last committed token
+(runtime.pipeline.launch_trees, workers.decode_worker), so whatever a step returns is
+exact; the coordinator only decides which trees are worth running, and when. `generate`
+calls `step()` until the reply is done; each call takes the next event from the workers
+and does what it says, then launches what is free:
+
+  launch     every free verifier gets a tree: from the committed root, its trunk is the
+             predicted walk of the newest step in flight (pipeline: that step told its
+             Prediction after `predict_layer` layers), or nothing when no step is in
+             flight. A prediction seeds one launch ("chain": its alternatives ride as
+             leaves) or one per alternative ("fanout").
+  predict    a step's Prediction arrives: the next worker can start on it.
+  commit     a step's result arrives: the tokens past the committed ones are committed
+             (clipped at max_new_tokens and stop tokens) and streamed; its drafts seed
+             the next trees.
+  roll back  steps in flight whose trees no longer contain the committed tokens can add
+             nothing: they are aborted and counted as wasted;
+             their workers' caches are cut back to the committed prefix on their next step.
+  draft      (async) worker 0 drafts ahead with early-exit layers, continuing its chain
+             while the committed tokens agree with it and restarting from them otherwise;
+             every verifier tree carries the chain.
+  fault      a step or draft that raises or passes `step_timeout` retires its worker:
+             the request goes on with the others (down to one verifier, and to plain
+             verification without the drafter) while the worker restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import asdict
+
+import torch
+
+from configs.schema import DrafterConfigs, PipelineConfig, SamplingConfig
+from runtime.decoding.steps import Step, clip_step
+from runtime.pipeline.launch_trees import Drafts, build_launch_tree, predict_from_drafts
+from runtime.pipeline.metrics import Metrics
+from runtime.pipeline.reply_state import Launch, ReplyState, can_extend, common_prefix, hypotheses, subtree_paths
+from runtime.pipeline.transport import Transport, WorkerFailed
+from workers.decode_worker import OBSERVED_TOP_K
+from workers.drafters.token_recycling import TokenRecyclingDrafter
+from workers.messages import DraftRequest, DraftResult, Prediction, StepRequest, StepResult
+
+RESTART_ATTEMPTS = 3
+MODES = ("pipeline", "async")
+
+
+class Coordinator:
+    def __init__(self, transport: Transport, config: PipelineConfig, drafters: DrafterConfigs, vocab_size: int):
+        self.transport, self.config, self.drafters, self.vocab = transport, config, drafters, vocab_size
+        self.drafter: int | None = None  # async: the drafting worker (per request, see _use)
+        self.verifiers = list(range(transport.size))
+        self.cached: dict[int, list[int]] = {i: [] for i in range(transport.size)}  # each worker's cache
+        self.busy: dict[int, asyncio.Task] = {}
+        self.down: set[int] = set()
+        self.restarting: dict[int, asyncio.Task] = {}
+        self.next_id = 0
+        self.last_metrics: Metrics | None = None
+        # The target's best next tokens after each token, refreshed by every step and kept
+        # across requests (token recycling): bonus-token candidates and continuations.
+        self.recycling = TokenRecyclingDrafter(vocab_size, OBSERVED_TOP_K, max(config.continuation_budget, 1))
+        self.aborts: set[asyncio.Future] = set()
+        self.current: ReplyState | None = None  # one request at a time: the workers' caches are its
+        self.lock = asyncio.Lock()
+
+    def check_mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"the coordinator runs modes {MODES}, not {mode!r}")
+        if mode == "async" and self.transport.size < 2:
+            raise ValueError("mode async needs at least 2 workers: one drafts, the others verify")
+
+    def _use(self, mode: str) -> None:
+        """async: worker 0 drafts and the others verify; pipeline: all verify."""
+        self.check_mode(mode)
+        self.drafter = 0 if mode == "async" else None
+        self.verifiers = [i for i in range(self.transport.size) if i != self.drafter]
+
+    def _id(self) -> int:
+        self.next_id += 1
+        return self.next_id
+
+    async def generate(
+        self, prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int], sampling: SamplingConfig | None = None,
+        mode: str = "pipeline",
+    ) -> AsyncIterator[Step]:
+        """The reply as Steps, exactly `ar`'s tokens."""
+        self.check_mode(mode)
+        greedy = sampling is None or sampling.greedy
+        req = ReplyState(self._id(), list(prompt_ids), len(prompt_ids), max_new_tokens, set(stop_ids),
+                         None if greedy else asdict(sampling))
+        start = time.perf_counter()
+        await self.lock.acquire()
+        self.current = req
+        try:
+            self._use(mode)
+            await self.start_workers()
+            self._schedule(req)
+            while not req.done:
+                for step in await self.step(req):
+                    yield step
+        finally:
+            await self._drain(req)
+            req.metrics.wall_s = time.perf_counter() - start
+            self.last_metrics, self.current = req.metrics, None
+            self.lock.release()
+
+    async def start_workers(self) -> None:
+        """Create the workers that do not exist yet, all at once (the first request waits
+        for its replicas to load; later requests find them ready), and restart those that
+        sat out the last request."""
+        missing = [i for i in range(self.transport.size) if i not in self.transport.handles and i not in self.down]
+        if missing:
+            await asyncio.gather(*(self.transport.handle(i) for i in missing))
+        for i in [i for i in self.down if i not in self.restarting]:
+            try:
+                await self.transport.restart(i)
+                self.down.discard(i)
+            except Exception:  # noqa: BLE001 - it stays down; the others serve
+                pass
+
+    async def step(self, req: ReplyState) -> list[Step]:
+        """The next event from the workers, handled (predict, commit and roll back, draft,
+        fault), then a launch on every free worker; returns the Steps it committed."""
+        kind, item, payload = await req.events.get()
+        tick = time.perf_counter()
+        steps = self._handle(req, kind, item, payload)
+        self._schedule(req)
+        req.metrics.coordinator_s += time.perf_counter() - tick
+        return steps
+
+    # --- events -------------------------------------------------------------------------
+
+    def _handle(self, req: ReplyState, kind: str, item, payload) -> list[Step]:
+        if kind == "prediction":
+            self._predicted(req, item, payload)
+        elif kind == "result":
+            return self._commit(req, item, payload)
+        elif kind == "draft":
+            self._drafted(req, *item, payload)
+        elif kind == "fault":
+            self._fault(req, item, payload)
+        elif kind == "restarted" and isinstance(payload, Exception):
+            raise WorkerFailed(f"worker {item} could not be restarted: {payload}") from payload
+        return []
+
+    def _predicted(self, req: ReplyState, launch: Launch, prediction: Prediction | None) -> None:
+        if prediction is None or launch.step_id not in req.launches or not prediction.tokens:
+            return
+        launch.hypotheses = hypotheses(prediction, self.config.alternatives)
+
+    def _commit(self, req: ReplyState, launch: Launch, result: StepResult) -> list[Step]:
+        live = req.launches.pop(launch.step_id, None) is not None  # else aborted and counted already
+        m = req.metrics
+        m.steps += 1
+        m.worker_s += result.forward_s
+        m.step_s += result.forward_s
+        m.round_trip_s += time.perf_counter() - launch.started
+        m.forward_tokens += len(launch.request.context) - 1 + len(launch.plan.tree)
+        full = launch.base + result.tokens
+        if result.observed:
+            self.recycling.observe(launch.plan.tree, [], torch.tensor(result.observed))
+        extends = full[: len(req.seq)] == req.seq and len(full) > len(req.seq)
+        if not extends or req.done:
+            m.wasted_steps += live
+            m.wasted_tokens += len(launch.plan.tree) if live else 0
+            return []
+        m.hits += launch.spawned
+        skip = len(req.seq) - len(launch.base)
+        tokens, margins, done = clip_step(
+            full[len(req.seq) :], result.margins[skip:], req.produced, req.max_new_tokens, req.stop_ids
+        )
+        req.seq += tokens
+        m.tokens += len(tokens)
+        req.done = done
+        if result.draft_tokens:
+            req.drafts = Drafts(len(full) - 1, result.draft_tokens, result.draft_logprobs)
+        for other in list(req.launches.values()):
+            if not can_extend(other, req.seq):  # built on a refuted prediction: roll back
+                req.launches.pop(other.step_id)
+                m.wasted_steps += 1
+                m.wasted_tokens += len(other.plan.tree)
+                self.aborts.add(asyncio.ensure_future(self._abort(other)))
+        return [Step(tokens, margins)]
+
+    def _fault(self, req: ReplyState, worker: int, error: Exception) -> None:
+        """Retire a failed worker and restart it; its step in flight is forgotten. A worker
+        that keeps failing sits out the rest of the request (and gets a fresh start with the
+        next one)."""
+        req.metrics.faults += 1
+        req.failures[worker] = req.failures.get(worker, 0) + 1
+        for launch in [x for x in req.launches.values() if x.worker == worker]:
+            req.launches.pop(launch.step_id)
+        if worker == self.drafter:
+            req.drafting = False
+        self.down.add(worker)
+        self.busy.pop(worker, None)
+        self.cached[worker] = []
+        if worker not in self.restarting and req.failures[worker] <= RESTART_ATTEMPTS:
+            self.restarting[worker] = asyncio.ensure_future(self._restart(worker))
+
+    async def _restart(self, worker: int) -> None:
+        error: Exception | None = None
+        for _ in range(RESTART_ATTEMPTS):
+            try:
+                await self.transport.restart(worker)
+                error = None
+                break
+            except Exception as e:  # noqa: BLE001 - retried, then reported
+                error = e
+        self.restarting.pop(worker, None)
+        if error is None:
+            self.down.discard(worker)
+        if self.current is not None:  # wake the request in progress (it may be waiting for this)
+            self.current.events.put_nowait(("restarted", worker, error))
+
+    # --- launching ----------------------------------------------------------------------
+
+    def _schedule(self, req: ReplyState) -> None:
+        if req.done:
+            return
+        if self.drafter is not None and self._free(self.drafter) and not req.drafting:
+            self._draft(req)
+        for worker in self.verifiers:
+            if not self._free(worker):
+                continue
+            trunk, alternatives, parent = self._next_trunk(req)
+            if trunk is None:
+                break
+            self._launch(req, worker, trunk, alternatives, parent)
+        if not req.launches and all(w in self.down for w in self.verifiers) and not self.restarting:
+            raise WorkerFailed("every verifying worker is down and none is restarting")
+
+    def _free(self, worker: int) -> bool:
+        return worker not in self.busy and worker not in self.down
+
+    def _next_trunk(self, req: ReplyState) -> tuple[list[int] | None, list[int], Launch | None]:
+        """What the next launch should assume: (trunk, alternatives, the launch it extends);
+        trunk None = nothing worth launching yet."""
+        if not req.launches:
+            return [], [], None
+        fanout = self.config.policy == "fanout"
+        width = 1 + self.config.alternatives if fanout else 1
+        best: tuple[int, Launch, list[int]] | None = None
+        for launch in req.launches.values():
+            for hypothesis in launch.hypotheses[launch.seeded : width]:
+                predicted = launch.base + hypothesis
+                if predicted[: len(req.seq)] == req.seq and len(predicted) > len(req.seq):
+                    if best is None or len(predicted) > best[0]:
+                        best = (len(predicted), launch, predicted[len(req.seq) :])
+                break  # hypotheses are seeded in order
+        if best is None:
+            return None, [], None
+        _, launch, trunk = best
+        alternatives = [] if fanout else [h[-1] for h in launch.hypotheses[1:]]
+        return trunk, alternatives, launch
+
+    def _launch(self, req: ReplyState, worker: int, trunk: list[int], alternatives: list[int], parent: Launch | None) -> None:
+        c = self.config
+        chain = req.chain[len(req.seq) :][: c.max_chain] if req.chain[: len(req.seq)] == req.seq else []
+        covered = subtree_paths(parent, req.seq) if parent is not None else []
+        plan = build_launch_tree(
+            req.seq, trunk, alternatives, req.drafts, covered + ([chain] if chain else []), self.drafters.ht,
+            self.drafters.pld if c.lookup else None, c.continuation_budget, self.vocab, self.recycling,
+        )
+        keep = min(common_prefix(self.cached[worker], req.seq), len(req.seq) - 1)
+        pipelined = len(self.verifiers) > 1
+        predict = c.predict_layer if pipelined else 0
+        request = StepRequest(
+            req.request_id, self._id(), keep, req.seq[keep:], plan.tree.tokens, plan.tree.parents,
+            plan.pseudo_nodes, req.produced, predict, req.drafts.candidates() if req.drafts else [],
+            req.max_new_tokens, req.sampling,
+        )
+        launch = Launch(request.step_id, worker, list(req.seq), plan, request)
+        if pipelined and not predict and req.drafts is not None:  # predict from the drafts' confidences now
+            guess = predict_from_drafts(plan.tree, req.drafts, len(req.seq) - 1, c.confidence, self.recycling)
+            launch.hypotheses = hypotheses(Prediction(request.step_id, *guess), c.alternatives)
+        if parent is not None:
+            parent.seeded += 1
+            launch.spawned = True
+            req.metrics.spawned += 1
+        req.launches[launch.step_id] = launch
+        self.cached[worker] = req.seq[:keep]
+        self.busy[worker] = asyncio.ensure_future(self._run_step(req, launch))
+
+    async def _run_step(self, req: ReplyState, launch: Launch) -> None:
+        timeout = self.config.step_timeout
+        try:
+            handle = await self.transport.handle(launch.worker)
+            steps = handle.step(launch.request)
+            result = await asyncio.wait_for(anext(steps), timeout)
+            if not isinstance(result, StepResult):  # the Prediction came first
+                req.events.put_nowait(("prediction", launch, result))
+                result = await asyncio.wait_for(anext(steps), timeout)
+            if not isinstance(result, StepResult):
+                raise WorkerFailed(f"worker {launch.worker} answered {type(result).__name__}, not a StepResult")
+        except Exception as e:  # noqa: BLE001 - any failure retires the worker
+            req.events.put_nowait(("fault", launch.worker, e))
+            return
+        self.busy.pop(launch.worker, None)
+        self.cached[launch.worker] = (launch.base + result.tokens)[: result.cache_length]
+        req.events.put_nowait(("result", launch, result))
+
+    async def _abort(self, launch: Launch) -> None:
+        try:
+            await (await self.transport.handle(launch.worker)).abort(launch.step_id)
+        except Exception:  # noqa: BLE001 - a dead worker needs no abort; its fault is handled
+            pass
+
+    # --- asynchronous drafting ----------------------------------------------------------
+
+    def _draft(self, req: ReplyState) -> None:
+        c, seq = self.config, req.seq
+        if req.chain[: len(seq)] == seq and len(req.chain) > len(seq):  # the chain still holds: extend it
+            if len(req.chain) - len(seq) >= c.max_chain:
+                return
+            keep, base = req.draft_cached, req.chain
+        else:  # restart from the committed tokens
+            keep = min(common_prefix(self.cached[self.drafter], seq), len(seq) - 1)
+            base = list(seq)
+        request = DraftRequest(req.request_id, keep, base[keep:], c.draft_chunk, c.drafter_layer)
+        req.drafting = True
+        self.busy[self.drafter] = asyncio.ensure_future(self._run_draft(req, base, request))
+
+    async def _run_draft(self, req: ReplyState, base: list[int], request: DraftRequest) -> None:
+        try:
+            handle = await self.transport.handle(self.drafter)
+            result = await asyncio.wait_for(handle.draft(request), self.config.step_timeout)
+        except Exception as e:  # noqa: BLE001
+            req.events.put_nowait(("fault", self.drafter, e))
+            return
+        self.busy.pop(self.drafter, None)
+        self.cached[self.drafter] = (base + result.tokens)[: result.cache_length]
+        req.events.put_nowait(("draft", (base,), result))
+
+    def _drafted(self, req: ReplyState, base: list[int], result: DraftResult) -> None:
+        req.drafting = False
+        req.metrics.worker_s += result.forward_s
+        req.metrics.draft_s += result.forward_s
+        req.metrics.drafts += 1
+        req.chain = base + result.tokens
+        req.draft_cached = result.cache_length
+
+    async def close(self) -> None:
+        """Stop restarts in progress and the workers."""
+        for task in self.restarting.values():
+            task.cancel()
+        await asyncio.gather(*self.restarting.values(), return_exceptions=True)
+        await self.transport.close()
+
+    # --- end of a request ---------------------------------------------------------------
+
+    async def _drain(self, req: ReplyState) -> None:
+        """Abort what is still in flight and wait for the workers to be free again; a
+        worker that failed or hangs meanwhile is restarted for the next request."""
+        req.done = True
+        for launch in list(req.launches.values()):
+            await self._abort(launch)
+        if self.aborts:
+            await asyncio.wait(self.aborts, timeout=self.config.step_timeout)
+            self.aborts.clear()
+        if self.busy:
+            await asyncio.wait(list(self.busy.values()), timeout=self.config.step_timeout)
+        for worker, task in list(self.busy.items()):
+            if not task.done():
+                task.cancel()
+                req.events.put_nowait(("fault", worker, WorkerFailed(f"worker {worker} hung")))
+            self.busy.pop(worker)
+        while not req.events.empty():
+            kind, item, payload = req.events.get_nowait()
+            if kind == "fault":
+                self._fault(req, item, payload)

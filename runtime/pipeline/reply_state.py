@@ -1,0 +1,90 @@
+"""The coordinator's records (runtime.pipeline.coordinator): a reply in progress, the
+steps it launched, and what the committed tokens say about each launch's tree."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from runtime.pipeline.launch_trees import Drafts, LaunchTree
+from runtime.pipeline.metrics import Metrics
+from workers.messages import Prediction, StepRequest
+
+
+@dataclass
+class Launch:
+    step_id: int
+    worker: int
+    base: list[int]  # the committed tokens when it was launched (its root last)
+    plan: LaunchTree
+    request: StepRequest
+    hypotheses: list[list[int]] = field(default_factory=list)  # predicted continuations after base
+    seeded: int = 0  # launches started on its hypotheses
+    spawned: bool = False  # launched on another step's prediction
+    started: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class ReplyState:
+    """The coordinator's view of one reply in progress: its committed tokens, the steps in
+    flight (launches), the newest drafts and the asynchronous drafter's chain."""
+
+    request_id: int
+    seq: list[int]  # prompt + committed reply tokens
+    prompt_len: int
+    max_new_tokens: int
+    stop_ids: set[int]
+    sampling: dict | None
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    drafts: Drafts | None = None
+    launches: dict[int, Launch] = field(default_factory=dict)
+    chain: list[int] = field(default_factory=list)  # async: the drafter's tokens, committed prefix first
+    draft_cached: int = 0  # async: positions of `chain` in the drafter's cache
+    drafting: bool = False
+    done: bool = False
+    failures: dict[int, int] = field(default_factory=dict)  # faults per worker
+    metrics: Metrics = field(default_factory=Metrics)
+
+    @property
+    def produced(self) -> int:
+        return len(self.seq) - self.prompt_len
+
+
+def hypotheses(prediction: Prediction, alternatives: int) -> list[list[int]]:
+    """The predicted walk, then the same walk ending with each alternative bonus token."""
+    best = prediction.tokens
+    if not best:
+        return []
+    return [best] + [[*best[:-1], alt] for alt in prediction.alternatives[:alternatives]]
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def node_at(launch: Launch, seq: list[int]) -> int | None:
+    """The node of the launch's tree holding the last committed token (None when the
+    committed tokens left the tree: its walk cannot commit more)."""
+    return launch.plan.tree.walk(seq[len(launch.base) :])
+
+
+def can_extend(launch: Launch, seq: list[int]) -> bool:
+    return node_at(launch, seq) is not None
+
+
+def subtree_paths(launch: Launch, seq: list[int]) -> list[list[int]]:
+    """The launch's tree below the last committed token, as token paths to its leaves: a
+    step launched on its prediction verifies these too, so it never commits less."""
+    top = node_at(launch, seq)
+    if top is None:
+        return []
+    tree = launch.plan.tree
+    children = tree.children()
+    leaves = [n for n in range(len(tree)) if not children[n] and top in tree.path_to(n) and n != top]
+    return [[tree.tokens[i] for i in tree.path_to(n)[tree.path_to(n).index(top) + 1 :]] for n in leaves]

@@ -1,0 +1,1 @@
+"""Text around token ids: the chat template and stop ids, the streaming detokenizer."""

@@ -1,0 +1,1 @@
+"""Drafter training: ShareGPT prompts, self-distilled data, the objective, `leapfrog train`."""

@@ -1,0 +1,209 @@
+"""Self-distillation data: the model's own greedy replies to ShareGPT first-turn prompts.
+
+Prompts come from the training split of ShareGPT only (runtime.training.sharegpt; the
+held-out conversations are never read here). Each prompt is wrapped in the chat template
+exactly by runtime.text.chat.encode_chat, as the engine does, prompts longer than `max_prompt_tokens` are skipped (cutting
+one would drop the template's assistant header), and transformers generates the greedy
+reply (do_sample=False, left-padded batches) of up to `max_new_tokens` tokens, stop
+token included when one is reached.
+
+The training prompts are split in two fixed parts: the last VAL_FRACTION (5%) of them
+are validation prompts, the rest training prompts. Both lists are in file order and do
+not depend on how many examples are asked for, so a larger run extends a smaller one and
+the validation set stays the same.
+
+Results are cached as JSONL ({"id", "prompt_ids", "reply_ids"} per line) in a cache
+directory, one file per (checkpoint, dtype, lengths, split), appended batch by batch: an
+interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from configs.schema import DTYPES
+from runtime.text.chat import encode_chat, stop_ids
+from runtime.training import sharegpt
+from workers.loading import cache_dir, load_tokenizer
+
+VAL_FRACTION = 0.05
+SPLITS = ("train", "val")
+
+
+@dataclass(frozen=True)
+class DistillSettings:
+    max_prompt_tokens: int = 256
+    max_new_tokens: int = 128
+    dtype: str = "float32"  # dtype of the model that generates: part of the cache key
+
+
+def default_data_dir() -> Path:
+    return cache_dir() / "distill"
+
+
+def split_prompts(prompts: list[tuple[str, str]], split: str) -> list[tuple[str, str]]:
+    """The training ("train") or validation ("val") part of a prompt list: val is the last 5%."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    cut = len(prompts) - max(1, round(len(prompts) * VAL_FRACTION))
+    return prompts[:cut] if split == "train" else prompts[cut:]
+
+
+def sharegpt_prompts(split: str) -> list[tuple[str, str]]:
+    """(id, text) of ShareGPT training-split first-turn prompts for `split`, deduplicated.
+
+    Stricter than the split alone: a prompt whose exact text is also a held-out first-turn
+    prompt ("continue", "hi", a few dozen real ones) is dropped, and so are the parts of a
+    conversation that the split cuts in two (ShareGPT ids are <conversation>_<part>:
+    aLHtGu3_0 and aLHtGu3_11 are training, aLHtGu3_23 held out). Repeated texts are kept once.
+    """
+    def conversation(cid: str) -> str:
+        return cid.rsplit("_", 1)[0]
+
+    heldout = {text for _, text in sharegpt.heldout_prompts()}
+    heldout_convs = {conversation(c["id"]) for c in sharegpt.heldout_conversations()}
+    seen: set[str] = set()
+    prompts = []
+    for cid, text in sharegpt.train_prompts():
+        if text in heldout or text in seen or conversation(cid) in heldout_convs:
+            continue
+        seen.add(text)
+        prompts.append((cid, text))
+    return split_prompts(prompts, split)
+
+
+def cache_file(data_dir: Path, folder: Path, settings: DistillSettings, split: str) -> Path:
+    key = json.dumps(
+        {"folder": str(Path(folder).resolve()), "split": split, **settings.__dict__, "version": 1}, sort_keys=True
+    )
+    digest = hashlib.sha1(key.encode()).hexdigest()[:10]
+    return Path(data_dir) / f"{Path(folder).name}-{split}-{digest}.jsonl"
+
+
+def read_cache(path: Path) -> list[dict]:
+    """Complete records of a cache file; a line cut off by an interruption is removed."""
+    if not path.is_file():
+        return []
+    records, good_bytes = [], 0
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+                if not line.endswith(b"\n"):
+                    raise ValueError("unterminated line")
+            except ValueError:
+                break
+            records.append(record)
+            good_bytes += len(line)
+    if good_bytes != path.stat().st_size:
+        with open(path, "r+b") as f:
+            f.truncate(good_bytes)
+    return records
+
+
+def cut_at_stop(reply: list[int], stops: set[int]) -> list[int]:
+    for i, t in enumerate(reply):
+        if t in stops:
+            return reply[: i + 1]
+    return reply
+
+
+@torch.inference_mode()
+def generate_batch(hf_model, prompts: list[list[int]], max_new_tokens: int, pad_id: int, stops: set[int]) -> list[list[int]]:
+    """Greedy replies for a batch of prompt id lists (left padding), each cut after its stop token."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    device = hf_model.device
+    out = hf_model.generate(
+        ids.to(device),
+        attention_mask=mask.to(device),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        eos_token_id=sorted(stops),
+        pad_token_id=pad_id,
+    )
+    return [cut_at_stop(row[width:].tolist(), stops) for row in out.cpu()]
+
+
+def distill(
+    folder: Path,
+    n_examples: int,
+    split: str = "train",
+    settings: DistillSettings = DistillSettings(),
+    data_dir: Path | None = None,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    prompts: list[tuple[str, str]] | None = None,
+) -> list[dict]:
+    """The first `n_examples` distilled examples of `split`, generating the missing ones.
+
+    `prompts` overrides the ShareGPT prompts (id, text) (tests). Returns fewer examples
+    only when the prompts run out.
+    """
+    folder = Path(folder)
+    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    path = cache_file(data_dir, folder, settings, split)
+    done = read_cache(path)
+    if len(done) >= n_examples:
+        return done[:n_examples]
+
+    tokenizer = load_tokenizer(folder)
+    done_ids = {r["id"] for r in done}
+    if prompts is None:
+        prompts = sharegpt_prompts(split)
+    pending: list[tuple[str, list[int]]] = []
+    need = n_examples - len(done)
+    for cid, text in prompts:
+        if len(pending) >= need:
+            break
+        if cid in done_ids:
+            continue
+        ids = encode_chat(tokenizer, text)
+        if 0 < len(ids) <= settings.max_prompt_tokens:
+            pending.append((cid, ids))
+    if not pending:
+        return done
+
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM
+
+    hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[settings.dtype]).to(device).eval()
+    stops = stop_ids(tokenizer, folder)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stops)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = path.with_suffix(".meta.json")
+    if not meta.is_file():
+        meta.write_text(json.dumps({"folder": str(folder.resolve()), "split": split, **settings.__dict__}, indent=1))
+    bar = tqdm(total=n_examples, initial=len(done), desc=f"distill {split}", unit="ex", disable=not progress)
+    try:
+        with open(path, "a") as f:
+            for start in range(0, len(pending), batch_size):
+                chunk = pending[start : start + batch_size]
+                replies = generate_batch(hf_model, [ids for _, ids in chunk], settings.max_new_tokens, pad_id, stops)
+                lines = []
+                for (cid, ids), reply in zip(chunk, replies):
+                    record = {"id": cid, "prompt_ids": ids, "reply_ids": reply}
+                    done.append(record)
+                    lines.append(json.dumps(record, separators=(",", ":")) + "\n")
+                f.write("".join(lines))
+                f.flush()
+                os.fsync(f.fileno())
+                bar.update(len(chunk))
+    finally:
+        bar.close()
+        del hf_model
+    return done[:n_examples]

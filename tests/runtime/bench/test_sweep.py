@@ -1,0 +1,78 @@
+"""`leapfrog sweep`: a tiny grid through the benchmark harness writes its CSV, JSON and PNG."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from configs.schema import ConfigError
+from runtime.bench.sweep import load_sweep, mark_pareto
+from runtime.cli import main
+
+TINY = """
+[model]
+dtype = "float32"
+max_context = 1024
+
+[generation]
+max_new_tokens = 12
+
+[runtime]
+threads = 1
+
+[pipeline]
+transport = "local"
+
+[sweep]
+modes = ["pipeline"]
+references = ["ht"]
+limit = 2
+workers = [1, 2]
+policy = "chain"
+"""
+
+
+def test_tiny_sweep_writes_csv_json_and_png(tmp_path, capsys):
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY)
+    assert main(["sweep", "--config", str(config), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    assert "2 grid points" in capsys.readouterr().out
+    rows = list(csv.DictReader(open(tmp_path / "out" / "sweep.csv")))
+    assert [(r["workers"], r["mode"]) for r in rows] == [(w, m) for w in ("1", "2") for m in ("ar", "ht", "pipeline")]
+    assert all(r["identical_prompts"] == r["prompts"] == "2" and float(r["latency_ms_per_token"]) > 0 for r in rows)
+    pipelined = [r for r in rows if r["mode"] == "pipeline"]
+    assert all(float(r["worker_ms_per_token"]) > 0 for r in pipelined)
+    assert pipelined[0]["hit_rate"] == "" and pipelined[1]["hit_rate"] != ""  # predictions need 2 workers
+    assert any(r["pareto"] == "True" for r in rows)
+    results = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert [r["point"] for r in results["results"]] == [{"workers": 1, "policy": "chain"}, {"workers": 2, "policy": "chain"}]
+    assert (tmp_path / "out" / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pareto_marks_only_undominated_rows():
+    rows = [
+        {"latency_ms_per_token": 10.0, "worker_ms_per_token": 30.0},
+        {"latency_ms_per_token": 20.0, "worker_ms_per_token": 20.0},
+        {"latency_ms_per_token": 25.0, "worker_ms_per_token": 25.0},  # dominated by the second
+    ]
+    mark_pareto(rows)
+    assert [r["pareto"] for r in rows] == [True, True, False]
+
+
+@pytest.mark.parametrize(
+    "sweep, match",
+    [
+        ("", "no \\[sweep\\] section"),
+        ("[sweep]\nlayers = [1, 2]\n", "unknown keys \\['layers'\\]"),
+        ("[sweep]\nworkers = []\n", "at least one value"),
+        ("[sweep]\nmodes = ['warp']\nworkers = [2]\n", "unknown mode 'warp'"),
+        ("[sweep]\npolicy = ['guess']\n", "policy"),
+    ],
+)
+def test_bad_sweep_configs_are_refused(tmp_path, sweep, match):
+    config = tmp_path / "bad.toml"
+    config.write_text(sweep)
+    with pytest.raises(ConfigError, match=match):
+        load_sweep(config)

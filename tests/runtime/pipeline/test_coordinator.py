@@ -1,0 +1,164 @@
+"""The pipelined runtime's coordinator (runtime.pipeline.coordinator; modes pipeline and
+async) against in-process workers: every policy, hits and misses of predictions, stale
+steps, faults; all identical to `ar`."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import replace
+
+import pytest
+
+from configs.schema import DrafterConfigs, ModelConfig, PipelineConfig, SamplingConfig
+from runtime.engine import Engine
+from runtime.pipeline.coordinator import Coordinator
+from runtime.pipeline.local_transport import LocalTransport
+from runtime.pipeline.transport import WorkerFailed
+from workers.decode_worker import DecodeWorker, load_worker
+
+PROMPTS = [
+    "Repeat this list exactly: apple, banana, cherry, apple, banana, cherry.",
+    "Write a Python function that reverses a string.",
+    "What is the capital of France?",
+]
+LOCAL = PipelineConfig(transport="local", workers=2, step_timeout=30.0)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    e = Engine(ModelConfig(dtype="float32", device="cpu", max_context=1024), DrafterConfigs(), LOCAL)
+    yield e
+    e.close()
+
+
+def ar_tokens(engine, ids, n, sampling=None):
+    return [t for s in engine.steps(ids, "ar", n, sampling) for t in s.tokens]
+
+
+def run(engine, coordinator, ids, n, sampling=None, mode="pipeline"):
+    async def collect():
+        steps = [s async for s in coordinator.generate(ids, n, engine.stop_ids, sampling, mode)]
+        return [t for s in steps for t in s.tokens]
+
+    return asyncio.run(collect())
+
+
+def make_coordinator(engine, mode="pipeline", worker_class=DecodeWorker, **settings):
+    config = replace(LOCAL, **settings)
+
+    def make(i):
+        w = load_worker(engine.config, engine.drafters.ht, model=engine.model)
+        return worker_class(w.model, w.drafter, w.cache)
+
+    transport = LocalTransport(config.workers, make)
+    coordinator = Coordinator(transport, config, engine.drafters, engine.model.args.vocab_size)
+    coordinator.check_mode(mode)
+    return coordinator, transport
+
+
+# --------------------------------------------------------------------------- identical output
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [dict(policy="chain"), dict(policy="fanout", workers=3), dict(predict_layer=20), dict(workers=1)],
+    ids=["chain-drafts", "fanout-3-workers", "chain-early-exit-20", "one-worker"],
+)
+def test_pipeline_identical_to_ar(engine, settings):
+    coordinator, _ = make_coordinator(engine, **settings)
+    spawned = hits = wasted = 0
+    for prompt in PROMPTS:
+        ids = engine.encode_chat(prompt)
+        assert run(engine, coordinator, ids, 40) == ar_tokens(engine, ids, 40)
+        m = coordinator.last_metrics
+        spawned, hits, wasted = spawned + m.spawned, hits + m.hits, wasted + m.wasted_steps
+    if coordinator.verifiers[1:]:  # several verifiers: predictions were made, held and failed
+        assert spawned > 0 and 0 < hits < spawned and wasted > 0
+    else:
+        assert spawned == 0
+
+
+def test_async_mode_identical_to_ar_and_uses_the_chain(engine):
+    coordinator, _ = make_coordinator(engine, "async", drafter_layer=24, draft_chunk=2)
+    for prompt in PROMPTS:
+        ids = engine.encode_chat(prompt)
+        assert run(engine, coordinator, ids, 40, mode="async") == ar_tokens(engine, ids, 40)
+        assert coordinator.last_metrics.worker_s > 0
+    with pytest.raises(ValueError, match="at least 2 workers"):
+        make_coordinator(engine, "async", workers=1)
+
+
+def test_sampled_pipeline_draws_ar_tokens(engine):
+    coordinator, _ = make_coordinator(engine, policy="fanout")
+    sampling = SamplingConfig(0.8, 0, 0.95, seed=4)
+    for prompt in PROMPTS[:2]:
+        ids = engine.encode_chat(prompt)
+        assert run(engine, coordinator, ids, 32, sampling) == ar_tokens(engine, ids, 32, sampling)
+
+
+def test_max_new_tokens_and_the_mode_interface(engine):
+    ids = engine.encode_chat(PROMPTS[0])
+    for n in (1, 2, 5):
+        assert [t for s in engine.steps(ids, "pipeline", n) for t in s.tokens] == ar_tokens(engine, ids, n)
+    assert engine.mode("pipeline").metrics["tokens"] == 5
+    # Both pipelined modes run on the engine's one set of workers, one after the other.
+    pool = engine.workers()
+    assert [t for s in engine.steps(ids, "async", 5) for t in s.tokens] == ar_tokens(engine, ids, 5)
+    assert engine.workers() is pool and engine.mode("async").metrics["tokens"] == 5
+
+
+def test_wrong_predictions_are_rolled_back(engine, monkeypatch):
+    """Every prediction is garbage: each spawned step goes stale and is aborted; the output
+    is still ar's."""
+    import runtime.pipeline.coordinator as coordinator_module
+
+    monkeypatch.setattr(coordinator_module, "predict_from_drafts", lambda *a, **k: ([5, 6, 7], [8]))
+    coordinator, _ = make_coordinator(engine)
+    ids = engine.encode_chat(PROMPTS[1])
+    assert run(engine, coordinator, ids, 40) == ar_tokens(engine, ids, 40)
+    m = coordinator.last_metrics
+    assert m.spawned > 0 and m.hits == 0 and m.wasted_steps >= m.spawned
+
+
+# --------------------------------------------------------------------------- faults
+
+
+class FailingWorker(DecodeWorker):
+    """Raises on its 4th step, or (hang=True) sleeps past the coordinator's timeout."""
+
+    hang = False
+    failures = 0
+
+    def step(self, req):
+        FailingWorker.failures += 1
+        if FailingWorker.failures == 4:
+            if self.hang:
+                time.sleep(3)
+            else:
+                raise RuntimeError("injected worker failure")
+        return super().step(req)
+
+
+class HangingWorker(FailingWorker):
+    hang = True
+
+
+@pytest.mark.parametrize("worker_class", [FailingWorker, HangingWorker], ids=["raises", "hangs"])
+def test_a_failed_worker_is_restarted_and_nothing_is_lost(engine, worker_class):
+    FailingWorker.failures = 0
+    coordinator, transport = make_coordinator(engine, worker_class=worker_class, step_timeout=1.0)
+    ids = engine.encode_chat(PROMPTS[1])
+    assert run(engine, coordinator, ids, 40) == ar_tokens(engine, ids, 40)
+    assert coordinator.last_metrics.faults >= 1 and transport.restarts >= 1
+    assert run(engine, coordinator, ids, 20) == ar_tokens(engine, ids, 20)  # the restarted worker serves again
+
+
+def test_no_hang_when_every_worker_fails(engine):
+    class Broken(DecodeWorker):
+        def step(self, req):
+            raise RuntimeError("broken")
+
+    coordinator, _ = make_coordinator(engine, worker_class=Broken, workers=1)
+    with pytest.raises(WorkerFailed):
+        run(engine, coordinator, engine.encode_chat(PROMPTS[2]), 10)

@@ -1,0 +1,44 @@
+"""Decoding modes by name (runtime.modes): the one mode check, and every single-engine
+mode building from the engine's config and decoding `ar`'s tokens."""
+
+import pytest
+
+from configs.schema import DrafterConfigs, EarlyExitConfig, ModelConfig, PipelineConfig
+from runtime.engine import Engine
+from runtime.modes import MODES, PIPELINED_MODES, UnknownModeError, check_mode
+
+
+@pytest.fixture(scope="module")
+def engine():
+    e = Engine(ModelConfig(dtype="float32", device="cpu", max_context=512), DrafterConfigs(),
+               PipelineConfig(transport="local", workers=2))
+    yield e
+    e.close()
+
+
+def test_check_mode_names_the_modes_there_are():
+    for name in MODES:
+        check_mode(name)
+    with pytest.raises(UnknownModeError, match="unknown mode 'HT'; available: ar, ht, "):
+        check_mode("HT")
+    assert set(PIPELINED_MODES) <= set(MODES)
+
+
+@pytest.mark.parametrize("mode", [m for m in MODES if not m.startswith("hf")])
+def test_every_mode_builds_and_decodes_ar_tokens(engine, mode):
+    ids = engine.encode_chat("Name two rivers.")
+    ar = [t for s in engine.steps(ids, "ar", 12) for t in s.tokens]
+    steps = list(engine.steps(ids, mode, 12))
+    assert [t for s in steps for t in s.tokens] == ar
+    assert all(len(s.margins) == len(s.tokens) for s in steps)
+    info = getattr(engine.mode(mode), "drafter_info", None)
+    assert info is None or info["parameters"] > 0
+
+
+def test_early_exit_layer_beyond_the_model_is_refused(engine):
+    from configs.schema import ConfigError
+
+    engine.set_drafter_config("early_exit", EarlyExitConfig(layer=31))
+    with pytest.raises(ConfigError, match="beyond this model's 30 layers"):
+        engine.mode("early-exit")
+    engine.set_drafter_config("early_exit", EarlyExitConfig())

@@ -1,0 +1,69 @@
+"""Pseudo-state drafter weights: a fresh drafter of each kind, the files that hold trained
+ones (saved by PseudoStateDrafter.save), and the files shipped for the default model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from workers.drafters.hidden_transfer import HiddenTransfer
+from workers.drafters.lookahead import LookaheadEmbeddings
+from workers.drafters.medusa import MedusaHeads
+from workers.drafters.pseudo_states import METADATA_KEY, PseudoStateConfig, PseudoStateDrafter, check_layer, model_signature
+from workers.model import ModelArgs
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"  # shipped for the default model
+DRAFTERS = {"ht": HiddenTransfer, "medusa": MedusaHeads, "pass": LookaheadEmbeddings}
+
+
+class DrafterWeightsError(ValueError):
+    pass
+
+
+def shipped_weights(checkpoint: str, kind: str) -> Path:
+    """The weights of `kind` shipped for the default model (SmolLM2-135M-Instruct)."""
+    if checkpoint != "default":
+        raise DrafterWeightsError(
+            f"no {kind} weights ship for this checkpoint: train them with `leapfrog train --drafter {kind}` "
+            f"and set [{kind}] weights in the config"
+        )
+    return WEIGHTS_DIR / f"smollm2-135m-{kind}.safetensors"
+
+
+def weights_file(checkpoint: str, kind: str, weights: str) -> Path:
+    """The file a [kind] config section's `weights` names: "default" is the shipped one."""
+    return shipped_weights(checkpoint, kind) if weights == "default" else Path(weights)
+
+
+def build(config: PseudoStateConfig, dim: int) -> PseudoStateDrafter:
+    """A fresh drafter of config.kind (its training starting point)."""
+    return DRAFTERS[config.kind](config, dim)
+
+
+def load(path: str | Path, args: ModelArgs) -> PseudoStateDrafter:
+    """Weights saved by PseudoStateDrafter.save, checked against the loaded model."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise DrafterWeightsError(f"drafter weights {path} do not exist (train them with `leapfrog train`)")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads((f.metadata() or {})[METADATA_KEY])
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except (KeyError, json.JSONDecodeError, OSError, RuntimeError) as e:
+        raise DrafterWeightsError(f"{path} is not a Leapfrog drafter file ({e})") from None
+    if meta["model"] != model_signature(args):
+        raise DrafterWeightsError(
+            f"{path} was trained for a model {meta['model']}, but the loaded model is {model_signature(args)}"
+        )
+    config = PseudoStateConfig(**{**meta["config"], "refine_layers": tuple(meta["config"].get("refine_layers", ()))})
+    problem = check_layer(config, args.n_layers)
+    module = build(config, args.dim) if problem is None else None
+    shapes = {name: tuple(p.shape) for name, p in module.named_parameters()} if module else {}
+    if problem or shapes != {name: tuple(t.shape) for name, t in tensors.items()}:
+        raise DrafterWeightsError(f"{path}: config {config} does not fit a {args.n_layers}-layer model ({problem or shapes})")
+    for name, p in module.named_parameters():
+        p.data.copy_(tensors[name])
+    module.training_summary = meta.get("training", {})
+    return module

@@ -1,0 +1,132 @@
+"""One decoding step: a token tree verified, and the next one drafted, in one forward pass.
+
+Every decoding mode but `ar` is a loop of these steps (runtime.decoding, and the
+pipeline's workers, workers.decode_worker). With P positions committed in the cache:
+
+  rows        [catch-up | tree nodes | pseudo states]
+    catch-up  c committed tokens the cache lacks, causal (the prompt on a first step;
+              on a pipeline worker, what other workers committed meanwhile)
+    nodes     the n tree nodes, rooted at the last committed token: each sees the
+              catch-up rows and its ancestors, at position P + c + depth
+    pseudo    k per node in `groups`, joining at the drafter's layer
+              (workers.drafters.pseudo_forward); none without a drafter
+  LM head     one call over the nodes and pseudo states
+  accept      walk down from the root with the target's choices (`accept`)
+  KV          the catch-up rows and the accepted path are kept, compacted in place
+  drafts      the pseudo logits that cover the tokens after the path (`next_drafts`)
+
+`tree_step` yields (layer, h) between layers, as the pseudo-state forward does, so a
+caller may stop it (abort) or read it (predict); `run_to_end` runs it whole.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from workers.drafters.pseudo_forward import LayerSteps, layers, pseudo_mask, pseudo_positions, pseudo_state_layers
+from workers.drafters.pseudo_states import PseudoStateDrafter
+from workers.kv_cache import KVCache
+from workers.model import Transformer
+from workers.sampling import Chooser
+from workers.tree import TokenTree
+
+# Cache slots beyond max_context for the pending positions of a tree step (catch-up is
+# committed context; nodes and pseudo states are written before acceptance trims them).
+TREE_HEADROOM = 512
+
+
+def decoding_cache(model: Transformer, max_context: int) -> KVCache:
+    """A KV cache for prompt + reply up to max_context positions, plus one step's pending rows."""
+    return model.new_cache(max_context + TREE_HEADROOM)
+
+
+@dataclass
+class StepOutcome:
+    path: list[int]  # accepted node indices, root first
+    tokens: list[int]  # committed: the path's drafts, then the bonus token
+    margins: list[float]  # of each choice (workers.sampling)
+    logits: torch.Tensor  # (n, vocab) the target's after every node
+    drafts: torch.Tensor | None  # (depth, vocab) pseudo logits for the next tree; None: none cover it
+
+
+def step_mask(catch_up: int, tree: TokenTree, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(c + n, c + n) bool: catch-up tokens causal; tree nodes see them all and their ancestors."""
+    c, n = catch_up, len(tree)
+    mask = torch.zeros(c + n, c + n, dtype=torch.bool)
+    mask[:c, :c] = torch.ones(c, c, dtype=torch.bool).tril()
+    mask[c:, :c] = True
+    mask[c:, c:] = tree.ancestor_mask()
+    return mask.to(device)
+
+
+def accept(tree: TokenTree, logits: torch.Tensor, choose: Chooser, index: int) -> tuple[list[int], list[int], list[float]]:
+    """Walk the tree from the root with the target's choices.
+
+    logits (n, vocab) are the target's after every node; the choice after the node at
+    depth d is reply token index + d. Returns the path (node indices, root first), the
+    committed tokens (the path's drafts, then the bonus token) and their margins.
+    """
+    path, tokens, margins = [0], [], []
+    while True:
+        token, margin = choose.choose(logits[path[-1]], index + len(tokens))
+        tokens.append(token)
+        margins.append(margin)
+        child = tree.child(path[-1], token)
+        if child is None:
+            return path, tokens, margins
+        path.append(child)
+
+
+def next_drafts(tree: TokenTree, path: list[int], groups: list[int], drafts: torch.Tensor) -> torch.Tensor | None:
+    """Drafts for the tree after a step that accepted `path`: (depth, ...) rows of
+    `drafts` (groups, k, ...), pseudo states or their logits; None when there are none.
+
+    The pseudo states of node a at position p draft the tokens at p+2..p+k+1. When the
+    path's last node x (position p + s) has none, those of its deepest ancestor a with
+    pseudo states still cover x's next tokens from depth s on: drafts[a][s:]. The root
+    always has pseudo states (its score, 0, is the highest), so only a path deeper than
+    k beyond its last drafted node ends with no drafts.
+    """
+    a = next(node for node in reversed(path) if node in groups)
+    shift = tree.depths[path[-1]] - tree.depths[a]
+    own = drafts[groups.index(a)]
+    return own[shift:] if shift < own.shape[0] else None
+
+
+def tree_step(
+    model: Transformer,
+    cache: KVCache,
+    tree: TokenTree,
+    choose: Chooser,
+    index: int,
+    catch_up: list[int] = (),
+    drafter: PseudoStateDrafter | None = None,
+    groups: list[int] = (),
+) -> LayerSteps:
+    """Verify `tree` (its first child is reply token `index`) after the `catch_up` tokens,
+    with pseudo states for the nodes in `groups` when a drafter is given. Yields (layer, h)
+    between layers; returns the StepOutcome, with the cache holding catch-up + path."""
+    c, n, device = len(catch_up), len(tree), model.device
+    groups = list(groups) if drafter is not None else []
+    positions = cache.length + torch.cat((torch.arange(c), c + torch.tensor(tree.depths))).to(device)
+    node_mask = step_mask(c, tree, device)
+    h = model.embed(torch.tensor([list(catch_up) + tree.tokens], device=device))
+    node_ctx = model.context(positions, cache, node_mask)
+    if groups:
+        rows, k = [c + g for g in groups], drafter.config.k
+        joined = model.context(
+            torch.cat((positions, pseudo_positions(positions[rows], k))), cache,
+            pseudo_mask(node_mask, rows, k, drafter.config.pseudo_attention),
+        )
+        h = yield from pseudo_state_layers(model, drafter, h, node_ctx, joined, lambda layer, h: h[0, rows])
+    else:
+        h = yield from layers(model, h, node_ctx)
+    # One LM head call for nodes and pseudo states: at these few rows its cost is
+    # streaming the vocab x dim weight, so one call over all rows beats two smaller ones.
+    logits = model.lm_head(model.norm(h[0, c:]))  # (n + m*k, vocab)
+    path, tokens, margins = accept(tree, logits[:n], choose, index)
+    cache.keep(list(range(c)) + [c + node for node in path])
+    drafts = next_drafts(tree, path, groups, logits[n:].reshape(len(groups), k, -1)) if groups else None
+    return StepOutcome(path, tokens, margins, logits[:n], drafts)
