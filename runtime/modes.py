@@ -3,7 +3,8 @@
     mode.generate(prompt_ids, max_new_tokens, sampling) -> Iterator[Step]
 
 `sampling` (configs.schema.SamplingConfig, None = greedy) picks the tokens; every mode
-here but the hf peers draws exactly `ar`'s tokens for the same seed (workers.sampling).
+here but the peers (hf, llama.cpp) draws exactly `ar`'s tokens for the same seed
+(workers.sampling).
 Modes with trained drafters report `drafter_info` (parameters, training time) for the
 benchmark table. A mode is a thin adapter: it builds its decoder (runtime.decoding) or
 reaches the engine's workers (runtime.pipeline) from the engine's config.
@@ -18,6 +19,7 @@ from collections.abc import Callable, Iterator
 from configs.schema import ConfigError, SamplingConfig
 from runtime.decoding.autoregressive import generate_ar
 from runtime.decoding.hf_peers import HfGenerateMode
+from runtime.decoding.llama_cpp_peer import LlamaCppMode
 from runtime.decoding.pseudo_state_decoder import PseudoStateDecoder
 from runtime.decoding.steps import Step
 from runtime.decoding.tree_decoder import TreeDecoder
@@ -161,6 +163,9 @@ MODES: dict[str, Callable] = {
     "ht-pld": HiddenTransferLookupMode,
     "hf": _hf(prompt_lookup=False),
     "hf-pld": _hf(prompt_lookup=True),
+    "llama.cpp": lambda engine: LlamaCppMode(engine, "llama.cpp", None),  # optional: `make llama-cpp`
+    "llama.cpp-bf16": lambda engine: LlamaCppMode(engine, "llama.cpp-bf16", "bf16"),
+    "llama.cpp-f32": lambda engine: LlamaCppMode(engine, "llama.cpp-f32", "f32"),
     "medusa": MedusaMode,
     "pass": LookaheadMode,
     "early-exit": EarlyExitMode,

@@ -2,8 +2,9 @@
 
 Wraps the parts of PseudoStateDecoder's steps with wall-clock timers (tree building, the
 tree step, and inside it the LM head on nodes and drafts, acceptance and KV compaction;
-the rest of the tree step is its forward pass); what is left is Python overhead. Then times the forward pass alone for growing numbers of
-rows, to show what a bigger tree costs.
+the rest of the tree step is its forward pass); what is left is Python overhead. Then
+times a tree step alone for growing numbers of rows (runtime.bench.cost_curve, the
+minimum of 5 runs), to show what a bigger tree costs.
 
     python scripts/profile_ht_step.py --dtype bfloat16 --per-category 1 --max-new-tokens 128
 """
@@ -20,6 +21,7 @@ import torch
 
 import workers.tree_step as tree_step_module
 from configs.schema import DrafterConfigs, ModelConfig, PseudoStateModeConfig
+from runtime.bench.cost_curve import step_times
 from runtime.bench.prompts import default_prompts_path, load_prompts
 from runtime.engine import Engine
 
@@ -47,30 +49,6 @@ def time_module(name: str, module: torch.nn.Module) -> None:
         TIMES[f"{PHASE[0]}:{name}"] += time.perf_counter() - start[0]
 
     module.register_forward_hook(done)
-
-
-def forward_cost(engine: Engine, rows: list[int], context: int, repeats: int = 5) -> dict[int, float]:
-    """Milliseconds of one causal forward of n new rows on top of `context` cached positions."""
-    model, cache, out = engine.model, engine.cache, {}
-    with torch.inference_mode():
-        cache.truncate(0)
-        prefix = torch.randint(0, model.args.vocab_size, (1, context))
-        causal = torch.ones(context, context, dtype=torch.bool).tril()
-        model.run_layers(model.embed(prefix), model.context(torch.arange(context), cache, causal), 0)
-        cache.commit(context)
-        for n in rows:
-            tokens = torch.randint(0, model.args.vocab_size, (1, n))
-            positions = context + torch.arange(n)
-            mask = torch.ones(n, n, dtype=torch.bool).tril()
-            best = float("inf")
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                h = model.run_layers(model.embed(tokens), model.context(positions, cache, mask), 0)
-                model.lm_head(model.norm(h[0]))
-                best = min(best, time.perf_counter() - t0)
-            out[n] = round(best * 1000, 2)
-    cache.truncate(0)
-    return out
 
 
 def main() -> None:
@@ -138,7 +116,7 @@ def main() -> None:
         "ht_ms_per_step": round(1000 * (ht_seconds - parts["prefill"]) / n, 2),
         "seconds": {k: round(v, 3) for k, v in parts.items()},
         "ht_total_seconds": round(ht_seconds, 3),
-        "forward_ms_by_rows": forward_cost(engine, [1, 8, 16, 32, 48, 64, 96, 128], context=300),
+        "step_ms_by_rows": step_times(engine, [1, 8, 16, 32, 48, 64, 96, 128], context=300, repeats=5)[1],
     }
     other = ht_seconds - sum(parts.values())
     report["seconds"]["python and other"] = round(other, 3)

@@ -24,8 +24,8 @@ def format_table(result: dict) -> str:
     ]
     for mode, m in result["modes"].items():
         vs_hf = f"{m['speedup_vs_hf']:.2f}x" if m["speedup_vs_hf"] is not None else "-"
-        if m["identical_to_ar"] is None:  # sampled hf peers: other draws, same distribution
-            identity = f"{'-':>11}{'(own sampler)':>22}"
+        if m["identical_to_ar"] is None:  # sampled hf peers (other draws), llama.cpp (other arithmetic)
+            identity = f"{'-':>11}{'(not compared)':>22}"
         else:
             identity = f"{m['identical_to_ar']:>7}/{result['prompts']:<3}{m['divergent']:>15} ({m['near_tie_divergences']})"
         drafter = m.get("drafter") or {}

@@ -318,7 +318,7 @@ def test_bench_sampled_real_model(tmp_path, capsys):
                "--threads", "1"])
     stdout, stderr = capsys.readouterr()
     assert rc == 0, stderr
-    assert "temperature 0.8 top-k 0 top-p 0.9 seed 5+i" in stdout and "(own sampler)" in stdout
+    assert "temperature 0.8 top-k 0 top-p 0.9 seed 5+i" in stdout and "(not compared)" in stdout
     result = json.loads(out.read_text())
     assert result["sampling"] == {"temperature": 0.8, "top_k": 0, "top_p": 0.9, "seed": 5}
     for mode in ("pld", "ht"):

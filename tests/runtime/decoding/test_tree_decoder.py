@@ -36,7 +36,7 @@ def test_drafters_identical_to_ar(engine, mode):
 
 @pytest.mark.parametrize("mode", ["ht", "pld", "token-recycling", "ht-pld"])
 def test_sampled_drafters_draw_ar_tokens(engine, mode):
-    """Same seed, same tokens as ar's sampling (runtime.sampling), with top-k and top-p."""
+    """Same seed, same tokens as ar's sampling (workers.sampling), with top-k and top-p."""
     accepted_more_than_one = False
     for prompt, sampling in zip(PROMPTS, [SamplingConfig(0.7, 0, 0.9, seed=1), SamplingConfig(1.0, 20, 1.0, seed=2)]):
         ids = engine.encode_chat(prompt)
