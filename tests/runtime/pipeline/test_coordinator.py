@@ -118,7 +118,10 @@ def test_wrong_predictions_are_rolled_back(engine, monkeypatch):
     ids = engine.encode_chat(PROMPTS[1])
     assert run(engine, coordinator, ids, 40) == ar_tokens(engine, ids, 40)
     m = coordinator.last_metrics
-    assert m.spawned > 0 and m.hits == 0 and m.wasted_steps >= m.spawned
+    # Every spawned step's trunk is wrong, so it goes stale, or (when it beats the step it
+    # extends: it verifies that step's tree too) commits in its place and that one is
+    # wasted; which of the two finishes first depends on how the threads are scheduled.
+    assert m.spawned > 0 and m.wasted_steps >= m.spawned
 
 
 # --------------------------------------------------------------------------- faults
