@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from configs.schema import LeapfrogConfig, SamplingConfig
 from runtime.bench.harness import NEAR_TIE_TOL, first_divergence
-from runtime.pipeline.coordinator import MODES as PIPELINED_MODES
+from runtime.modes import PIPELINED_MODES
 
 
 def format_table(result: dict) -> str:
