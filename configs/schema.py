@@ -15,6 +15,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 TREE_KINDS = ("dynamic", "template")
 DRAFTER_KINDS = ("ht", "medusa", "pass")  # the pseudo-state drafters (workers.drafters.pseudo_states)
+KERNELS = ("auto", "native", "torch")  # matrix-product kernels of the model (workers.kernels)
 
 
 class ConfigError(ValueError):
@@ -27,6 +28,7 @@ class ModelConfig:
     dtype: str = "float32"
     device: str = "auto"
     max_context: int = 2048
+    kernels: str = "auto"  # matrix products: auto | native | torch (workers.kernels)
 
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
@@ -215,6 +217,8 @@ class LeapfrogConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
 
     def validate(self) -> LeapfrogConfig:
+        if self.model.kernels not in KERNELS:
+            raise ConfigError(f"kernels must be one of {', '.join(KERNELS)}, got {self.model.kernels!r}")
         if self.model.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.model.dtype!r}")
         if self.model.max_context < 2:

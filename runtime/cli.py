@@ -14,7 +14,7 @@ from pathlib import Path
 import uvloop
 
 from configs.files import load_config
-from configs.schema import DRAFTER_KINDS, DTYPES, ConfigError, LeapfrogConfig
+from configs.schema import DRAFTER_KINDS, DTYPES, KERNELS, ConfigError, LeapfrogConfig
 from configs.training import TRAIN_DTYPES, TrainConfig, TrainError
 from runtime.bench.charts import speedup_chart
 from runtime.bench.cost_curve import CONTEXTS, ROWS, cost_curve
@@ -76,6 +76,7 @@ def add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="'default', a .gguf file or a Hugging Face checkpoint folder")
     p.add_argument("--dtype", choices=sorted(DTYPES))
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--kernels", choices=KERNELS, help="matrix-product kernels: auto (native where it runs) | native | torch")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads")
 
 
@@ -166,6 +167,7 @@ def add_train(sub) -> None:
     p.add_argument("--checkpoint", help="'default', a .gguf file or a Hugging Face checkpoint folder")
     p.add_argument("--dtype", choices=TRAIN_DTYPES, help="backbone dtype (the transfer trains in float32)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--kernels", choices=KERNELS, help="matrix-product kernels: auto (native where it runs) | native | torch")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads")
     p.add_argument("--drafter", choices=DRAFTER_KINDS, default=d.drafter,
                    help="ht: hidden transfer at --layer; medusa: heads after the last layer; pass: look-ahead embeddings")
@@ -205,6 +207,7 @@ def resolve_config(args) -> LeapfrogConfig:
         ("checkpoint", config.model, "checkpoint"),
         ("dtype", config.model, "dtype"),
         ("device", config.model, "device"),
+        ("kernels", config.model, "kernels"),
         ("threads", config.runtime, "threads"),
         ("max_new_tokens", config.generation, "max_new_tokens"),
         ("mode", config.generation, "mode"),

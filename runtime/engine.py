@@ -26,7 +26,9 @@ class Engine:
         self.config = config
         self.drafters = drafters or DrafterConfigs()
         self.pipeline = pipeline or PipelineConfig()
-        self.model, self.folder = load_model(config.checkpoint, config.torch_dtype(), config.torch_device())
+        self.model, self.folder = load_model(
+            config.checkpoint, config.torch_dtype(), config.torch_device(), config.kernels
+        )
         self.tokenizer = load_tokenizer(self.folder)
         self.cache = decoding_cache(self.model, config.max_context)
         self.stop_ids = stop_ids(self.tokenizer, self.folder)

@@ -26,7 +26,7 @@ def time_forward(threads: int, dtype: str, tokens: int, prefix: int, repeats: in
 
     torch.set_num_threads(threads)
     config = ModelConfig(dtype=dtype, device="cpu")
-    model, _ = load_model(config.checkpoint, config.torch_dtype(), config.torch_device())
+    model, _ = load_model(config.checkpoint, config.torch_dtype(), config.torch_device(), config.kernels)
     cache = model.new_cache(prefix + tokens + 8)
     ids = torch.randint(0, model.args.vocab_size, (1, prefix + tokens))
     with torch.inference_mode():

@@ -27,7 +27,7 @@ def dump(args) -> None:
     from runtime.engine import Engine
 
     torch.set_num_threads(args.threads)
-    engine = Engine(ModelConfig(dtype=args.dtype, device="cpu"))
+    engine = Engine(ModelConfig(dtype=args.dtype, device="cpu", kernels=args.kernels))
     prompts = load_prompts(default_prompts_path(), None, args.per_category)
     result = {}
     for mode in args.modes.split(","):
@@ -64,6 +64,7 @@ def main() -> None:
     d.add_argument("--per-category", type=int, default=1)
     d.add_argument("--max-new-tokens", type=int, default=128)
     d.add_argument("--threads", type=int, default=2)
+    d.add_argument("--kernels", default="auto", help="auto | native | torch (workers.kernels)")
     c = sub.add_parser("compare")
     c.add_argument("before")
     c.add_argument("after")

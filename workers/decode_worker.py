@@ -159,7 +159,9 @@ class DecodeWorker:
 def load_worker(model_config: ModelConfig, ht: PseudoStateModeConfig, model=None) -> DecodeWorker:
     """A worker with its own KV cache; `model` shares an already loaded replica (in-process)."""
     if model is None:
-        model, _ = load_model(model_config.checkpoint, model_config.torch_dtype(), model_config.torch_device())
+        model, _ = load_model(
+            model_config.checkpoint, model_config.torch_dtype(), model_config.torch_device(), model_config.kernels
+        )
     drafter = load(weights_file(model_config.checkpoint, "ht", ht.weights), model.args)
     if ht.depth:
         drafter = drafter.first(min(ht.depth, drafter.config.k))

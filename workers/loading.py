@@ -190,9 +190,10 @@ def fuse_projections(state: dict[str, torch.Tensor], n_layers: int) -> dict[str,
 
 
 def load_model(
-    name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", kernels: str = "auto"
 ) -> tuple[Transformer, Path]:
-    """Build our Transformer from a checkpoint; returns it with the resolved folder."""
+    """Build our Transformer from a checkpoint, multiplying with `kernels` (workers.kernels);
+    returns it with the resolved folder."""
     folder = resolve_checkpoint(name)
     config = read_hf_config(folder)
     args = model_args(config)
@@ -225,22 +226,8 @@ def load_model(
         model.lm_head.weight = model.embed_tokens.weight
     model.inv_freq = inv_freq
     model = model.to(device=device, dtype=dtype).eval()
-    if model.device.type == "cpu" and dtype == torch.float32:
-        store_column_major(model)
+    model.use_kernels(kernels)
     return model, folder
-
-
-def store_column_major(model: Transformer) -> None:
-    """Keep every linear weight as the transposed view of an (in, out) contiguous matrix.
-
-    F.linear then multiplies x @ W_t directly. On x86 CPUs float32 matrix-vector products
-    stream that layout ~1.4x faster than the usual (out, in) one (one-token decode steps
-    here: see docs/results.md); bfloat16 and many-token batches gain nothing, so it is
-    applied to float32 on the CPU only. Values and shapes are unchanged.
-    """
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
-            module.weight.data = module.weight.data.t().contiguous().t()
 
 
 def load_tokenizer(folder: Path):

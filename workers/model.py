@@ -15,6 +15,8 @@ the cached prefix and to its ancestors.
 
 Parameter names follow Hugging Face's (without the leading "model."), except that
 q/k/v and gate/up projections are fused (workers.loading concatenates them on load).
+Linear layers, norms and rotary embeddings compute with the kernels `use_kernels` picks
+(workers.kernels: PyTorch's as the reference, native CPU ones).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.kernels.choice import TORCH, Kernels, resolve_kernels, weight_layout
 from workers.kv_cache import KVCache
 
 
@@ -55,57 +58,60 @@ class AttentionContext:
     cache: KVCache | None
 
 
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and state-dict names) multiplying with `kernels.linear`."""
+
+    kernels: Kernels = TORCH  # Transformer.use_kernels sets it
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kernels.linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
+    kernels: Kernels = TORCH
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 whatever the model dtype, as the reference implementations do.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+        return self.kernels.rms_norm(x, self.weight, self.eps)  # computed in float32 whatever the dtype
 
 
 class Attention(nn.Module):
+    kernels: Kernels = TORCH
+
     def __init__(self, args: ModelArgs, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         # q, k and v projections fused into one matrix: one matmul instead of three.
         self.sizes = (args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.n_kv_heads * args.head_dim)
-        self.qkv_proj = nn.Linear(args.dim, sum(self.sizes), bias=args.qkv_bias)
-        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
+        self.qkv_proj = Linear(args.dim, sum(self.sizes), bias=args.qkv_bias)
+        self.o_proj = Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         B, n, _ = x.shape
-        # (B, n, heads * head_dim) -> (B, heads, n, head_dim)
-        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
+        # (B, n, (heads + 2 kv_heads) * head_dim), rotary angles applied to the q and k heads
+        qkv = self.kernels.rotary(self.qkv_proj(x), ctx.cos, ctx.sin, self.n_heads + self.n_kv_heads, self.head_dim)
+        # -> (B, heads, n, head_dim) each
+        q, k, v = qkv.split(self.sizes, dim=-1)
         q = q.view(B, n, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = ctx.cos.unsqueeze(-3), ctx.sin.unsqueeze(-3)  # broadcast over heads
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
         if ctx.cache is not None:
             k, v = ctx.cache.write(self.layer_idx, k, v)  # prefix + new: (B, kv_heads, P + n, head_dim)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=ctx.mask, enable_gqa=self.n_heads != self.n_kv_heads
-        )
-        return self.o_proj(y.transpose(1, 2).reshape(B, n, self.n_heads * self.head_dim))
+            q = q.to(k.dtype)  # attention runs in the cache's dtype (Transformer.attention_dtype)
+        y = self.kernels.attention(q, k, v, ctx.mask)  # (B, n, heads * head_dim)
+        return self.o_proj(y.to(x.dtype))
 
 
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.gate_up_proj = nn.Linear(args.dim, 2 * args.intermediate_size, bias=args.mlp_bias)  # fused
-        self.down_proj = nn.Linear(args.intermediate_size, args.dim, bias=args.mlp_bias)
+        self.gate_up_proj = Linear(args.dim, 2 * args.intermediate_size, bias=args.mlp_bias)  # fused
+        self.down_proj = Linear(args.intermediate_size, args.dim, bias=args.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -134,12 +140,24 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.lm_head = Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         # Kept out of the parameters and buffers so that .to(bfloat16) leaves it in float32.
         self.inv_freq = inv_freq.float()
         self.rope_scale = rope_scale
+        self.kernels = TORCH  # what use_kernels chose
+
+    def use_kernels(self, name: str = "auto") -> Kernels:
+        """Compute with kernels `name` (configs.schema.KERNELS; workers.kernels), each weight in
+        the layout those kernels stream fastest; returns the kernels chosen."""
+        self.kernels = resolve_kernels(name, self.device, self.dtype)
+        for module in self.modules():
+            if isinstance(module, (Linear, RMSNorm, Attention)):
+                module.kernels = self.kernels
+            if isinstance(module, Linear):
+                module.weight.data = weight_layout(self.kernels, module.weight.data)
+        return self.kernels
 
     @property
     def device(self) -> torch.device:
@@ -149,9 +167,19 @@ class Transformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embed_tokens.weight.dtype
 
+    @property
+    def attention_dtype(self) -> torch.dtype:
+        """The KV cache's dtype, in which attention runs: float32 on the CPU, where PyTorch has
+        no fast bfloat16 or float16 attention (bfloat16 keys and values are exact in float32;
+        a bfloat16 decode step's attention at 1,000 positions: 680 us vs 100 us a layer,
+        docs/results.md); the model's dtype elsewhere."""
+        return torch.float32 if self.device.type == "cpu" else self.dtype
+
     def new_cache(self, max_len: int, batch: int = 1) -> KVCache:
         a = self.args
-        return KVCache(a.n_layers, a.n_kv_heads, a.head_dim, max_len, batch=batch, dtype=self.dtype, device=self.device)
+        return KVCache(
+            a.n_layers, a.n_kv_heads, a.head_dim, max_len, batch=batch, dtype=self.attention_dtype, device=self.device
+        )
 
     def context(
         self,

@@ -42,3 +42,25 @@ def test_early_exit_layer_beyond_the_model_is_refused(engine):
     with pytest.raises(ConfigError, match="beyond this model's 30 layers"):
         engine.mode("early-exit")
     engine.set_drafter_config("early_exit", EarlyExitConfig())
+
+
+@pytest.fixture(scope="module")
+def bfloat16_engine():
+    e = Engine(ModelConfig(dtype="bfloat16", device="cpu", max_context=512, kernels="native"))
+    yield e
+    e.close()
+
+
+@pytest.mark.parametrize("mode", ["ht", "ht-pld", "pld", "medusa", "early-exit", "token-recycling"])
+def test_bfloat16_tree_modes_are_token_identical_with_native_kernels(bfloat16_engine, mode):
+    """The native kernels compute every row of a step as a one-row step would, so in bfloat16
+    too a tree mode's tokens are `ar`'s, not merely close (with PyTorch's kernels, rows
+    verified together round differently and near ties flip)."""
+    e = bfloat16_engine
+    prompts = ["Name two rivers.", "Write a haiku about the sea, then explain it.", "List three prime numbers and add them."]
+    for prompt in prompts:
+        ids = e.encode_chat(prompt)
+        ar = [t for s in e.steps(ids, "ar", 48) for t in s.tokens]
+        steps = list(e.steps(ids, mode, 48))
+        assert [t for s in steps for t in s.tokens] == ar, prompt
+    assert any(len(s.tokens) > 1 for s in steps)  # drafts were accepted: the tree rows were used

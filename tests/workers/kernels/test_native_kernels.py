@@ -1,0 +1,123 @@
+"""The native CPU kernels against the PyTorch reference, and their row independence.
+
+Row independence is what makes bfloat16 tree decoding token-identical to plain decoding:
+a row's result must be bit-identical whether it is computed alone or among other rows.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from workers.kernels import native, reference
+from workers.kernels.choice import native_unsupported
+
+pytestmark = pytest.mark.skipif(
+    native_unsupported(torch.device("cpu"), torch.float32) is not None,
+    reason=f"native kernels unavailable: {native_unsupported(torch.device('cpu'), torch.float32)}",
+)
+
+# Odd sizes on purpose: in_features not a multiple of 8 (the vector width), out_features
+# not a multiple of 3 (the weight rows per block).
+LINEAR_SHAPES = [(1, 576, 960), (2, 64, 7), (4, 100, 33), (5, 576, 1536), (13, 37, 50), (64, 1536, 577)]
+TOL = {torch.float32: dict(atol=1e-4, rtol=1e-5), torch.bfloat16: dict(atol=0.05, rtol=0.02)}
+
+
+def rand(*shape, dtype=torch.float32, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,k,m", LINEAR_SHAPES)
+def test_linear_matches_reference(dtype, rows, k, m):
+    x, w, b = rand(1, rows, k, dtype=dtype), rand(m, k, dtype=dtype, seed=1), rand(m, dtype=dtype, seed=2)
+    for bias in (None, b):
+        got = native.linear(x, w, bias)
+        assert got.shape == (1, rows, m) and got.dtype == dtype
+        # the reference in float32 on the same (exactly representable) inputs
+        want = reference.linear(x.float(), w.float(), None if bias is None else bias.float()).to(dtype)
+        torch.testing.assert_close(got, want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_rows_are_independent(dtype):
+    x, w = rand(64, 576, dtype=dtype), rand(1000, 576, dtype=dtype, seed=1)
+    together = native.linear(x, w, None)
+    for r in (0, 3, 4, 5, 37, 63):  # in a block of 4 rows, in the remainder, alone
+        assert torch.equal(native.linear(x[r : r + 1], w, None)[0], together[r])
+    assert torch.equal(native.linear(x[:6], w, None), together[:6])
+
+
+def test_linear_threads_do_not_change_results():
+    x, w = rand(8, 576), rand(3000, 576, seed=1)
+    torch.set_num_threads(1)
+    one = native.linear(x, w, None)
+    torch.set_num_threads(2)
+    assert torch.equal(native.linear(x, w, None), one)
+
+
+def test_linear_needing_grad_runs_the_reference():
+    x, w = rand(3, 16).requires_grad_(), rand(5, 16, seed=1)
+    native.linear(x, w, None).sum().backward()
+    torch.testing.assert_close(x.grad, w.sum(0).expand(3, 16))
+
+
+def test_linear_rejects_a_transposed_weight():
+    with pytest.raises(RuntimeError, match="contiguous"):
+        native.linear(rand(1, 16), rand(16, 8).t(), None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_matches_reference(dtype):
+    x, w = rand(2, 7, 576, dtype=dtype), rand(576, dtype=dtype, seed=1)
+    got = native.rms_norm(x, w, 1e-5)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, reference.rms_norm(x, w, 1e-5), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batched_angles", [False, True])
+def test_rotary_matches_reference(dtype, batched_angles):
+    B, n, heads, kv_heads, d = 2, 5, 4, 2, 16
+    qkv = rand(B, n, (heads + 2 * kv_heads) * d, dtype=dtype)
+    shape = (B, n, d) if batched_angles else (n, d)
+    cos, sin = rand(*shape, dtype=dtype, seed=1), rand(*shape, dtype=dtype, seed=2)
+    want = reference.rotary(qkv, cos, sin, heads + kv_heads, d)
+    got = native.rotary(qkv.clone(), cos, sin, heads + kv_heads, d)
+    # Elementwise and rounded where the reference rounds: exact in float32 and bfloat16.
+    assert torch.equal(got, want)
+
+
+def causal_tree_mask(n: int, keys: int) -> torch.Tensor:
+    mask = torch.ones(n, keys, dtype=torch.bool)
+    mask[:, keys - n :] = torch.ones(n, n, dtype=torch.bool).tril()
+    if n > 3:
+        mask[3, keys - n + 1] = False  # a branch: row 3 does not see row 1
+    return mask
+
+
+@pytest.mark.parametrize("n,keys", [(1, 1), (1, 200), (4, 9), (16, 300)])
+def test_attention_matches_reference(n, keys):
+    q, k, v = rand(1, 9, n, 64), rand(1, 3, keys, 64, seed=1), rand(1, 3, keys, 64, seed=2)
+    mask = causal_tree_mask(n, keys) if n > 1 else None
+    got = native.attention(q, k, v, mask)
+    assert got.shape == (1, n, 9 * 64)
+    torch.testing.assert_close(got, reference.attention(q, k, v, mask), atol=1e-5, rtol=1e-5)
+
+
+def test_attention_row_equals_that_row_alone_over_its_keys():
+    n, keys = 16, 300
+    q, k, v = rand(1, 9, n, 64), rand(1, 3, keys, 64, seed=1), rand(1, 3, keys, 64, seed=2)
+    mask = causal_tree_mask(n, keys)
+    together = native.attention(q, k, v, mask)
+    for i in (0, 3, 15):
+        seen = mask[i].nonzero().squeeze(1)
+        alone = native.attention(q[:, :, i : i + 1], k[:, :, seen], v[:, :, seen], None)
+        assert torch.equal(alone[0, 0], together[0, i])
+
+
+def test_attention_reads_cache_views():
+    cache = rand(2, 1, 3, 50, 64)  # (layers, B, kv_heads, max_len, d): a layer's prefix is a strided view
+    k, v = cache[0, :, :, :20], cache[1, :, :, :20]
+    q = rand(1, 9, 2, 64)
+    torch.testing.assert_close(native.attention(q, k, v, None), reference.attention(q, k, v, None), atol=1e-5, rtol=1e-5)
