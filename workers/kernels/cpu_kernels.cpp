@@ -82,18 +82,25 @@ inline void block(const float* x, int64_t ldx, const W* w, int64_t k, float* y, 
     }
 }
 
-// Weight rows [j0, j1) against all n rows of x.
+// Weight rows [j0, j1) against all n rows of x, in tiles of kRowTile rows: a tile of x
+// stays in L2 while the weight rows pass by (a 300-token prompt's x would not), and each
+// block of C weight rows stays in L1 while every row of the tile meets it.
+constexpr int64_t kRowTile = 64;
+
 template <int C, typename W>
 void columns(const float* x, int64_t n, const W* w, int64_t k, float* y, int64_t m, int64_t j0, int64_t j1) {
-  for (int64_t j = j0; j < j1; j += C) {
-    const W* wj = w + j * k;
-    int64_t r = 0;
-    if (j + C <= j1) {
-      for (; r + 4 <= n; r += 4) block<4, C>(x + r * k, k, wj, k, y + r * m + j, m);
-      for (; r < n; ++r) block<1, C>(x + r * k, k, wj, k, y + r * m + j, m);
-    } else {  // the last few weight rows, one at a time
-      for (int64_t jj = j; jj < j1; ++jj)
-        for (int64_t rr = 0; rr < n; ++rr) block<1, 1>(x + rr * k, k, w + jj * k, k, y + rr * m + jj, m);
+  for (int64_t r0 = 0; r0 < n; r0 += kRowTile) {
+    const int64_t r1 = std::min(n, r0 + kRowTile);
+    for (int64_t j = j0; j < j1; j += C) {
+      const W* wj = w + j * k;
+      int64_t r = r0;
+      if (j + C <= j1) {
+        for (; r + 4 <= r1; r += 4) block<4, C>(x + r * k, k, wj, k, y + r * m + j, m);
+        for (; r < r1; ++r) block<1, C>(x + r * k, k, wj, k, y + r * m + j, m);
+      } else {  // the last few weight rows, one at a time
+        for (int64_t jj = j; jj < j1; ++jj)
+          for (int64_t rr = r0; rr < r1; ++rr) block<1, 1>(x + rr * k, k, w + jj * k, k, y + rr * m + jj, m);
+      }
     }
   }
 }
@@ -220,27 +227,55 @@ inline float dot(const float* a, const float* b, int64_t d) {  // d % 8 == 0, fi
   return hsum(acc);
 }
 
-// One query row of one head over the keys its mask row allows, in ascending key order.
-void attend_row(const float* q, const float* k, const float* v, int64_t key_stride, int64_t keys, const bool* allowed,
-                int64_t d, float scale, float* scores, float* out) {
+// One query row of one head over the keys its mask row allows, in ascending key order:
+// scores, their maximum, exp and sum, then the weighted values, 64 dims at a time in
+// registers. `keys_seen` lists the allowed keys (ascending); `scores` has room for them.
+void attend_row(const float* q, const float* k, const float* v, int64_t key_stride, const int64_t* keys_seen,
+                int64_t count, int64_t d, float scale, float* scores, float* out) {
   float top = -INFINITY;
-  for (int64_t j = 0; j < keys; ++j) {
-    if (allowed != nullptr && !allowed[j]) continue;
-    scores[j] = dot(q, k + j * key_stride, d) * scale;
-    top = std::max(top, scores[j]);
+  int64_t t = 0;
+  for (; t + 4 <= count; t += 4) {  // four keys at once: four independent chains of FMAs
+    const float* k0 = k + keys_seen[t] * key_stride;
+    const float* k1 = k + keys_seen[t + 1] * key_stride;
+    const float* k2 = k + keys_seen[t + 2] * key_stride;
+    const float* k3 = k + keys_seen[t + 3] * key_stride;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t i = 0; i < d; i += kLanes) {
+      const __m256 qv = _mm256_loadu_ps(q + i);
+      a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + i), a0);
+      a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + i), a1);
+      a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + i), a2);
+      a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + i), a3);
+    }
+    scores[t] = hsum(a0) * scale;  // each the same sum dot() makes
+    scores[t + 1] = hsum(a1) * scale;
+    scores[t + 2] = hsum(a2) * scale;
+    scores[t + 3] = hsum(a3) * scale;
+    top = std::max(std::max(top, std::max(scores[t], scores[t + 1])), std::max(scores[t + 2], scores[t + 3]));
   }
-  for (int64_t i = 0; i < d; ++i) out[i] = 0.f;
+  for (; t < count; ++t) {
+    scores[t] = dot(q, k + keys_seen[t] * key_stride, d) * scale;
+    top = std::max(top, scores[t]);
+  }
   float total = 0.f;
-  for (int64_t j = 0; j < keys; ++j) {
-    if (allowed != nullptr && !allowed[j]) continue;
-    const float e = std::exp(scores[j] - top);
-    total += e;
-    const float* vj = v + j * key_stride;
-    for (int64_t i = 0; i < d; i += kLanes)
-      _mm256_storeu_ps(out + i, _mm256_fmadd_ps(_mm256_set1_ps(e), _mm256_loadu_ps(vj + i), _mm256_loadu_ps(out + i)));
+  for (t = 0; t < count; ++t) {
+    scores[t] = std::exp(scores[t] - top);
+    total += scores[t];
   }
-  const float inv = 1.f / total;
-  for (int64_t i = 0; i < d; ++i) out[i] *= inv;
+  const __m256 inv = _mm256_set1_ps(1.f / total);
+  for (int64_t i0 = 0; i0 < d; i0 += 64) {
+    const int lanes = static_cast<int>(std::min<int64_t>(64, d - i0)) / kLanes;
+    __m256 acc[8];
+    for (int l = 0; l < 8; ++l) acc[l] = _mm256_setzero_ps();
+    for (t = 0; t < count; ++t) {
+      const __m256 e = _mm256_set1_ps(scores[t]);
+      const float* vj = v + keys_seen[t] * key_stride + i0;
+#pragma GCC unroll 8
+      for (int l = 0; l < 8; ++l)
+        if (l < lanes) acc[l] = _mm256_fmadd_ps(e, _mm256_loadu_ps(vj + l * kLanes), acc[l]);
+    }
+    for (int l = 0; l < lanes; ++l) _mm256_storeu_ps(out + i0 + l * kLanes, _mm256_mul_ps(acc[l], inv));
+  }
 }
 
 }  // namespace
@@ -272,11 +307,20 @@ torch::Tensor attention(const torch::Tensor& q_in, const torch::Tensor& k, const
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, B * n * heads, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> scores(keys);
+    std::vector<int64_t> seen(keys);
+    int64_t seen_row = -1, count = 0;
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t h = t % heads, i = (t / heads) % n, b = t / (heads * n);
+      // Heads outermost: consecutive tasks read the same kv head's keys and values from L2.
+      const int64_t h = t / (B * n), b = (t / n) % B, i = t % n;
+      if (i != seen_row) {  // the keys query row i may see
+        count = 0;
+        for (int64_t j = 0; j < keys; ++j)
+          if (mp == nullptr || mp[i * keys + j]) seen[count++] = j;
+        seen_row = i;
+      }
       const int64_t kv = (b * k.stride(0) + (h / group) * k.stride(1));
-      attend_row(qp + b * q.stride(0) + h * q.stride(1) + i * q.stride(2), kp + kv, vp + kv, k.stride(2), keys,
-                 mp == nullptr ? nullptr : mp + i * keys, d, scale, scores.data(), yp + (b * n + i) * heads * d + h * d);
+      attend_row(qp + b * q.stride(0) + h * q.stride(1) + i * q.stride(2), kp + kv, vp + kv, k.stride(2), seen.data(), count,
+                 d, scale, scores.data(), yp + (b * n + i) * heads * d + h * d);
     }
   });
   return y;
