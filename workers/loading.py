@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
+from workers.cache_dir import cache_dir
 from workers.model import ModelArgs, Transformer
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "mistral")
@@ -29,10 +29,6 @@ DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 class ModelLoadError(RuntimeError):
     """A checkpoint that cannot be used, with the reason in words."""
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("LEAPFROG_CACHE", Path.home() / ".cache" / "leapfrog"))
 
 
 def default_gguf_path() -> Path:

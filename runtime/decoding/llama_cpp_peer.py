@@ -23,7 +23,8 @@ from pathlib import Path
 
 from configs.schema import SamplingConfig
 from runtime.decoding.steps import Step
-from workers.loading import ModelLoadError, cache_dir, default_gguf_path
+from workers.cache_dir import cache_dir
+from workers.loading import ModelLoadError, default_gguf_path
 
 INSTALL_HINT = "mode {mode} needs llama-cpp-python: run `make llama-cpp` (it compiles llama.cpp, a few minutes)"
 # llama.cpp's file types (llama.h: llama_ftype) of the requantized peers.

@@ -30,7 +30,8 @@ import torch
 from configs.schema import DTYPES
 from runtime.text.chat import encode_chat, stop_ids
 from runtime.training import sharegpt
-from workers.loading import cache_dir, load_tokenizer
+from workers.cache_dir import cache_dir
+from workers.loading import load_tokenizer
 
 VAL_FRACTION = 0.05
 SPLITS = ("train", "val")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from workers.cache_dir import cache_dir
 from workers.kernels import reference
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
@@ -26,8 +27,6 @@ LDFLAGS = ["-fopenmp"]
 
 
 def build_dir() -> Path:
-    from workers.loading import cache_dir  # not at the top: workers.loading imports the model, which imports this
-
     return cache_dir() / "kernels" / f"torch-{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}"
 
 
