@@ -122,6 +122,15 @@ class EarlyExitConfig:
 
 
 @dataclass
+class TreeSizingConfig:
+    """How big each step's tree is (workers.tree_sizing): cut, step by step, to the nodes
+    whose expected acceptance pays for their rows on this device's step cost t(n), or the
+    drafters' fixed budgets."""
+
+    cost: str = "auto"  # auto: this device's t(n), measured once and cached | off: fixed budgets | a `leapfrog profile` JSON
+
+
+@dataclass
 class DrafterConfigs:
     """Every drafter's settings; each is a [section] of its own in config files."""
 
@@ -131,6 +140,7 @@ class DrafterConfigs:
     pld: PldConfig = field(default_factory=PldConfig)
     token_recycling: TokenRecyclingConfig = field(default_factory=TokenRecyclingConfig)
     early_exit: EarlyExitConfig = field(default_factory=EarlyExitConfig)
+    tree_sizing: TreeSizingConfig = field(default_factory=TreeSizingConfig)
 
     def validate(self) -> DrafterConfigs:
         for name, tree in (("ht", self.ht), ("medusa", self.medusa), ("pass", self.pass_)):
@@ -145,6 +155,8 @@ class DrafterConfigs:
             raise ConfigError(f"[token_recycling] needs top_k >= 5 and budget >= 1: {self.token_recycling}")
         if self.early_exit.layer < 0 or self.early_exit.depth < 1:
             raise ConfigError(f"[early_exit] needs layer >= 0 and depth >= 1: {self.early_exit}")
+        if not self.tree_sizing.cost:
+            raise ConfigError('[tree_sizing] cost must be "auto", "off" or a profile file (leapfrog profile --out)')
         return self
 
 

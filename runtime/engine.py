@@ -6,14 +6,18 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Iterator
+from pathlib import Path
 
-from configs.schema import DrafterConfigs, LeapfrogConfig, ModelConfig, PipelineConfig, SamplingConfig
+from configs.schema import ConfigError, DrafterConfigs, LeapfrogConfig, ModelConfig, PipelineConfig, SamplingConfig
+from runtime.bench.cost_curve import device_profile
 from runtime.decoding.steps import Step
 from runtime.modes import build_mode
 from runtime.pipeline.worker_pool import WorkerPool
 from runtime.text.chat import encode_chat, stop_ids
 from workers.loading import load_model, load_tokenizer
+from workers.tree_sizing import CostCurve, TreeSizer
 from workers.tree_step import decoding_cache
 
 
@@ -34,6 +38,7 @@ class Engine:
         self.stop_ids = stop_ids(self.tokenizer, self.folder)
         self._modes: dict[str, object] = {}
         self._workers = None  # runtime.pipeline.worker_pool.WorkerPool of the pipelined modes, made on first use
+        self._cost_curve: CostCurve | None = None  # [tree_sizing] cost, read on first use
 
     @classmethod
     def from_config(cls, config: LeapfrogConfig) -> Engine:
@@ -61,6 +66,33 @@ class Engine:
             self._modes[name] = build_mode(name, self)
         return self._modes[name]
 
+    def cost_curve(self) -> CostCurve | None:
+        """This device's step cost t(n) as [tree_sizing] cost says; None when "off"."""
+        setting = self.drafters.tree_sizing.cost
+        if setting == "off":
+            return None
+        if self._cost_curve is None:
+            if setting == "auto":
+                profile = device_profile(self)
+            else:
+                try:
+                    profile = json.loads(Path(setting).read_text())
+                except (OSError, ValueError) as e:
+                    raise ConfigError(f"[tree_sizing] cost: cannot read the profile {setting}: {e}") from None
+            try:
+                self._cost_curve = CostCurve.from_profile(profile)
+            except ValueError as e:
+                raise ConfigError(f"[tree_sizing] cost {setting}: {e}") from None
+        return self._cost_curve
+
+    def tree_sizer(self, drafter_trees: bool = False) -> TreeSizer | None:
+        """A new TreeSizer on this device's cost curve (None when sizing is off); for a
+        drafter's unscored trees when `drafter_trees`."""
+        curve = self.cost_curve()
+        if curve is None:
+            return None
+        return TreeSizer.for_drafter_trees(curve) if drafter_trees else TreeSizer(curve)
+
     def workers(self):
         """The pipelined modes' workers and coordinator, started on first use."""
         if self._workers is None:
@@ -71,6 +103,7 @@ class Engine:
         """Replace one field of DrafterConfigs ("ht", "medusa", "pass_", ...); the modes
         that draft are rebuilt on their next use (the hf peers are kept), the workers restart."""
         self.drafters = dataclasses.replace(self.drafters, **{name: settings})
+        self._cost_curve = None
         self._modes = {name: mode for name, mode in self._modes.items() if name == "ar" or name.startswith("hf")}
         self.close()
 

@@ -68,7 +68,7 @@ class PseudoStateMode:
             raise DrafterWeightsError(f"{path} holds a {drafter.config.kind} drafter, not a {self.kind} one")
         self.engine = e
         lookup = prompt_lookup_drafter(e) if self.with_lookup else None
-        self.decoder = PseudoStateDecoder(e.model, drafter.to(e.model.device), e.cache, settings, lookup)
+        self.decoder = PseudoStateDecoder(e.model, drafter.to(e.model.device), e.cache, settings, lookup, e.tree_sizer())
         trained = drafter.training_summary
         self.drafter_info = {"parameters": drafter.parameter_count(), "training_s": trained.get("time_s"),
                              "training_steps": trained.get("steps")}
@@ -98,7 +98,7 @@ class TreeDrafterMode:
 
     def __init__(self, engine):
         self.engine = engine
-        self.decoder = TreeDecoder(engine.model, engine.cache, self.build_drafter(engine))
+        self.decoder = TreeDecoder(engine.model, engine.cache, self.build_drafter(engine), engine.tree_sizer(drafter_trees=True))
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingConfig | None = None) -> Iterator[Step]:
         choose = chooser(sampling, max_new_tokens)

@@ -8,17 +8,27 @@ chain of n nodes after c cached positions: the forward, the LM head over the n r
 acceptance walk and the cache compaction, as decoding runs them (greedy, no pseudo
 states: a drafter's pseudo states count as rows of their own). The cache is cut back to
 c after every run. It reports the median and the minimum of `repeats` runs, in ms.
+
+`device_profile` is the one the tree modes size their trees by ([tree_sizing] cost =
+"auto"): a shorter curve, measured the first time a model shape, dtype, kernel set,
+thread count and device meet, and cached in cache_dir()/profiles.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import platform
 import statistics
 import sys
 import time
+from dataclasses import asdict
 
 import torch
 from tqdm import tqdm
 
+from workers.cache_dir import cache_dir
 from workers.drafters.pseudo_forward import run_to_end
 from workers.sampling import Greedy
 from workers.tree import chain
@@ -26,6 +36,10 @@ from workers.tree_step import tree_step
 
 ROWS = [1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128]
 CONTEXTS = [128, 512, 1024]
+# device_profile's curve: the sizes a CPU tree takes (a GPU's flat curve keeps the largest), ~5 s here.
+QUICK_ROWS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48]
+QUICK_CONTEXTS = [128, 1024]
+QUICK_REPEATS = 3
 
 
 @torch.inference_mode()
@@ -69,3 +83,46 @@ def cost_curve(engine, rows: list[int] = ROWS, contexts: list[int] = CONTEXTS, r
         "what": "ms of one tree step (forward, LM head, accept, KV keep) over a chain of n rows after c cached positions",
         "rows": rows, "contexts": contexts, "ms_median": ms, "ms_min": ms_min,
     }
+
+
+def device_name(device) -> str:
+    if device.type == "cuda":
+        import torch.cuda
+
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def profile_key(engine) -> dict:
+    """What a step's cost depends on: the model's shape, dtype, kernels, threads and device."""
+    model = engine.model
+    return {"model": asdict(model.args), "dtype": engine.config.dtype, "kernels": model.kernels.name,
+            "threads": torch.get_num_threads(), "device": device_name(model.device), "torch": torch.__version__}
+
+
+def device_profile(engine, progress: bool = True) -> dict:
+    """This engine's quick cost curve, from the cache or measured now (and cached)."""
+    key = profile_key(engine)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_dir() / "profiles" / f"{digest}.json"
+    try:
+        profile = json.loads(path.read_text())
+        if profile.get("key") == key:
+            return profile
+    except (OSError, ValueError):
+        pass
+    room = engine.config.max_context
+    rows = [n for n in QUICK_ROWS if n <= room // 2] or [1, 2]
+    contexts = [c for c in QUICK_CONTEXTS if c + max(rows) <= room] or [room - max(rows)]
+    if progress:
+        print(f"measuring this device's tree-step cost once (cached in {path.parent})", file=sys.stderr)
+    profile = cost_curve(engine, rows, contexts, QUICK_REPEATS, progress) | {"key": key}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".{os.getpid()}.tmp")
+    partial.write_text(json.dumps(profile, indent=1))
+    partial.replace(path)  # atomic: engines measuring at once each write a whole file
+    return profile

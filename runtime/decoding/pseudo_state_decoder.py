@@ -10,6 +10,10 @@ heads, 0 for PaSS look-ahead embeddings).
                for the highest-scoring nodes; the walk with the target's choices is
                committed, and the pseudo logits covering the tokens after it draft the
                next tree
+
+With a TreeSizer (workers.tree_sizing), each tree is first built at the configured
+budget, lookup chain included, and then cut to the nodes whose expected acceptance pays
+for their rows on this device's step cost.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from workers.kv_cache import KVCache
 from workers.model import Transformer
 from workers.sampling import Chooser
 from workers.tree import DEFAULT_TEMPLATE, TokenTree, build_dynamic_tree, build_template_tree, graft_chain, root_only
+from workers.tree_sizing import TreeSizer, pseudo_row_cost
 from workers.tree_step import StepOutcome, tree_step
 
 
@@ -38,14 +43,18 @@ class PseudoStateDecoder:
         cache: KVCache,
         settings: PseudoStateModeConfig,
         lookup: PromptLookupDrafter | None = None,
+        sizer: TreeSizer | None = None,
     ):
         """`settings` size each step's tree and the drafter's depth; `lookup`, when given,
-        grafts its prompt-lookup chain onto every tree (mode ht-pld)."""
+        grafts its prompt-lookup chain onto every tree (mode ht-pld); `sizer`, when given,
+        cuts every tree to what pays on this device (settings.budget is then the most)."""
         depth = min(settings.depth or drafter.config.k, drafter.config.k)
         self.model, self.drafter, self.cache, self.settings = model, drafter.first(depth), cache, settings
-        self.lookup = lookup
+        self.lookup, self.sizer = lookup, sizer
+        self.pseudo_row_cost = pseudo_row_cost(model.args, drafter.config.layer)
 
-    def build_tree(self, root: int, drafts: torch.Tensor | None) -> TokenTree:
+    def build_tree(self, root: int, drafts: torch.Tensor | None) -> tuple[TokenTree, dict[int, int]]:
+        """The next step's tree, and its lookup chain's nodes with their depths (node -> depth)."""
         logprobs = None if drafts is None else torch.log_softmax(drafts.float(), dim=-1)
         if logprobs is None:
             tree = root_only(root)
@@ -53,21 +62,34 @@ class PseudoStateDecoder:
             tree = build_template_tree(root, logprobs, DEFAULT_TEMPLATE[: self.settings.budget - 1])
         else:
             tree = build_dynamic_tree(root, logprobs, self.settings.budget, self.settings.top_k)
+        chain = {}
         if self.lookup is not None:
-            tree = graft_chain(tree, self.lookup.drafts(root), logprobs)
-        return tree
+            tokens = self.lookup.drafts(root)
+            tree = graft_chain(tree, tokens, logprobs)
+            node = 0
+            for depth, token in enumerate(tokens, 1):
+                node = tree.child(node, token)
+                chain[node] = depth
+        if self.sizer is not None and len(tree) > 1:
+            pseudo_rows = min(self.settings.pseudo_nodes, len(tree)) * self.drafter.config.k * self.pseudo_row_cost
+            tree, chain = self.sizer.size(tree, self.cache.length, pseudo_rows, chain)
+        return tree, chain
 
     def pseudo_groups(self, tree: TokenTree) -> list[int]:
         """Nodes that get pseudo states: the highest-scoring ones, in tree order."""
         best = sorted(range(len(tree)), key=lambda i: -tree.scores[i])[: self.settings.pseudo_nodes]
         return sorted(best)
 
-    def step(self, tree: TokenTree, choose: Chooser, index: int, catch_up: list[int] = ()) -> StepOutcome:
-        """Verify `tree` (its first child is reply token `index`) after the catch-up tokens."""
+    def step(self, tree: TokenTree, choose: Chooser, index: int, catch_up: list[int] = (),
+             chain: dict[int, int] | None = None) -> StepOutcome:
+        """Verify `tree` (its first child is reply token `index`) after the catch-up tokens;
+        `chain`: its lookup chain's nodes (node -> depth)."""
         steps = tree_step(self.model, self.cache, tree, choose, index, catch_up, self.drafter, self.pseudo_groups(tree))
         outcome = run_to_end(steps)
         if self.lookup is not None:
             self.lookup.observe(tree, outcome.path)
+        if self.sizer is not None:
+            self.sizer.observe(tree, outcome.path, chain)
         return outcome
 
     @torch.inference_mode()
@@ -83,4 +105,5 @@ class PseudoStateDecoder:
             yield Step(tokens, margins)
             if done:
                 return
-            outcome = self.step(self.build_tree(tokens[-1], outcome.drafts), choose, produced)
+            tree, chain = self.build_tree(tokens[-1], outcome.drafts)
+            outcome = self.step(tree, choose, produced, chain=chain)

@@ -6,6 +6,12 @@ states: the drafter's tree, rooted at the bonus token of the previous step, runs
 through all layers with its ancestor-only mask; the walk with the target's choices is
 committed and its KV kept; the drafter then sees the tree, the path and the target's
 top-k after every node (`observe`).
+
+With a TreeSizer (workers.tree_sizing), each proposal is cut to the nodes whose expected
+acceptance pays for their rows on this device. A drafter's tree carries no draft
+probabilities (its sizer ignores scores), so each node is rated by how often the target
+accepted its slot (its index in the proposal: the depth in a chain, the entry of a fixed
+tree) after its parent.
 """
 
 from __future__ import annotations
@@ -21,12 +27,22 @@ from workers.drafters.pseudo_forward import run_to_end
 from workers.kv_cache import KVCache
 from workers.model import Transformer
 from workers.sampling import Chooser
+from workers.tree import TokenTree
+from workers.tree_sizing import TreeSizer
 from workers.tree_step import tree_step
 
 
 class TreeDecoder:
-    def __init__(self, model: Transformer, cache: KVCache, drafter: Drafter):
-        self.model, self.cache, self.drafter = model, cache, drafter
+    def __init__(self, model: Transformer, cache: KVCache, drafter: Drafter, sizer: TreeSizer | None = None):
+        self.model, self.cache, self.drafter, self.sizer = model, cache, drafter, sizer
+
+    def propose(self, root: int) -> tuple[TokenTree, dict[int, int]]:
+        """The drafter's tree, cut by the sizer; its nodes' slots (node -> index in the proposal)."""
+        tree = self.drafter.propose(root)
+        slots = {node: node for node in range(1, len(tree))}
+        if self.sizer is None or len(tree) == 1:
+            return tree, slots
+        return self.sizer.size(tree, self.cache.length, 0.0, slots)
 
     @torch.inference_mode()
     def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int], choose: Chooser) -> Iterator[Step]:
@@ -38,8 +54,10 @@ class TreeDecoder:
         if token in stop_ids or max_new_tokens == 1:
             return
         while True:
-            tree = self.drafter.propose(token)
+            tree, slots = self.propose(token)
             outcome = run_to_end(tree_step(self.model, self.cache, tree, choose, produced))
+            if self.sizer is not None:
+                self.sizer.observe(tree, outcome.path, slots)
             self.drafter.observe(tree, outcome.path, torch.topk(outcome.logits, self.drafter.observed_top_k, dim=-1).indices)
             tokens, margins, done = clip_step(outcome.tokens, outcome.margins, produced, max_new_tokens, stop_ids)
             produced += len(tokens)

@@ -87,7 +87,17 @@ inline void block(const float* x, int64_t ldx, const W* w, int64_t k, float* y, 
 // block of C weight rows stays in L1 while every row of the tile meets it.
 constexpr int64_t kRowTile = 64;
 
-template <int C, typename W>
+// The last rows of a tile (fewer than R) together: their dot products are independent
+// chains of FMAs that overlap (one row at a time waits on each FMA's latency).
+template <int C, int Rest, typename W>
+inline void rest_rows(const float* x, int64_t rows, const W* w, int64_t k, float* y, int64_t m) {
+  if constexpr (Rest > 0) {
+    if (rows == Rest) return block<Rest, C>(x, k, w, k, y, m);
+    rest_rows<C, Rest - 1>(x, rows, w, k, y, m);
+  }
+}
+
+template <int R, int C, typename W>
 void columns(const float* x, int64_t n, const W* w, int64_t k, float* y, int64_t m, int64_t j0, int64_t j1) {
   for (int64_t r0 = 0; r0 < n; r0 += kRowTile) {
     const int64_t r1 = std::min(n, r0 + kRowTile);
@@ -95,8 +105,8 @@ void columns(const float* x, int64_t n, const W* w, int64_t k, float* y, int64_t
       const W* wj = w + j * k;
       int64_t r = r0;
       if (j + C <= j1) {
-        for (; r + 4 <= r1; r += 4) block<4, C>(x + r * k, k, wj, k, y + r * m + j, m);
-        for (; r < r1; ++r) block<1, C>(x + r * k, k, wj, k, y + r * m + j, m);
+        for (; r + R <= r1; r += R) block<R, C>(x + r * k, k, wj, k, y + r * m + j, m);
+        rest_rows<C, R - 1>(x + r * k, r1 - r, wj, k, y + r * m + j, m);
       } else {  // the last few weight rows, one at a time
         for (int64_t jj = j; jj < j1; ++jj)
           for (int64_t rr = r0; rr < r1; ++rr) block<1, 1>(x + rr * k, k, w + jj * k, k, y + rr * m + jj, m);
@@ -105,25 +115,30 @@ void columns(const float* x, int64_t n, const W* w, int64_t k, float* y, int64_t
   }
 }
 
-template <int C, typename W>
+template <int R, int C, typename W>
 void linear_blocks(const float* x, int64_t n, const W* w, int64_t k, float* y, int64_t m) {
   // Threads split the weight rows (compiled with -fopenmp, at::parallel_for runs on torch's
   // own OpenMP pool). Grain: enough rows per task that scheduling costs little.
   const int64_t grain = std::max<int64_t>(64, (int64_t(1) << 16) / std::max<int64_t>(k, 1)) / C * C;
-  at::parallel_for(0, m, grain, [&](int64_t j0, int64_t j1) { columns<C>(x, n, w, k, y, m, j0, j1); });
+  at::parallel_for(0, m, grain, [&](int64_t j0, int64_t j1) { columns<R, C>(x, n, w, k, y, m, j0, j1); });
 }
 
 template <typename W>
 void linear_impl(const float* x, int64_t n, const W* w, int64_t k, float* y, int64_t m) {
-  // Up to 4 rows the product is memory-bound: one weight row at a time keeps the fewest
+  // One row (a decode step) is memory-bound: one weight row at a time keeps the fewest
   // streams open, which the prefetchers follow best (all 121 products of a bfloat16 decode
-  // step from DRAM: 11-13 ms against 17 ms with 3 rows at a time). From 5 rows on it is
-  // compute-bound: 4 rows x 3 weight rows = 12 accumulators + 3 weight vectors of the 16
-  // AVX2 registers. Either way each output is the same dot product, summed in the same order.
-  if (n <= 4) {
-    linear_blocks<1>(x, n, w, k, y, m);
+  // step from DRAM: 11-13 ms against 17 ms with 3 rows at a time). 2-6 rows: two weight
+  // rows at a time against up to 6 rows (independent FMA chains; one core, bfloat16, a
+  // whole step: 2 rows 30.1 -> 27.2 ms, 4 rows 35.9 -> 31.6, 5 rows 41.0 -> 34.4). From 7
+  // rows on it is compute-bound: 4 rows x 3 weight rows = 12 accumulators + 3 weight
+  // vectors of the 16 AVX2 registers. Either way each output is the same dot product,
+  // summed in the same order.
+  if (n == 1) {
+    linear_blocks<1, 1>(x, n, w, k, y, m);
+  } else if (n <= 6) {
+    linear_blocks<6, 2>(x, n, w, k, y, m);
   } else {
-    linear_blocks<3>(x, n, w, k, y, m);
+    linear_blocks<4, 3>(x, n, w, k, y, m);
   }
 }
 
@@ -221,70 +236,129 @@ torch::Tensor rotary_(torch::Tensor qkv, const torch::Tensor& cos, const torch::
 
 namespace {
 
-inline float dot(const float* a, const float* b, int64_t d) {  // d % 8 == 0, fixed order
-  __m256 acc = _mm256_setzero_ps();
-  for (int64_t i = 0; i < d; i += kLanes) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-  return hsum(acc);
+// exp of 8 floats at once, x <= 0 (scores minus their maximum): x = n ln2 + r with
+// |r| <= ln2 / 2, e^r by a degree-6 polynomial (Cephes' expf coefficients; ~1 ulp), times
+// 2^n built in the exponent bits; below -87.3 the result is 0 (it would underflow anyway).
+inline __m256 exp_nonpositive(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.3f);
+  const __m256 zero_out = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_max_ps(x, lo);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln2 in two parts: exact n * hi
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(zero_out, _mm256_mul_ps(p, _mm256_castsi256_ps(bits)));
 }
 
-// One query row of one head over the keys its mask row allows, in ascending key order:
-// scores, their maximum, exp and sum, then the weighted values, 64 dims at a time in
-// registers. `keys_seen` lists the allowed keys (ascending); `scores` has room for them.
-void attend_row(const float* q, const float* k, const float* v, int64_t key_stride, const int64_t* keys_seen,
-                int64_t count, int64_t d, float scale, float* scores, float* out) {
-  float top = -INFINITY;
-  int64_t t = 0;
-  for (; t + 4 <= count; t += 4) {  // four keys at once: four independent chains of FMAs
-    const float* k0 = k + keys_seen[t] * key_stride;
-    const float* k1 = k + keys_seen[t + 1] * key_stride;
-    const float* k2 = k + keys_seen[t + 2] * key_stride;
-    const float* k3 = k + keys_seen[t + 3] * key_stride;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+// Query vectors attended together: they share their kv head's keys and values, which are
+// read once for all of them.
+constexpr int kQueries = 4;
+
+// Up to kQueries query vectors (each with the mask row of its query row, nullptr: all
+// keys) over one kv head's keys 0..keys-1 (every key each of them sees). For each query vector alone, whatever the
+// others: its scores (the same 8-lane dot product for every key), their maximum over the
+// keys it sees, e = exp(score - max) for those keys and exactly 0 for the others, their
+// sum in ascending key order, and the e-weighted sum of values in ascending key order
+// (a masked key adds 0 * v, which leaves the sum as it is). A query row's result is
+// therefore the one a one-row step over the same keys gets.
+void attend_block(const float* const* q, const bool* const* seen, int count, const float* k, const float* v,
+                  int64_t key_stride, int64_t keys, int64_t d, float scale, float* e, float* const* out) {
+  // Missing query vectors (count < kQueries) repeat the first; their results are dropped.
+  const float* qa[kQueries];
+  float* es[kQueries];
+  for (int a = 0; a < kQueries; ++a) {
+    qa[a] = q[a < count ? a : 0];
+    es[a] = e + a * keys;
+  }
+  for (int64_t t = 0; t < keys; ++t) {  // scores: each key read once for all query vectors
+    const float* kt = k + t * key_stride;
+    __m256 acc[kQueries];
+    for (int a = 0; a < kQueries; ++a) acc[a] = _mm256_setzero_ps();
     for (int64_t i = 0; i < d; i += kLanes) {
-      const __m256 qv = _mm256_loadu_ps(q + i);
-      a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + i), a0);
-      a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + i), a1);
-      a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + i), a2);
-      a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + i), a3);
+      const __m256 kv = _mm256_loadu_ps(kt + i);
+#pragma GCC unroll 4
+      for (int a = 0; a < kQueries; ++a) acc[a] = _mm256_fmadd_ps(_mm256_loadu_ps(qa[a] + i), kv, acc[a]);
     }
-    scores[t] = hsum(a0) * scale;  // each the same sum dot() makes
-    scores[t + 1] = hsum(a1) * scale;
-    scores[t + 2] = hsum(a2) * scale;
-    scores[t + 3] = hsum(a3) * scale;
-    top = std::max(std::max(top, std::max(scores[t], scores[t + 1])), std::max(scores[t + 2], scores[t + 3]));
+#pragma GCC unroll 4
+    for (int a = 0; a < kQueries; ++a) es[a][t] = hsum(acc[a]) * scale;
   }
-  for (; t < count; ++t) {
-    scores[t] = dot(q, k + keys_seen[t] * key_stride, d) * scale;
-    top = std::max(top, scores[t]);
-  }
-  float total = 0.f;
-  for (t = 0; t < count; ++t) {
-    scores[t] = std::exp(scores[t] - top);
-    total += scores[t];
-  }
-  const __m256 inv = _mm256_set1_ps(1.f / total);
-  for (int64_t i0 = 0; i0 < d; i0 += 64) {
-    const int lanes = static_cast<int>(std::min<int64_t>(64, d - i0)) / kLanes;
-    __m256 acc[8];
-    for (int l = 0; l < 8; ++l) acc[l] = _mm256_setzero_ps();
-    for (t = 0; t < count; ++t) {
-      const __m256 e = _mm256_set1_ps(scores[t]);
-      const float* vj = v + keys_seen[t] * key_stride + i0;
-#pragma GCC unroll 8
-      for (int l = 0; l < 8; ++l)
-        if (l < lanes) acc[l] = _mm256_fmadd_ps(e, _mm256_loadu_ps(vj + l * kLanes), acc[l]);
+  const int64_t k8 = keys - keys % kLanes;
+  const __m256 neg_inf = _mm256_set1_ps(-INFINITY);
+  for (int a = 0; a < kQueries; ++a) {  // masked keys to -inf (exp: exactly 0); the maximum; exp
+    float* ea = es[a];
+    const bool* m = a < count ? seen[a] : nullptr;
+    __m256 top8 = neg_inf;
+    int64_t t = 0;
+    for (; t < k8; t += kLanes) {
+      __m256 sc = _mm256_loadu_ps(ea + t);
+      if (m != nullptr) {
+        const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(m + t));  // bool: 0 or 1
+        const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_cvtepu8_epi32(bytes), _mm256_setzero_si256()));
+        sc = _mm256_blendv_ps(neg_inf, sc, keep);
+        _mm256_storeu_ps(ea + t, sc);
+      }
+      top8 = _mm256_max_ps(top8, sc);
     }
-    for (int l = 0; l < lanes; ++l) _mm256_storeu_ps(out + i0 + l * kLanes, _mm256_mul_ps(acc[l], inv));
+    float lanes[kLanes], top = -INFINITY;
+    _mm256_storeu_ps(lanes, top8);
+    for (int l = 0; l < kLanes; ++l) top = std::max(top, lanes[l]);
+    for (; t < keys; ++t) {
+      if (m != nullptr && !m[t]) ea[t] = -INFINITY;
+      top = std::max(top, ea[t]);
+    }
+    const __m256 topv = _mm256_set1_ps(top);
+    for (t = 0; t < k8; t += kLanes) _mm256_storeu_ps(ea + t, exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(ea + t), topv)));
+    if (t < keys) {  // the last few keys through the same vector code
+      float tail[kLanes];
+      for (int l = 0; l < kLanes; ++l) tail[l] = t + l < keys ? ea[t + l] : -INFINITY;
+      _mm256_storeu_ps(tail, exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(tail), topv)));
+      for (int l = 0; t + l < keys; ++l) ea[t + l] = tail[l];
+    }
+  }
+  // Each query vector's sum in ascending key order (a masked key adds exactly 0); the four
+  // sums side by side, so that their chains of additions overlap.
+  float total[kQueries] = {0.f, 0.f, 0.f, 0.f};
+  for (int64_t t = 0; t < keys; ++t)
+#pragma GCC unroll 4
+    for (int a = 0; a < kQueries; ++a) total[a] += es[a][t];
+  // Weighted values, 16 dims at a time: kQueries x 2 accumulators, each value vector read
+  // once for all query vectors.
+  for (int64_t i0 = 0; i0 < d; i0 += 2 * kLanes) {
+    const bool two = i0 + kLanes < d;
+    __m256 acc[kQueries][2];
+    for (int a = 0; a < kQueries; ++a) acc[a][0] = acc[a][1] = _mm256_setzero_ps();
+    for (int64_t t = 0; t < keys; ++t) {
+      const float* vt = v + t * key_stride + i0;
+      const __m256 v0 = _mm256_loadu_ps(vt), v1 = two ? _mm256_loadu_ps(vt + kLanes) : v0;
+#pragma GCC unroll 4
+      for (int a = 0; a < kQueries; ++a) {
+        const __m256 w = _mm256_set1_ps(es[a][t]);
+        acc[a][0] = _mm256_fmadd_ps(w, v0, acc[a][0]);
+        acc[a][1] = _mm256_fmadd_ps(w, v1, acc[a][1]);
+      }
+    }
+    for (int a = 0; a < count; ++a) {
+      const __m256 s = _mm256_set1_ps(1.f / total[a]);
+      _mm256_storeu_ps(out[a] + i0, _mm256_mul_ps(acc[a][0], s));
+      if (two) _mm256_storeu_ps(out[a] + i0 + kLanes, _mm256_mul_ps(acc[a][1], s));
+    }
   }
 }
 
 }  // namespace
 
 // Attention of n query rows over keys/values in float32, a query row's result independent of
-// the other rows: a key is either skipped (masked) or taken in ascending order, so a token
-// tree's row gets the numbers a one-row step over the same keys gets. q (B, heads, n, d),
-// k, v (B, kv_heads, keys, d) with unit stride in d (cache views); mask (n, keys) bool or
-// None (all). Returns (B, n, heads * d) float32.
+// the other rows (attend_block): a token tree's row gets the numbers a one-row step over the
+// same keys gets. q (B, heads, n, d), k, v (B, kv_heads, keys, d) with unit stride in d (cache
+// views); mask (n, keys) bool or None (all). Returns (B, n, heads * d) float32.
 torch::Tensor attention(const torch::Tensor& q_in, const torch::Tensor& k, const torch::Tensor& v,
                         const c10::optional<torch::Tensor>& mask_in) {
   TORCH_CHECK(k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat, "attention: float32 keys and values");
@@ -305,22 +379,32 @@ torch::Tensor attention(const torch::Tensor& q_in, const torch::Tensor& k, const
   const float* vp = v.data_ptr<float>();
   const bool* mp = mask.defined() ? mask.data_ptr<bool>() : nullptr;
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, B * n * heads, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> scores(keys);
-    std::vector<int64_t> seen(keys);
-    int64_t seen_row = -1, count = 0;
-    for (int64_t t = t0; t < t1; ++t) {
-      // Heads outermost: consecutive tasks read the same kv head's keys and values from L2.
-      const int64_t h = t / (B * n), b = (t / n) % B, i = t % n;
-      if (i != seen_row) {  // the keys query row i may see
-        count = 0;
-        for (int64_t j = 0; j < keys; ++j)
-          if (mp == nullptr || mp[i * keys + j]) seen[count++] = j;
-        seen_row = i;
+  // A kv head's query vectors: its `group` heads at each of the n rows, vector g = row g / group.
+  const int64_t vectors = group * n, blocks = (vectors + kQueries - 1) / kQueries;
+  at::parallel_for(0, B * kv_heads * blocks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> e(kQueries * keys);
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t b = task / (kv_heads * blocks), kvh = (task / blocks) % kv_heads, g0 = (task % blocks) * kQueries;
+      const float* qv[kQueries];
+      const bool* seen[kQueries];
+      float* out[kQueries];
+      const int count = static_cast<int>(std::min<int64_t>(kQueries, vectors - g0));
+      for (int a = 0; a < count; ++a) {
+        const int64_t i = (g0 + a) / group, h = kvh * group + (g0 + a) % group;
+        qv[a] = qp + b * q.stride(0) + h * q.stride(1) + i * q.stride(2);
+        seen[a] = mp == nullptr ? nullptr : mp + i * keys;
+        out[a] = yp + (b * n + i) * heads * d + h * d;
       }
-      const int64_t kv = (b * k.stride(0) + (h / group) * k.stride(1));
-      attend_row(qp + b * q.stride(0) + h * q.stride(1) + i * q.stride(2), kp + kv, vp + kv, k.stride(2), seen.data(), count,
-                 d, scale, scores.data(), yp + (b * n + i) * heads * d + h * d);
+      // Keys after the last one any of these rows sees (a prompt's causal rows) are skipped.
+      int64_t limit = mp == nullptr ? keys : 0;
+      for (int a = 0; a < count && limit < keys; ++a)
+        for (int64_t t = keys - 1; t >= limit; --t)
+          if (seen[a][t]) {
+            limit = t + 1;
+            break;
+          }
+      const int64_t kv = b * k.stride(0) + kvh * k.stride(1);
+      attend_block(qv, seen, count, kp + kv, vp + kv, k.stride(2), limit, d, scale, e.data(), out);
     }
   });
   return y;

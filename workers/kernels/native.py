@@ -1,8 +1,8 @@
 """The native CPU kernels (cpu_kernels.cpp), built with the compiler that is on the machine.
 
 `make install` builds them once (`python -m workers.kernels`); later loads find the built
-library in the cache folder and return at once (torch.utils.cpp_extension rebuilds by
-itself when the source changes). Each kernel takes and returns what its counterpart in
+library in the cache folder and return at once (a changed source builds in a folder of
+its own). Each kernel takes and returns what its counterpart in
 workers.kernels.reference does. Training backpropagates through the model: whenever
 autograd needs a result, the reference computes it, as it has a backward.
 """
@@ -10,6 +10,7 @@ autograd needs a result, the reference computes it, as it has a backward.
 from __future__ import annotations
 
 import functools
+import hashlib
 import sys
 from pathlib import Path
 
@@ -27,7 +28,10 @@ LDFLAGS = ["-fopenmp"]
 
 
 def build_dir() -> Path:
-    return cache_dir() / "kernels" / f"torch-{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}"
+    """One folder per torch, Python, source and flags: two checkouts of different kernels
+    each keep their own build instead of rebuilding over each other."""
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS + LDFLAGS).encode()).hexdigest()[:12]
+    return cache_dir() / "kernels" / f"torch-{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}-{digest}"
 
 
 def cpu_supported() -> bool:

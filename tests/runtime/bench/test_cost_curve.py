@@ -1,12 +1,14 @@
 """This device's cost curve (runtime.bench.cost_curve, `leapfrog profile`): every shape
-timed, the cache left empty, the JSON written, bad shapes refused."""
+timed, the cache left empty, the JSON written, bad shapes refused; the tree modes' quick
+curve measured once and cached."""
 
 import json
 
 import pytest
 
-from configs.schema import ModelConfig
-from runtime.bench.cost_curve import cost_curve
+from configs.schema import ConfigError, ModelConfig, TreeSizingConfig
+from runtime.bench import cost_curve as cost_curve_module
+from runtime.bench.cost_curve import cost_curve, device_profile
 from runtime.cli import EXIT_USAGE, main
 from runtime.engine import Engine
 
@@ -37,3 +39,31 @@ def test_the_command_writes_the_profile(tmp_path, capsys):
     with pytest.raises(SystemExit) as bad:  # argparse refuses it before anything loads
         main(["profile", "--out", str(out), "--rows", "1,x"])
     assert bad.value.code == EXIT_USAGE
+
+
+def test_the_tree_modes_curve_is_measured_once_and_cached(engine, tmp_path, monkeypatch):
+    monkeypatch.setenv("LEAPFROG_CACHE", str(tmp_path))
+    profile = device_profile(engine, progress=False)
+    assert profile["key"]["kernels"] == engine.model.kernels.name and profile["rows"][0] == 1
+    assert max(profile["rows"]) + max(profile["contexts"]) <= 64  # fits this engine's max_context
+    assert len(list((tmp_path / "profiles").glob("*.json"))) == 1
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(cost_curve_module, "cost_curve", no_measuring)
+    assert device_profile(engine, progress=False) == json.loads(json.dumps(profile))
+    engine.set_drafter_config("tree_sizing", TreeSizingConfig(cost="auto"))
+    assert engine.cost_curve().at(1).rows[0] == 1
+
+
+def test_a_profile_that_cannot_be_read_is_a_config_error(engine, tmp_path):
+    for content in (None, "not json", json.dumps({"rows": [1]})):
+        path = tmp_path / "profile.json"
+        if content is not None:
+            path.write_text(content)
+        engine.set_drafter_config("tree_sizing", TreeSizingConfig(cost=str(path)))
+        with pytest.raises(ConfigError, match=r"\[tree_sizing\] cost"):
+            engine.cost_curve()
+    engine.set_drafter_config("tree_sizing", TreeSizingConfig(cost="off"))
+    assert engine.cost_curve() is None and engine.tree_sizer() is None

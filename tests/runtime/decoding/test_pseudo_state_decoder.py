@@ -4,7 +4,7 @@ lossless: identical tokens to `ar` whatever the weights and the tree, greedy and
 import pytest
 import torch
 
-from configs.schema import ModelConfig, PseudoStateModeConfig, SamplingConfig
+from configs.schema import DrafterConfigs, ModelConfig, PseudoStateModeConfig, SamplingConfig, TreeSizingConfig
 from runtime.engine import Engine
 from workers.drafters.hidden_transfer import HiddenTransfer
 from workers.drafters.loading import DrafterWeightsError, build, load, shipped_weights
@@ -30,7 +30,8 @@ def perturbed_transfer(args, layer, k, pseudo_attention, seed):
 
 @pytest.fixture(scope="module")
 def engine():
-    return Engine(ModelConfig(dtype="float32", device="cpu", max_context=1024))
+    # The trees as configured (cut by a sizer: test_sized_trees_identical_to_ar in test_tree_decoder.py).
+    return Engine(ModelConfig(dtype="float32", device="cpu", max_context=1024), DrafterConfigs(tree_sizing=TreeSizingConfig(cost="off")))
 
 
 def greedy_tokens(engine, mode, prompt, n):

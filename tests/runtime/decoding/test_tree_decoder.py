@@ -1,10 +1,21 @@
 """Tree decoding of drafters that propose from outside the model (runtime.decoding.tree_decoder:
 prompt lookup, token recycling, early exit), and `ht-pld`, the prompt-lookup chain on
-hidden-transfer trees: lossless on the real model, greedy and sampled."""
+hidden-transfer trees: lossless on the real model, greedy and sampled; with their trees
+as the drafters propose them, and cut by a tree sizer (workers.tree_sizing)."""
+
+import json
 
 import pytest
 
-from configs.schema import DrafterConfigs, EarlyExitConfig, ModelConfig, PldConfig, SamplingConfig, TokenRecyclingConfig
+from configs.schema import (
+    DrafterConfigs,
+    EarlyExitConfig,
+    ModelConfig,
+    PldConfig,
+    SamplingConfig,
+    TokenRecyclingConfig,
+    TreeSizingConfig,
+)
 from runtime.engine import Engine
 
 PROMPTS = [
@@ -17,7 +28,8 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def engine():
     drafters = DrafterConfigs(pld=PldConfig(min_ngram=1, max_ngram=3, depth=6),
-                              token_recycling=TokenRecyclingConfig(top_k=6, budget=12))
+                              token_recycling=TokenRecyclingConfig(top_k=6, budget=12),
+                              tree_sizing=TreeSizingConfig(cost="off"))  # the trees as proposed
     return Engine(ModelConfig(dtype="float32", device="cpu", max_context=1024), drafters)
 
 
@@ -68,3 +80,33 @@ def test_early_exit_identical_to_ar(engine, layer, depth):
         assert engine.cache.length < len(ids) + 40 + depth  # the drafts' cache entries were dropped
         accepted_more_than_one |= any(len(s.tokens) > 1 for s in steps)
     assert accepted_more_than_one
+
+
+def synthetic_profile(tmp_path, name: str, ms) -> str:
+    """A `leapfrog profile` JSON where a step of n rows costs ms(n) (n = 1..64)."""
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps({"ms_median": {"128": {str(n): ms(n) for n in range(1, 65)}}}))
+    return str(path)
+
+
+@pytest.mark.parametrize("mode", ["ht", "pld", "token-recycling", "ht-pld"])
+def test_sized_trees_identical_to_ar(engine, tmp_path, mode):
+    """Free rows keep every proposal; rows that each cost four times the step before keep
+    none (only the bonus token each step, even beside ht's pseudo rows); either way, and on
+    a CPU-like curve between, the tokens are ar's."""
+    tokens_per_step = {}
+    curves = {"flat": lambda n: 10.0, "steep": lambda n: 10.0 * 4 ** min(n - 1, 30), "cpu": lambda n: 10 + 1.5 * (n - 1)}
+    for name, ms in curves.items():
+        engine.set_drafter_config("tree_sizing", TreeSizingConfig(cost=synthetic_profile(tmp_path, name, ms)))
+        steps = tokens = 0
+        for prompt in PROMPTS:
+            ids = engine.encode_chat(prompt)
+            ar = [t for s in engine.steps(ids, "ar", 40) for t in s.tokens]
+            reply = list(engine.steps(ids, mode, 40))
+            assert [t for s in reply for t in s.tokens] == ar, name
+            steps, tokens = steps + len(reply), tokens + len(ar)
+        tokens_per_step[name] = tokens / steps
+    engine.set_drafter_config("tree_sizing", TreeSizingConfig(cost="off"))
+    assert tokens_per_step["steep"] == 1.0
+    assert tokens_per_step["flat"] > 1.2
+    assert tokens_per_step["cpu"] > 1.0

@@ -43,9 +43,10 @@ def test_linear_matches_reference(dtype, rows, k, m):
 def test_linear_rows_are_independent(dtype):
     x, w = rand(64, 576, dtype=dtype), rand(1000, 576, dtype=dtype, seed=1)
     together = native.linear(x, w, None)
-    for r in (0, 3, 4, 5, 37, 63):  # in a block of 4 rows, in the remainder, alone
+    for r in (0, 3, 4, 5, 37, 63):  # in a block of rows, in the remainder, alone
         assert torch.equal(native.linear(x[r : r + 1], w, None)[0], together[r])
-    assert torch.equal(native.linear(x[:6], w, None), together[:6])
+    for n in range(2, 14):  # every blocking: 2-6 rows (6 x 2 blocks), 7+ (4 x 3 blocks), remainders
+        assert torch.equal(native.linear(x[:n], w, None), together[:n]), n
 
 
 def test_linear_threads_do_not_change_results():

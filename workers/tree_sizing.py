@@ -1,0 +1,217 @@
+"""Trees sized by their cost: each step keeps the part of its candidate tree that maximises
+expected committed tokens per millisecond on this device.
+
+A tree step commits 1 + (accepted drafts) tokens and costs t(rows), where rows counts the
+tree's nodes plus the pseudo-state rows a drafter adds. A node's draft is committed only
+when its whole path is, so the expected accepted drafts of a tree is the sum, over its
+drafted nodes, of the probability p(node) that the target accepts the path down to it.
+When p never rises from a parent to its child, the m most likely nodes always form a tree,
+and the best tree of any size is such a prefix. `best_size` picks the m that maximises
+
+    (1 + sum of the m largest p) / t(1 + m + extra rows)
+
+on the device's measured step cost (`StepCost`, from `leapfrog profile`; Sequoia-style,
+but per step and on this device's own curve). On a GPU t is nearly flat and the whole
+candidate tree is kept; on two CPU cores a row past the fourth costs ~14% of a decode step
+and small trees win.
+
+p comes from what the drafts say, corrected by what the target did (`Acceptance`):
+- a drafter's scored node (hidden transfer, Medusa, PaSS): its path probability under the
+  drafts, times a per-depth calibration, hits / (sum of the offered nodes' draft
+  probabilities) over the steps seen so far;
+- an unscored node (a prompt-lookup chain, a token-recycling template): the product down
+  its path of per-slot rates, P(slot accepted | its parent accepted), counted the same way
+  (a slot is the node's depth in a chain, its index in a fixed tree).
+Calibrations start at 1, slot rates at one accepted node in two; both only shape the tree: which
+tokens are committed is the target's choice, so sizing never changes the output.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass, field, replace
+
+from workers.model import ModelArgs
+from workers.tree import TokenTree
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """t(n): ms of one tree step of n rows, linear between measured row counts (and beyond the last)."""
+
+    rows: tuple[int, ...]
+    ms: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.rows) < 2 or len(self.rows) != len(self.ms) or list(self.rows) != sorted(set(self.rows)):
+            raise ValueError(f"a step cost needs two or more increasing row counts with a time each: {self}")
+        if min(self.ms) <= 0 or not all(map(math.isfinite, self.ms)):
+            raise ValueError(f"step times must be positive and finite: {self.ms}")
+
+    def __call__(self, n: float) -> float:
+        i = min(max(bisect.bisect_left(self.rows, n), 1), len(self.rows) - 1)
+        (n0, n1), (t0, t1) = self.rows[i - 1 : i + 1], self.ms[i - 1 : i + 1]
+        return max(t0 + (t1 - t0) * (n - n0) / (n1 - n0), min(self.ms) / 2)
+
+
+@dataclass(frozen=True)
+class CostCurve:
+    """t(n) at several context lengths (a `leapfrog profile`); `at` picks the nearest one."""
+
+    by_context: dict[int, StepCost]
+
+    def at(self, context: int) -> StepCost:
+        return self.by_context[min(self.by_context, key=lambda c: (abs(c - context), c))]
+
+    @classmethod
+    def from_profile(cls, profile: dict) -> CostCurve:
+        """From the JSON of runtime.bench.cost_curve (keys may be strings, as JSON writes them)."""
+        try:
+            by_context = {
+                int(c): StepCost(tuple(sorted(int(n) for n in times)), tuple(float(times[n]) for n in sorted(times, key=int)))
+                for c, times in profile["ms_median"].items()
+            }
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"not a step-cost profile (leapfrog profile): {e}") from None
+        if not by_context:
+            raise ValueError("the profile has no context lengths")
+        return cls(by_context)
+
+
+def best_size(probs: list[float], cost: StepCost, extra_rows: float = 0.0) -> int:
+    """How many of the drafted nodes to keep: the m maximising (1 + sum of the m largest of
+    `probs`) / cost(1 + m + extra_rows). The smallest such m on ties."""
+    ranked = sorted(probs, reverse=True)
+    best_m, best_rate, expected = 0, 1.0 / cost(1 + extra_rows), 1.0
+    for m, p in enumerate(ranked, 1):
+        expected += p
+        rate = expected / cost(1 + m + extra_rows)
+        if rate > best_rate * (1 + 1e-9):
+            best_m, best_rate = m, rate
+    return best_m
+
+
+def monotone(tree: TokenTree, probs: list[float]) -> list[float]:
+    """probs capped so that no node is more likely than its parent (parents come first)."""
+    out = list(probs)
+    for node, parent in enumerate(tree.parents):
+        if parent >= 0:
+            out[node] = min(out[node], out[parent])
+    return out
+
+
+def keep_most_likely(tree: TokenTree, probs: list[float], m: int) -> tuple[TokenTree, list[int]]:
+    """The root and the m drafted nodes of highest `probs` (monotone: they form a tree), in
+    the tree's order; also the kept nodes' indices in `tree`."""
+    ranked = sorted(range(1, len(tree)), key=lambda i: (-probs[i], i))[:m]
+    kept = [0, *sorted(ranked)]
+    index = {old: new for new, old in enumerate(kept)}
+    parents = [-1] + [index[tree.parents[i]] for i in kept[1:]]
+    pruned = TokenTree([tree.tokens[i] for i in kept], parents, [tree.depths[i] for i in kept], [tree.scores[i] for i in kept])
+    return pruned, kept
+
+
+@dataclass
+class Rate:
+    hits: float
+    trials: float
+
+    @property
+    def value(self) -> float:
+        return self.hits / self.trials
+
+    def add(self, hits: float, trials: float) -> None:
+        self.hits, self.trials = self.hits + hits, self.trials + trials
+
+    def forget(self, prior: Rate, keep: float) -> None:
+        """Move `1 - keep` of the way back to the prior's counts."""
+        self.hits = prior.hits + keep * (self.hits - prior.hits)
+        self.trials = prior.trials + keep * (self.trials - prior.trials)
+
+
+CALIBRATION_PRIOR = Rate(1.0, 1.0)  # draft probabilities taken as they are until steps say otherwise
+SLOT_PRIOR = Rate(1.0, 2.0)  # one accepted node in two
+# Every step, each estimate forgets 2% of what it learnt (a memory of ~50 steps): it follows
+# the text, and a node that stopped paying is tried again now and then, since a node that
+# is never offered teaches nothing.
+KEEP = 0.98
+
+
+@dataclass
+class Acceptance:
+    """How likely the target is to accept each node of a tree, learnt from the steps seen.
+
+    `scale[d]`: the calibration of draft path probabilities at depth d; `slots[s]`: per-slot
+    rates of unscored nodes, conditional on the parent's acceptance (see the module's docstring).
+    """
+
+    scale: dict[int, Rate] = field(default_factory=dict)
+    slots: dict[int, Rate] = field(default_factory=dict)
+    use_scores: bool = True  # False: the trees' scores are no probabilities (a drafter's ranks)
+
+    def scored(self, tree: TokenTree, node: int) -> bool:
+        return self.use_scores and math.isfinite(tree.scores[node])
+
+    def probabilities(self, tree: TokenTree, slots: dict[int, int] | None = None) -> list[float]:
+        """p(node) for every node (root: 1), monotone down every path. A node with a finite
+        score is rated by its calibrated draft probability; a node in `slots` (node -> slot)
+        by the product of its path's slot rates; one that is both gets the larger."""
+        slots = slots or {}
+        probs, chained = [1.0] * len(tree), [1.0] * len(tree)
+        for node in range(1, len(tree)):
+            parent = tree.parents[node]
+            scored = 0.0
+            if self.scored(tree, node):
+                scored = self.scale.get(tree.depths[node], CALIBRATION_PRIOR).value * math.exp(tree.scores[node])
+            chained[node] = chained[parent] * self.slots.get(slots[node], SLOT_PRIOR).value if node in slots else 0.0
+            probs[node] = min(1.0, max(scored, chained[node]))
+        return monotone(tree, probs)
+
+    def observe(self, tree: TokenTree, path: list[int], slots: dict[int, int] | None = None) -> None:
+        """After a step that verified `tree` and accepted `path` (node indices, root first)."""
+        for rates, prior in ((self.scale, CALIBRATION_PRIOR), (self.slots, SLOT_PRIOR)):
+            for rate in rates.values():
+                rate.forget(prior, KEEP)
+        slots, accepted = slots or {}, set(path)
+        for node in range(1, len(tree)):
+            hit = float(node in accepted)
+            if self.scored(tree, node):
+                self.scale.setdefault(tree.depths[node], replace(CALIBRATION_PRIOR)).add(hit, math.exp(tree.scores[node]))
+            if node in slots and tree.parents[node] in accepted:
+                self.slots.setdefault(slots[node], replace(SLOT_PRIOR)).add(hit, 1.0)
+
+
+@dataclass
+class TreeSizer:
+    """Cuts each step's candidate tree to the size its expected tokens pay for (`size`),
+    and learns from what the target accepted (`observe`)."""
+
+    cost: CostCurve
+    acceptance: Acceptance = field(default_factory=Acceptance)
+
+    @classmethod
+    def for_drafter_trees(cls, cost: CostCurve) -> TreeSizer:
+        """A sizer for trees whose scores are a drafter's ranks, not probabilities: slot rates only."""
+        return cls(cost, Acceptance(use_scores=False))
+
+    def size(self, tree: TokenTree, context: int, extra_rows: float = 0.0,
+             slots: dict[int, int] | None = None) -> tuple[TokenTree, dict[int, int]]:
+        """The kept tree, and `slots` renumbered for it."""
+        probs = self.acceptance.probabilities(tree, slots)
+        m = best_size(probs[1:], self.cost.at(context), extra_rows)
+        pruned, kept = keep_most_likely(tree, probs, m)
+        slots = slots or {}
+        return pruned, {new: slots[old] for new, old in enumerate(kept) if old in slots}
+
+    def observe(self, tree: TokenTree, path: list[int], slots: dict[int, int] | None = None) -> None:
+        self.acceptance.observe(tree, path, slots)
+
+
+def pseudo_row_cost(args: ModelArgs, layer: int) -> float:
+    """What a pseudo-state row costs against a full row: it joins at `layer` of the n_layers
+    and meets the LM head (matrix-product weights, which a decode step streams)."""
+    attention = args.dim * (args.n_heads + 2 * args.n_kv_heads) * args.head_dim + args.n_heads * args.head_dim * args.dim
+    per_layer = attention + 3 * args.dim * args.intermediate_size
+    head = args.vocab_size * args.dim
+    return ((args.n_layers - layer) * per_layer + head) / (args.n_layers * per_layer + head)
