@@ -6,7 +6,7 @@ layer, or run only a range of layers:
 
     h = model.embed(tokens)                          # (B, n) -> (B, n, dim)
     h = model.run_layers(h, ctx, start, end)         # layers [start, end)
-    logits = model.lm_head(model.norm(h))            # (B, n, vocab)
+    logits = model.lm_head(model.norm(h))            # (B, n, vocab); float32 from the native kernels
 
 `ctx` (an AttentionContext, made by `model.context`) carries the rotary angles of the
 new positions, the attention mask of the new positions over prefix + new, and the KV
@@ -65,6 +65,18 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.kernels.linear(x, self.weight, self.bias)
+
+
+class LogitsHead(Linear):
+    """The LM head. The native kernels sum in float32 whatever the dtype, so in bfloat16 they
+    hand back the float32 logits instead of rounding them to bfloat16, which makes ties out
+    of near ties (a bfloat16 logit near 15 has a step of 0.0625). The PyTorch kernels, and
+    training (gradients run through the reference), return the model's dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels.name == "native" and x.dtype != torch.float32 and not torch.is_grad_enabled():
+            return self.kernels.linear(x.float(), self.weight, self.bias)
+        return super().forward(x)
 
 
 class RMSNorm(nn.Module):
@@ -140,7 +152,7 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.lm_head = Linear(args.dim, args.vocab_size, bias=False)
+        self.lm_head = LogitsHead(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         # Kept out of the parameters and buffers so that .to(bfloat16) leaves it in float32.

@@ -131,6 +131,12 @@ class Rate:
 
 
 CALIBRATION_PRIOR = Rate(1.0, 1.0)  # draft probabilities taken as they are until steps say otherwise
+
+
+def depth_prior(depth: int) -> Rate:
+    # Accepted drafts per step at this depth until steps say otherwise: 1/2, 1/8, 1/32, ...
+    # (each depth far less likely than the one above, as with every drafter measured here).
+    return Rate(0.5 * 0.25 ** (depth - 1), 1.0)
 SLOT_PRIOR = Rate(1.0, 2.0)  # one accepted node in two
 # Every step, each estimate forgets 2% of what it learnt (a memory of ~50 steps): it follows
 # the text, and a node that stopped paying is tried again now and then, since a node that
@@ -143,11 +149,14 @@ class Acceptance:
     """How likely the target is to accept each node of a tree, learnt from the steps seen.
 
     `scale[d]`: the calibration of draft path probabilities at depth d; `slots[s]`: per-slot
-    rates of unscored nodes, conditional on the parent's acceptance (see the module's docstring).
+    rates of unscored nodes, conditional on the parent's acceptance (see the module's
+    docstring); `per_step[d]`: drafted tokens accepted at depth d per step that had drafts
+    that deep (what drafting to depth d is worth: `TreeSizer.draft_depth`).
     """
 
     scale: dict[int, Rate] = field(default_factory=dict)
     slots: dict[int, Rate] = field(default_factory=dict)
+    per_step: dict[int, Rate] = field(default_factory=dict)
     use_scores: bool = True  # False: the trees' scores are no probabilities (a drafter's ranks)
 
     def scored(self, tree: TokenTree, node: int) -> bool:
@@ -170,16 +179,22 @@ class Acceptance:
 
     def observe(self, tree: TokenTree, path: list[int], slots: dict[int, int] | None = None) -> None:
         """After a step that verified `tree` and accepted `path` (node indices, root first)."""
-        for rates, prior in ((self.scale, CALIBRATION_PRIOR), (self.slots, SLOT_PRIOR)):
-            for rate in rates.values():
-                rate.forget(prior, KEEP)
+        for rates, prior in ((self.scale, lambda d: CALIBRATION_PRIOR), (self.slots, lambda s: SLOT_PRIOR),
+                             (self.per_step, depth_prior)):
+            for key, rate in rates.items():
+                rate.forget(prior(key), KEEP)
         slots, accepted = slots or {}, set(path)
+        drafted: dict[int, float] = {}  # depth -> accepted scored nodes there (0 or 1)
         for node in range(1, len(tree)):
             hit = float(node in accepted)
             if self.scored(tree, node):
-                self.scale.setdefault(tree.depths[node], replace(CALIBRATION_PRIOR)).add(hit, math.exp(tree.scores[node]))
+                depth = tree.depths[node]
+                self.scale.setdefault(depth, replace(CALIBRATION_PRIOR)).add(hit, math.exp(tree.scores[node]))
+                drafted[depth] = max(drafted.get(depth, 0.0), hit)
             if node in slots and tree.parents[node] in accepted:
                 self.slots.setdefault(slots[node], replace(SLOT_PRIOR)).add(hit, 1.0)
+        for depth, hit in drafted.items():
+            self.per_step.setdefault(depth, depth_prior(depth)).add(hit, 1.0)
 
 
 @dataclass
@@ -196,13 +211,27 @@ class TreeSizer:
         return cls(cost, Acceptance(use_scores=False))
 
     def size(self, tree: TokenTree, context: int, extra_rows: float = 0.0,
-             slots: dict[int, int] | None = None) -> tuple[TokenTree, dict[int, int]]:
-        """The kept tree, and `slots` renumbered for it."""
+             slots: dict[int, int] | None = None) -> tuple[TokenTree, dict[int, int], float]:
+        """The kept tree, `slots` renumbered for it, and the tokens it is expected to commit."""
         probs = self.acceptance.probabilities(tree, slots)
         m = best_size(probs[1:], self.cost.at(context), extra_rows)
         pruned, kept = keep_most_likely(tree, probs, m)
         slots = slots or {}
-        return pruned, {new: slots[old] for new, old in enumerate(kept) if old in slots}
+        return pruned, {new: slots[old] for new, old in enumerate(kept) if old in slots}, 1.0 + sum(probs[i] for i in kept[1:])
+
+    def draft_depth(self, rows: int, expected: float, rows_per_depth: float, max_depth: int, context: int) -> int:
+        """How deep a step of `rows` tree rows, expected to commit `expected` tokens, should
+        draft the next tree. Drafting to depth d adds d * rows_per_depth rows (pseudo states)
+        and is worth the tokens accepted per step at depths 1..d (Acceptance.per_step): the d
+        maximising (expected + those tokens) / t(rows + d * rows_per_depth); 0: no drafts."""
+        t = self.cost.at(context)
+        best, best_rate, tokens = 0, expected / t(rows), expected
+        for depth in range(1, max_depth + 1):
+            tokens += self.acceptance.per_step.get(depth, depth_prior(depth)).value
+            rate = tokens / t(rows + depth * rows_per_depth)
+            if rate > best_rate * (1 + 1e-9):
+                best, best_rate = depth, rate
+        return best
 
     def observe(self, tree: TokenTree, path: list[int], slots: dict[int, int] | None = None) -> None:
         self.acceptance.observe(tree, path, slots)

@@ -13,7 +13,9 @@ heads, 0 for PaSS look-ahead embeddings).
 
 With a TreeSizer (workers.tree_sizing), each tree is first built at the configured
 budget, lookup chain included, and then cut to the nodes whose expected acceptance pays
-for their rows on this device's step cost.
+for their rows on this device's step cost; and the step drafts only as deep as each
+depth's accepted tokens pay for its pseudo rows (depth 0: none, the next tree is the
+lookup chain alone, and the depths come back as their estimates forget).
 """
 
 from __future__ import annotations
@@ -48,10 +50,12 @@ class PseudoStateDecoder:
         """`settings` size each step's tree and the drafter's depth; `lookup`, when given,
         grafts its prompt-lookup chain onto every tree (mode ht-pld); `sizer`, when given,
         cuts every tree to what pays on this device (settings.budget is then the most)."""
-        depth = min(settings.depth or drafter.config.k, drafter.config.k)
-        self.model, self.drafter, self.cache, self.settings = model, drafter.first(depth), cache, settings
+        self.max_depth = min(settings.depth or drafter.config.k, drafter.config.k)
+        self.drafters = {d: drafter.first(d) for d in range(1, self.max_depth + 1)}  # by draft depth
+        self.model, self.cache, self.settings = model, cache, settings
         self.lookup, self.sizer = lookup, sizer
         self.pseudo_row_cost = pseudo_row_cost(model.args, drafter.config.layer)
+        self.depth = self.max_depth  # of the drafts the next step makes (the sizer may change it per step)
 
     def build_tree(self, root: int, drafts: torch.Tensor | None) -> tuple[TokenTree, dict[int, int]]:
         """The next step's tree, and its lookup chain's nodes with their depths (node -> depth)."""
@@ -70,10 +74,18 @@ class PseudoStateDecoder:
             for depth, token in enumerate(tokens, 1):
                 node = tree.child(node, token)
                 chain[node] = depth
-        if self.sizer is not None and len(tree) > 1:
-            pseudo_rows = min(self.settings.pseudo_nodes, len(tree)) * self.drafter.config.k * self.pseudo_row_cost
-            tree, chain = self.sizer.size(tree, self.cache.length, pseudo_rows, chain)
+        if self.sizer is not None:
+            expected = 1.0
+            if len(tree) > 1:
+                pseudo_rows = self.pseudo_rows(len(tree)) * self.depth
+                tree, chain, expected = self.sizer.size(tree, self.cache.length, pseudo_rows, chain)
+            self.depth = self.sizer.draft_depth(len(tree), expected, self.pseudo_rows(len(tree)), self.max_depth,
+                                                self.cache.length)
         return tree, chain
+
+    def pseudo_rows(self, nodes: int) -> float:
+        """Rows (in full rows' cost) that one draft depth adds to a step of `nodes` tree nodes."""
+        return min(self.settings.pseudo_nodes, nodes) * self.pseudo_row_cost
 
     def pseudo_groups(self, tree: TokenTree) -> list[int]:
         """Nodes that get pseudo states: the highest-scoring ones, in tree order."""
@@ -84,7 +96,9 @@ class PseudoStateDecoder:
              chain: dict[int, int] | None = None) -> StepOutcome:
         """Verify `tree` (its first child is reply token `index`) after the catch-up tokens;
         `chain`: its lookup chain's nodes (node -> depth)."""
-        steps = tree_step(self.model, self.cache, tree, choose, index, catch_up, self.drafter, self.pseudo_groups(tree))
+        drafter = self.drafters.get(self.depth)  # None at depth 0: no pseudo states, no drafts next step
+        groups = self.pseudo_groups(tree) if drafter is not None else []
+        steps = tree_step(self.model, self.cache, tree, choose, index, catch_up, drafter, groups)
         outcome = run_to_end(steps)
         if self.lookup is not None:
             self.lookup.observe(tree, outcome.path)
@@ -95,6 +109,7 @@ class PseudoStateDecoder:
     @torch.inference_mode()
     def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int], choose: Chooser) -> Iterator[Step]:
         self.cache.truncate(0)
+        self.depth = self.max_depth if self.sizer is None else max(self.depth, 1)  # the first step drafts
         if self.lookup is not None:
             self.lookup.start(prompt_ids[:-1])  # its last token comes back as the first step's root
         outcome = self.step(root_only(prompt_ids[-1]), choose, 0, prompt_ids[:-1])

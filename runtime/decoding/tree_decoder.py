@@ -42,7 +42,8 @@ class TreeDecoder:
         slots = {node: node for node in range(1, len(tree))}
         if self.sizer is None or len(tree) == 1:
             return tree, slots
-        return self.sizer.size(tree, self.cache.length, 0.0, slots)
+        tree, slots, _ = self.sizer.size(tree, self.cache.length, 0.0, slots)
+        return tree, slots
 
     @torch.inference_mode()
     def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int], choose: Chooser) -> Iterator[Step]:

@@ -108,13 +108,14 @@ def test_sizer_cuts_to_what_pays_and_renumbers_the_slots():
         node = tree.child(node, token)
         slots[node] = depth
     flat = TreeSizer(CostCurve({128: FLAT}))
-    kept, kept_slots = flat.size(tree, 100, 0.0, slots)
+    kept, kept_slots, expected = flat.size(tree, 100, 0.0, slots)
     assert len(kept) == len(tree) and kept_slots == slots  # nothing cut on a flat curve
+    assert expected == pytest.approx(sum(flat.acceptance.probabilities(tree, slots)))
     steep = TreeSizer(CostCurve({128: STEEP}))
-    kept, kept_slots = steep.size(tree, 100, 0.0, slots)
+    kept, kept_slots, _ = steep.size(tree, 100, 0.0, slots)
     assert len(kept) == 1 and kept_slots == {}
     cpu = TreeSizer(CostCurve({128: CPU}))
-    kept, kept_slots = cpu.size(tree, 100, 0.0, slots)
+    kept, kept_slots, _ = cpu.size(tree, 100, 0.0, slots)
     assert 1 < len(kept) < len(tree)
     for new, depth in kept_slots.items():
         assert kept.depths[new] == depth and kept.tokens[new] == [11, 12, 13][depth - 1]
@@ -152,3 +153,26 @@ def test_a_slot_that_stopped_paying_is_tried_again():
         sizer.observe(other, [0], {})
         offered_again += len(sizer.size(tree, 100, 0.0, {1: 1})[0]) == 2
     assert offered_again > 0
+
+
+def test_draft_depth_pays_for_its_pseudo_rows():
+    """The drafts' depth maximises (expected tokens + the tokens each depth gets accepted per
+    step) / t(rows + its pseudo rows)."""
+    sizer = TreeSizer(CostCurve({128: CPU}))
+    sizer.acceptance.per_step.update({1: _rate(0.5), 2: _rate(0.1), 3: _rate(0.01)})
+    # 4 rows, 1.5 tokens: d=0 1.5/21, d=1 2.0/24.75, d=2 2.1/28.5: depth 1 (0.0808 against 0.0714, 0.0737).
+    assert sizer.draft_depth(4, 1.5, 2.0, 3, 100) == 1
+    assert sizer.draft_depth(4, 1.5, 0.1, 3, 100) == 2  # cheap pseudo rows: 2.1/21.375 beats 2.0/21.19
+    assert TreeSizer(CostCurve({128: FLAT})).draft_depth(4, 1.5, 2.0, 4, 100) == 4  # free rows: all
+    # Each row four times dearer than the one before: the time per token is no match for it.
+    exponential = StepCost(tuple(range(1, 16)), tuple(10.0 * 4**n for n in range(15)))
+    assert TreeSizer(CostCurve({128: exponential})).draft_depth(4, 1.5, 2.0, 4, 100) == 0
+
+
+def test_per_step_rates_count_steps_that_drafted_that_deep():
+    tree = TokenTree([0, 1, 2], [-1, 0, 1], [0, 1, 2], [0.0, math.log(0.5), math.log(0.25)])
+    acceptance = Acceptance()
+    for _ in range(100):
+        acceptance.observe(tree, [0, 1])  # depth 1 accepted, depth 2 not
+        acceptance.observe(chain(0, []), [0])  # a step without drafts: teaches nothing
+    assert acceptance.per_step[1].value > 0.8 and acceptance.per_step[2].value < 0.1
