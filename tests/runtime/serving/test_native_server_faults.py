@@ -215,7 +215,7 @@ async def test_engine_failure_is_an_internal_error_and_the_server_goes_on():
         reader, writer = await connect(server)
         writer.write(frame(request(id=3)))
         error = await receive(reader)
-        assert error.code == ErrorCode.INTERNAL and error.id == 3 and "device lost" in error.message
+        assert error.code == ErrorCode.INTERNAL and error.id == 3 and "device lost" not in error.message  # it is in the log
         engines[0].steps = original
         writer.close()
         await assert_healthy(server, engines)
