@@ -101,15 +101,14 @@ def as_dict(message) -> dict:
     return dataclasses.asdict(message)
 
 
-def endless(engine, step_tokens: int = 4000):
+def endless(engine, step_tokens: int = 32_000):
     """Make `engine` decode without end, `step_tokens` per step (until cancelled): a reply
     far larger than any socket buffer, for slow-reader tests."""
 
     def steps(prompt_ids, mode, max_new_tokens, sampling=None):
-        engine.cache.commit(len(prompt_ids))
+        engine.cache.commit(len(prompt_ids))  # held until the service empties it
         engine.started.set()
         while True:
-            engine.cache.commit(1)
             yield Step([ord("a") + 1] * step_tokens, None, 1)
 
     engine.steps = steps
