@@ -33,7 +33,7 @@ import ray
 from configs.files import load_config
 from configs.schema import ConfigError, LeapfrogConfig
 from runtime.engine import Engine
-from runtime.serving.servers import run_servers
+from runtime.serving.servers import run_servers, secure
 
 
 @ray.remote
@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, key) is not None:
                 setattr(config.server, key, getattr(args, key))
         config.validate()
+        secure(config)  # here too, so that a refused exposure fails the job at once
         if args.replicas < 1:
             raise ConfigError(f"--replicas must be at least 1, got {args.replicas}")
     except ConfigError as e:
