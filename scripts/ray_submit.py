@@ -12,6 +12,7 @@ The repository root is the working directory shipped to the cluster (.venv, out/
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,12 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 
 ROOT = Path(__file__).resolve().parent.parent
 READY = "replica(s) serving"
+
+
+def entrypoint(serve_args: list[str]) -> str:
+    """The job's shell command, every argument quoted: a path with a space, or a ';', stays
+    one argument and never becomes a command of its own."""
+    return shlex.join(["python", "-m", "runtime.serving.ray_job", *serve_args])
 
 
 def main() -> int:
@@ -32,7 +39,7 @@ def main() -> int:
 
     client = JobSubmissionClient(args.address)
     job = client.submit_job(
-        entrypoint=" ".join(["python", "-m", "runtime.serving.ray_job", *serve_args]),
+        entrypoint=entrypoint(serve_args),
         runtime_env={"working_dir": str(ROOT), "excludes": [".venv", "out", ".git", "__pycache__"]},
     )
     print(f"submitted job {job}", flush=True)
