@@ -38,7 +38,6 @@ from configs.schema import ConfigError, LeapfrogConfig
 from runtime.engine import Engine
 from runtime.serving.servers import run_servers, secure
 
-
 START_TIMEOUT = 1800.0  # seconds a replica may take to load its model (a first GGUF conversion too) and listen
 PROBE_TIMEOUT = 60.0  # seconds a replica may take to answer a health check
 PROBE_EVERY = 5.0  # seconds between health checks
