@@ -6,9 +6,11 @@ of every kind, then checks what was left behind, and stops by itself.
 
 Clients, all at once: native streaming clients sampling (a seed each) in several modes;
 an OpenAI streaming client; cancellers (a stream closed after its first chunks);
-disconnecters (a socket closed mid-reply); slow readers (a socket that never reads, cut
-by write_timeout); garbage (broken frames and bodies). Afterwards: requests served,
-errors by code, engines leaked (an engine out of the pool or a KV cache not empty: must
+disconnecters (a socket closed mid-reply); slow readers (a socket that reads nothing for
+seconds, then closes; cut by write_timeout if its reply outgrows the socket buffers);
+garbage (broken frames and bodies).
+Afterwards: requests served, errors by code (of well-formed requests; what the garbage
+got is counted apart), engines leaked (an engine out of the pool or a KV cache not empty: must
 be 0), tokens changed (each sampled reply of a speculative mode against `ar` with the
 same seed, asked again after the load: must be 0), TTFT and inter-token latency p50/p99.
 """
@@ -55,7 +57,8 @@ class Soak:
         self.args, self.native, self.http = args, native, http
         self.deadline = time.monotonic() + args.seconds
         self.served = Counter()  # completed replies by client kind
-        self.errors = Counter()  # error codes (and HTTP statuses) seen, by code
+        self.errors = Counter()  # errors that well-formed requests got, by code (or HTTP status)
+        self.refusals = Counter()  # what the garbage got, by HTTP status and code: every one should be a 4xx
         self.ttft: list[float] = []
         self.itl: list[float] = []
         self.sampled: list[dict] = []  # replies of speculative modes, to compare with ar
@@ -144,12 +147,12 @@ class Soak:
                 writer.write(HEADER.pack(len(body)) + body)
                 head = await asyncio.wait_for(reader.readexactly(4), 60)
                 answer = msgpack.unpackb(await reader.readexactly(HEADER.unpack(head)[0]))
-                self.errors[answer.get("code", "?")] += 1
+                self.refusals[answer.get("code", "?")] += 1
                 writer.close()
                 data, content_type = rng.choice(HTTP_GARBAGE)
                 async with http.post(url, data=data, headers={"Content-Type": content_type}) as response:
                     code = (await response.json(content_type=None))["error"]["code"]
-                    self.errors[f"http {response.status} {code}"] += 1
+                    self.refusals[f"http {response.status} {code}"] += 1
                 await asyncio.sleep(0.2)
 
     async def compare_with_ar(self) -> tuple[int, int]:
@@ -182,7 +185,8 @@ async def drive(args, service: Service, native, http, engines) -> dict:
     return {
         "seconds": round(load_seconds, 1), "modes": args.modes, "max_new_tokens": args.max_new_tokens,
         "requests_served": dict(soak.served), "requests_served_total": sum(soak.served.values()),
-        "errors_by_code": dict(sorted(soak.errors.items())), "engines_leaked": leaked,
+        "errors_by_code": dict(sorted(soak.errors.items())), "garbage_refused_by_code": dict(sorted(soak.refusals.items())),
+        "engines_leaked": leaked,
         "replies_compared_with_ar": compared, "tokens_changed": changed,
         "ttft_ms": {"p50": ms(soak.ttft, 50), "p99": ms(soak.ttft, 99)},
         "inter_token_ms": {"p50": ms(soak.itl, 50), "p99": ms(soak.itl, 99)},

@@ -21,7 +21,7 @@ from serving import all_released, assert_healthy, frame, running_server, wait_un
 from runtime.modes import MODES
 from runtime.serving.protocol import ErrorCode, decode, read_frame
 
-FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None)
 CODES = {v for k, v in vars(ErrorCode).items() if k.isupper()} - {ErrorCode.INTERNAL}
 
 scalars = (st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=20)

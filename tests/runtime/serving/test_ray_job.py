@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import socket
 import sys
 import time
@@ -16,7 +17,9 @@ import pytest
 # Ray reads this when imported: keep every address of the test cluster on the loopback.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-os.environ["RAY_AUTH_MODE"] = "disabled"  # no token written to ~/.ray for a throwaway cluster
+# Ray's token auth stays on (issue 17); the token of this throwaway cluster lives in the
+# environment (inherited by Ray's processes and the job), so nothing is written to ~/.ray.
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 ray = pytest.importorskip("ray")
 from ray.job_submission import JobStatus, JobSubmissionClient  # noqa: E402
 
