@@ -1,12 +1,16 @@
-"""What one client may hold: connections in all and per peer address, and the check of
-an API key. Both endpoints (native_server, openai_api) use them, so one client cannot
-lock out the others by opening every connection there is."""
+"""What one client may hold and do: connections in all and per peer address, the modes it
+may name, its prompt's size before tokenizing, and the check of an API key. Both
+endpoints (native_server, openai_api, through the service) use them, so one client
+cannot lock out the others by opening every connection there is."""
 
 from __future__ import annotations
 
 import hmac
 import ipaddress
 from collections import Counter
+
+from configs.schema import LeapfrogConfig
+from runtime.modes import SINGLE_WORKER_LOSSLESS_MODES, check_mode
 
 
 class ConnectionLimits:
@@ -50,3 +54,18 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:  # a host name: it may resolve to anything
         return False
+
+
+def allowed_modes(config: LeapfrogConfig) -> frozenset[str]:
+    """The modes requests may name: [server] allowed_modes, or by default the server's own
+    mode and the single-worker lossless ones. Every name must be a mode."""
+    names = config.server.allowed_modes or [config.generation.mode, *SINGLE_WORKER_LOSSLESS_MODES]
+    for name in names:
+        check_mode(name)
+    return frozenset(names)
+
+
+def prompt_bytes(prompt: str | list[dict]) -> int:
+    """A prompt's size in UTF-8 bytes (a chat's contents summed): cheap, known before tokenizing."""
+    texts = [prompt] if isinstance(prompt, str) else [m["content"] for m in prompt]
+    return sum(len(t.encode("utf-8")) for t in texts)

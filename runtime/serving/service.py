@@ -24,27 +24,13 @@ from dataclasses import dataclass
 
 from configs.schema import ConfigError, LeapfrogConfig, SamplingConfig
 from runtime.engine import PromptTooLongError
-from runtime.modes import SINGLE_WORKER_LOSSLESS_MODES, UnknownModeError, check_mode
+from runtime.modes import UnknownModeError, check_mode
+from runtime.serving.limits import allowed_modes, prompt_bytes
 from runtime.serving.protocol import Chunk, Error, ErrorCode, ProtocolError, Request, Stats
 from runtime.text.stream import TextStream
 
 log = logging.getLogger("leapfrog.serve")
 INTERNAL_MESSAGE = "internal error; the server log has the details"
-
-
-def allowed_modes(config: LeapfrogConfig) -> frozenset[str]:
-    """The modes requests may name: [server] allowed_modes, or by default the server's own
-    mode and the single-worker lossless ones. Every name must be a mode."""
-    names = config.server.allowed_modes or [config.generation.mode, *SINGLE_WORKER_LOSSLESS_MODES]
-    for name in names:
-        check_mode(name)
-    return frozenset(names)
-
-
-def prompt_bytes(prompt: str | list[dict]) -> int:
-    """A prompt's size in UTF-8 bytes (a chat's contents summed): cheap, known before tokenizing."""
-    texts = [prompt] if isinstance(prompt, str) else [m["content"] for m in prompt]
-    return sum(len(t.encode("utf-8")) for t in texts)
 
 
 @dataclass

@@ -6,45 +6,35 @@ from __future__ import annotations
 
 import threading
 import time
-from types import SimpleNamespace
 
-import torch
-import transformers
-
-from workers.loading import convert_gguf
+from workers import loading
 
 
-class SlowModel:
-    calls = 0
+class SlowConversion:
+    """Stands in for transformers' de-quantisation (workers.loading._write_checkpoint): slow
+    enough for the other replicas to start converting too, writing the files one by one."""
 
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        cls.calls += 1
-        time.sleep(0.3)  # long enough for the other replica to start converting too
-        config = SimpleNamespace(tie_word_embeddings=False, to_dict=lambda: {"model_type": "llama"})
-        return SimpleNamespace(config=config, state_dict=lambda: {"w": torch.zeros(2)})
+    def __init__(self):
+        self.calls = 0
 
-
-class FakeTokenizer:
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        return cls()
-
-    def save_pretrained(self, folder):
-        (folder / "tokenizer.json").write_text("{}")
+    def __call__(self, gguf, folder):
+        self.calls += 1
+        for name in ("model.safetensors", "tokenizer.json", "config.json"):
+            time.sleep(0.1)
+            (folder / name).write_text("{}")
 
 
 def test_replicas_converting_at_once_share_one_conversion(tmp_path, monkeypatch):
     monkeypatch.setenv("LEAPFROG_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(transformers, "AutoModelForCausalLM", SlowModel)
-    monkeypatch.setattr(transformers, "AutoTokenizer", FakeTokenizer)
+    convert = SlowConversion()
+    monkeypatch.setattr(loading, "_write_checkpoint", convert)
     gguf = tmp_path / "tiny.gguf"
     gguf.write_bytes(b"GGUF" + b"\0" * 60)
     results, errors = [], []
 
     def replica():
         try:
-            results.append(convert_gguf(gguf))
+            results.append(loading.convert_gguf(gguf))
         except Exception as e:  # noqa: BLE001 - collected for the assertion
             errors.append(e)
 
@@ -56,5 +46,5 @@ def test_replicas_converting_at_once_share_one_conversion(tmp_path, monkeypatch)
     assert not errors and len(set(results)) == 1
     folder = results[0]
     assert {p.name for p in folder.iterdir()} == {"model.safetensors", "config.json", "tokenizer.json"}
-    assert SlowModel.calls == 1
+    assert convert.calls == 1
     assert [p.name for p in folder.parent.iterdir() if p.is_dir()] == [folder.name]  # no temporary folder left
