@@ -205,7 +205,8 @@ DRAFTER_SECTIONS = {"pass_": "pass"}
 
 @dataclass
 class ServerConfig:
-    """`leapfrog serve`: where it listens and what it admits (runtime/serving/, docs/serving.md)."""
+    """`leapfrog serve`: where it listens, what it admits and who may use it
+    (runtime/serving/, docs/serving.md has every limit)."""
 
     host: str = "127.0.0.1"
     port: int = 7860  # native protocol: length-prefixed msgpack frames over TCP (0: any free port)
@@ -213,9 +214,17 @@ class ServerConfig:
     concurrency: int = 1  # requests decoding at once; each has its own engine (model + KV cache)
     max_queue: int = 64  # requests waiting for an engine; more are refused (code "overloaded")
     max_connections: int = 256  # open native connections; more are refused ("too_many_connections")
-    max_frame_bytes: int = 1 << 20  # largest frame a client may send
+    max_http_connections: int = 256  # open HTTP connections; more get a 429 and are closed
+    max_connections_per_peer: int = 32  # open connections from one address, on each endpoint
+    max_pending_per_connection: int = 2  # a connection's requests not yet finished (detached ones too)
+    max_frame_bytes: int = 1 << 20  # largest frame (or HTTP body) a client may send
+    max_prompt_bytes: int = 65536  # prompt text in UTF-8 bytes (messages summed), checked before tokenizing
     max_new_tokens: int = 2048  # upper limit on a request's max_new_tokens
-    idle_timeout: float = 60.0  # seconds a connection may sit with no request running and no frame
+    idle_timeout: float = 60.0  # seconds a connection may sit with no request running and none sent
+    write_timeout: float = 30.0  # seconds a client may leave a reply unread before its connection is closed
+    allowed_modes: list = field(default_factory=list)  # modes requests may name; empty: the server's and the single-worker lossless ones
+    api_key: str = ""  # required of clients when set ("" here: $LEAPFROG_API_KEY, if set)
+    insecure: bool = False  # allow listening beyond the loopback without an API key
 
 
 @dataclass
@@ -255,5 +264,11 @@ class LeapfrogConfig:
             raise ConfigError(f"[server] concurrency, max_connections, max_new_tokens must be >= 1, max_queue >= 0: {s}")
         if s.max_frame_bytes < 1024:
             raise ConfigError(f"[server] max_frame_bytes must be at least 1024, got {s.max_frame_bytes}")
-        if not s.idle_timeout > 0:
-            raise ConfigError(f"[server] idle_timeout must be > 0 seconds, got {s.idle_timeout}")
+        limits = (s.max_http_connections, s.max_connections_per_peer, s.max_pending_per_connection, s.max_prompt_bytes)
+        if min(limits) < 1:
+            raise ConfigError(f"[server] max_http_connections, max_connections_per_peer, max_pending_per_connection, "
+                              f"max_prompt_bytes must be >= 1: {s}")
+        if not s.idle_timeout > 0 or not s.write_timeout > 0:
+            raise ConfigError(f"[server] idle_timeout and write_timeout must be > 0 seconds: {s}")
+        if not all(isinstance(m, str) for m in s.allowed_modes):
+            raise ConfigError(f"[server] allowed_modes must be a list of mode names, got {s.allowed_modes!r}")

@@ -25,7 +25,7 @@ from runtime.bench.sweep import load_sweep, run_sweep
 from runtime.engine import Engine, PromptTooLongError
 from runtime.modes import MODES, PIPELINED_MODES, UnknownModeError, check_mode
 from runtime.pipeline.cluster import ensure_ray
-from runtime.serving.servers import run_servers
+from runtime.serving.servers import run_servers, secure
 from runtime.text.stream import TextStream
 from runtime.training.sharegpt import ShareGPTError
 from runtime.training.trainer import run as run_training
@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="OpenAI-compatible endpoint port (default 7861; -1: off)")
     serve.add_argument("--mode", help=f"default decoding mode of requests: {', '.join(MODES)} (default: ar)")
     serve.add_argument("--concurrency", type=positive_int, help="requests decoding at once, one engine each (default 1)")
+    serve.add_argument("--api-key", help="key clients must present (default: $LEAPFROG_API_KEY); needed beyond the loopback")
+    serve.add_argument("--insecure", action="store_true", default=None,
+                       help="listen beyond the loopback without an API key: anyone who reaches the port may use it")
     add_sampling(serve)  # the defaults of requests that leave them out
     add_common(serve)
     return parser
@@ -219,6 +222,8 @@ def resolve_config(args) -> LeapfrogConfig:
         ("port", config.server, "port"),
         ("http_port", config.server, "http_port"),
         ("concurrency", config.server, "concurrency"),
+        ("api_key", config.server, "api_key"),
+        ("insecure", config.server, "insecure"),
         ("workers", config.pipeline, "workers"),
         ("transport", config.pipeline, "transport"),
     ):
@@ -319,6 +324,7 @@ def cmd_sweep(args) -> int:
 def cmd_serve(args, config: LeapfrogConfig) -> int:
     mode = config.generation.mode
     check_mode(mode)
+    secure(config)  # before the model loads: a refused exposure fails at once
     if mode in PIPELINED_MODES and config.pipeline.transport == "ray":  # room for every engine's workers
         ensure_ray(config.pipeline.workers * config.server.concurrency)
     engines = [Engine.from_config(config) for _ in range(config.server.concurrency)]

@@ -176,6 +176,12 @@ MODES: dict[str, Callable] = {
 }
 
 
+# The modes a server offers besides its own by default ([server] allowed_modes): lossless,
+# on the engine's one model; not the peers (a model copy each) nor the pipelined modes
+# (Ray workers of their own).
+SINGLE_WORKER_LOSSLESS_MODES = ("ar", "ht", "ht-pld", "medusa", "pass", "early-exit", "pld", "token-recycling")
+
+
 def check_mode(name: str) -> None:
     """UnknownModeError, naming the modes there are, unless `name` is one of them."""
     if name not in MODES:

@@ -28,7 +28,7 @@ import sys
 
 import openai
 
-from runtime.client import SyncClient
+from runtime.serving.client import SyncClient
 
 host, port = sys.argv[1].rsplit(":", 1)
 with SyncClient(host, int(port)) as client:

@@ -7,11 +7,14 @@ every replica listens: it prints the job id, the replicas' addresses and the com
 stops the job, then exits (the job keeps running). Exit code 1 if the job fails first.
 The repository root is the working directory shipped to the cluster (.venv, out/ and
 .git are left out); the cluster's Python must have this project's dependencies.
+$LEAPFROG_API_KEY, when set here, is passed on to the job (the service's API key).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -20,6 +23,21 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 
 ROOT = Path(__file__).resolve().parent.parent
 READY = "replica(s) serving"
+API_KEY_ENV = "LEAPFROG_API_KEY"  # as runtime.serving.servers reads it
+
+
+def entrypoint(serve_args: list[str]) -> str:
+    """The job's shell command, every argument quoted: a path with a space, or a ';', stays
+    one argument and never becomes a command of its own."""
+    return shlex.join(["python", "-m", "runtime.serving.ray_job", *serve_args])
+
+
+def runtime_env() -> dict:
+    """The code to ship, and the service's API key when this shell has one ($LEAPFROG_API_KEY)."""
+    env = {"working_dir": str(ROOT), "excludes": [".venv", "out", ".git", "__pycache__"]}
+    if os.environ.get(API_KEY_ENV):
+        env["env_vars"] = {API_KEY_ENV: os.environ[API_KEY_ENV]}
+    return env
 
 
 def main() -> int:
@@ -32,8 +50,8 @@ def main() -> int:
 
     client = JobSubmissionClient(args.address)
     job = client.submit_job(
-        entrypoint=" ".join(["python", "-m", "runtime.serving.ray_job", *serve_args]),
-        runtime_env={"working_dir": str(ROOT), "excludes": [".venv", "out", ".git", "__pycache__"]},
+        entrypoint=entrypoint(serve_args),
+        runtime_env=runtime_env(),
     )
     print(f"submitted job {job}", flush=True)
     deadline = time.monotonic() + args.timeout

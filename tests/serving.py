@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import socket
 
 import msgpack
 from mock_engine import MockEngine, expected_reply
 
 from configs.schema import LeapfrogConfig, ServerConfig
+from runtime.decoding.steps import Step
 from runtime.serving.client import Client
 from runtime.serving.native_server import NativeServer
 from runtime.serving.openai_api import OpenAIApi
@@ -97,3 +99,25 @@ def request(**fields) -> dict:
 
 def as_dict(message) -> dict:
     return dataclasses.asdict(message)
+
+
+def endless(engine, step_tokens: int = 32_000):
+    """Make `engine` decode without end, `step_tokens` per step (until cancelled): a reply
+    far larger than any socket buffer, for slow-reader tests."""
+
+    def steps(prompt_ids, mode, max_new_tokens, sampling=None):
+        engine.cache.commit(len(prompt_ids))  # held until the service empties it
+        engine.started.set()
+        while True:
+            yield Step([ord("a") + 1] * step_tokens, None, 1)
+
+    engine.steps = steps
+
+
+async def unread_connection(address, **options):
+    """A connection whose client never reads: the smallest receive buffer, set before connecting."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, address)
+    return await asyncio.open_connection(sock=sock, **options)

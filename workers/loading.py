@@ -12,9 +12,11 @@ second instead of a dozen.
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -64,15 +66,32 @@ def resolve_checkpoint(name: str) -> Path:
 
 
 def convert_gguf(gguf: Path) -> Path:
-    """De-quantise a GGUF file into a float32 Hugging Face folder in the cache (once)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    """De-quantise a GGUF file into a float32 Hugging Face folder in the cache (once).
+    Safe when several processes start at once (replicas on a fresh cache): the first takes
+    a file lock and converts into a temporary folder of its own, renamed into place when
+    complete; the others wait for the lock and find the folder done."""
     out = cache_dir() / "models" / f"{gguf.stem}-{gguf.stat().st_size}"
     if (out / "config.json").is_file():
         return out
-    print(f"[leapfrog] converting {gguf.name} to {out} (first use only)", flush=True)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(out.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if (out / "config.json").is_file():  # converted by another process while we waited
+            return out
+        print(f"[leapfrog] converting {gguf.name} to {out} (first use only)", flush=True)
+        tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+        try:
+            _write_checkpoint(gguf, tmp)
+            shutil.rmtree(out, ignore_errors=True)  # a folder without config.json is an unfinished one
+            tmp.rename(out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _write_checkpoint(gguf: Path, folder: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -82,18 +101,14 @@ def convert_gguf(gguf: Path) -> Path:
     # (transformers refuses save_pretrained on a model that came from GGUF).
     from safetensors.torch import save_file
 
-    tmp.mkdir(parents=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
     config = model.config.to_dict()
     config.pop("quantization_config", None)
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    tokenizer.save_pretrained(tmp)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(out)
-    return out
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer.save_pretrained(folder)
 
 
 def read_hf_config(folder: Path):

@@ -33,18 +33,40 @@ import torch
 from configs.schema import SamplingConfig
 
 
+class NonFiniteLogitsError(ValueError):
+    """NaN or +inf among the logits: a broken forward pass, never a token to draw."""
+
+
 class Greedy:
     """argmax; the reply index is not needed."""
 
     def choose(self, logits: torch.Tensor, index: int) -> tuple[int, float]:
         """logits (vocab,) -> (argmax token, top-2 logit margin)."""
-        top = torch.topk(logits.float(), 2)
+        top = torch.topk(finite_logits(logits), 2)
         return int(top.indices[0]), float(top.values[0] - top.values[1])
 
 
+# The smallest divisor the float32 scaling uses: below it the distribution is the greedy
+# one-hot anyway, and a temperature that rounds to 0 in float32 would give 0/0 = NaN.
+SMALLEST_TEMPERATURE = torch.finfo(torch.float32).tiny
+
+
+def finite_logits(logits: torch.Tensor) -> torch.Tensor:
+    """float32 logits; NonFiniteLogitsError for NaN, +inf or a row of -inf (a single -inf
+    is a token ruled out). amax propagates NaN, so one look at the maxima covers all three."""
+    x = logits.float()
+    if not torch.isfinite(x.amax(-1)).all():
+        raise NonFiniteLogitsError("the model produced NaN or infinite logits")
+    return x
+
+
 def probabilities(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
-    """logits (..., vocab) -> float32 sampling distribution: temperature, top-k, top-p."""
-    x = logits.float() / config.temperature
+    """logits (..., vocab) -> float32 sampling distribution: temperature, top-k, top-p.
+    The logits are scaled in float32 with their maximum subtracted first, so the scaled
+    values are <= 0 and finite or -inf whatever the temperature: a tiny temperature gives
+    the greedy one-hot, never an overflow into NaN."""
+    x = finite_logits(logits)
+    x = (x - x.amax(-1, keepdim=True)) / max(config.temperature, SMALLEST_TEMPERATURE)
     if 0 < config.top_k < x.shape[-1]:
         kth = torch.topk(x, config.top_k, dim=-1).values[..., -1:]
         x = x.masked_fill(x < kth, float("-inf"))

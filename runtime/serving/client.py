@@ -13,7 +13,8 @@ A Client keeps its idle connections and reuses them; streams running at the same
 each take their own connection. Closing a stream early (break, aclose(), an exception in
 the loop body) sends a cancel, so the server stops decoding for it. Errors the server
 reports raise ServerError with its code; a dead connection raises ConnectionError and a
-server silent for `timeout` seconds raises TimeoutError.
+server silent for `timeout` seconds raises TimeoutError. `api_key` is sent in a hello
+frame at the start of every connection (servers with [server] api_key require it).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import itertools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from runtime.serving.protocol import Cancel, Chunk, Error, ErrorCode, Request, Stats, decode, encode, read_frame
+from runtime.serving.protocol import Cancel, Chunk, Error, ErrorCode, Hello, Request, Stats, decode, encode, read_frame
 
 # Server frames are small (a chunk per decoding step); this only bounds a broken server.
 MAX_SERVER_FRAME = 64 << 20
@@ -101,8 +102,10 @@ class Stream:
 
 
 class Client:
-    def __init__(self, host: str = "127.0.0.1", port: int = 7860, *, timeout: float = 60.0, connect_timeout: float = 10.0):
+    def __init__(self, host: str = "127.0.0.1", port: int = 7860, *, timeout: float = 60.0, connect_timeout: float = 10.0,
+                 api_key: str | None = None):
         self.host, self.port = host, port
+        self.api_key = api_key  # sent in a hello frame first on every connection
         self.timeout, self.connect_timeout = timeout, connect_timeout
         self._idle: list[_Connection] = []
         self._ids = itertools.count(1)
@@ -139,7 +142,10 @@ class Client:
 
     async def _connect(self) -> _Connection:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), self.connect_timeout)
-        return _Connection(reader, writer)
+        conn = _Connection(reader, writer)
+        if self.api_key is not None:
+            await conn.send(Hello(self.api_key))
+        return conn
 
     async def _start(self, request: Request) -> tuple[_Connection, object]:
         """Send the request and read the server's first answer. A pooled connection the

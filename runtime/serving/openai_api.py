@@ -2,54 +2,94 @@
 GET /v1/models, POST /v1/chat/completions and /v1/completions, streamed as server-sent
 events when "stream" is true, so tools built on the OpenAI API work unchanged.
 
-Requests map onto runtime.serving.protocol.Request and go through the same checks and queue as
-native ones. Leapfrog's own options ride along as extra fields: "mode" and "top_k" (the
-openai package sends them with extra_body). Errors come back in OpenAI's shape,
-{"error": {"message", "type", "code", "param"}}, with the native error code as "code".
-Not supported (a clear 400): n > 1, stop sequences, logprobs, tools.
+Requests map onto runtime.serving.protocol.Request (runtime.serving.openai_request) and go
+through the same checks and queue as native ones. Leapfrog's own options ride along as
+extra fields: "mode" and "top_k" (the openai package sends them with extra_body). Every
+error has OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with the native
+error code as "code": 400 for a malformed request, 401 without the API key, 404 for an
+unknown path, 413 for a body over max_frame_bytes, 415 for a body that is not JSON, 422
+for a mode the server does not offer, 429 when overloaded or over the connection limits,
+500 only for a fault of the server itself (its details go to the log, never to the client).
+Every write to a client has write_timeout seconds; one that does not read loses its
+connection (and its decode is cancelled).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import json
-import time
-import uuid
+import logging
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
-from runtime.serving.protocol import Chunk, Error, ErrorCode, ProtocolError, Request, Stats, from_dict
-from runtime.serving.service import Cancellation, Service
+from configs.schema import ServerConfig
+from runtime.serving.limits import ConnectionLimits, key_matches, peer_address
+from runtime.serving.openai_reply import CompletionBuilder
+from runtime.serving.openai_request import parse_body, to_request
+from runtime.serving.protocol import Error, ErrorCode, ProtocolError, Stats
+from runtime.serving.service import INTERNAL_MESSAGE, Cancellation, Service
 
-STATUS = {ErrorCode.OVERLOADED: 429, ErrorCode.INTERNAL: 500}  # anything else: 400
-UNSUPPORTED = ("stop", "logprobs", "top_logprobs", "tools", "tool_choice", "functions", "suffix", "echo", "best_of", "logit_bias")
-IGNORED = ("model", "user", "stream_options", "frequency_penalty", "presence_penalty", "n", "metadata")
+log = logging.getLogger("leapfrog.serve")
+STATUS = {
+    ErrorCode.UNAUTHORIZED: 401, ErrorCode.NOT_FOUND: 404, ErrorCode.PAYLOAD_TOO_LARGE: 413,
+    ErrorCode.UNSUPPORTED_MEDIA_TYPE: 415, ErrorCode.MODE_NOT_ALLOWED: 422, ErrorCode.OVERLOADED: 429,
+    ErrorCode.TOO_MANY_CONNECTIONS: 429, ErrorCode.INTERNAL: 500,
+}  # anything else: 400
 
 
-def error_response(code: str, message: str) -> web.Response:
+def error_body(code: str, message: str) -> dict:
     kind = "server_error" if code == ErrorCode.INTERNAL else "invalid_request_error"
-    body = {"error": {"message": message, "type": kind, "code": code, "param": None}}
-    return web.json_response(body, status=STATUS.get(code, 400))
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+class CappedServer(web.Server):
+    """aiohttp's server with ConnectionLimits: a connection over them gets a 429 and is closed."""
+
+    def __init__(self, handler, limits: ConnectionLimits, **kwargs):
+        super().__init__(handler, **kwargs)
+        self.limits = limits
+        self._peers: dict[RequestHandler, str] = {}
+
+    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        peer = peer_address(transport.get_extra_info("peername"))
+        refusal = self.limits.admit(peer)
+        if refusal is not None:
+            body = json.dumps(error_body(ErrorCode.TOO_MANY_CONNECTIONS, refusal)).encode()
+            transport.write(b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\n"
+                            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            transport.close()
+            return
+        self._peers[handler] = peer
+        super().connection_made(handler, transport)
+
+    def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
+        if handler in self._peers:
+            self.limits.release(self._peers.pop(handler))
+        super().connection_lost(handler, exc)
 
 
 class OpenAIApi:
     def __init__(self, service: Service, model_name: str):
         self.service = service
+        self.config: ServerConfig = service.config.server
         self.model_name = model_name
         self._ids = itertools.count(1)
-        self.app = web.Application(client_max_size=service.config.server.max_frame_bytes)
-        self.app.add_routes([
-            web.get("/v1/models", self.models),
-            web.post("/v1/chat/completions", self.chat_completions),
-            web.post("/v1/completions", self.completions),
-        ])
-        self._runner: web.AppRunner | None = None
+        self.routes = {
+            ("GET", "/v1/models"): self.models,
+            ("POST", "/v1/chat/completions"): lambda http: self._complete(http, chat=True),
+            ("POST", "/v1/completions"): lambda http: self._complete(http, chat=False),
+        }
+        self._runner: web.ServerRunner | None = None
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         # handler_cancellation: a client that hangs up cancels its handler, which closes
         # the request's stream and so stops its decode (non-streaming requests too).
-        self._runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True)
+        limits = ConnectionLimits(self.config.max_http_connections, self.config.max_connections_per_peer)
+        server = CappedServer(self._guarded, limits, handler_cancellation=True, keepalive_timeout=self.config.idle_timeout)
+        self._runner = web.ServerRunner(server, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()
@@ -59,171 +99,106 @@ class OpenAIApi:
         if self._runner is not None:
             await self._runner.cleanup()
 
-    async def models(self, _: web.Request) -> web.Response:
-        model = {"id": self.model_name, "object": "model", "created": 0, "owned_by": "leapfrog"}
-        return web.json_response({"object": "list", "data": [model]})
-
-    async def chat_completions(self, http: web.Request) -> web.StreamResponse:
-        return await self._complete(http, chat=True)
-
-    async def completions(self, http: web.Request) -> web.StreamResponse:
-        return await self._complete(http, chat=False)
-
-    # ----------------------------------------------------------------------- requests
-
-    def _request(self, body, chat: bool) -> Request:
-        """The JSON body -> a native Request (every field type checked by from_dict)."""
-        if not isinstance(body, dict):
-            raise ProtocolError(ErrorCode.INVALID_FIELD, "the body must be a JSON object")
-        for key in UNSUPPORTED:
-            if body.get(key) not in (None, [], False):
-                raise ProtocolError(ErrorCode.INVALID_FIELD, f"{key!r} is not supported by this server")
-        if body.get("n", 1) != 1:
-            raise ProtocolError(ErrorCode.INVALID_FIELD, "only n = 1 is supported")
-        fields = {k: v for k, v in body.items() if k not in IGNORED and k not in UNSUPPORTED and k != "stream"}
-        fields["max_new_tokens"] = fields.pop("max_completion_tokens", fields.pop("max_tokens", None))
-        fields.pop("max_tokens", None)
-        if chat:
-            fields["messages"] = _plain_messages(fields.get("messages"))
-        else:
-            prompt = fields.get("prompt")
-            if isinstance(prompt, list) and len(prompt) == 1:
-                fields["prompt"] = prompt[0]  # a batch of one
-        fields.pop("type", None)
-        fields.pop("id", None)
-        return from_dict({"type": "request", "id": next(self._ids), **fields})
-
-    async def _complete(self, http: web.Request, chat: bool) -> web.StreamResponse:
+    async def handle(self, http: web.BaseRequest) -> web.StreamResponse:
+        route = self.routes.get((http.method, http.path))
+        if route is None:
+            return await self._send_error(http, ErrorCode.NOT_FOUND, f"no route {http.method} {http.path[:80]}")
+        scheme, _, token = http.headers.get("Authorization", "").partition(" ")
+        if not key_matches(self.config.api_key, token.strip() if scheme.lower() == "bearer" else None):
+            log.info("HTTP request from %s: missing or wrong API key", http.remote)
+            return await self._send_error(http, ErrorCode.UNAUTHORIZED, "missing or wrong API key (Authorization: Bearer ...)")
         try:
-            body = await http.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return error_response(ErrorCode.MALFORMED_FRAME, f"the body is not JSON: {e}")
-        try:
-            request = self._request(body, chat)
-            job = await self.service.prepare(request, raw_prompt=not chat)
+            return await route(http)
         except ProtocolError as e:
-            return error_response(e.code, e.message)
-        stream = body.get("stream") is True
-        reply = CompletionBuilder(chat, self.model_name, include_usage=bool((body.get("stream_options") or {}).get("include_usage")))
-        cancel = Cancellation()
-        items = self.service.run(job, cancel)
-        if not stream:
-            async with contextlib.aclosing(items):
-                try:
-                    async for item in items:
-                        if isinstance(item, Error):
-                            return error_response(item.code, item.message)
-                        reply.add(item)
-                except ProtocolError as e:
-                    return error_response(e.code, e.message)
-            return web.json_response(reply.whole())
-        return await self._stream(http, items, reply)
+            return await self._send_error(http, e.code, e.message)
 
-    async def _stream(self, http: web.Request, items, reply: CompletionBuilder) -> web.StreamResponse:
-        async with contextlib.aclosing(items):
-            try:
-                first = await anext(items)
-            except ProtocolError as e:  # overloaded: still a plain HTTP error
-                return error_response(e.code, e.message)
-            response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-            await response.prepare(http)
-            try:
+    async def models(self, http: web.BaseRequest) -> web.StreamResponse:
+        model = {"id": self.model_name, "object": "model", "created": 0, "owned_by": "leapfrog"}
+        return await self._send_json(http, {"object": "list", "data": [model]})
+
+    async def _body(self, http: web.BaseRequest) -> bytes:
+        """The request body, refused with 413 once it passes max_frame_bytes (before reading
+        it at all when Content-Length says so)."""
+        limit = self.config.max_frame_bytes
+        if http.content_length is not None and http.content_length > limit:
+            raise ProtocolError(ErrorCode.PAYLOAD_TOO_LARGE, f"the body is {http.content_length} bytes; the limit is {limit}")
+        body = bytearray()
+        while chunk := await http.content.read(65536):
+            body += chunk
+            if len(body) > limit:
+                raise ProtocolError(ErrorCode.PAYLOAD_TOO_LARGE, f"the body is over the limit of {limit} bytes")
+        return bytes(body)
+
+    async def _complete(self, http: web.BaseRequest, chat: bool) -> web.StreamResponse:
+        body = parse_body(await self._body(http), http.headers.get("Content-Type", ""))
+        request, options = to_request(body, chat, next(self._ids))
+        job = await self.service.prepare(request, raw_prompt=not chat)
+        reply = CompletionBuilder(chat, self.model_name, options.include_usage, options.stops)
+        cancel = Cancellation()
+        async with contextlib.aclosing(self.service.run(job, cancel)) as items:
+            first = await anext(items)  # overloaded raises here: still a plain HTTP error
+            if not options.stream:
                 item = first
-                while True:
-                    if isinstance(item, Error):  # mid-stream: the openai package raises on an "error" event
-                        await _event(response, {"error": {"message": item.message, "type": "server_error", "code": item.code}})
-                        break
-                    for event in reply.events(item):
-                        await _event(response, event)
-                    if isinstance(item, Stats):
-                        break
+                while not isinstance(item, Stats):
+                    if isinstance(item, Error):
+                        return await self._send_error(http, item.code, item.message)
+                    reply.add(item)
+                    if reply.stopped:
+                        cancel.set()
                     item = await anext(items)
-                await response.write(b"data: [DONE]\n\n")
-            except (ConnectionError, StopAsyncIteration):
-                pass  # the client left: closing `items` cancels the request and frees its engine
+                reply.add(item)
+                return await self._send_json(http, reply.whole())
+            return await self._stream(http, first, items, reply, cancel)
+
+    async def _stream(self, http, item, items, reply: CompletionBuilder, cancel: Cancellation) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        try:
+            await self._write(http, response.prepare(http))
+            while True:
+                if isinstance(item, Error):  # mid-stream: the openai package raises on an "error" event
+                    await self._event(http, response, error_body(item.code, item.message))
+                    break
+                for event in reply.events(item):
+                    await self._event(http, response, event)
+                if reply.stopped:
+                    cancel.set()
+                if isinstance(item, Stats):
+                    break
+                item = await anext(items)
+            await self._write(http, response.write(b"data: [DONE]\n\n"))
+        except (ConnectionError, asyncio.TimeoutError):
+            pass  # the client left or stopped reading: closing `items` cancels the request and frees its engine
         return response
 
+    async def _event(self, http, response: web.StreamResponse, data: dict) -> None:
+        await self._write(http, response.write(b"data: " + json.dumps(data, ensure_ascii=False).encode() + b"\n\n"))
 
-async def _event(response: web.StreamResponse, data: dict) -> None:
-    await response.write(b"data: " + json.dumps(data, ensure_ascii=False).encode() + b"\n\n")
+    async def _write(self, http: web.BaseRequest, writing) -> None:
+        """Await one write, at most write_timeout seconds; past that the connection is
+        dropped (TimeoutError), as a client that does not read would hold it forever."""
+        try:
+            await asyncio.wait_for(writing, self.config.write_timeout)
+        except asyncio.TimeoutError:
+            if http.transport is not None:
+                http.transport.abort()
+            raise
 
+    async def _send_json(self, http: web.BaseRequest, data: dict, status: int = 200) -> web.StreamResponse:
+        response = web.json_response(data, status=status)
+        with contextlib.suppress(ConnectionError, asyncio.TimeoutError):
+            await self._write(http, response.prepare(http))
+            await self._write(http, response.write_eof())
+        return response
 
-def _plain_messages(messages):
-    """OpenAI content may be a list of parts; text parts are joined, anything else is refused."""
-    if not isinstance(messages, list):
-        return messages  # from_dict reports the type error
-    plain = []
-    for m in messages:
-        if isinstance(m, dict) and isinstance(m.get("content"), list):
-            parts = m["content"]
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in parts):
-                raise ProtocolError(ErrorCode.INVALID_FIELD, "only text content parts are supported")
-            m = {**m, "content": "".join(p["text"] for p in parts)}
-        if isinstance(m, dict):
-            m = {k: v for k, v in m.items() if k != "name"}
-        plain.append(m)
-    return plain
+    async def _send_error(self, http: web.BaseRequest, code: str, message: str) -> web.StreamResponse:
+        if code == ErrorCode.INTERNAL:
+            message = INTERNAL_MESSAGE  # the details are in the log already
+        return await self._send_json(http, error_body(code, message), STATUS.get(code, 400))
 
-
-class CompletionBuilder:
-    """Builds the OpenAI response objects (a whole completion, or its stream of chunk
-    events) from Chunks and the final Stats."""
-
-    def __init__(self, chat: bool, model: str, include_usage: bool = False):
-        self.chat, self.model, self.include_usage = chat, model, include_usage
-        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        self.created = int(time.time())
-        self.text: list[str] = []
-        self.stats: Stats | None = None
-        self._sent_role = False
-
-    def add(self, item: Chunk | Stats) -> None:
-        if isinstance(item, Chunk):
-            self.text.append(item.text)
-        else:
-            self.stats = item
-
-    def _usage(self) -> dict:
-        s = self.stats
-        return {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.tokens, "total_tokens": s.prompt_tokens + s.tokens}
-
-    def _leapfrog(self) -> dict:
-        s = self.stats
-        return {"mode": s.mode, "forward_passes": s.forward_passes, "tau": s.tau, "seconds": s.seconds,
-                "ttft_seconds": s.ttft_seconds, "queue_seconds": s.queue_seconds}
-
-    def _finish(self) -> str:
-        return "length" if self.stats.finish_reason == "length" else "stop"
-
-    def whole(self) -> dict:
-        text = "".join(self.text)
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": self._finish(), "logprobs": None}
-        else:
-            choice = {"index": 0, "text": text, "finish_reason": self._finish(), "logprobs": None}
-        return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion", "created": self.created,
-                "model": self.model, "choices": [choice], "usage": self._usage(), "leapfrog": self._leapfrog()}
-
-    def _chunk(self, text: str | None, finish: str | None, role: bool = False) -> dict:
-        if self.chat:
-            delta = {"role": "assistant", "content": text or ""} if role else ({"content": text} if text else {})
-            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-        else:
-            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-        return {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
-                "created": self.created, "model": self.model, "choices": [choice]}
-
-    def events(self, item: Chunk | Stats) -> list[dict]:
-        """The SSE events for one item: a delta per Chunk with text; the finish (and usage) at the end."""
-        self.add(item)
-        if isinstance(item, Chunk):
-            role, self._sent_role = self.chat and not self._sent_role, True
-            return [self._chunk(item.text, None, role)] if item.text or role else []
-        final = self._chunk(None, self._finish())
-        final["leapfrog"] = self._leapfrog()
-        events = [final]
-        if self.include_usage:
-            usage = self._chunk(None, None)
-            usage["choices"], usage["usage"] = [], self._usage()
-            events.append(usage)
-        return events
+    async def _guarded(self, http: web.BaseRequest) -> web.StreamResponse:
+        """handle() with a last resort: a bug answers 500 with generic text, details logged."""
+        try:
+            return await self.handle(http)
+        except Exception:
+            log.exception("HTTP %s %s failed", http.method, http.path[:80])
+            return await self._send_error(http, ErrorCode.INTERNAL, INTERNAL_MESSAGE)

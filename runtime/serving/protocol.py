@@ -1,21 +1,25 @@
 """The native wire protocol: length-prefixed msgpack frames over TCP.
 
 A frame is a 4-byte big-endian length followed by that many bytes of one msgpack map;
-the map's "type" says which message it is. Client -> server: Request, Cancel. Server ->
+the map's "type" says which message it is. Client -> server: Hello (the API key, first,
+when the server has one), Request, Cancel. Server ->
 client: Chunk (verified tokens as they are committed), Stats (ends a request), Error
 (ends a request when it has an id; otherwise it is about the connection). One request
 runs at a time on a connection; a client that wants several at once opens several
 connections (runtime.serving.client keeps a pool).
 
-Decoding is strict: every field has one type, unknown fields are errors, and each
-failure is a ProtocolError carrying one of the ErrorCode values, which the server
-sends back in an Error frame.
+Decoding is strict: every field has one type, unknown fields are errors, integers fit
+in 64 bits, floats are finite, strings are valid UTF-8 (no lone surrogates either, which
+JSON can carry), chat roles are known; each failure is a ProtocolError carrying one of
+the ErrorCode values, which the server sends back in an Error frame. The OpenAI endpoint
+turns its JSON into these messages too, so every value is checked here, once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import struct
 from dataclasses import dataclass
 
@@ -35,10 +39,16 @@ class ErrorCode:
     INVALID_MAX_NEW_TOKENS = "invalid_max_new_tokens"
     UNKNOWN_MODE = "unknown_mode"
     PROMPT_TOO_LONG = "prompt_too_long"
+    MODE_NOT_ALLOWED = "mode_not_allowed"  # a mode this server does not offer ([server] allowed_modes)
     REQUEST_IN_PROGRESS = "request_in_progress"  # a second request on a busy connection
+    TOO_MANY_PENDING = "too_many_pending"  # the connection's unfinished requests are at their limit
     OVERLOADED = "overloaded"  # the wait queue is full
     TOO_MANY_CONNECTIONS = "too_many_connections"
     IDLE_TIMEOUT = "idle_timeout"
+    UNAUTHORIZED = "unauthorized"  # no API key, or the wrong one; the connection is closed
+    NOT_FOUND = "not_found"  # HTTP only: no such path
+    PAYLOAD_TOO_LARGE = "payload_too_large"  # HTTP only: a body over max_frame_bytes
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"  # HTTP only: a body that is not application/json
     INTERNAL = "internal_error"
 
 
@@ -49,6 +59,16 @@ class ProtocolError(Exception):
 
 
 # --------------------------------------------------------------------------- messages
+
+
+ROLES = ("system", "user", "assistant")  # chat roles a request's messages may have
+INT_RANGE = (-(2**63), 2**63)  # integers of every field: [low, high)
+
+
+@dataclass
+class Hello:
+    api_key: str  # the server's [server] api_key; a server with none ignores it
+    type: str = "hello"
 
 
 @dataclass
@@ -103,26 +123,52 @@ class Error:
     type: str = "error"
 
 
-MESSAGES = {cls.type: cls for cls in (Request, Cancel, Chunk, Stats, Error)}
-Message = Request | Cancel | Chunk | Stats | Error
+MESSAGES = {cls.type: cls for cls in (Hello, Request, Cancel, Chunk, Stats, Error)}
+Message = Hello | Request | Cancel | Chunk | Stats | Error
 
 # The Python types a field may hold, by its annotation (None is allowed for "| None").
 _TYPES = {"int": (int,), "str": (str,), "float": (float, int), "list[int]": (list,), "list[dict]": (list,)}
 
 
+def _valid_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and INT_RANGE[0] <= v < INT_RANGE[1]
+
+
+def _valid_str(v) -> bool:
+    if not isinstance(v, str):
+        return False
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800" in JSON)
+        raise ProtocolError(ErrorCode.INVALID_UTF8, "a string is not valid UTF-8") from None
+    return True
+
+
+def _valid_message(m) -> bool:
+    if not (isinstance(m, dict) and set(m) == {"role", "content"} and _valid_str(m["role"]) and _valid_str(m["content"])):
+        return False
+    if m["role"] not in ROLES:
+        raise ProtocolError(ErrorCode.INVALID_FIELD, f"unknown message role {m['role']!r:.40}; known: {', '.join(ROLES)}")
+    return True
+
+
+# How a value of each annotation is checked (None is allowed for "| None").
+_VALID = {
+    "int": _valid_int,
+    "str": _valid_str,
+    "float": lambda v: (isinstance(v, float) and math.isfinite(v)) or _valid_int(v),
+    "list[int]": lambda v: isinstance(v, list) and all(_valid_int(x) for x in v),
+    "list[dict]": lambda v: isinstance(v, list) and all(_valid_message(m) for m in v),
+}
+
+
 def _check_field(name: str, annotation: str, value) -> None:
-    optional = annotation.endswith(" | None")
     base = annotation.removesuffix(" | None")
-    if value is None and optional:
+    if value is None and annotation.endswith(" | None"):
         return
-    ok = isinstance(value, _TYPES[base]) and not isinstance(value, bool)
-    if ok and base == "list[int]":
-        ok = all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-    if ok and base == "list[dict]":
-        ok = all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                 and set(m) <= {"role", "content"} for m in value)
-    if not ok:
-        raise ProtocolError(ErrorCode.INVALID_FIELD, f"field {name!r} must be {base}, got {value!r:.80}")
+    if not _VALID[base](value):
+        what = "a finite number" if base == "float" else f"{base} (integers in 64 bits)" if "int" in base else base
+        raise ProtocolError(ErrorCode.INVALID_FIELD, f"field {name!r} must be {what}, got {value!r:.80}")
 
 
 def encode(message: Message) -> bytes:
@@ -148,7 +194,7 @@ def from_dict(data) -> Message:
     cls = MESSAGES.get(data.get("type"))
     if cls is None:
         raise ProtocolError(ErrorCode.MALFORMED_FRAME, f"unknown frame type {data.get('type')!r:.40}; known: {', '.join(MESSAGES)}")
-    request_id = data.get("id") if isinstance(data.get("id"), int) else None
+    request_id = data.get("id") if _valid_int(data.get("id")) else None
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(data) - set(fields)
     if unknown:

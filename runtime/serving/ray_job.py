@@ -10,7 +10,9 @@ protocol and OpenAI endpoint, runtime.serving.servers). The driver prints one li
     leapfrog replica 0: native 10.0.0.5:7860 http http://10.0.0.5:7861/v1
 
 which clients connect to, then watches the replicas until the job is stopped (`ray job
-stop` ends the driver, and Ray ends its actors with it). With [server] host = "0.0.0.0"
+stop` ends the driver, and Ray ends its actors with it). A replica that dies, stops
+serving or does not answer a health check in time is replaced by a new one (its line is
+printed again); every wait on Ray has a timeout, so a hung replica cannot hang the driver. With [server] host = "0.0.0.0"
 the replicas listen on every interface and report their node's address; with a loopback
 host they report that. Replica i listens on port + 2i and http_port + 2i, so replicas that
 share a node do not collide (port 0: any free port).
@@ -23,6 +25,7 @@ A replica is a whole model on one device. A replica whose default mode is `pipel
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 import threading
@@ -33,7 +36,11 @@ import ray
 from configs.files import load_config
 from configs.schema import ConfigError, LeapfrogConfig
 from runtime.engine import Engine
-from runtime.serving.servers import run_servers
+from runtime.serving.servers import run_servers, secure
+
+START_TIMEOUT = 1800.0  # seconds a replica may take to load its model (a first GGUF conversion too) and listen
+PROBE_TIMEOUT = 60.0  # seconds a replica may take to answer a health check
+PROBE_EVERY = 5.0  # seconds between health checks
 
 
 @ray.remote
@@ -62,7 +69,8 @@ class Replica:
                 ready.set()
 
         threading.Thread(target=run, name="leapfrog-serve", daemon=True).start()
-        ready.wait()
+        if not ready.wait(START_TIMEOUT):
+            self._failure = TimeoutError(f"the server did not listen within {START_TIMEOUT:g} s")
 
     def addresses(self) -> dict:
         """{"native": (host, port), "http": (host, port) or None}, as clients reach them."""
@@ -82,6 +90,54 @@ def replica_config(config: LeapfrogConfig, index: int) -> LeapfrogConfig:
     return dataclasses.replace(config, server=dataclasses.replace(s, port=shift(s.port), http_port=shift(s.http_port)))
 
 
+class Supervisor:
+    """Starts the replicas and keeps them serving: each round asks every replica whether
+    its server runs; one that says no, raises or does not answer in time is killed and
+    started again on the same ports. The Ray calls are passed in (start, addresses,
+    alive, kill), each wait with its timeout, so the logic is tested without a cluster."""
+
+    def __init__(self, start, addresses, alive, kill, start_timeout: float = START_TIMEOUT,
+                 probe_timeout: float = PROBE_TIMEOUT, out=sys.stdout):
+        self.start, self.addresses, self.alive, self.kill = start, addresses, alive, kill
+        self.start_timeout, self.probe_timeout, self.out = start_timeout, probe_timeout, out
+        self.replicas: list = []
+        self.restarts = 0
+
+    def start_all(self, count: int) -> None:
+        """Start `count` replicas and print their addresses; raises if one cannot start."""
+        self.replicas = [self.start(i) for i in range(count)]
+        for i, replica in enumerate(self.replicas):
+            self._announce(i, self.addresses(replica, self.start_timeout))
+
+    def check(self) -> None:
+        """One round of health checks, replacing every replica that fails its check."""
+        for i, replica in enumerate(self.replicas):
+            try:
+                healthy = self.alive(replica, self.probe_timeout)
+            except Exception as e:  # noqa: BLE001 - dead, hung or broken: any failure means replace it
+                healthy, why = False, f"{type(e).__name__}: {e}"
+            else:
+                why = "its server stopped"
+            if healthy:
+                continue
+            print(f"leapfrog: replica {i} failed ({why}); starting a new one", file=sys.stderr, flush=True)
+            with contextlib.suppress(Exception):
+                self.kill(replica)
+            self.replicas[i] = self.start(i)
+            self.restarts += 1
+            try:
+                self._announce(i, self.addresses(self.replicas[i], self.start_timeout))
+            except Exception as e:  # noqa: BLE001 - it fails its next check and is replaced again
+                print(f"leapfrog: replica {i} did not start ({type(e).__name__}: {e}); retrying", file=sys.stderr, flush=True)
+
+    def _announce(self, i: int, addresses: dict) -> None:
+        native, http = addresses["native"], addresses["http"]
+        line = f"leapfrog replica {i}: native {native[0]}:{native[1]}"
+        if http is not None:
+            line += f" http http://{http[0]}:{http[1]}/v1"
+        print(line, file=self.out, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m runtime.serving.ray_job", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="TOML config file (default: configs/default.toml)")
@@ -99,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, key) is not None:
                 setattr(config.server, key, getattr(args, key))
         config.validate()
+        secure(config)  # here too, so that a refused exposure fails the job at once
         if args.replicas < 1:
             raise ConfigError(f"--replicas must be at least 1, got {args.replicas}")
     except ConfigError as e:
@@ -107,24 +164,24 @@ def main(argv: list[str] | None = None) -> int:
 
     ray.init(address=args.address, log_to_driver=True)
     gpus = args.gpus if args.gpus is not None else (1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0)
-    replicas = [Replica.options(num_gpus=gpus, num_cpus=args.cpus).remote(replica_config(config, i))
-                for i in range(args.replicas)]
-    for i, addresses in enumerate(ray.get([r.addresses.remote() for r in replicas])):
-        native, http = addresses["native"], addresses["http"]
-        line = f"leapfrog replica {i}: native {native[0]}:{native[1]}"
-        if http is not None:
-            line += f" http http://{http[0]}:{http[1]}/v1"
-        print(line, flush=True)
-    print(f"leapfrog: {len(replicas)} replica(s) serving, {gpus:g} GPU(s) each; `ray job stop` ends them", flush=True)
+    supervisor = Supervisor(
+        start=lambda i: Replica.options(num_gpus=gpus, num_cpus=args.cpus).remote(replica_config(config, i)),
+        addresses=lambda replica, timeout: ray.get(replica.addresses.remote(), timeout=timeout),
+        alive=lambda replica, timeout: ray.get(replica.alive.remote(), timeout=timeout),
+        kill=ray.kill,
+    )
     try:
-        while all(ray.get([r.alive.remote() for r in replicas])):
-            time.sleep(5)
-        print("leapfrog: a replica's server stopped", file=sys.stderr)
-    except ray.exceptions.RayActorError as e:
-        print(f"leapfrog: a replica died: {e}", file=sys.stderr)
+        supervisor.start_all(args.replicas)
+    except Exception as e:  # noqa: BLE001 - a replica that cannot start at all: the config is wrong
+        print(f"leapfrog: a replica did not start: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    print(f"leapfrog: {args.replicas} replica(s) serving, {gpus:g} GPU(s) each; `ray job stop` ends them", flush=True)
+    try:
+        while True:
+            time.sleep(PROBE_EVERY)
+            supervisor.check()
     except KeyboardInterrupt:
         return 0
-    return 1
 
 
 if __name__ == "__main__":

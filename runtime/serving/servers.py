@@ -8,11 +8,13 @@ Service (runtime.serving.service) that checks, queues and decodes every request;
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import threading
 from pathlib import Path
 
-from configs.schema import LeapfrogConfig
+from configs.schema import ConfigError, LeapfrogConfig
+from runtime.serving.limits import is_loopback
 from runtime.serving.native_server import NativeServer
 from runtime.serving.openai_api import OpenAIApi
 from runtime.serving.service import Service
@@ -26,9 +28,24 @@ def model_name(checkpoint: str) -> str:
     return Path(checkpoint).name.removesuffix(".gguf")
 
 
+API_KEY_ENV = "LEAPFROG_API_KEY"
+
+
+def secure(config: LeapfrogConfig) -> LeapfrogConfig:
+    """Settle who may connect: [server] api_key, else $LEAPFROG_API_KEY. Listening beyond
+    the loopback without a key is refused (ConfigError) unless [server] insecure is set."""
+    s = config.server
+    s.api_key = s.api_key or os.environ.get(API_KEY_ENV, "")
+    if not s.api_key and not s.insecure and not is_loopback(s.host):
+        raise ConfigError(f"listening on {s.host} (beyond the loopback) needs an API key: --api-key, ${API_KEY_ENV} "
+                          "or [server] api_key; or --insecure to serve anyone who can reach it, on purpose")
+    return config
+
+
 async def run_servers(engines: list, config: LeapfrogConfig, ready=None) -> None:
     """Run the native server and (unless http_port is -1) the OpenAI endpoint on `engines`
     until cancelled. `ready((host, port), http_address_or_None)` is called once both listen."""
+    secure(config)
     service = Service(engines, config)
     server = NativeServer(service, config.server)
     api = OpenAIApi(service, model_name(config.model.checkpoint)) if config.server.http_port >= 0 else None

@@ -15,6 +15,7 @@ pool, so no cache space outlives its request.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -24,8 +25,12 @@ from dataclasses import dataclass
 from configs.schema import ConfigError, LeapfrogConfig, SamplingConfig
 from runtime.engine import PromptTooLongError
 from runtime.modes import UnknownModeError, check_mode
+from runtime.serving.limits import allowed_modes, prompt_bytes
 from runtime.serving.protocol import Chunk, Error, ErrorCode, ProtocolError, Request, Stats
 from runtime.text.stream import TextStream
+
+log = logging.getLogger("leapfrog.serve")
+INTERNAL_MESSAGE = "internal error; the server log has the details"
 
 
 @dataclass
@@ -61,6 +66,7 @@ class Service:
         self.engines = engines
         self.config = config
         self.tokenizer = engines[0].tokenizer
+        self.modes = allowed_modes(config)
         self._free: asyncio.Queue | None = None  # made on first use, inside the running loop
         self.waiting = 0
         # Decoding threads (one per engine) and one more for tokenizing prompts, so a
@@ -99,16 +105,22 @@ class Service:
             check_mode(mode)
         except UnknownModeError as e:
             raise ProtocolError(ErrorCode.UNKNOWN_MODE, str(e)) from None
+        if mode not in self.modes:
+            raise ProtocolError(ErrorCode.MODE_NOT_ALLOWED, f"mode {mode!r} is not offered here; offered: {', '.join(sorted(self.modes))}")
         max_new = r.max_new_tokens if r.max_new_tokens is not None else min(gen.max_new_tokens, limit)
         if not 1 <= max_new <= limit:
             raise ProtocolError(ErrorCode.INVALID_MAX_NEW_TOKENS, f"max_new_tokens must be in [1, {limit}], got {max_new}")
         sampling = self._sampling(r)
-        loop = asyncio.get_running_loop()
         prompt = r.prompt if r.prompt is not None else r.messages
+        size, byte_limit = prompt_bytes(prompt), self.config.server.max_prompt_bytes
+        if size > byte_limit:  # before any tokenizing work is spent on it
+            raise ProtocolError(ErrorCode.PROMPT_TOO_LONG, f"the prompt is {size} bytes; the limit is {byte_limit} bytes")
+        loop = asyncio.get_running_loop()
         try:
             ids = await loop.run_in_executor(self._encoder, self._encode, prompt, raw_prompt)
-        except Exception as e:  # the chat template rejects the messages
-            raise ProtocolError(ErrorCode.INVALID_FIELD, f"cannot encode the prompt: {e}") from None
+        except Exception:  # the chat template rejects the messages
+            log.warning("request %s: cannot encode the prompt", r.id, exc_info=True)
+            raise ProtocolError(ErrorCode.INVALID_FIELD, "cannot encode the prompt with this model's chat template") from None
         try:
             self.engines[0].check_fits(ids, max_new)
         except PromptTooLongError as e:
@@ -220,8 +232,9 @@ class Service:
             emit(Error(ErrorCode.UNKNOWN_MODE, str(e), job.id))
         except PromptTooLongError as e:
             emit(Error(ErrorCode.PROMPT_TOO_LONG, str(e), job.id))
-        except Exception as e:  # a bug or a device failure: this request fails, the server goes on
-            emit(Error(ErrorCode.INTERNAL, f"{type(e).__name__}: {e}", job.id))
+        except Exception:  # a bug or a device failure: this request fails, the server goes on
+            log.exception("request %s: decoding failed (mode %s)", job.id, job.mode)
+            emit(Error(ErrorCode.INTERNAL, INTERNAL_MESSAGE, job.id))
         finally:
             if steps is not None and hasattr(steps, "close"):
                 steps.close()

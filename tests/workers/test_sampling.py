@@ -13,7 +13,7 @@ import torch
 
 from configs.schema import SamplingConfig
 from runtime.decoding.autoregressive import generate_ar
-from workers.sampling import Greedy, Sampler, chooser, inverse_cdf, probabilities
+from workers.sampling import Greedy, NonFiniteLogitsError, Sampler, chooser, inverse_cdf, probabilities
 from workers.tree import TokenTree
 from workers.tree_step import accept
 
@@ -187,3 +187,37 @@ def test_modes_draw_ar_tokens_on_a_tiny_model(tiny_models):
                 assert [t for s in steps for t in s.tokens] == ar, (name, config, seed)
                 multi[name] += sum(len(s.tokens) > 1 for s in steps)
     assert multi["token-recycling"] > 0 and multi["pld"] > 0  # drafts were accepted, not only bonus tokens
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-45, 1e-300, 5e-324])
+def test_a_tiny_temperature_draws_the_greedy_token(temperature):
+    """logits / 1e-40 overflows float32; the scaled logits must not: the distribution is
+    the one-hot greedy choice, finite, for every uniform."""
+    logits = torch.randn(6, 500, generator=torch.Generator().manual_seed(3)) * 8
+    config = SamplingConfig(temperature=temperature)
+    p = probabilities(logits, config)
+    assert torch.isfinite(p).all()
+    assert torch.equal(p.argmax(-1), logits.argmax(-1)) and torch.equal(p.amax(-1), torch.ones(6))
+    sampler = Sampler(config, 64)
+    for row in logits:
+        assert {sampler.choose(row, n)[0] for n in range(64)} == {Greedy().choose(row, 0)[0]}
+
+
+def test_huge_logits_scale_without_overflow():
+    logits = torch.tensor([3e38, 2.9e38, -3e38, 0.0])
+    p = probabilities(logits, SamplingConfig(temperature=0.5))
+    assert torch.isfinite(p).all() and int(p.argmax()) == 0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_logits_never_reach_a_draw(bad):
+    logits = torch.tensor([1.0, bad, 0.5])
+    with pytest.raises(NonFiniteLogitsError):
+        Sampler(SamplingConfig(temperature=0.7), 4).choose(logits, 0)
+    with pytest.raises(NonFiniteLogitsError):
+        Greedy().choose(logits, 0)
+    # -inf is a token the model rules out: allowed, and never drawn.
+    with pytest.raises(NonFiniteLogitsError):
+        Greedy().choose(torch.full((3,), float("-inf")), 0)
+    masked = torch.tensor([1.0, float("-inf"), 0.5])
+    assert {Sampler(SamplingConfig(temperature=1.0, seed=s), 1).choose(masked, 0)[0] for s in range(20)} <= {0, 2}

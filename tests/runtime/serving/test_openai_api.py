@@ -83,7 +83,6 @@ async def test_completions_use_the_raw_prompt_and_pass_options():
         ({"temperature": -1}, ErrorCode.INVALID_SAMPLING),
         ({"extra_body": {"mode": "warp"}}, ErrorCode.UNKNOWN_MODE),
         ({"n": 2}, ErrorCode.INVALID_FIELD),
-        ({"stop": ["\n"]}, ErrorCode.INVALID_FIELD),
         ({"extra_body": {"frobnicate": 1}}, ErrorCode.INVALID_FIELD),
         ({"messages": [{"role": "user", "content": "x" * 600}]}, ErrorCode.PROMPT_TOO_LONG),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, ErrorCode.INVALID_FIELD),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import socket
 import sys
 import time
@@ -16,7 +17,9 @@ import pytest
 # Ray reads this when imported: keep every address of the test cluster on the loopback.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-os.environ["RAY_AUTH_MODE"] = "disabled"  # no token written to ~/.ray for a throwaway cluster
+# Ray's token auth stays on (issue 17); the token of this throwaway cluster lives in the
+# environment (inherited by Ray's processes and the job), so nothing is written to ~/.ray.
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 ray = pytest.importorskip("ray")
 from ray.job_submission import JobStatus, JobSubmissionClient  # noqa: E402
 
@@ -78,3 +81,49 @@ def test_replicas_get_ports_of_their_own():
     assert config.server.port == 7860  # the original is not changed
     loose = replica_config(LeapfrogConfig(server=ServerConfig(port=0, http_port=-1)), 2).server
     assert (loose.port, loose.http_port) == (0, -1)
+
+
+class FakeReplica:
+    def __init__(self, index: int, generation: int):
+        self.index, self.generation = index, generation
+        self.healthy = True
+
+
+def test_the_driver_replaces_a_dead_replica_and_every_wait_has_a_timeout():
+    """Issue 17: one replica's death took the job down, and ray.get waited forever."""
+    import io
+
+    from runtime.serving.ray_job import Supervisor
+
+    started, killed, timeouts = [], [], []
+
+    def start(i):
+        started.append(FakeReplica(i, sum(r.index == i for r in started)))
+        return started[-1]
+
+    def addresses(replica, timeout):
+        timeouts.append(timeout)
+        return {"native": ("127.0.0.1", 7860 + 2 * replica.index), "http": None}
+
+    def alive(replica, timeout):
+        timeouts.append(timeout)
+        if replica.healthy == "hung":
+            raise TimeoutError("no answer")  # what ray.get(..., timeout) raises as GetTimeoutError
+        if replica.healthy == "dead":
+            raise RuntimeError("The actor died unexpectedly")  # as RayActorError
+        return replica.healthy
+
+    out = io.StringIO()
+    supervisor = Supervisor(start, addresses, alive, killed.append, start_timeout=9.0, probe_timeout=1.0, out=out)
+    supervisor.start_all(3)
+    supervisor.check()
+    assert supervisor.restarts == 0
+    started[0].healthy, started[1].healthy, started[2].healthy = "dead", False, True
+    supervisor.check()
+    assert [r.index for r in killed] == [0, 1] and supervisor.restarts == 2
+    assert [(r.index, r.generation) for r in supervisor.replicas] == [(0, 1), (1, 1), (2, 0)]
+    supervisor.replicas[2].healthy = "hung"
+    supervisor.check()
+    assert supervisor.replicas[2].generation == 1 and supervisor.restarts == 3
+    assert out.getvalue().count("leapfrog replica 0: native 127.0.0.1:7860") == 2
+    assert None not in timeouts and set(timeouts) == {9.0, 1.0}

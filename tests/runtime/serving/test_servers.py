@@ -82,6 +82,26 @@ async def test_sampling_parameters_reach_the_engine(engine):
     assert engine.cache.length == 0
 
 
+async def test_a_tiny_temperature_serves_the_greedy_tokens(engine):
+    """temperature 1e-40 overflowed float32 into NaN (garbage text, issue 17): it must give
+    exactly the greedy tokens, over both protocols, in ar and in tree modes."""
+    ids = engine.encode_chat(PROMPT)
+    greedy = [t for step in engine.steps(ids, "ar", MAX_NEW) for t in step.tokens]
+    async with serving(engine) as (native, http):
+        async with Client(*native) as client:
+            for mode in ("ar", "pld", "ht-pld"):
+                reply = await client.generate(PROMPT, mode=mode, max_new_tokens=MAX_NEW, temperature=1e-40, seed=3)
+                assert reply.token_ids == greedy, mode
+        oa = openai.AsyncOpenAI(base_url=f"http://{http[0]}:{http[1]}/v1", api_key="-", max_retries=0, timeout=60)
+        for mode in ("ar", "pld"):
+            out = await oa.chat.completions.create(
+                model="smollm2", messages=[{"role": "user", "content": PROMPT}], max_tokens=MAX_NEW, temperature=1e-40,
+                seed=3, extra_body={"mode": mode},
+            )
+            assert out.choices[0].message.content == engine.tokenizer.decode(greedy, skip_special_tokens=True), mode
+    assert engine.cache.length == 0
+
+
 def test_leapfrog_serve_command():
     """`leapfrog serve` as a user runs it: prints its addresses, serves, stops on SIGTERM."""
     import os
