@@ -21,6 +21,19 @@ from runtime.decoding.steps import Step
 PROMPT_LOOKUP_TOKENS = 10  # candidate tokens per lookup, as in transformers' documentation
 
 
+# The peers' own samplers divide the logits by the temperature as they are, so a
+# temperature like 1e-40 makes them inf and the draw noise. Below this bound the peers
+# decode greedily: float32 logits of this model's size (|x| ~ 10-30) are at least ~1e-6
+# apart unless equal, so such a temperature picks the top token anyway (ours sample
+# exactly at any temperature: workers.sampling).
+PEER_MIN_TEMPERATURE = 1e-6
+
+
+def peer_samples(sampling: SamplingConfig | None) -> bool:
+    """Whether a peer (hf, hf-pld, llama.cpp) samples; False: it decodes greedily."""
+    return sampling is not None and sampling.temperature >= PEER_MIN_TEMPERATURE
+
+
 class HfGenerateMode:
     same_draws_as_ar = False  # sampled tokens follow transformers' RNG, not workers.sampling
 
@@ -41,7 +54,8 @@ class HfGenerateMode:
     def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingConfig | None = None) -> Iterator[Step]:
         input_ids = torch.tensor([prompt_ids], device=self.model.device)
         extra = {"prompt_lookup_num_tokens": PROMPT_LOOKUP_TOKENS} if self.prompt_lookup else {}
-        if sampling is not None and not sampling.greedy:
+        sample = peer_samples(sampling)
+        if sample:
             torch.manual_seed(sampling.seed)
             extra.update(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
         self.forward_passes = 0
@@ -49,7 +63,7 @@ class HfGenerateMode:
             input_ids,
             attention_mask=torch.ones_like(input_ids),
             max_new_tokens=max_new_tokens,
-            do_sample=sampling is not None and not sampling.greedy,
+            do_sample=sample,
             eos_token_id=sorted(self.engine.stop_ids),
             pad_token_id=self.engine.tokenizer.pad_token_id or sorted(self.engine.stop_ids)[0],
             **extra,

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from configs.schema import SamplingConfig
+from runtime.decoding.hf_peers import peer_samples
 from runtime.decoding.steps import Step
 from workers.cache_dir import cache_dir
 from workers.loading import ModelLoadError, default_gguf_path
@@ -85,7 +86,7 @@ class LlamaCppMode:
         )
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingConfig | None = None) -> Iterator[Step]:
-        greedy = sampling is None or sampling.greedy
+        greedy = not peer_samples(sampling)
         options = dict(temp=0.0) if greedy else dict(temp=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
         if not greedy:
             self.llm.set_seed(sampling.seed)
