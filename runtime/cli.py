@@ -17,7 +17,6 @@ from configs.files import load_config
 from configs.schema import DRAFTER_KINDS, DTYPES, KERNELS, ConfigError, LeapfrogConfig
 from configs.training import TRAIN_DTYPES, TrainConfig, TrainError
 from runtime.bench.charts import speedup_chart
-from runtime.bench.cost_curve import CONTEXTS, ROWS, cost_curve
 from runtime.bench.harness import NEAR_TIE_TOL, WARMUP_TOKENS, compared_with_ar, run_bench, run_once
 from runtime.bench.prompts import BenchInputError, default_prompts_path, load_prompts
 from runtime.bench.report import describe_difference, describe_sampling, describe_threads, format_table, speed_line
@@ -29,6 +28,7 @@ from runtime.serving.servers import run_servers, secure
 from runtime.text.stream import TextStream
 from runtime.training.sharegpt import ShareGPTError
 from runtime.training.trainer import run as run_training
+from workers.cost_curve import CONTEXTS, ROWS, cost_curve
 from workers.drafters.loading import DrafterWeightsError
 from workers.loading import ModelLoadError
 

@@ -11,11 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from configs.schema import ConfigError, DrafterConfigs, LeapfrogConfig, ModelConfig, PipelineConfig, SamplingConfig
-from runtime.bench.cost_curve import device_profile
 from runtime.decoding.steps import Step
 from runtime.modes import build_mode
 from runtime.pipeline.worker_pool import WorkerPool
 from runtime.text.chat import encode_chat, stop_ids
+from workers.cost_curve import device_profile
 from workers.loading import load_model, load_tokenizer
 from workers.tree_sizing import CostCurve, TreeSizer
 from workers.tree_step import decoding_cache

@@ -3,7 +3,7 @@
     bash scripts/gpu_check.sh                      # OUT=folder, DEVICE=cuda by default
 
 On `--device` (cuda, or cpu to try the script here) it measures, for each `--dtypes`:
-  t(n)    one tree step against its rows n at a few context lengths (runtime.bench.cost_curve)
+  t(n)    one tree step against its rows n at a few context lengths (workers.cost_curve)
   ar      plain decoding tokens/s, `--new-tokens` tokens after a `--context`-token prompt
   modes   with a real checkpoint (one with a tokenizer): tokens/s of `--modes` against ar
           on the first Spec-Bench prompt of each category, and whether their tokens are ar's
@@ -23,8 +23,8 @@ from types import SimpleNamespace
 
 import torch
 
-from runtime.bench.cost_curve import step_times
 from runtime.decoding.autoregressive import generate_ar
+from workers.cost_curve import step_times
 from workers.loading import load_model
 from workers.tree_step import decoding_cache
 

@@ -3,7 +3,7 @@
 Wraps the parts of PseudoStateDecoder's steps with wall-clock timers (tree building, the
 tree step, and inside it the LM head on nodes and drafts, acceptance and KV compaction;
 the rest of the tree step is its forward pass); what is left is Python overhead. Then
-times a tree step alone for growing numbers of rows (runtime.bench.cost_curve, the
+times a tree step alone for growing numbers of rows (workers.cost_curve, the
 minimum of 5 runs), to show what a bigger tree costs.
 
     python scripts/profile_ht_step.py --dtype bfloat16 --per-category 1 --max-new-tokens 128
@@ -21,9 +21,9 @@ import torch
 
 import workers.tree_step as tree_step_module
 from configs.schema import DrafterConfigs, ModelConfig, PseudoStateModeConfig
-from runtime.bench.cost_curve import step_times
 from runtime.bench.prompts import default_prompts_path, load_prompts
 from runtime.engine import Engine
+from workers.cost_curve import step_times
 
 TIMES: dict[str, float] = defaultdict(float)
 PHASE = ["decode"]  # the timers' key: "prefill", "decode" (ht steps), "ar" or "rows"

@@ -1,6 +1,6 @@
 """t(n) for small trees, the minimum over rounds: `python scripts/small_rows.py --dtype bfloat16 --threads 1`.
 
-Rounds of runtime.bench.cost_curve.step_times (a chain of n rows after --context cached
+Rounds of workers.cost_curve.step_times (a chain of n rows after --context cached
 positions, 3 timed runs each); the minimum of all rounds per n, which a busy machine
 disturbs least. Prints {n: ms}.
 """
@@ -12,8 +12,8 @@ import argparse
 import torch
 
 from configs.schema import ModelConfig
-from runtime.bench.cost_curve import step_times
 from runtime.engine import Engine
+from workers.cost_curve import step_times
 
 
 def main() -> None:

@@ -66,7 +66,7 @@ class CostCurve:
 
     @classmethod
     def from_profile(cls, profile: dict) -> CostCurve:
-        """From the JSON of runtime.bench.cost_curve (keys may be strings, as JSON writes them)."""
+        """From the JSON of workers.cost_curve (keys may be strings, as JSON writes them)."""
         try:
             by_context = {
                 int(c): StepCost(tuple(sorted(int(n) for n in times)), tuple(float(times[n]) for n in sorted(times, key=int)))

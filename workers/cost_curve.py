@@ -8,6 +8,7 @@ chain of n nodes after c cached positions: the forward, the LM head over the n r
 acceptance walk and the cache compaction, as decoding runs them (greedy, no pseudo
 states: a drafter's pseudo states count as rows of their own). The cache is cut back to
 c after every run. It reports the median and the minimum of `repeats` runs, in ms.
+`engine` here is anything with the model, its cache and its ModelConfig (runtime.engine.Engine).
 
 `device_profile` is the one the tree modes size their trees by ([tree_sizing] cost =
 "auto"): a shorter curve, measured the first time a model shape, dtype, kernel set,

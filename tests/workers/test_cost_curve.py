@@ -1,4 +1,4 @@
-"""This device's cost curve (runtime.bench.cost_curve, `leapfrog profile`): every shape
+"""This device's cost curve (workers.cost_curve, `leapfrog profile`): every shape
 timed, the cache left empty, the JSON written, bad shapes refused; the tree modes' quick
 curve measured once and cached."""
 
@@ -7,10 +7,10 @@ import json
 import pytest
 
 from configs.schema import ConfigError, ModelConfig, TreeSizingConfig
-from runtime.bench import cost_curve as cost_curve_module
-from runtime.bench.cost_curve import cost_curve, device_profile
 from runtime.cli import EXIT_USAGE, main
 from runtime.engine import Engine
+from workers import cost_curve as cost_curve_module
+from workers.cost_curve import cost_curve, device_profile
 
 
 @pytest.fixture(scope="module")
