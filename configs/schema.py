@@ -46,7 +46,7 @@ def torch_device(name: str) -> torch.device:
 
 @dataclass
 class GenerationConfig:
-    mode: str = "ar"
+    mode: str = "ht"  # the fastest lossless mode (docs/results.md); "ar" is plain decoding
     max_new_tokens: int = 128
 
 
@@ -93,6 +93,16 @@ class PseudoStateModeConfig:
     top_k: int = 8  # candidates per draft depth
     depth: int = 0  # draft depth used; 0 = every pseudo position of the weights
     pseudo_nodes: int = 2  # tree nodes (highest-scoring) that get pseudo states
+    lookup: bool = False  # graft the prompt-lookup chain ([pld]) onto every tree
+    recycling: bool = False  # graft token recycling's successors ([token_recycling] top_k) under every drafted node
+
+
+@dataclass
+class HiddenTransferModeConfig(PseudoStateModeConfig):
+    """The [ht] section: mode `ht` is the fastest lossless configuration measured
+    (docs/results.md): hidden-transfer trees with the prompt-lookup chain grafted on."""
+
+    lookup: bool = True
 
 
 @dataclass
@@ -134,7 +144,7 @@ class TreeSizingConfig:
 class DrafterConfigs:
     """Every drafter's settings; each is a [section] of its own in config files."""
 
-    ht: PseudoStateModeConfig = field(default_factory=PseudoStateModeConfig)
+    ht: PseudoStateModeConfig = field(default_factory=HiddenTransferModeConfig)
     medusa: PseudoStateModeConfig = field(default_factory=PseudoStateModeConfig)
     pass_: PseudoStateModeConfig = field(default_factory=PseudoStateModeConfig)  # [pass] in files ("pass" is a Python keyword)
     pld: PldConfig = field(default_factory=PldConfig)

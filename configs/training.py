@@ -17,6 +17,7 @@ class TrainError(ValueError):
 class TrainConfig:
     checkpoint: str = "default"
     dtype: str = "float32"  # backbone dtype; the transfer and the loss stay float32
+    distill_dtype: str | None = None  # dtype of the model that generates the "self" replies; None: dtype
     device: str = "auto"
     threads: int = 2
     drafter: str = "ht"  # ht | medusa | pass (workers.drafters.pseudo_states)
@@ -25,9 +26,11 @@ class TrainConfig:
     init: str | None = None  # start from these weights (same kind, layer and k); new parameters start fresh
     k: int = 3
     pseudo_attention: bool = True
-    examples: int = 1000  # distilled training examples
+    data: str = "self"  # training replies: "self" (the model's greedy replies) | "sharegpt" (ShareGPT's own)
+    examples: int = 1000  # training examples
     val_examples: int | None = None  # None: 5% of examples (at least 1)
-    max_new_tokens: int = 128
+    max_new_tokens: int = 128  # reply length of the training examples
+    val_max_new_tokens: int = 128  # reply length of the validation examples (the model's own replies)
     max_prompt_tokens: int = 256
     steps: int = 1000
     lr: float = 5e-4
@@ -54,8 +57,11 @@ class TrainConfig:
             raise TrainError(f"--drafter must be one of {', '.join(DRAFTER_KINDS)}, got {self.drafter!r}")
         if self.layer is not None and self.drafter != "ht":
             raise TrainError(f"--layer is for ht only: a {self.drafter} drafter has a fixed layer")
-        if self.dtype not in TRAIN_DTYPES:
-            raise TrainError(f"--dtype must be one of {', '.join(TRAIN_DTYPES)}, got {self.dtype!r}")
+        for name, value in (("--dtype", self.dtype), ("--distill-dtype", self.distill_dtype or self.dtype)):
+            if value not in TRAIN_DTYPES:
+                raise TrainError(f"{name} must be one of {', '.join(TRAIN_DTYPES)}, got {value!r}")
+        if self.data not in ("self", "sharegpt"):
+            raise TrainError(f"--data must be self or sharegpt, got {self.data!r}")
         if self.schedule not in ("constant", "cosine"):
             raise TrainError(f"schedule must be constant or cosine, got {self.schedule!r}")
         if self.k < 1 or self.examples < 1 or self.steps < 0 or self.positions_per_seq < 1 or self.batch < 1:

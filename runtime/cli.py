@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="stream the reply to a chat prompt")
     add_sampling(gen)
     gen.add_argument("--prompt", required=True, help="the user message")
-    gen.add_argument("--mode", help=f"decoding mode: {', '.join(MODES)} (default: ar)")
+    gen.add_argument("--mode", help=f"decoding mode: {', '.join(MODES)} (default: ht, the fastest lossless mode)")
     gen.add_argument("--compare", help="comma-separated modes to run on the same prompt afterwards, for speed")
     add_common(gen)
 
@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="native protocol port (default 7860; 0: any free port)")
     serve.add_argument("--http-port", type=number_type(int, lambda v: -1 <= v <= 65535, "a port number or -1"),
                        help="OpenAI-compatible endpoint port (default 7861; -1: off)")
-    serve.add_argument("--mode", help=f"default decoding mode of requests: {', '.join(MODES)} (default: ar)")
+    serve.add_argument("--mode", help=f"default decoding mode of requests: {', '.join(MODES)} (default: ht, the fastest lossless mode)")
     serve.add_argument("--concurrency", type=positive_int, help="requests decoding at once, one engine each (default 1)")
     serve.add_argument("--api-key", help="key clients must present (default: $LEAPFROG_API_KEY); needed beyond the loopback")
     serve.add_argument("--insecure", action="store_true", default=None,
@@ -161,8 +161,9 @@ def add_train(sub) -> None:
     p = sub.add_parser(
         "train",
         aliases=["train-ht"],  # its name before it trained medusa and pass too
-        help="train a pseudo-state drafter (ht, medusa, pass) by self-distillation on ShareGPT",
-        description="Generate the model's greedy replies to ShareGPT training prompts (cached), then train "
+        help="train a pseudo-state drafter (ht, medusa, pass) by distillation on ShareGPT",
+        description="Build the training data (ShareGPT training prompts with the model's greedy replies, or with "
+        "ShareGPT's own replies under --data sharegpt; cached), then train "
         "the drafter (hidden-transfer maps, Medusa heads or PaSS look-ahead embeddings) with the backbone frozen. Writes OUT (weights), OUT with .json (summary) "
         "and .ckpt.pt (resumable checkpoint).",
     )
@@ -172,6 +173,9 @@ def add_train(sub) -> None:
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--kernels", choices=KERNELS, help="matrix-product kernels: auto (native where it runs) | native | torch")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads")
+    p.add_argument("--distill-dtype", choices=TRAIN_DTYPES,
+                   help="dtype of the model that generates --data self replies (default: --dtype); float32 training on "
+                   "a CPU without AVX-512 BF16 is several times faster than bfloat16, whose backward has no fast kernel there")
     p.add_argument("--drafter", choices=DRAFTER_KINDS, default=d.drafter,
                    help="ht: hidden transfer at --layer; medusa: heads after the last layer; pass: look-ahead embeddings")
     p.add_argument("--layer", type=positive_int, help="ht: layers before the transfer (default: half the layers)")
@@ -180,10 +184,15 @@ def add_train(sub) -> None:
     p.add_argument("--init", help="start from these drafter weights (same kind, layer and k); new maps start at zero")
     p.add_argument("--k", type=positive_int, default=d.k, help=f"pseudo positions (draft depth) (default {d.k})")
     p.add_argument("--no-pseudo-attention", action="store_true", help="pseudo states do not attend to each other")
+    p.add_argument("--data", choices=("self", "sharegpt"), default=d.data,
+                   help="training replies: self = the model's own greedy replies (slow to make), "
+                   "sharegpt = ShareGPT's replies, teacher-forced (validation always uses the model's own)")
     p.add_argument("--examples", type=positive_int, default=d.examples,
-                   help=f"distilled training examples (default {d.examples})")
+                   help=f"training examples (default {d.examples})")
     p.add_argument("--val-examples", type=non_negative_int, help="validation examples (default: 5%% of --examples)")
-    p.add_argument("--max-new-tokens", type=positive_int, help="reply length of the distilled examples (default 128)")
+    p.add_argument("--max-new-tokens", type=positive_int, help="reply length of the training examples (default 128)")
+    p.add_argument("--val-max-new-tokens", type=positive_int, default=d.val_max_new_tokens,
+                   help=f"reply length of the validation examples (default {d.val_max_new_tokens})")
     p.add_argument("--max-prompt-tokens", type=positive_int, default=d.max_prompt_tokens,
                    help=f"skip longer prompts (default {d.max_prompt_tokens})")
     p.add_argument("--steps", type=non_negative_int, default=d.steps, help=f"optimizer steps (default {d.steps})")
@@ -193,7 +202,7 @@ def add_train(sub) -> None:
                    help=f"positions drafted per sequence and step (default {d.positions_per_seq})")
     p.add_argument("--batch", type=positive_int, default=d.batch, help=f"sequences per step (default {d.batch})")
     p.add_argument("--out", default=d.out, help=f"weights file (default {d.out})")
-    p.add_argument("--data-dir", help="cache of distilled examples (default: $LEAPFROG_CACHE/distill)")
+    p.add_argument("--data-dir", help="cache of training examples (default: $LEAPFROG_CACHE/distill)")
     p.add_argument("--distill-batch", type=positive_int, default=d.distill_batch, help="generation batch size")
     p.add_argument("--resume", action="store_true", help="continue from OUT's .ckpt.pt checkpoint")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -349,6 +358,7 @@ def cmd_train(args, config: LeapfrogConfig) -> int:
     cfg = TrainConfig(
         checkpoint=config.model.checkpoint,
         dtype=config.model.dtype,
+        distill_dtype=args.distill_dtype,
         device=config.model.device,
         threads=config.runtime.threads,
         drafter=args.drafter,
@@ -357,9 +367,11 @@ def cmd_train(args, config: LeapfrogConfig) -> int:
         init=args.init,
         k=args.k,
         pseudo_attention=not args.no_pseudo_attention,
+        data=args.data,
         examples=args.examples,
         val_examples=args.val_examples,
         max_new_tokens=config.generation.max_new_tokens,
+        val_max_new_tokens=args.val_max_new_tokens,
         max_prompt_tokens=args.max_prompt_tokens,
         steps=args.steps,
         lr=args.lr,

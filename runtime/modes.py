@@ -51,13 +51,18 @@ def prompt_lookup_drafter(engine) -> PromptLookupDrafter:
     return PromptLookupDrafter(c.min_ngram, c.max_ngram, c.depth)
 
 
+def token_recycling_drafter(engine) -> TokenRecyclingDrafter:
+    c = engine.drafters.token_recycling
+    return TokenRecyclingDrafter(engine.model.args.vocab_size, c.top_k, c.budget)
+
+
 class PseudoStateMode:
     """A pseudo-state drafter (workers.drafters.pseudo_states) of `kind`, drafting inside the
     forward pass that verifies its token tree (runtime.decoding.pseudo_state_decoder)."""
 
     kind = "ht"
     settings_field = "ht"  # the DrafterConfigs field with its weights and tree settings
-    with_lookup = False
+    retrieval: tuple[bool, bool] | None = None  # (lookup, recycling) of the mode; None: the settings'
 
     def __init__(self, engine):
         e = engine
@@ -67,8 +72,11 @@ class PseudoStateMode:
         if drafter.config.kind != self.kind:
             raise DrafterWeightsError(f"{path} holds a {drafter.config.kind} drafter, not a {self.kind} one")
         self.engine = e
-        lookup = prompt_lookup_drafter(e) if self.with_lookup else None
-        self.decoder = PseudoStateDecoder(e.model, drafter.to(e.model.device), e.cache, settings, lookup, e.tree_sizer())
+        with_lookup, with_recycling = self.retrieval or (settings.lookup, settings.recycling)
+        lookup = prompt_lookup_drafter(e) if with_lookup else None
+        recycling = token_recycling_drafter(e) if with_recycling else None
+        self.decoder = PseudoStateDecoder(e.model, drafter.to(e.model.device), e.cache, settings, lookup, e.tree_sizer(),
+                                          recycling)
         trained = drafter.training_summary
         self.drafter_info = {"parameters": drafter.parameter_count(), "training_s": trained.get("time_s"),
                              "training_steps": trained.get("steps")}
@@ -87,9 +95,21 @@ class LookaheadMode(PseudoStateMode):
 
 
 class HiddenTransferLookupMode(PseudoStateMode):
-    """`ht` trees with the prompt-lookup chain of the [pld] settings grafted on."""
+    """`ht` trees with the prompt-lookup chain of the [pld] settings grafted on, and no recycled successors."""
 
-    with_lookup = True
+    retrieval = (True, False)
+
+
+class HiddenTransferRecyclingMode(PseudoStateMode):
+    """`ht-pld` trees with token recycling's successors grafted under every drafted node too."""
+
+    retrieval = (True, True)
+
+
+class HiddenTransferAloneMode(PseudoStateMode):
+    """`ht` trees from the hidden-transfer drafts alone: no retrieval drafts grafted on."""
+
+    retrieval = (False, False)
 
 
 class TreeDrafterMode:
@@ -110,10 +130,7 @@ class PromptLookupMode(TreeDrafterMode):
 
 
 class TokenRecyclingMode(TreeDrafterMode):
-    @staticmethod
-    def build_drafter(engine):
-        c = engine.drafters.token_recycling
-        return TokenRecyclingDrafter(engine.model.args.vocab_size, c.top_k, c.budget)
+    build_drafter = staticmethod(token_recycling_drafter)
 
 
 class EarlyExitMode(TreeDrafterMode):
@@ -161,6 +178,8 @@ MODES: dict[str, Callable] = {
     "ar": AutoregressiveMode,
     "ht": PseudoStateMode,
     "ht-pld": HiddenTransferLookupMode,
+    "ht-alone": HiddenTransferAloneMode,
+    "ht-recycle": HiddenTransferRecyclingMode,
     "hf": _hf(prompt_lookup=False),
     "hf-pld": _hf(prompt_lookup=True),
     "llama.cpp": lambda engine: LlamaCppMode(engine, "llama.cpp", None),  # optional: `make llama-cpp`
@@ -179,7 +198,9 @@ MODES: dict[str, Callable] = {
 # The modes a server offers besides its own by default ([server] allowed_modes): lossless,
 # on the engine's one model; not the peers (a model copy each) nor the pipelined modes
 # (Ray workers of their own).
-SINGLE_WORKER_LOSSLESS_MODES = ("ar", "ht", "ht-pld", "medusa", "pass", "early-exit", "pld", "token-recycling")
+SINGLE_WORKER_LOSSLESS_MODES = (
+    "ar", "ht", "ht-pld", "ht-alone", "ht-recycle", "medusa", "pass", "early-exit", "pld", "token-recycling",
+)
 
 
 def check_mode(name: str) -> None:

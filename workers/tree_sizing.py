@@ -21,7 +21,8 @@ p comes from what the drafts say, corrected by what the target did (`Acceptance`
   probabilities) over the steps seen so far;
 - an unscored node (a prompt-lookup chain, a token-recycling template): the product down
   its path of per-slot rates, P(slot accepted | its parent accepted), counted the same way
-  (a slot is the node's depth in a chain, its index in a fixed tree).
+  (a slot is the node's depth in a chain, its index in a fixed tree, its rank among the
+  recycled successors of its parent); under a scored parent, the parent's p times the rate.
 Calibrations start at 1, slot rates at one accepted node in two; both only shape the tree: which
 tokens are committed is the target's choice, so sizing never changes the output.
 """
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections.abc import Hashable
 from dataclasses import dataclass, field, replace
 
 from workers.model import ModelArgs
@@ -155,29 +157,31 @@ class Acceptance:
     """
 
     scale: dict[int, Rate] = field(default_factory=dict)
-    slots: dict[int, Rate] = field(default_factory=dict)
+    slots: dict[Hashable, Rate] = field(default_factory=dict)
     per_step: dict[int, Rate] = field(default_factory=dict)
     use_scores: bool = True  # False: the trees' scores are no probabilities (a drafter's ranks)
 
     def scored(self, tree: TokenTree, node: int) -> bool:
         return self.use_scores and math.isfinite(tree.scores[node])
 
-    def probabilities(self, tree: TokenTree, slots: dict[int, int] | None = None) -> list[float]:
+    def probabilities(self, tree: TokenTree, slots: dict[int, Hashable] | None = None) -> list[float]:
         """p(node) for every node (root: 1), monotone down every path. A node with a finite
         score is rated by its calibrated draft probability; a node in `slots` (node -> slot)
-        by the product of its path's slot rates; one that is both gets the larger."""
+        by its parent's p times its slot's rate (the product of the slot rates down a chain);
+        one that is both gets the larger."""
         slots = slots or {}
-        probs, chained = [1.0] * len(tree), [1.0] * len(tree)
+        probs = [1.0] * len(tree)
         for node in range(1, len(tree)):
             parent = tree.parents[node]
-            scored = 0.0
+            scored = chained = 0.0
             if self.scored(tree, node):
                 scored = self.scale.get(tree.depths[node], CALIBRATION_PRIOR).value * math.exp(tree.scores[node])
-            chained[node] = chained[parent] * self.slots.get(slots[node], SLOT_PRIOR).value if node in slots else 0.0
-            probs[node] = min(1.0, max(scored, chained[node]))
+            if node in slots:  # P(parent accepted) x P(this slot accepted | its parent was)
+                chained = probs[parent] * self.slots.get(slots[node], SLOT_PRIOR).value
+            probs[node] = min(1.0, max(scored, chained))
         return monotone(tree, probs)
 
-    def observe(self, tree: TokenTree, path: list[int], slots: dict[int, int] | None = None) -> None:
+    def observe(self, tree: TokenTree, path: list[int], slots: dict[int, Hashable] | None = None) -> None:
         """After a step that verified `tree` and accepted `path` (node indices, root first)."""
         for rates, prior in ((self.scale, lambda d: CALIBRATION_PRIOR), (self.slots, lambda s: SLOT_PRIOR),
                              (self.per_step, depth_prior)):
@@ -211,7 +215,7 @@ class TreeSizer:
         return cls(cost, Acceptance(use_scores=False))
 
     def size(self, tree: TokenTree, context: int, extra_rows: float = 0.0,
-             slots: dict[int, int] | None = None) -> tuple[TokenTree, dict[int, int], float]:
+             slots: dict[int, Hashable] | None = None) -> tuple[TokenTree, dict[int, Hashable], float]:
         """The kept tree, `slots` renumbered for it, and the tokens it is expected to commit."""
         probs = self.acceptance.probabilities(tree, slots)
         m = best_size(probs[1:], self.cost.at(context), extra_rows)
@@ -233,7 +237,7 @@ class TreeSizer:
                 best, best_rate = depth, rate
         return best
 
-    def observe(self, tree: TokenTree, path: list[int], slots: dict[int, int] | None = None) -> None:
+    def observe(self, tree: TokenTree, path: list[int], slots: dict[int, Hashable] | None = None) -> None:
         self.acceptance.observe(tree, path, slots)
 
 

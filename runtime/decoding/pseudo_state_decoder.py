@@ -6,13 +6,15 @@ heads, 0 for PaSS look-ahead embeddings).
   first step   the prompt as catch-up rows before a root-only tree of its last token,
                pseudo states at the root: the first token and the first drafts
   each step    a tree from the drafts (best paths by draft confidence, or a fixed
-               template), the prompt-lookup chain grafted on in `ht-pld`; pseudo states
+               template), the prompt-lookup chain grafted on (`ht-pld`), each node's
+               recycled successors grafted under it (token recycling's table: drafts
+               that depend on the node's own token); pseudo states
                for the highest-scoring nodes; the walk with the target's choices is
                committed, and the pseudo logits covering the tokens after it draft the
                next tree
 
 With a TreeSizer (workers.tree_sizing), each tree is first built at the configured
-budget, lookup chain included, and then cut to the nodes whose expected acceptance pays
+budget, lookup chain and recycled successors included, and then cut to the nodes whose expected acceptance pays
 for their rows on this device's step cost; and the step drafts only as deep as each
 depth's accepted tokens pay for its pseudo rows (depth 0: none, the next tree is the
 lookup chain alone, and the depths come back as their estimates forget).
@@ -20,7 +22,7 @@ lookup chain alone, and the depths come back as their estimates forget).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 
 import torch
 
@@ -29,6 +31,7 @@ from runtime.decoding.steps import Step, clip_step
 from workers.drafters.prompt_lookup import PromptLookupDrafter
 from workers.drafters.pseudo_forward import run_to_end
 from workers.drafters.pseudo_states import PseudoStateDrafter
+from workers.drafters.token_recycling import TokenRecyclingDrafter
 from workers.kv_cache import KVCache
 from workers.model import Transformer
 from workers.sampling import Chooser
@@ -46,19 +49,22 @@ class PseudoStateDecoder:
         settings: PseudoStateModeConfig,
         lookup: PromptLookupDrafter | None = None,
         sizer: TreeSizer | None = None,
+        recycling: TokenRecyclingDrafter | None = None,
     ):
         """`settings` size each step's tree and the drafter's depth; `lookup`, when given,
-        grafts its prompt-lookup chain onto every tree (mode ht-pld); `sizer`, when given,
+        grafts its prompt-lookup chain onto every tree (mode ht-pld); `recycling`, when
+        given, grafts its table's successors under every drafted node; `sizer`, when given,
         cuts every tree to what pays on this device (settings.budget is then the most)."""
         self.max_depth = min(settings.depth or drafter.config.k, drafter.config.k)
         self.drafters = {d: drafter.first(d) for d in range(1, self.max_depth + 1)}  # by draft depth
         self.model, self.cache, self.settings = model, cache, settings
-        self.lookup, self.sizer = lookup, sizer
+        self.lookup, self.sizer, self.recycling = lookup, sizer, recycling
         self.pseudo_row_cost = pseudo_row_cost(model.args, drafter.config.layer)
         self.depth = self.max_depth  # of the drafts the next step makes (the sizer may change it per step)
 
-    def build_tree(self, root: int, drafts: torch.Tensor | None) -> tuple[TokenTree, dict[int, int]]:
-        """The next step's tree, and its lookup chain's nodes with their depths (node -> depth)."""
+    def build_tree(self, root: int, drafts: torch.Tensor | None) -> tuple[TokenTree, dict[int, Hashable]]:
+        """The next step's tree, and the slots of its unscored drafts (node -> slot): the
+        lookup chain's depths, the recycled successors' rank paths."""
         logprobs = None if drafts is None else torch.log_softmax(drafts.float(), dim=-1)
         if logprobs is None:
             tree = root_only(root)
@@ -66,22 +72,25 @@ class PseudoStateDecoder:
             tree = build_template_tree(root, logprobs, DEFAULT_TEMPLATE[: self.settings.budget - 1])
         else:
             tree = build_dynamic_tree(root, logprobs, self.settings.budget, self.settings.top_k)
-        chain = {}
+        drafted, slots = len(tree), {}
         if self.lookup is not None:
             tokens = self.lookup.drafts(root)
             tree = graft_chain(tree, tokens, logprobs)
             node = 0
             for depth, token in enumerate(tokens, 1):
                 node = tree.child(node, token)
-                chain[node] = depth
+                slots[node] = depth
+        if self.recycling is not None:
+            for node, slot in self.recycling.graft_successors(tree, list(range(drafted))).items():
+                slots.setdefault(node, slot)
         if self.sizer is not None:
             expected = 1.0
             if len(tree) > 1:
                 pseudo_rows = self.pseudo_rows(len(tree)) * self.depth
-                tree, chain, expected = self.sizer.size(tree, self.cache.length, pseudo_rows, chain)
+                tree, slots, expected = self.sizer.size(tree, self.cache.length, pseudo_rows, slots)
             self.depth = self.sizer.draft_depth(len(tree), expected, self.pseudo_rows(len(tree)), self.max_depth,
                                                 self.cache.length)
-        return tree, chain
+        return tree, slots
 
     def pseudo_rows(self, nodes: int) -> float:
         """Rows (in full rows' cost) that one draft depth adds to a step of `nodes` tree nodes."""
@@ -93,17 +102,20 @@ class PseudoStateDecoder:
         return sorted(best)
 
     def step(self, tree: TokenTree, choose: Chooser, index: int, catch_up: list[int] = (),
-             chain: dict[int, int] | None = None) -> StepOutcome:
+             slots: dict[int, Hashable] | None = None) -> StepOutcome:
         """Verify `tree` (its first child is reply token `index`) after the catch-up tokens;
-        `chain`: its lookup chain's nodes (node -> depth)."""
+        `slots`: its unscored drafts' slots (build_tree)."""
         drafter = self.drafters.get(self.depth)  # None at depth 0: no pseudo states, no drafts next step
         groups = self.pseudo_groups(tree) if drafter is not None else []
         steps = tree_step(self.model, self.cache, tree, choose, index, catch_up, drafter, groups)
         outcome = run_to_end(steps)
         if self.lookup is not None:
             self.lookup.observe(tree, outcome.path)
+        if self.recycling is not None:
+            top = torch.topk(outcome.logits, self.recycling.observed_top_k, dim=-1).indices
+            self.recycling.observe(tree, outcome.path, top)
         if self.sizer is not None:
-            self.sizer.observe(tree, outcome.path, chain)
+            self.sizer.observe(tree, outcome.path, slots)
         return outcome
 
     @torch.inference_mode()
@@ -120,5 +132,5 @@ class PseudoStateDecoder:
             yield Step(tokens, margins)
             if done:
                 return
-            tree, chain = self.build_tree(tokens[-1], outcome.drafts)
-            outcome = self.step(tree, choose, produced, chain=chain)
+            tree, slots = self.build_tree(tokens[-1], outcome.drafts)
+            outcome = self.step(tree, choose, produced, slots=slots)

@@ -1,11 +1,19 @@
-"""Self-distillation data: the model's own greedy replies to ShareGPT first-turn prompts.
+"""Training data for the drafters: ShareGPT first-turn prompts and a reply to each.
+
+Two sources of replies (`DistillSettings.source`), the same loss either way (the target's
+own full next-token distribution at every reply position, computed while training):
+  - "self": the model's own greedy replies (self-distillation). Transformers generates
+    them (do_sample=False, left-padded batches) up to `max_new_tokens` tokens, the stop
+    token included when one is reached. What decoding sees, and slow to make on a CPU:
+    about 210 reply tokens/s on this machine's 2 cores.
+  - "sharegpt": ShareGPT's own first reply (teacher forcing on fixed text, as EAGLE-1
+    trains), cut at `max_new_tokens` tokens, the end-of-turn token added when it is
+    whole. Costs only tokenization: the 3M-token set builds in under a minute.
 
 Prompts come from the training split of ShareGPT only (runtime.training.sharegpt; the
 held-out conversations are never read here). Each prompt is wrapped in the chat template
-exactly by runtime.text.chat.encode_chat, as the engine does, prompts longer than `max_prompt_tokens` are skipped (cutting
-one would drop the template's assistant header), and transformers generates the greedy
-reply (do_sample=False, left-padded batches) of up to `max_new_tokens` tokens, stop
-token included when one is reached.
+exactly by runtime.text.chat.encode_chat, as the engine does; prompts longer than
+`max_prompt_tokens` are skipped (cutting one would drop the template's assistant header).
 
 The training prompts are split in two fixed parts: the last VAL_FRACTION (5%) of them
 are validation prompts, the rest training prompts. Both lists are in file order and do
@@ -13,8 +21,8 @@ not depend on how many examples are asked for, so a larger run extends a smaller
 the validation set stays the same.
 
 Results are cached as JSONL ({"id", "prompt_ids", "reply_ids"} per line) in a cache
-directory, one file per (checkpoint, dtype, lengths, split), appended batch by batch: an
-interrupted run resumes where it stopped.
+directory, one file per (checkpoint, source, dtype, lengths, split), appended batch by
+batch: an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from workers.loading import load_tokenizer
 
 VAL_FRACTION = 0.05
 SPLITS = ("train", "val")
+SOURCES = ("self", "sharegpt")
 
 
 @dataclass(frozen=True)
@@ -42,6 +51,11 @@ class DistillSettings:
     max_prompt_tokens: int = 256
     max_new_tokens: int = 128
     dtype: str = "float32"  # dtype of the model that generates: part of the cache key
+    source: str = "self"  # "self": the model's greedy replies; "sharegpt": ShareGPT's own (SOURCES)
+
+    def __post_init__(self):
+        if self.source not in SOURCES:
+            raise ValueError(f"the data source must be one of {', '.join(SOURCES)}, got {self.source!r}")
 
 
 def default_data_dir() -> Path:
@@ -80,11 +94,15 @@ def sharegpt_prompts(split: str) -> list[tuple[str, str]]:
 
 
 def cache_file(data_dir: Path, folder: Path, settings: DistillSettings, split: str) -> Path:
-    key = json.dumps(
-        {"folder": str(Path(folder).resolve()), "split": split, **settings.__dict__, "version": 1}, sort_keys=True
-    )
+    fields = dict(settings.__dict__)
+    if fields["source"] == "self":
+        del fields["source"]  # the key of the files made before there was a choice
+    else:
+        del fields["dtype"]  # fixed text: no model generates it
+    key = json.dumps({"folder": str(Path(folder).resolve()), "split": split, **fields, "version": 1}, sort_keys=True)
     digest = hashlib.sha1(key.encode()).hexdigest()[:10]
-    return Path(data_dir) / f"{Path(folder).name}-{split}-{digest}.jsonl"
+    source = "" if settings.source == "self" else f"-{settings.source}"
+    return Path(data_dir) / f"{Path(folder).name}{source}-{split}-{digest}.jsonl"
 
 
 def read_cache(path: Path) -> list[dict]:
@@ -139,6 +157,20 @@ def generate_batch(hf_model, prompts: list[list[int]], max_new_tokens: int, pad_
     return [cut_at_stop(row[width:].tolist(), stops) for row in out.cpu()]
 
 
+def teacher_replies(tokenizer, replies: dict[str, str], max_new_tokens: int, end_id: int):
+    """A batch replier for source "sharegpt": each id's ShareGPT reply as tokens, cut at
+    max_new_tokens; `end_id` (the end of the assistant turn) follows a reply that is whole."""
+
+    def reply(chunk: list[tuple[str, list[int]]]) -> list[list[int]]:
+        out = []
+        for cid, _ in chunk:
+            ids = tokenizer.encode(replies[cid], add_special_tokens=False)
+            out.append(ids[:max_new_tokens] if len(ids) >= max_new_tokens else ids + [end_id])
+        return out
+
+    return reply
+
+
 def distill(
     folder: Path,
     n_examples: int,
@@ -149,11 +181,12 @@ def distill(
     device: str | torch.device = "cpu",
     progress: bool = True,
     prompts: list[tuple[str, str]] | None = None,
+    replies: dict[str, str] | None = None,
 ) -> list[dict]:
-    """The first `n_examples` distilled examples of `split`, generating the missing ones.
+    """The first `n_examples` examples of `split`, making the missing ones.
 
-    `prompts` overrides the ShareGPT prompts (id, text) (tests). Returns fewer examples
-    only when the prompts run out.
+    `prompts` overrides the ShareGPT prompts (id, text) and `replies` ShareGPT's replies
+    by id (tests). Returns fewer examples only when the prompts run out.
     """
     folder = Path(folder)
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
@@ -166,6 +199,9 @@ def distill(
     done_ids = {r["id"] for r in done}
     if prompts is None:
         prompts = sharegpt_prompts(split)
+    if settings.source == "sharegpt":
+        replies = replies if replies is not None else sharegpt.train_first_replies()
+        prompts = [(cid, text) for cid, text in prompts if cid in replies]
     pending: list[tuple[str, list[int]]] = []
     need = n_examples - len(done)
     for cid, text in prompts:
@@ -180,24 +216,33 @@ def distill(
         return done
 
     from tqdm import tqdm
-    from transformers import AutoModelForCausalLM
 
-    hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[settings.dtype]).to(device).eval()
     stops = stop_ids(tokenizer, folder)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stops)
+    if settings.source == "sharegpt":
+        end_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else min(stops)
+        reply = teacher_replies(tokenizer, replies, settings.max_new_tokens, end_id)
+        batch_size = max(batch_size, 256)  # tokenizing: no model, large batches
+    else:
+        from transformers import AutoModelForCausalLM
+
+        hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[settings.dtype]).to(device).eval()
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stops)
+
+        def reply(chunk: list[tuple[str, list[int]]]) -> list[list[int]]:
+            return generate_batch(hf_model, [ids for _, ids in chunk], settings.max_new_tokens, pad_id, stops)
+
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = path.with_suffix(".meta.json")
     if not meta.is_file():
         meta.write_text(json.dumps({"folder": str(folder.resolve()), "split": split, **settings.__dict__}, indent=1))
-    bar = tqdm(total=n_examples, initial=len(done), desc=f"distill {split}", unit="ex", disable=not progress)
+    bar = tqdm(total=n_examples, initial=len(done), desc=f"data {split} ({settings.source})", unit="ex", disable=not progress)
     try:
         with open(path, "a") as f:
             for start in range(0, len(pending), batch_size):
                 chunk = pending[start : start + batch_size]
-                replies = generate_batch(hf_model, [ids for _, ids in chunk], settings.max_new_tokens, pad_id, stops)
                 lines = []
-                for (cid, ids), reply in zip(chunk, replies):
-                    record = {"id": cid, "prompt_ids": ids, "reply_ids": reply}
+                for (cid, ids), reply_ids in zip(chunk, reply(chunk)):
+                    record = {"id": cid, "prompt_ids": ids, "reply_ids": reply_ids}
                     done.append(record)
                     lines.append(json.dumps(record, separators=(",", ":")) + "\n")
                 f.write("".join(lines))
@@ -206,5 +251,4 @@ def distill(
                 bar.update(len(chunk))
     finally:
         bar.close()
-        del hf_model
     return done[:n_examples]

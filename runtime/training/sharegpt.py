@@ -97,6 +97,18 @@ def first_prompt(conversation: dict) -> str | None:
     return None
 
 
+def first_reply(conversation: dict) -> str | None:
+    """The text of the first 'gpt' message after the first 'human' one, or None."""
+    asked = False
+    for turn in conversation.get("conversations") or []:
+        if turn.get("from") == "human":
+            asked = True
+        elif asked and turn.get("from") == "gpt":
+            text = turn.get("value")
+            return text if isinstance(text, str) and text.strip() else None
+    return None
+
+
 def first_turn_prompts(conversations: list[dict]) -> list[tuple[str, str]]:
     """(id, first human message) for each conversation that has a non-empty one."""
     out = []
@@ -109,6 +121,16 @@ def first_turn_prompts(conversations: list[dict]) -> list[tuple[str, str]]:
 
 def train_prompts() -> list[tuple[str, str]]:
     return first_turn_prompts(train_conversations())
+
+
+def train_first_replies() -> dict[str, str]:
+    """id -> ShareGPT's own first reply, for training conversations that have one."""
+    replies = {}
+    for conv in train_conversations():
+        text = first_reply(conv)
+        if text is not None:
+            replies[conv.get("id")] = text
+    return replies
 
 
 def heldout_prompts() -> list[tuple[str, str]]:

@@ -1,7 +1,9 @@
-"""Train pseudo-state drafters by self-distillation (`leapfrog train --drafter ht|medusa|pass`).
+"""Train pseudo-state drafters by distillation (`leapfrog train --drafter ht|medusa|pass`).
 
-`run` loads the model, builds the data (runtime.training.distill: the model's own greedy
-replies to ShareGPT training prompts, cached) and trains; `train` is the optimisation:
+`run` loads the model, builds the data (runtime.training.distill, cached: ShareGPT
+training prompts with the model's own greedy replies, `--data self`, or with ShareGPT's
+replies, `--data sharegpt`; validation always uses the model's own replies, the text
+decoding drafts for) and trains; `train` is the optimisation:
 AdamW on the drafter's parameters only (the backbone is frozen) with the loss of
 runtime.training.objective, sequences in seeded shuffled epochs, a cosine or constant
 learning rate, validation every `eval_every` steps, and a checkpoint every
@@ -226,6 +228,7 @@ def train(
         "model": model_signature(args),
         "checkpoint": cfg.checkpoint,
         "dtype": cfg.dtype,
+        "distill_dtype": cfg.distill_dtype or cfg.dtype,
         "parameters": ht.parameter_count(),
         "steps": step,
         "time_s": round(elapsed, 1),
@@ -237,7 +240,8 @@ def train(
         "training": {
             k: getattr(cfg, k)
             for k in (
-                "lr", "weight_decay", "schedule", "positions_per_seq", "batch", "seed", "max_new_tokens", "max_prompt_tokens"
+                "data", "lr", "weight_decay", "schedule", "positions_per_seq", "batch", "seed", "max_new_tokens",
+                "val_max_new_tokens", "max_prompt_tokens",
             )
         },
         "final_train_loss": round(sum(tail) / len(tail), 6) if tail else None,
@@ -259,10 +263,12 @@ def run(cfg: TrainConfig, log=print) -> dict:
     device = torch_device(cfg.device)
     model, folder = load_model(cfg.checkpoint, DTYPES[cfg.dtype], device)
     drafter_config(cfg, model.args.n_layers)  # fail before distilling
-    settings = DistillSettings(cfg.max_prompt_tokens, cfg.max_new_tokens, cfg.dtype)
-    common = dict(settings=settings, data_dir=cfg.data_dir, batch_size=cfg.distill_batch, device=device, progress=cfg.progress)
-    train_examples = distill(folder, cfg.examples, "train", **common)
-    val_examples = distill(folder, cfg.n_val(), "val", **common) if cfg.n_val() else []
+    common = dict(data_dir=cfg.data_dir, batch_size=cfg.distill_batch, device=device, progress=cfg.progress)
+    generator_dtype = cfg.distill_dtype or cfg.dtype
+    train_settings = DistillSettings(cfg.max_prompt_tokens, cfg.max_new_tokens, generator_dtype, cfg.data)
+    val_settings = DistillSettings(cfg.max_prompt_tokens, cfg.val_max_new_tokens, generator_dtype, "self")
+    train_examples = distill(folder, cfg.examples, "train", settings=train_settings, **common)
+    val_examples = distill(folder, cfg.n_val(), "val", settings=val_settings, **common) if cfg.n_val() else []
     if len(train_examples) < cfg.examples:
         log(f"[train] only {len(train_examples)} training prompts fit; using them all")
     _, summary = train(model, train_examples, val_examples, cfg, log=log)

@@ -21,7 +21,7 @@ def test_default_file_gives_dataclass_defaults():
     assert config == LeapfrogConfig()
     assert config == load_config(CONFIG_DIR / "default.toml")
     assert config.model == ModelConfig(checkpoint="default", dtype="float32", device="auto", max_context=2048)
-    assert config.generation == GenerationConfig(mode="ar", max_new_tokens=128)
+    assert config.generation == GenerationConfig(mode="ht", max_new_tokens=128)
     assert config.runtime == RuntimeConfig(threads=2)
     assert config.model.torch_dtype() is torch.float32
 
@@ -34,7 +34,7 @@ def test_partial_override(tmp_path):
     config = load_config(write(tmp_path, '[model]\ndtype = "bfloat16"\n[generation]\nmax_new_tokens = 7\n'))
     assert config.model.dtype == "bfloat16" and config.model.torch_dtype() is torch.bfloat16
     assert config.model.checkpoint == "default" and config.model.max_context == 2048
-    assert config.generation.max_new_tokens == 7 and config.generation.mode == "ar"
+    assert config.generation.max_new_tokens == 7 and config.generation.mode == "ht"
     assert config.runtime.threads == 2
 
 

@@ -204,14 +204,14 @@ def test_generate_smoke(capsys, real_model):
     rc, out, err = run(capsys, "generate", "--prompt", prompt, "--max-new-tokens", "8", *T1)
     assert rc == 0, err
     assert out.strip(), "no reply on stdout"
-    # stderr's stats line: "[ar] N tokens in S s: R tokens/s, ..."
-    stats = re.search(r"\[ar\] (\d+) tokens in [\d.]+s: [\d.]+ tokens/s", err)
+    # stderr's stats line: "[ht] N tokens in S s: R tokens/s, ..." (ht, the default mode)
+    stats = re.search(r"\[ht\] (\d+) tokens in [\d.]+s: [\d.]+ tokens/s", err)
     assert stats, err
     n = int(stats.group(1))
     assert 1 <= n <= 8
     assert "float32" in err and "1 threads" in err
 
-    # The streamed text is exactly the greedy reply of the same model.
+    # The streamed text is exactly the greedy reply of the same model, decoded plainly.
     model, tokenizer, _ = real_model
     ids = tokenizer.apply_chat_template(
         [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=True

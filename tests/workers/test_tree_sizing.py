@@ -176,3 +176,14 @@ def test_per_step_rates_count_steps_that_drafted_that_deep():
         acceptance.observe(tree, [0, 1])  # depth 1 accepted, depth 2 not
         acceptance.observe(chain(0, []), [0])  # a step without drafts: teaches nothing
     assert acceptance.per_step[1].value > 0.8 and acceptance.per_step[2].value < 0.1
+
+
+def test_a_slot_under_a_scored_node_builds_on_the_parents_probability():
+    """A recycled successor under a hidden-transfer node: P(parent accepted) x its slot's rate."""
+    tree = TokenTree([0, 1], [-1, 0], [0, 1], [0.0, math.log(0.6)])
+    graft_chain(tree, [2, 3], None, at=1)
+    slots = {2: ("recycled", (0,)), 3: ("recycled", (0, 0))}
+    acceptance = Acceptance(slots={("recycled", (0,)): _rate(0.5), ("recycled", (0, 0)): _rate(0.4)})
+    assert acceptance.probabilities(tree, slots) == pytest.approx([1.0, 0.6, 0.3, 0.12])
+    acceptance.observe(tree, [0, 1, 2], slots)  # the parent and the first successor accepted
+    assert acceptance.slots[("recycled", (0,))].value > 0.5 > acceptance.slots[("recycled", (0, 0))].value

@@ -12,6 +12,7 @@ from configs.schema import (
     EarlyExitConfig,
     ModelConfig,
     PldConfig,
+    PseudoStateModeConfig,
     SamplingConfig,
     TokenRecyclingConfig,
     TreeSizingConfig,
@@ -110,3 +111,23 @@ def test_sized_trees_identical_to_ar(engine, tmp_path, mode):
     assert tokens_per_step["steep"] == 1.0
     assert tokens_per_step["flat"] > 1.2
     assert tokens_per_step["cpu"] > 1.0
+
+
+@pytest.mark.parametrize("cost", ["off", "cpu"])
+def test_ht_with_recycled_successors_identical_to_ar(engine, tmp_path, cost):
+    """`ht` with both retrieval drafts ([ht] lookup and recycling): the prompt-lookup chain
+    and token recycling's successors under every drafted node, as proposed and cut by a
+    sizer; greedy and sampled, the tokens are ar's, and the successors were offered."""
+    if cost == "cpu":
+        engine.set_drafter_config("tree_sizing", TreeSizingConfig(cost=synthetic_profile(tmp_path, cost, lambda n: 10 + n)))
+    engine.set_drafter_config("ht", PseudoStateModeConfig(lookup=True, recycling=True))
+    for prompt, sampling in zip(PROMPTS, [None, SamplingConfig(0.7, 0, 0.9, seed=1), None]):
+        ids = engine.encode_chat(prompt)
+        ar = [t for s in engine.steps(ids, "ar", 40, sampling) for t in s.tokens]
+        assert [t for s in engine.steps(ids, "ht", 40, sampling) for t in s.tokens] == ar
+    decoder = engine.mode("ht").decoder
+    assert decoder.lookup is not None and (decoder.recycling.adjacency >= 0).any()  # the table was filled and used
+    tree, slots = decoder.build_tree(ids[-1], None)
+    assert any(isinstance(slot, tuple) for slot in slots.values())  # recycled successors in the tree
+    engine.set_drafter_config("ht", PseudoStateModeConfig())
+    engine.set_drafter_config("tree_sizing", TreeSizingConfig(cost="off"))
