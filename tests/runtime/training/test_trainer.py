@@ -231,7 +231,7 @@ def test_cli_train(tiny_folder, examples, tmp_path, command):
     out = tmp_path / "w.safetensors"
     argv = [command, "--checkpoint", str(tiny_folder), "--device", "cpu", "--threads", "1", "--layer", "3",
             "--k", "2", "--no-pseudo-attention", "--examples", "8", "--val-examples", "2", "--max-new-tokens",
-            str(REPLY), "--steps", "3", "--batch", "2", "--positions-per-seq", "4", "--out", str(out),
+            str(REPLY), "--val-max-new-tokens", str(REPLY), "--steps", "3", "--batch", "2", "--positions-per-seq", "4", "--out", str(out),
             "--data-dir", str(data), "--no-progress"]
     assert main(argv) == 0
     summary = json.loads(out.with_suffix(".json").read_text())
@@ -265,6 +265,32 @@ def test_batched_generation_matches_greedy(tiny_folder, model):
     cache = model.new_cache(64)
     for p, r in zip(prompts, replies):
         assert r == [t for s in generate_ar(model, cache, p, 12, stops) for t in s.tokens]
+
+
+@pytest.mark.real_model
+def test_teacher_forced_data_is_sharegpts_reply(tmp_path):
+    """--data sharegpt: each prompt's ShareGPT reply as tokens, cut at max_new_tokens, the
+    end-of-turn token after a whole one; prompts without a reply are skipped; cached apart.
+    No model runs: the real checkpoint is here for its tokenizer and chat template."""
+    from workers.loading import load_tokenizer, resolve_checkpoint
+
+    folder = resolve_checkpoint("default")
+    tokenizer = load_tokenizer(folder)
+    prompts = [("a_0", "Say hi."), ("b_0", "Tell a story."), ("c_0", "No reply here.")]
+    replies = {"a_0": "Hi.", "b_0": "Once upon a time there was a long story that went on and on."}
+    settings = distill.DistillSettings(max_prompt_tokens=256, max_new_tokens=6, source="sharegpt")
+    got = distill.distill(folder, 5, "train", settings, data_dir=tmp_path, prompts=prompts, replies=replies, progress=False)
+    assert [e["id"] for e in got] == ["a_0", "b_0"]
+    assert got[0]["reply_ids"] == tokenizer.encode("Hi.", add_special_tokens=False) + [tokenizer.eos_token_id]
+    assert got[1]["reply_ids"] == tokenizer.encode(replies["b_0"], add_special_tokens=False)[:6]
+    assert got[0]["prompt_ids"] == distill.encode_chat(tokenizer, "Say hi.")
+    own = distill.DistillSettings(max_prompt_tokens=256, max_new_tokens=6)
+    assert distill.cache_file(tmp_path, folder, settings, "train") != distill.cache_file(tmp_path, folder, own, "train")
+    assert distill.distill(folder, 5, "train", settings, data_dir=tmp_path, prompts=[], replies={}) == got  # from the cache
+    with pytest.raises(ValueError, match="data source"):
+        distill.DistillSettings(source="web")
+    assert sharegpt.first_reply({"conversations": [{"from": "gpt", "value": "x"}, {"from": "human", "value": "q"},
+                                                    {"from": "gpt", "value": "a"}]}) == "a"
 
 
 def test_cache_file_survives_interruption(tmp_path):
