@@ -40,7 +40,7 @@ from configs.schema import DrafterConfigs, PipelineConfig, SamplingConfig
 from runtime.decoding.steps import Step, clip_step
 from runtime.pipeline.launch_trees import Drafts, build_launch_tree, predict_from_drafts
 from runtime.pipeline.metrics import Metrics
-from runtime.pipeline.reply_state import Launch, ReplyState, can_extend, common_prefix, hypotheses, subtree_paths
+from runtime.pipeline.reply_state import Launch, ReplyState, WorkerCache, can_extend, hypotheses, subtree_paths
 from runtime.pipeline.transport import Transport, WorkerFailed
 from workers.decode_worker import OBSERVED_TOP_K
 from workers.drafters.token_recycling import TokenRecyclingDrafter
@@ -55,7 +55,9 @@ class Coordinator:
         self.transport, self.config, self.drafters, self.vocab = transport, config, drafters, vocab_size
         self.drafter: int | None = None  # async: the drafting worker (per request, see _use)
         self.verifiers = list(range(transport.size))
-        self.cached: dict[int, list[int]] = {i: [] for i in range(transport.size)}  # each worker's cache
+        # Each worker's cache, whatever role it had when it was filled: a worker that drafted
+        # for an async reply verifies a later pipeline reply from what is complete in it.
+        self.cached = {i: WorkerCache() for i in range(transport.size)}
         self.busy: dict[int, asyncio.Task] = {}
         self.down: set[int] = set()
         self.restarting: dict[int, asyncio.Task] = {}
@@ -199,7 +201,7 @@ class Coordinator:
             req.drafting = False
         self.down.add(worker)
         self.busy.pop(worker, None)
-        self.cached[worker] = []
+        self.cached[worker] = WorkerCache()
         if worker not in self.restarting and req.failures[worker] <= RESTART_ATTEMPTS:
             self.restarting[worker] = asyncio.ensure_future(self._restart(worker))
 
@@ -267,7 +269,7 @@ class Coordinator:
             req.seq, trunk, alternatives, req.drafts, covered + ([chain] if chain else []), self.drafters.ht,
             self.drafters.pld if c.lookup else None, c.continuation_budget, self.vocab, self.recycling,
         )
-        keep = min(common_prefix(self.cached[worker], req.seq), len(req.seq) - 1)
+        keep = min(self.cached[worker].reusable(req.seq, every_layer=True), len(req.seq) - 1)
         pipelined = len(self.verifiers) > 1
         predict = c.predict_layer if pipelined else 0
         request = StepRequest(
@@ -284,7 +286,7 @@ class Coordinator:
             launch.spawned = True
             req.metrics.spawned += 1
         req.launches[launch.step_id] = launch
-        self.cached[worker] = req.seq[:keep]
+        self.cached[worker] = WorkerCache(req.seq[:keep], keep)
         self.busy[worker] = asyncio.ensure_future(self._run_step(req, launch))
 
     async def _run_step(self, req: ReplyState, launch: Launch) -> None:
@@ -302,7 +304,8 @@ class Coordinator:
             req.events.put_nowait(("fault", launch.worker, e))
             return
         self.busy.pop(launch.worker, None)
-        self.cached[launch.worker] = (launch.base + result.tokens)[: result.cache_length]
+        kept = (launch.base + result.tokens)[: result.cache_length]
+        self.cached[launch.worker] = WorkerCache(kept, len(kept))
         req.events.put_nowait(("result", launch, result))
 
     async def _abort(self, launch: Launch) -> None:
@@ -320,9 +323,11 @@ class Coordinator:
                 return
             keep, base = req.draft_cached, req.chain
         else:  # restart from the committed tokens
-            keep = min(common_prefix(self.cached[self.drafter], seq), len(seq) - 1)
+            keep = min(self.cached[self.drafter].reusable(seq, every_layer=False), len(seq) - 1)
             base = list(seq)
         request = DraftRequest(req.request_id, keep, base[keep:], c.draft_chunk, c.drafter_layer)
+        cache = self.cached[self.drafter]  # from `keep` on, its upper layers are stale
+        self.cached[self.drafter] = WorkerCache(base[:keep], min(cache.complete, keep))
         req.drafting = True
         self.busy[self.drafter] = asyncio.ensure_future(self._run_draft(req, base, request))
 
@@ -334,7 +339,8 @@ class Coordinator:
             req.events.put_nowait(("fault", self.drafter, e))
             return
         self.busy.pop(self.drafter, None)
-        self.cached[self.drafter] = (base + result.tokens)[: result.cache_length]
+        cache = self.cached[self.drafter]
+        cache.tokens = (base + result.tokens)[: result.cache_length]
         req.events.put_nowait(("draft", (base,), result))
 
     def _drafted(self, req: ReplyState, base: list[int], result: DraftResult) -> None:

@@ -124,6 +124,19 @@ def test_wrong_predictions_are_rolled_back(engine, monkeypatch):
     assert m.spawned > 0 and m.wasted_steps >= m.spawned
 
 
+# --------------------------------------------------------------------------- mode switches
+
+
+def test_a_pipeline_reply_after_an_async_one_is_ar(engine):
+    """Async's drafter fills worker 0's cache in its first layers only; a pipeline step on
+    that worker must not take those positions for verified ones (issue 16)."""
+    engine.close()  # a fresh worker set: async is the first mode its workers run
+    prompts = [engine.encode_chat(p) for p in PROMPTS[1:]]
+    expected = [ar_tokens(engine, ids, 10) for ids in prompts]
+    for mode, i in [("async", 0), ("pipeline", 0), ("pipeline", 1)]:
+        assert [t for s in engine.steps(prompts[i], mode, 10) for t in s.tokens] == expected[i], (mode, i)
+
+
 # --------------------------------------------------------------------------- faults
 
 
