@@ -5,6 +5,7 @@ steps, faults; all identical to `ar`."""
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from dataclasses import replace
 
@@ -135,6 +136,62 @@ def test_a_pipeline_reply_after_an_async_one_is_ar(engine):
     expected = [ar_tokens(engine, ids, 10) for ids in prompts]
     for mode, i in [("async", 0), ("pipeline", 0), ("pipeline", 1)]:
         assert [t for s in engine.steps(prompts[i], mode, 10) for t in s.tokens] == expected[i], (mode, i)
+
+
+ORDERED_MODES = ("ar", "ht", "ht-pld", "pipeline", "async")  # on one engine and one worker set
+SAMPLED = SamplingConfig(0.8, 0, 0.95, seed=7)
+
+
+def every_ordered_pair(items):
+    """A walk through `items` in which every ordered pair (a, b), a == b too, follows each
+    other once: an Euler circuit of the complete graph with loops (Hierholzer)."""
+    unused = {a: list(items) for a in items}
+    walk, stack = [], [items[0]]
+    while stack:
+        if unused[stack[-1]]:
+            stack.append(unused[stack[-1]].pop())
+        else:
+            walk.append(stack.pop())
+    return walk[::-1]
+
+
+@pytest.mark.parametrize("sampling, phase", [(None, 0), (SAMPLED, 1)], ids=["greedy", "sampled"])
+def test_every_order_of_modes_gives_ar_tokens(engine, sampling, phase):
+    """Every ordered pair of modes follows each other on one worker set; the prompt changes
+    every second reply, so a pair shares its prompt in one phase and not in the other."""
+    walk = every_ordered_pair(ORDERED_MODES)
+    assert set(zip(walk, walk[1:])) == {(a, b) for a in ORDERED_MODES for b in ORDERED_MODES}
+    engine.close()  # a fresh worker set: whatever ran before this test leaves nothing in it
+    ids = [engine.encode_chat(p) for p in PROMPTS]
+    expected = [ar_tokens(engine, x, 8, sampling) for x in ids]
+    for k, mode in enumerate(walk):
+        i = (k + phase) // 2 % len(ids)
+        got = [t for s in engine.steps(ids[i], mode, 8, sampling) for t in s.tokens]
+        assert got == expected[i], f"{mode} after {walk[:k][-1:]} on prompt {i}"
+
+
+def test_interleaved_modes_prompts_and_cancels_give_ar_tokens(engine):
+    """Random modes, prompts and sampling, some replies abandoned after a few steps (the
+    caller stops reading): every finished reply is ar's, every abandoned one a prefix of it."""
+    rng = random.Random(16)
+    engine.close()
+    ids = [engine.encode_chat(p) for p in PROMPTS]
+    settings = [None, SAMPLED, SamplingConfig(1.0, 20, 1.0, seed=3)]
+    expected = {(i, j): ar_tokens(engine, ids[i], 12, settings[j]) for i in range(len(ids)) for j in range(len(settings))}
+    cancelled = 0
+    for _ in range(16):
+        mode, i, j = rng.choice(ORDERED_MODES), rng.randrange(len(ids)), rng.randrange(len(settings))
+        stop_after = rng.choice([None, None, 1, 2])
+        steps, got = engine.steps(ids[i], mode, 12, settings[j]), []
+        for n, step in enumerate(steps, 1):
+            got += step.tokens
+            if n == stop_after:
+                steps.close()
+                cancelled += 1
+                break
+        want = expected[i, j]
+        assert got == (want[: len(got)] if n == stop_after else want), (mode, i, j, stop_after)
+    assert cancelled > 0
 
 
 # --------------------------------------------------------------------------- faults
