@@ -321,10 +321,12 @@ class Coordinator:
         if req.chain[: len(seq)] == seq and len(req.chain) > len(seq):  # the chain still holds: extend it
             if len(req.chain) - len(seq) >= c.max_chain:
                 return
-            keep, base = req.draft_cached, req.chain
+            base = req.chain
         else:  # restart from the committed tokens
-            keep = min(self.cached[self.drafter].reusable(seq, every_layer=False), len(seq) - 1)
             base = list(seq)
+        # What the drafter's cache holds of it (nothing, after a restart), never its last token:
+        # a draft feeds at least one.
+        keep = min(self.cached[self.drafter].reusable(base, every_layer=False), len(base) - 1)
         request = DraftRequest(req.request_id, keep, base[keep:], c.draft_chunk, c.drafter_layer)
         cache = self.cached[self.drafter]  # from `keep` on, its upper layers are stale
         self.cached[self.drafter] = WorkerCache(base[:keep], min(cache.complete, keep))
@@ -349,7 +351,6 @@ class Coordinator:
         req.metrics.draft_s += result.forward_s
         req.metrics.drafts += 1
         req.chain = base + result.tokens
-        req.draft_cached = result.cache_length
 
     async def close(self) -> None:
         """Stop restarts in progress and the workers."""

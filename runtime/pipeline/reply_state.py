@@ -41,7 +41,6 @@ class ReplyState:
     drafts: Drafts | None = None
     launches: dict[int, Launch] = field(default_factory=dict)
     chain: list[int] = field(default_factory=list)  # async: the drafter's tokens, committed prefix first
-    draft_cached: int = 0  # async: positions of `chain` in the drafter's cache
     drafting: bool = False
     done: bool = False
     failures: dict[int, int] = field(default_factory=dict)  # faults per worker

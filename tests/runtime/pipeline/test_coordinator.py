@@ -235,3 +235,26 @@ def test_no_hang_when_every_worker_fails(engine):
     coordinator, _ = make_coordinator(engine, worker_class=Broken, workers=1)
     with pytest.raises(WorkerFailed):
         run(engine, coordinator, engine.encode_chat(PROMPTS[2]), 10)
+
+
+class DrafterFailingOnce(DecodeWorker):
+    """Raises on the 3rd draft call of the run (whichever worker makes it)."""
+
+    drafts = 0
+
+    def draft(self, req):
+        DrafterFailingOnce.drafts += 1
+        if DrafterFailingOnce.drafts == 3:
+            raise RuntimeError("injected drafter failure")
+        return super().draft(req)
+
+
+def test_a_restarted_drafter_drafts_from_its_new_cache(engine):
+    """The restarted drafter's cache is empty: its next draft must not keep the positions
+    the dead one held (that faulted again, on every draft, until it sat out)."""
+    DrafterFailingOnce.drafts = 0
+    coordinator, transport = make_coordinator(engine, "async", worker_class=DrafterFailingOnce, draft_chunk=1)
+    ids = engine.encode_chat(PROMPTS[0])
+    assert run(engine, coordinator, ids, 40, mode="async") == ar_tokens(engine, ids, 40)
+    m = coordinator.last_metrics
+    assert m.faults == 1 and transport.restarts == 1 and DrafterFailingOnce.drafts > 4  # it drafted again after
