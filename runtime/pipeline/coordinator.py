@@ -24,7 +24,9 @@ and does what it says, then launches what is free:
              every verifier tree carries the chain.
   fault      a step or draft that raises or passes `step_timeout` retires its worker:
              the request goes on with the others (down to one verifier, and to plain
-             verification without the drafter) while the worker restarts.
+             verification without the drafter) while the worker restarts; one that
+             cannot be restarted sits out the request. When no verifier is left, the
+             async drafter verifies; only a request with no worker left fails.
 """
 
 from __future__ import annotations
@@ -146,8 +148,8 @@ class Coordinator:
             self._drafted(req, *item, payload)
         elif kind == "fault":
             self._fault(req, item, payload)
-        elif kind == "restarted" and isinstance(payload, Exception):
-            raise WorkerFailed(f"worker {item} could not be restarted: {payload}") from payload
+        elif kind == "restarted" and isinstance(payload, Exception):  # it sits out; the others go on
+            req.errors[item] = f"could not be restarted: {payload}"
         return []
 
     def _predicted(self, req: ReplyState, launch: Launch, prediction: Prediction | None) -> None:
@@ -195,9 +197,10 @@ class Coordinator:
         next one)."""
         req.metrics.faults += 1
         req.failures[worker] = req.failures.get(worker, 0) + 1
+        req.errors[worker] = f"{type(error).__name__}: {error}"
         for launch in [x for x in req.launches.values() if x.worker == worker]:
             req.launches.pop(launch.step_id)
-        if worker == self.drafter:
+        if worker == self.drafter or self.drafter is None:  # (a drafter may have turned verifier meanwhile)
             req.drafting = False
         self.down.add(worker)
         self.busy.pop(worker, None)
@@ -235,7 +238,11 @@ class Coordinator:
                 break
             self._launch(req, worker, trunk, alternatives, parent)
         if not req.launches and all(w in self.down for w in self.verifiers) and not self.restarting:
-            raise WorkerFailed("every verifying worker is down and none is restarting")
+            if self.drafter is not None and self.drafter not in self.down:  # async: the drafter verifies instead
+                self.verifiers, self.drafter = [self.drafter], None
+                return self._schedule(req)
+            why = "; ".join(f"worker {w}: {e}" for w, e in sorted(req.errors.items()))
+            raise WorkerFailed(f"every verifying worker is down and none is restarting ({why})")
 
     def _free(self, worker: int) -> bool:
         return worker not in self.busy and worker not in self.down
@@ -331,18 +338,17 @@ class Coordinator:
         cache = self.cached[self.drafter]  # from `keep` on, its upper layers are stale
         self.cached[self.drafter] = WorkerCache(base[:keep], min(cache.complete, keep))
         req.drafting = True
-        self.busy[self.drafter] = asyncio.ensure_future(self._run_draft(req, base, request))
+        self.busy[self.drafter] = asyncio.ensure_future(self._run_draft(req, self.drafter, base, request))
 
-    async def _run_draft(self, req: ReplyState, base: list[int], request: DraftRequest) -> None:
+    async def _run_draft(self, req: ReplyState, worker: int, base: list[int], request: DraftRequest) -> None:
         try:
-            handle = await self.transport.handle(self.drafter)
+            handle = await self.transport.handle(worker)
             result = await asyncio.wait_for(handle.draft(request), self.config.step_timeout)
         except Exception as e:  # noqa: BLE001
-            req.events.put_nowait(("fault", self.drafter, e))
+            req.events.put_nowait(("fault", worker, e))
             return
-        self.busy.pop(self.drafter, None)
-        cache = self.cached[self.drafter]
-        cache.tokens = (base + result.tokens)[: result.cache_length]
+        self.busy.pop(worker, None)
+        self.cached[worker].tokens = (base + result.tokens)[: result.cache_length]
         req.events.put_nowait(("draft", (base,), result))
 
     def _drafted(self, req: ReplyState, base: list[int], result: DraftResult) -> None:

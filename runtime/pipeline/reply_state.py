@@ -44,6 +44,7 @@ class ReplyState:
     drafting: bool = False
     done: bool = False
     failures: dict[int, int] = field(default_factory=dict)  # faults per worker
+    errors: dict[int, str] = field(default_factory=dict)  # the last failure of each worker
     metrics: Metrics = field(default_factory=Metrics)
 
     @property

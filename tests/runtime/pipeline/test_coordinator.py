@@ -13,7 +13,7 @@ import pytest
 
 from configs.schema import DrafterConfigs, ModelConfig, PipelineConfig, SamplingConfig
 from runtime.engine import Engine
-from runtime.pipeline.coordinator import Coordinator
+from runtime.pipeline.coordinator import RESTART_ATTEMPTS, Coordinator
 from runtime.pipeline.local_transport import LocalTransport
 from runtime.pipeline.transport import WorkerFailed
 from workers.decode_worker import DecodeWorker, load_worker
@@ -45,14 +45,14 @@ def run(engine, coordinator, ids, n, sampling=None, mode="pipeline"):
     return asyncio.run(collect())
 
 
-def make_coordinator(engine, mode="pipeline", worker_class=DecodeWorker, **settings):
+def make_coordinator(engine, mode="pipeline", worker_class=DecodeWorker, transport_class=LocalTransport, **settings):
     config = replace(LOCAL, **settings)
 
     def make(i):
         w = load_worker(engine.config, engine.drafters.ht, model=engine.model)
         return worker_class(w.model, w.drafter, w.cache)
 
-    transport = LocalTransport(config.workers, make)
+    transport = transport_class(config.workers, make)
     coordinator = Coordinator(transport, config, engine.drafters, engine.model.args.vocab_size)
     coordinator.check_mode(mode)
     return coordinator, transport
@@ -227,16 +227,6 @@ def test_a_failed_worker_is_restarted_and_nothing_is_lost(engine, worker_class):
     assert run(engine, coordinator, ids, 20) == ar_tokens(engine, ids, 20)  # the restarted worker serves again
 
 
-def test_no_hang_when_every_worker_fails(engine):
-    class Broken(DecodeWorker):
-        def step(self, req):
-            raise RuntimeError("broken")
-
-    coordinator, _ = make_coordinator(engine, worker_class=Broken, workers=1)
-    with pytest.raises(WorkerFailed):
-        run(engine, coordinator, engine.encode_chat(PROMPTS[2]), 10)
-
-
 class DrafterFailingOnce(DecodeWorker):
     """Raises on the 3rd draft call of the run (whichever worker makes it)."""
 
@@ -258,3 +248,41 @@ def test_a_restarted_drafter_drafts_from_its_new_cache(engine):
     assert run(engine, coordinator, ids, 40, mode="async") == ar_tokens(engine, ids, 40)
     m = coordinator.last_metrics
     assert m.faults == 1 and transport.restarts == 1 and DrafterFailingOnce.drafts > 4  # it drafted again after
+
+
+class Unrestartable(LocalTransport):
+    """No replacement replica can be made (a device gone, a cluster full)."""
+
+    async def restart(self, i):
+        self.restarts += 1
+        raise RuntimeError("no replica can be made")
+
+
+def test_a_worker_out_of_restarts_leaves_the_request_to_the_others(engine):
+    FailingWorker.failures = 0
+    coordinator, transport = make_coordinator(engine, worker_class=FailingWorker, transport_class=Unrestartable)
+    ids = engine.encode_chat(PROMPTS[1])
+    assert run(engine, coordinator, ids, 40) == ar_tokens(engine, ids, 40)
+    assert coordinator.last_metrics.faults == 1 and transport.restarts == RESTART_ATTEMPTS
+    assert len(coordinator.down) == 1  # it sits out; the next request tries it again
+
+
+def test_async_without_verifiers_left_verifies_on_the_drafter(engine):
+    """The one verifier fails for good: the drafter verifies the rest (its cache was filled
+    by early-exit drafts, so it catches up from what is complete in every layer)."""
+    FailingWorker.failures = 0
+    coordinator, transport = make_coordinator(engine, "async", worker_class=FailingWorker, transport_class=Unrestartable)
+    ids = engine.encode_chat(PROMPTS[1])
+    assert run(engine, coordinator, ids, 40, mode="async") == ar_tokens(engine, ids, 40)
+    assert coordinator.last_metrics.faults == 1 and coordinator.down == {1} and coordinator.verifiers == [0]
+
+
+@pytest.mark.parametrize("transport_class", [LocalTransport, Unrestartable], ids=["restarts", "no-restarts"])
+def test_no_hang_when_every_worker_fails(engine, transport_class):
+    class Broken(DecodeWorker):
+        def step(self, req):
+            raise RuntimeError("broken")
+
+    coordinator, _ = make_coordinator(engine, worker_class=Broken, transport_class=transport_class)
+    with pytest.raises(WorkerFailed, match="worker 1: .*(broken|no replica)"):
+        run(engine, coordinator, engine.encode_chat(PROMPTS[2]), 10)
