@@ -71,14 +71,18 @@ class SamplingConfig:
         return self.temperature == 0.0
 
     def validate(self) -> SamplingConfig:
-        if not 0.0 <= self.temperature <= 100.0:
-            raise ConfigError(f"temperature must be in [0, 100], got {self.temperature}")
-        if self.top_k < 0:
-            raise ConfigError(f"top_k must be >= 0 (0: off), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.seed < 2**63:
-            raise ConfigError(f"seed must be in [0, 2**63), got {self.seed}")
+        """Every value in range and of its type: they travel to the workers in msgpack
+        messages (64-bit integers), so a value that would not is refused here, once."""
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+        integer = lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63  # noqa: E731
+        if not (number(self.temperature) and 0.0 <= self.temperature <= 100.0):
+            raise ConfigError(f"temperature must be a number in [0, 100], got {self.temperature!r}")
+        if not integer(self.top_k):
+            raise ConfigError(f"top_k must be an int in [0, 2**63) (0: off), got {self.top_k!r}")
+        if not (number(self.top_p) and 0.0 < self.top_p <= 1.0):
+            raise ConfigError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if not integer(self.seed):
+            raise ConfigError(f"seed must be an int in [0, 2**63), got {self.seed!r}")
         return self
 
 

@@ -121,7 +121,9 @@ class Engine:
     def steps(
         self, prompt_ids: list[int], mode: str, max_new_tokens: int, sampling: SamplingConfig | None = None
     ) -> Iterator[Step]:
-        """The reply as Steps; greedy unless `sampling` (validated when it was made) has a
-        temperature above 0."""
+        """The reply as Steps; greedy unless `sampling` has a temperature above 0. Its
+        values are checked again here (fields may have been set after it was made)."""
         self.check_fits(prompt_ids, max_new_tokens)
+        if sampling is not None:
+            sampling.validate()
         return self.mode(mode).generate(prompt_ids, max_new_tokens, sampling)

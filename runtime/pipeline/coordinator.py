@@ -92,8 +92,11 @@ class Coordinator:
         self, prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int], sampling: SamplingConfig | None = None,
         mode: str = "pipeline",
     ) -> AsyncIterator[Step]:
-        """The reply as Steps, exactly `ar`'s tokens."""
+        """The reply as Steps, exactly `ar`'s tokens. Bad settings raise here, before any
+        worker sees them (a message that cannot be sent would count as a worker's fault)."""
         self.check_mode(mode)
+        if sampling is not None:
+            sampling.validate()
         greedy = sampling is None or sampling.greedy
         req = ReplyState(self._id(), list(prompt_ids), len(prompt_ids), max_new_tokens, set(stop_ids),
                          None if greedy else asdict(sampling))

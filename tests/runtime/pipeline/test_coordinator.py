@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import pytest
 
-from configs.schema import DrafterConfigs, ModelConfig, PipelineConfig, SamplingConfig
+from configs.schema import ConfigError, DrafterConfigs, ModelConfig, PipelineConfig, SamplingConfig
 from runtime.engine import Engine
 from runtime.pipeline.coordinator import RESTART_ATTEMPTS, Coordinator
 from runtime.pipeline.local_transport import LocalTransport
@@ -96,6 +96,21 @@ def test_sampled_pipeline_draws_ar_tokens(engine):
     for prompt in PROMPTS[:2]:
         ids = engine.encode_chat(prompt)
         assert run(engine, coordinator, ids, 32, sampling) == ar_tokens(engine, ids, 32, sampling)
+
+
+def test_bad_sampling_values_are_refused_before_any_worker_sees_them(engine):
+    """A top_k past 64 bits fits no worker message: over Ray every step failed to encode and
+    counted as a worker fault. Fields set after a SamplingConfig was made are checked too."""
+    coordinator, transport = make_coordinator(engine)
+    sampling = SamplingConfig(0.8, 0, 0.95, seed=4)
+    sampling.top_k = 2**64
+    ids = engine.encode_chat(PROMPTS[2])
+    with pytest.raises(ConfigError, match="top_k"):
+        run(engine, coordinator, ids, 8, sampling)
+    with pytest.raises(ConfigError, match="top_k"):
+        engine.steps(ids, "ar", 8, sampling)
+    assert transport.handles == {} and coordinator.last_metrics is None
+    assert run(engine, coordinator, ids, 8) == ar_tokens(engine, ids, 8)  # nothing was left locked
 
 
 def test_max_new_tokens_and_the_mode_interface(engine):
