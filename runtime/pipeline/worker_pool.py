@@ -32,10 +32,11 @@ def build_transport(engine) -> Transport:
 class WorkerPool:
     def __init__(self, engine):
         self.engine = engine
-        self.loop = asyncio.new_event_loop()
-        threading.Thread(target=self.loop.run_forever, name="leapfrog-coordinator", daemon=True).start()
+        # What can fail comes first: a pool that was never made leaves no loop thread behind.
         self.transport = build_transport(engine)
         self.coordinator = Coordinator(self.transport, engine.pipeline, engine.drafters, engine.model.args.vocab_size)
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, name="leapfrog-coordinator", daemon=True).start()
 
     def start(self) -> None:
         """Create the workers now (replicas load), so the first reply does not wait for them."""

@@ -1,10 +1,12 @@
 """An engine's pipelined runtime (runtime.pipeline.worker_pool): the transport its config
 names, the coordinator on its own event loop, replies as a plain iterator, a clean close."""
 
+import threading
 import time
 
 import pytest
 
+import runtime.pipeline.worker_pool as worker_pool
 from configs.schema import DrafterConfigs, ModelConfig, PipelineConfig
 from runtime.engine import Engine
 from runtime.pipeline.local_transport import LocalTransport
@@ -47,3 +49,15 @@ def test_an_abandoned_reply_frees_the_coordinator(engine):
     again = [t for s in pool.generate("pipeline", ids, 8, None) for t in s.tokens]
     assert again == [t for s in engine.steps(ids, "ar", 8) for t in s.tokens]
     pool.close()
+
+
+def test_a_transport_that_fails_to_build_leaves_no_thread(engine, monkeypatch):
+    def broken(engine):
+        raise RuntimeError("no cluster")
+
+    monkeypatch.setattr(worker_pool, "build_transport", broken)
+    coordinator_threads = lambda: [t for t in threading.enumerate() if t.name == "leapfrog-coordinator"]  # noqa: E731
+    before = len(coordinator_threads())
+    with pytest.raises(RuntimeError, match="no cluster"):
+        WorkerPool(engine)
+    assert len(coordinator_threads()) == before
