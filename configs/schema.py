@@ -189,7 +189,8 @@ class PipelineConfig:
     drafter_layer: int = 8  # async: the drafting worker's early-exit layers
     draft_chunk: int = 2  # async: tokens per drafting call
     max_chain: int = 8  # async: drafted tokens kept ahead of the committed ones
-    step_timeout: float = 60.0  # seconds a worker may take for a step before it is restarted
+    step_timeout: float = 60.0  # seconds a worker may take for a step (or an abort) before it is restarted
+    start_timeout: float = 300.0  # seconds a worker may take to start (its replica placed and loaded)
 
     def validate(self) -> PipelineConfig:
         if self.policy not in PIPELINE_POLICIES or self.transport not in TRANSPORTS:
@@ -198,8 +199,10 @@ class PipelineConfig:
             raise ConfigError(f"[pipeline] workers, threads, drafter_layer, draft_chunk, max_chain must be >= 1: {self}")
         if not 0 < self.confidence < 1:
             raise ConfigError(f"[pipeline] confidence must be in (0, 1), got {self.confidence}")
-        if min(self.predict_layer, self.alternatives, self.continuation_budget) < 0 or not self.step_timeout > 0:
-            raise ConfigError(f"[pipeline] predict_layer, alternatives, continuation_budget must be >= 0, step_timeout > 0: {self}")
+        if min(self.predict_layer, self.alternatives, self.continuation_budget) < 0 or not min(self.step_timeout, self.start_timeout) > 0:
+            raise ConfigError(
+                f"[pipeline] predict_layer, alternatives, continuation_budget must be >= 0, step_timeout and start_timeout > 0: {self}"
+            )
         return self
 
 

@@ -119,13 +119,16 @@ class Coordinator:
     async def start_workers(self) -> None:
         """Create the workers that do not exist yet, all at once (the first request waits
         for its replicas to load; later requests find them ready), and restart those that
-        sat out the last request."""
+        sat out the last request; each within `start_timeout`."""
         missing = [i for i in range(self.transport.size) if i not in self.transport.handles and i not in self.down]
         if missing:
-            await asyncio.gather(*(self.transport.handle(i) for i in missing))
+            try:
+                await asyncio.wait_for(asyncio.gather(*(self.transport.handle(i) for i in missing)), self.config.start_timeout)
+            except asyncio.TimeoutError:
+                raise WorkerFailed(f"workers {missing} did not start in {self.config.start_timeout:.0f} s") from None
         for i in [i for i in self.down if i not in self.restarting]:
             try:
-                await self.transport.restart(i)
+                await asyncio.wait_for(self.transport.restart(i), self.config.start_timeout)
                 self.down.discard(i)
             except Exception:  # noqa: BLE001 - it stays down; the others serve
                 pass
@@ -133,6 +136,7 @@ class Coordinator:
     async def step(self, req: ReplyState) -> list[Step]:
         """The next event from the workers, handled (predict, commit and roll back, draft,
         fault), then a launch on every free worker; returns the Steps it committed."""
+        # Bounded: every step, draft and restart that can post an event has its own timeout.
         kind, item, payload = await req.events.get()
         tick = time.perf_counter()
         steps = self._handle(req, kind, item, payload)
@@ -215,7 +219,7 @@ class Coordinator:
         error: Exception | None = None
         for _ in range(RESTART_ATTEMPTS):
             try:
-                await self.transport.restart(worker)
+                await asyncio.wait_for(self.transport.restart(worker), self.config.start_timeout)
                 error = None
                 break
             except Exception as e:  # noqa: BLE001 - retried, then reported
@@ -302,7 +306,7 @@ class Coordinator:
     async def _run_step(self, req: ReplyState, launch: Launch) -> None:
         timeout = self.config.step_timeout
         try:
-            handle = await self.transport.handle(launch.worker)
+            handle = await asyncio.wait_for(self.transport.handle(launch.worker), self.config.start_timeout)
             steps = handle.step(launch.request)
             result = await asyncio.wait_for(anext(steps), timeout)
             if not isinstance(result, StepResult):  # the Prediction came first
@@ -319,8 +323,11 @@ class Coordinator:
         req.events.put_nowait(("result", launch, result))
 
     async def _abort(self, launch: Launch) -> None:
-        try:
+        async def send():
             await (await self.transport.handle(launch.worker)).abort(launch.step_id)
+
+        try:  # a frozen worker is not waited for: its step times out and faults
+            await asyncio.wait_for(send(), self.config.step_timeout)
         except Exception:  # noqa: BLE001 - a dead worker needs no abort; its fault is handled
             pass
 
@@ -345,7 +352,7 @@ class Coordinator:
 
     async def _run_draft(self, req: ReplyState, worker: int, base: list[int], request: DraftRequest) -> None:
         try:
-            handle = await self.transport.handle(worker)
+            handle = await asyncio.wait_for(self.transport.handle(worker), self.config.start_timeout)
             result = await asyncio.wait_for(handle.draft(request), self.config.step_timeout)
         except Exception as e:  # noqa: BLE001
             req.events.put_nowait(("fault", worker, e))
@@ -375,7 +382,7 @@ class Coordinator:
         worker that failed or hangs meanwhile is restarted for the next request."""
         req.done = True
         for launch in list(req.launches.values()):
-            await self._abort(launch)
+            self.aborts.add(asyncio.ensure_future(self._abort(launch)))
         if self.aborts:
             await asyncio.wait(self.aborts, timeout=self.config.step_timeout)
             self.aborts.clear()

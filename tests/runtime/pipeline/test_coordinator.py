@@ -292,6 +292,48 @@ def test_async_without_verifiers_left_verifies_on_the_drafter(engine):
     assert coordinator.last_metrics.faults == 1 and coordinator.down == {1} and coordinator.verifiers == [0]
 
 
+async def forever(*args):
+    await asyncio.Event().wait()
+
+
+class FrozenAborts(LocalTransport):
+    """Its workers step, but never answer an abort (a frozen actor's control calls)."""
+
+    async def handle(self, i):
+        handle = await super().handle(i)
+        handle.abort = forever
+        return handle
+
+
+class FrozenLoad(LocalTransport):
+    """Worker 1's replica never finishes loading."""
+
+    async def handle(self, i):
+        if i == 1 and i not in self.handles:
+            await forever()
+        return await super().handle(i)
+
+
+def test_a_cancelled_reply_does_not_wait_for_frozen_aborts(engine):
+    coordinator, _ = make_coordinator(engine, transport_class=FrozenAborts, step_timeout=1.0)
+    ids = engine.encode_chat(PROMPTS[1])
+
+    async def cancel_after_the_first_step():
+        replies = coordinator.generate(ids, 40, engine.stop_ids)
+        await anext(replies)
+        assert coordinator.current.launches  # steps in flight: the drain aborts them
+        await replies.aclose()
+
+    asyncio.run(asyncio.wait_for(cancel_after_the_first_step(), 20))
+    assert run(engine, coordinator, ids, 8) == ar_tokens(engine, ids, 8)
+
+
+def test_a_replica_that_never_loads_fails_the_start_in_time(engine):
+    coordinator, _ = make_coordinator(engine, transport_class=FrozenLoad, start_timeout=1.0)
+    with pytest.raises(WorkerFailed, match="did not start"):
+        asyncio.run(asyncio.wait_for(coordinator.start_workers(), 20))
+
+
 @pytest.mark.parametrize("transport_class", [LocalTransport, Unrestartable], ids=["restarts", "no-restarts"])
 def test_no_hang_when_every_worker_fails(engine, transport_class):
     class Broken(DecodeWorker):
