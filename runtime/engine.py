@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,6 +40,10 @@ class Engine:
         self._modes: dict[str, object] = {}
         self._workers = None  # runtime.pipeline.worker_pool.WorkerPool of the pipelined modes, made on first use
         self._cost_curve: CostCurve | None = None  # [tree_sizing] cost, read on first use
+        # Set from any thread: a pipelined reply ends at once, even while its workers are
+        # still being placed (other modes stop with the caller between steps). The server
+        # puts each request's own flag here while it decodes.
+        self.cancelled = threading.Event()
 
     @classmethod
     def from_config(cls, config: LeapfrogConfig) -> Engine:
