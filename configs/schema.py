@@ -71,14 +71,18 @@ class SamplingConfig:
         return self.temperature == 0.0
 
     def validate(self) -> SamplingConfig:
-        if not 0.0 <= self.temperature <= 100.0:
-            raise ConfigError(f"temperature must be in [0, 100], got {self.temperature}")
-        if self.top_k < 0:
-            raise ConfigError(f"top_k must be >= 0 (0: off), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.seed < 2**63:
-            raise ConfigError(f"seed must be in [0, 2**63), got {self.seed}")
+        """Every value in range and of its type: they travel to the workers in msgpack
+        messages (64-bit integers), so a value that would not is refused here, once."""
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+        integer = lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63  # noqa: E731
+        if not (number(self.temperature) and 0.0 <= self.temperature <= 100.0):
+            raise ConfigError(f"temperature must be a number in [0, 100], got {self.temperature!r}")
+        if not integer(self.top_k):
+            raise ConfigError(f"top_k must be an int in [0, 2**63) (0: off), got {self.top_k!r}")
+        if not (number(self.top_p) and 0.0 < self.top_p <= 1.0):
+            raise ConfigError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if not integer(self.seed):
+            raise ConfigError(f"seed must be an int in [0, 2**63), got {self.seed!r}")
         return self
 
 
@@ -195,7 +199,8 @@ class PipelineConfig:
     drafter_layer: int = 8  # async: the drafting worker's early-exit layers
     draft_chunk: int = 2  # async: tokens per drafting call
     max_chain: int = 8  # async: drafted tokens kept ahead of the committed ones
-    step_timeout: float = 60.0  # seconds a worker may take for a step before it is restarted
+    step_timeout: float = 60.0  # seconds a worker may take for a step (or an abort) before it is restarted
+    start_timeout: float = 300.0  # seconds a worker may take to start (its replica placed and loaded)
 
     def validate(self) -> PipelineConfig:
         if self.policy not in PIPELINE_POLICIES or self.transport not in TRANSPORTS:
@@ -204,8 +209,10 @@ class PipelineConfig:
             raise ConfigError(f"[pipeline] workers, threads, drafter_layer, draft_chunk, max_chain must be >= 1: {self}")
         if not 0 < self.confidence < 1:
             raise ConfigError(f"[pipeline] confidence must be in (0, 1), got {self.confidence}")
-        if min(self.predict_layer, self.alternatives, self.continuation_budget) < 0 or not self.step_timeout > 0:
-            raise ConfigError(f"[pipeline] predict_layer, alternatives, continuation_budget must be >= 0, step_timeout > 0: {self}")
+        if min(self.predict_layer, self.alternatives, self.continuation_budget) < 0 or not min(self.step_timeout, self.start_timeout) > 0:
+            raise ConfigError(
+                f"[pipeline] predict_layer, alternatives, continuation_budget must be >= 0, step_timeout and start_timeout > 0: {self}"
+            )
         return self
 
 

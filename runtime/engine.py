@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,6 +40,10 @@ class Engine:
         self._modes: dict[str, object] = {}
         self._workers = None  # runtime.pipeline.worker_pool.WorkerPool of the pipelined modes, made on first use
         self._cost_curve: CostCurve | None = None  # [tree_sizing] cost, read on first use
+        # Set from any thread: a pipelined reply ends at once, even while its workers are
+        # still being placed (other modes stop with the caller between steps). The server
+        # puts each request's own flag here while it decodes.
+        self.cancelled = threading.Event()
 
     @classmethod
     def from_config(cls, config: LeapfrogConfig) -> Engine:
@@ -121,7 +126,9 @@ class Engine:
     def steps(
         self, prompt_ids: list[int], mode: str, max_new_tokens: int, sampling: SamplingConfig | None = None
     ) -> Iterator[Step]:
-        """The reply as Steps; greedy unless `sampling` (validated when it was made) has a
-        temperature above 0."""
+        """The reply as Steps; greedy unless `sampling` has a temperature above 0. Its
+        values are checked again here (fields may have been set after it was made)."""
         self.check_fits(prompt_ids, max_new_tokens)
+        if sampling is not None:
+            sampling.validate()
         return self.mode(mode).generate(prompt_ids, max_new_tokens, sampling)

@@ -83,7 +83,10 @@ class MessageError(ValueError):
 
 
 def encode(message) -> bytes:
-    return msgpack.packb([type(message).__name__, asdict(message)], use_bin_type=True)
+    try:
+        return msgpack.packb([type(message).__name__, asdict(message)], use_bin_type=True)
+    except (OverflowError, ValueError, TypeError) as e:  # a value msgpack cannot hold (ints past 64 bits)
+        raise MessageError(f"cannot encode a {type(message).__name__}: {e}") from None
 
 
 def decode(data: bytes):

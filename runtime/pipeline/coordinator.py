@@ -24,7 +24,9 @@ and does what it says, then launches what is free:
              every verifier tree carries the chain.
   fault      a step or draft that raises or passes `step_timeout` retires its worker:
              the request goes on with the others (down to one verifier, and to plain
-             verification without the drafter) while the worker restarts.
+             verification without the drafter) while the worker restarts; one that
+             cannot be restarted sits out the request. When no verifier is left, the
+             async drafter verifies; only a request with no worker left fails.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from configs.schema import DrafterConfigs, PipelineConfig, SamplingConfig
 from runtime.decoding.steps import Step, clip_step
 from runtime.pipeline.launch_trees import Drafts, build_launch_tree, predict_from_drafts
 from runtime.pipeline.metrics import Metrics
-from runtime.pipeline.reply_state import Launch, ReplyState, can_extend, common_prefix, hypotheses, subtree_paths
+from runtime.pipeline.reply_state import Launch, ReplyState, WorkerCache, can_extend, hypotheses, subtree_paths
 from runtime.pipeline.transport import Transport, WorkerFailed
 from workers.decode_worker import OBSERVED_TOP_K
 from workers.drafters.token_recycling import TokenRecyclingDrafter
@@ -55,7 +57,9 @@ class Coordinator:
         self.transport, self.config, self.drafters, self.vocab = transport, config, drafters, vocab_size
         self.drafter: int | None = None  # async: the drafting worker (per request, see _use)
         self.verifiers = list(range(transport.size))
-        self.cached: dict[int, list[int]] = {i: [] for i in range(transport.size)}  # each worker's cache
+        # Each worker's cache, whatever role it had when it was filled: a worker that drafted
+        # for an async reply verifies a later pipeline reply from what is complete in it.
+        self.cached = {i: WorkerCache() for i in range(transport.size)}
         self.busy: dict[int, asyncio.Task] = {}
         self.down: set[int] = set()
         self.restarting: dict[int, asyncio.Task] = {}
@@ -88,8 +92,11 @@ class Coordinator:
         self, prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int], sampling: SamplingConfig | None = None,
         mode: str = "pipeline",
     ) -> AsyncIterator[Step]:
-        """The reply as Steps, exactly `ar`'s tokens."""
+        """The reply as Steps, exactly `ar`'s tokens. Bad settings raise here, before any
+        worker sees them (a message that cannot be sent would count as a worker's fault)."""
         self.check_mode(mode)
+        if sampling is not None:
+            sampling.validate()
         greedy = sampling is None or sampling.greedy
         req = ReplyState(self._id(), list(prompt_ids), len(prompt_ids), max_new_tokens, set(stop_ids),
                          None if greedy else asdict(sampling))
@@ -112,13 +119,16 @@ class Coordinator:
     async def start_workers(self) -> None:
         """Create the workers that do not exist yet, all at once (the first request waits
         for its replicas to load; later requests find them ready), and restart those that
-        sat out the last request."""
+        sat out the last request; each within `start_timeout`."""
         missing = [i for i in range(self.transport.size) if i not in self.transport.handles and i not in self.down]
         if missing:
-            await asyncio.gather(*(self.transport.handle(i) for i in missing))
+            try:
+                await asyncio.wait_for(asyncio.gather(*(self.transport.handle(i) for i in missing)), self.config.start_timeout)
+            except asyncio.TimeoutError:
+                raise WorkerFailed(f"workers {missing} did not start in {self.config.start_timeout:.0f} s") from None
         for i in [i for i in self.down if i not in self.restarting]:
             try:
-                await self.transport.restart(i)
+                await asyncio.wait_for(self.transport.restart(i), self.config.start_timeout)
                 self.down.discard(i)
             except Exception:  # noqa: BLE001 - it stays down; the others serve
                 pass
@@ -126,6 +136,7 @@ class Coordinator:
     async def step(self, req: ReplyState) -> list[Step]:
         """The next event from the workers, handled (predict, commit and roll back, draft,
         fault), then a launch on every free worker; returns the Steps it committed."""
+        # Bounded: every step, draft and restart that can post an event has its own timeout.
         kind, item, payload = await req.events.get()
         tick = time.perf_counter()
         steps = self._handle(req, kind, item, payload)
@@ -144,8 +155,8 @@ class Coordinator:
             self._drafted(req, *item, payload)
         elif kind == "fault":
             self._fault(req, item, payload)
-        elif kind == "restarted" and isinstance(payload, Exception):
-            raise WorkerFailed(f"worker {item} could not be restarted: {payload}") from payload
+        elif kind == "restarted" and isinstance(payload, Exception):  # it sits out; the others go on
+            req.errors[item] = f"could not be restarted: {payload}"
         return []
 
     def _predicted(self, req: ReplyState, launch: Launch, prediction: Prediction | None) -> None:
@@ -193,13 +204,14 @@ class Coordinator:
         next one)."""
         req.metrics.faults += 1
         req.failures[worker] = req.failures.get(worker, 0) + 1
+        req.errors[worker] = f"{type(error).__name__}: {error}"
         for launch in [x for x in req.launches.values() if x.worker == worker]:
             req.launches.pop(launch.step_id)
-        if worker == self.drafter:
+        if worker == self.drafter or self.drafter is None:  # (a drafter may have turned verifier meanwhile)
             req.drafting = False
         self.down.add(worker)
         self.busy.pop(worker, None)
-        self.cached[worker] = []
+        self.cached[worker] = WorkerCache()
         if worker not in self.restarting and req.failures[worker] <= RESTART_ATTEMPTS:
             self.restarting[worker] = asyncio.ensure_future(self._restart(worker))
 
@@ -207,7 +219,7 @@ class Coordinator:
         error: Exception | None = None
         for _ in range(RESTART_ATTEMPTS):
             try:
-                await self.transport.restart(worker)
+                await asyncio.wait_for(self.transport.restart(worker), self.config.start_timeout)
                 error = None
                 break
             except Exception as e:  # noqa: BLE001 - retried, then reported
@@ -233,7 +245,11 @@ class Coordinator:
                 break
             self._launch(req, worker, trunk, alternatives, parent)
         if not req.launches and all(w in self.down for w in self.verifiers) and not self.restarting:
-            raise WorkerFailed("every verifying worker is down and none is restarting")
+            if self.drafter is not None and self.drafter not in self.down:  # async: the drafter verifies instead
+                self.verifiers, self.drafter = [self.drafter], None
+                return self._schedule(req)
+            why = "; ".join(f"worker {w}: {e}" for w, e in sorted(req.errors.items()))
+            raise WorkerFailed(f"every verifying worker is down and none is restarting ({why})")
 
     def _free(self, worker: int) -> bool:
         return worker not in self.busy and worker not in self.down
@@ -267,7 +283,7 @@ class Coordinator:
             req.seq, trunk, alternatives, req.drafts, covered + ([chain] if chain else []), self.drafters.ht,
             self.drafters.pld if c.lookup else None, c.continuation_budget, self.vocab, self.recycling,
         )
-        keep = min(common_prefix(self.cached[worker], req.seq), len(req.seq) - 1)
+        keep = min(self.cached[worker].reusable(req.seq, every_layer=True), len(req.seq) - 1)
         pipelined = len(self.verifiers) > 1
         predict = c.predict_layer if pipelined else 0
         request = StepRequest(
@@ -284,13 +300,13 @@ class Coordinator:
             launch.spawned = True
             req.metrics.spawned += 1
         req.launches[launch.step_id] = launch
-        self.cached[worker] = req.seq[:keep]
+        self.cached[worker] = WorkerCache(req.seq[:keep], keep)
         self.busy[worker] = asyncio.ensure_future(self._run_step(req, launch))
 
     async def _run_step(self, req: ReplyState, launch: Launch) -> None:
         timeout = self.config.step_timeout
         try:
-            handle = await self.transport.handle(launch.worker)
+            handle = await asyncio.wait_for(self.transport.handle(launch.worker), self.config.start_timeout)
             steps = handle.step(launch.request)
             result = await asyncio.wait_for(anext(steps), timeout)
             if not isinstance(result, StepResult):  # the Prediction came first
@@ -302,12 +318,16 @@ class Coordinator:
             req.events.put_nowait(("fault", launch.worker, e))
             return
         self.busy.pop(launch.worker, None)
-        self.cached[launch.worker] = (launch.base + result.tokens)[: result.cache_length]
+        kept = (launch.base + result.tokens)[: result.cache_length]
+        self.cached[launch.worker] = WorkerCache(kept, len(kept))
         req.events.put_nowait(("result", launch, result))
 
     async def _abort(self, launch: Launch) -> None:
-        try:
+        async def send():
             await (await self.transport.handle(launch.worker)).abort(launch.step_id)
+
+        try:  # a frozen worker is not waited for: its step times out and faults
+            await asyncio.wait_for(send(), self.config.step_timeout)
         except Exception:  # noqa: BLE001 - a dead worker needs no abort; its fault is handled
             pass
 
@@ -318,23 +338,27 @@ class Coordinator:
         if req.chain[: len(seq)] == seq and len(req.chain) > len(seq):  # the chain still holds: extend it
             if len(req.chain) - len(seq) >= c.max_chain:
                 return
-            keep, base = req.draft_cached, req.chain
+            base = req.chain
         else:  # restart from the committed tokens
-            keep = min(common_prefix(self.cached[self.drafter], seq), len(seq) - 1)
             base = list(seq)
+        # What the drafter's cache holds of it (nothing, after a restart), never its last token:
+        # a draft feeds at least one.
+        keep = min(self.cached[self.drafter].reusable(base, every_layer=False), len(base) - 1)
         request = DraftRequest(req.request_id, keep, base[keep:], c.draft_chunk, c.drafter_layer)
+        cache = self.cached[self.drafter]  # from `keep` on, its upper layers are stale
+        self.cached[self.drafter] = WorkerCache(base[:keep], min(cache.complete, keep))
         req.drafting = True
-        self.busy[self.drafter] = asyncio.ensure_future(self._run_draft(req, base, request))
+        self.busy[self.drafter] = asyncio.ensure_future(self._run_draft(req, self.drafter, base, request))
 
-    async def _run_draft(self, req: ReplyState, base: list[int], request: DraftRequest) -> None:
+    async def _run_draft(self, req: ReplyState, worker: int, base: list[int], request: DraftRequest) -> None:
         try:
-            handle = await self.transport.handle(self.drafter)
+            handle = await asyncio.wait_for(self.transport.handle(worker), self.config.start_timeout)
             result = await asyncio.wait_for(handle.draft(request), self.config.step_timeout)
         except Exception as e:  # noqa: BLE001
-            req.events.put_nowait(("fault", self.drafter, e))
+            req.events.put_nowait(("fault", worker, e))
             return
-        self.busy.pop(self.drafter, None)
-        self.cached[self.drafter] = (base + result.tokens)[: result.cache_length]
+        self.busy.pop(worker, None)
+        self.cached[worker].tokens = (base + result.tokens)[: result.cache_length]
         req.events.put_nowait(("draft", (base,), result))
 
     def _drafted(self, req: ReplyState, base: list[int], result: DraftResult) -> None:
@@ -343,7 +367,6 @@ class Coordinator:
         req.metrics.draft_s += result.forward_s
         req.metrics.drafts += 1
         req.chain = base + result.tokens
-        req.draft_cached = result.cache_length
 
     async def close(self) -> None:
         """Stop restarts in progress and the workers."""
@@ -359,7 +382,7 @@ class Coordinator:
         worker that failed or hangs meanwhile is restarted for the next request."""
         req.done = True
         for launch in list(req.launches.values()):
-            await self._abort(launch)
+            self.aborts.add(asyncio.ensure_future(self._abort(launch)))
         if self.aborts:
             await asyncio.wait(self.aborts, timeout=self.config.step_timeout)
             self.aborts.clear()

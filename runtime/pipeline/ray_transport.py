@@ -59,7 +59,11 @@ class RayTransport:
                 num_cpus=1, num_gpus=1 if self.gpu else 0, scheduling_strategy=placement, name=None
             ).remote(self.model_config, self.ht, self.threads)
             handle = RayHandle(actor)
-            await handle.health()  # the replica is loaded: the first step is not charged for it
+            try:
+                await handle.health()  # the replica is loaded: the first step is not charged for it
+            except BaseException:  # it failed, or the caller stopped waiting (a timeout, a cancel)
+                ray.kill(actor, no_restart=True)
+                raise
             self.handles[i] = handle
         return self.handles[i]
 

@@ -1,5 +1,6 @@
 """The coordinator's records (runtime.pipeline.coordinator): a reply in progress, the
-steps it launched, and what the committed tokens say about each launch's tree."""
+steps it launched, what the committed tokens say about each launch's tree, and what
+each worker's KV cache holds."""
 
 from __future__ import annotations
 
@@ -40,15 +41,31 @@ class ReplyState:
     drafts: Drafts | None = None
     launches: dict[int, Launch] = field(default_factory=dict)
     chain: list[int] = field(default_factory=list)  # async: the drafter's tokens, committed prefix first
-    draft_cached: int = 0  # async: positions of `chain` in the drafter's cache
     drafting: bool = False
     done: bool = False
     failures: dict[int, int] = field(default_factory=dict)  # faults per worker
+    errors: dict[int, str] = field(default_factory=dict)  # the last failure of each worker
     metrics: Metrics = field(default_factory=Metrics)
 
     @property
     def produced(self) -> int:
         return len(self.seq) - self.prompt_len
+
+
+@dataclass
+class WorkerCache:
+    """What one worker's KV cache holds, as the coordinator knows it. A verifying step
+    writes every layer of its positions; the asynchronous drafter writes only the layers
+    below its early-exit layer. So `tokens` fill the first layers, and only the first
+    `complete` of them fill every layer: a step may keep those, a draft all of them."""
+
+    tokens: list[int] = field(default_factory=list)
+    complete: int = 0
+
+    def reusable(self, seq: list[int], every_layer: bool) -> int:
+        """Leading positions of `seq` this cache already holds (in every layer, or in the drafter's)."""
+        n = common_prefix(self.tokens, seq)
+        return min(n, self.complete) if every_layer else n
 
 
 def hypotheses(prediction: Prediction, alternatives: int) -> list[list[int]]:

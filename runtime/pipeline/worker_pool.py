@@ -5,6 +5,7 @@ the replicas (Ray actors holding a core or a GPU each) are created once per engi
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -16,6 +17,12 @@ from runtime.pipeline.coordinator import Coordinator
 from runtime.pipeline.local_transport import LocalTransport
 from runtime.pipeline.transport import Transport
 from workers.decode_worker import load_worker
+
+CANCEL_POLL_S = 0.05  # how often a caller waiting for the workers looks at engine.cancelled
+
+
+class Cancelled(Exception):
+    """engine.cancelled was set while the caller waited for the workers."""
 
 
 def build_transport(engine) -> Transport:
@@ -32,32 +39,52 @@ def build_transport(engine) -> Transport:
 class WorkerPool:
     def __init__(self, engine):
         self.engine = engine
-        self.loop = asyncio.new_event_loop()
-        threading.Thread(target=self.loop.run_forever, name="leapfrog-coordinator", daemon=True).start()
+        # What can fail comes first: a pool that was never made leaves no loop thread behind.
         self.transport = build_transport(engine)
         self.coordinator = Coordinator(self.transport, engine.pipeline, engine.drafters, engine.model.args.vocab_size)
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, name="leapfrog-coordinator", daemon=True).start()
 
     def start(self) -> None:
-        """Create the workers now (replicas load), so the first reply does not wait for them."""
-        self._call(self.coordinator.start_workers())
+        """Create the workers now (replicas load), so the first reply does not wait for them;
+        Cancelled when engine.cancelled is set meanwhile."""
+        self._call(self.coordinator.start_workers(), cancellable=True)
 
-    def _call(self, coroutine):
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+    def _call(self, coroutine, cancellable: bool = False):
+        """Run `coroutine` on the coordinator's loop and wait for it. A cancellable wait
+        (a reply's steps, a placement that may take minutes) ends with Cancelled as soon as
+        engine.cancelled is set, from any thread; the coroutine is cancelled too."""
+        future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        while True:
+            try:
+                return future.result(CANCEL_POLL_S if cancellable else None)
+            except concurrent.futures.TimeoutError:
+                if self.engine.cancelled.is_set():
+                    future.cancel()
+                    raise Cancelled("cancelled while waiting for the workers") from None
 
     def generate(
         self, mode: str, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingConfig | None
     ) -> Iterator[Step]:
-        """The coordinator's async reply as a plain iterator (for Engine.steps)."""
+        """The coordinator's async reply as a plain iterator (for Engine.steps); it ends
+        early when engine.cancelled is set, even while the workers are still being placed."""
         replies = self.coordinator.generate(prompt_ids, max_new_tokens, self.engine.stop_ids, sampling, mode)
 
         async def step():
             return await anext(replies, None)
 
+        async def close():
+            while replies.ag_running:  # a cancelled step is still draining the reply
+                await asyncio.sleep(CANCEL_POLL_S)
+            await replies.aclose()  # drains within the coordinator's timeouts
+
         try:
-            while (item := self._call(step())) is not None:
+            while (item := self._call(step(), cancellable=True)) is not None:
                 yield item
+        except Cancelled:
+            return
         finally:
-            self._call(replies.aclose())
+            self._call(close())
 
     def close(self) -> None:
         self._call(self.coordinator.close())

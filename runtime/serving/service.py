@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from configs.schema import ConfigError, LeapfrogConfig, SamplingConfig
 from runtime.engine import PromptTooLongError
 from runtime.modes import UnknownModeError, check_mode
+from runtime.pipeline.worker_pool import Cancelled
 from runtime.serving.limits import allowed_modes, prompt_bytes
 from runtime.serving.protocol import Chunk, Error, ErrorCode, ProtocolError, Request, Stats
 from runtime.text.stream import TextStream
@@ -208,12 +209,15 @@ class Service:
         ttft = 0.0
         start = time.perf_counter()
         steps = None
+        engine.cancelled = cancel.thread_flag  # a cancel also ends a pipelined reply's wait for its workers
         try:
-            steps = engine.steps(job.prompt_ids, job.mode, job.max_new_tokens, sampling=job.sampling)
             finish = "length"
+            try:
+                steps = engine.steps(job.prompt_ids, job.mode, job.max_new_tokens, sampling=job.sampling)
+            except Cancelled:  # while the mode's workers were being placed
+                steps = ()
             for step in steps:
                 if cancel.is_set():
-                    finish = "cancelled"
                     break
                 if not tokens:
                     ttft = time.perf_counter() - start
@@ -221,7 +225,9 @@ class Service:
                 passes += step.forward_passes
                 last = step.tokens[-1] if step.tokens else last
                 emit(Chunk(job.id, text.push(step.tokens), list(step.tokens), step.forward_passes))
-            if finish != "cancelled":
+            if cancel.is_set():
+                finish = "cancelled"
+            else:
                 finish = "stop" if last in engine.stop_ids else "length"
                 if tail := text.flush():
                     emit(Chunk(job.id, tail, [], 0))
@@ -238,5 +244,6 @@ class Service:
         finally:
             if steps is not None and hasattr(steps, "close"):
                 steps.close()
+            engine.cancelled = threading.Event()
             engine.cache.truncate(0)
             emit(None)

@@ -6,7 +6,16 @@ import pytest
 import torch
 
 from configs.files import CONFIG_DIR, load_config
-from configs.schema import ConfigError, GenerationConfig, LeapfrogConfig, ModelConfig, PipelineConfig, RuntimeConfig, ServerConfig
+from configs.schema import (
+    ConfigError,
+    GenerationConfig,
+    LeapfrogConfig,
+    ModelConfig,
+    PipelineConfig,
+    RuntimeConfig,
+    SamplingConfig,
+    ServerConfig,
+)
 
 
 def write(tmp_path, text: str):
@@ -48,9 +57,9 @@ def test_torch_device():
     "text, match",
     [
         ("[sampler]\ntemperature = 0.5\n", "unknown sections.*sampler"),
-        ("[sampling]\ntemperature = -0.5\n", "temperature must be in"),
-        ("[sampling]\ntop_p = 0\n", "top_p must be in"),
-        ("[sampling]\ntop_k = -1\n", "top_k must be >= 0"),
+        ("[sampling]\ntemperature = -0.5\n", "temperature must be a number in"),
+        ("[sampling]\ntop_p = 0\n", "top_p must be a number in"),
+        ("[sampling]\ntop_k = -1\n", "top_k must be an int in"),
         ("[model]\nquantize = true\n", "unknown keys.*quantize"),
         ("[runtime]\nthread = 4\n", "unknown keys.*thread"),
         ('[runtime]\nthreads = "4"\n', "threads must be int"),
@@ -97,6 +106,23 @@ def test_server_section(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize(
+    "fields, match",
+    [
+        (dict(top_k=2**64), "top_k must be an int in"),  # would not fit a worker message (issue 16)
+        (dict(top_k=2**63), "top_k must be an int in"),
+        (dict(top_k=2.5), "top_k must be an int in"),
+        (dict(seed=True), "seed must be an int in"),
+        (dict(temperature="0.7"), "temperature must be a number in"),
+        (dict(top_p=float("nan")), "top_p must be a number in"),
+    ],
+)
+def test_sampling_values_outside_their_ranges_are_refused(fields, match):
+    with pytest.raises(ConfigError, match=match):
+        SamplingConfig(**fields)
+    assert SamplingConfig(0.5, 2**63 - 1, 0.5, 2**63 - 1).top_k == 2**63 - 1
 
 
 def test_validate_catches_bad_overrides():

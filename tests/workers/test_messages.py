@@ -1,4 +1,5 @@
-"""The typed messages at the worker boundary (workers.messages): msgpack round trips, garbage refused."""
+"""The typed messages at the worker boundary (workers.messages): msgpack round trips,
+garbage refused both ways."""
 
 import pytest
 
@@ -13,3 +14,9 @@ def test_messages_round_trip_and_reject_garbage():
     for bad in (b"\x00\x01", encode(Prediction(1, [2], [])).replace(b"Prediction", b"Predictiom")):
         with pytest.raises(MessageError):
             decode(bad)
+
+
+def test_a_message_that_cannot_be_encoded_is_a_message_error():
+    request = StepRequest(1, 2, 5, [7, 8], [8, 9], [-1, 0], [0], 3, 0, [4], 64, {"top_k": 2**64})
+    with pytest.raises(MessageError, match="cannot encode a StepRequest"):
+        encode(request)
