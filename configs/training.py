@@ -47,6 +47,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     val_positions: int = 64  # positions per validation sequence (evenly spaced)
     distill_batch: int = 8
+    data_only: bool = False  # build (or extend) the cached data set and stop: no training
     progress: bool = True
 
     def n_val(self) -> int:

@@ -205,6 +205,8 @@ def add_train(sub) -> None:
     p.add_argument("--data-dir", help="cache of training examples (default: $LEAPFROG_CACHE/distill)")
     p.add_argument("--distill-batch", type=positive_int, default=d.distill_batch, help="generation batch size")
     p.add_argument("--resume", action="store_true", help="continue from OUT's .ckpt.pt checkpoint")
+    p.add_argument("--data-only", action="store_true",
+                   help="build (or extend) the cached training data and stop; a later run resumes it")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--log-every", type=positive_int, default=d.log_every, help="print the mean loss every N steps")
     p.add_argument("--eval-every", type=non_negative_int, default=d.eval_every,
@@ -387,6 +389,7 @@ def cmd_train(args, config: LeapfrogConfig) -> int:
         checkpoint_every=args.checkpoint_every,
         distill_batch=args.distill_batch,
         progress=not args.no_progress,
+        data_only=args.data_only,
     )
     run_training(cfg)
     return 0

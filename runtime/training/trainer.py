@@ -271,5 +271,11 @@ def run(cfg: TrainConfig, log=print) -> dict:
     val_examples = distill(folder, cfg.n_val(), "val", settings=val_settings, **common) if cfg.n_val() else []
     if len(train_examples) < cfg.examples:
         log(f"[train] only {len(train_examples)} training prompts fit; using them all")
+    sizes = {"train": len(train_examples), "val": len(val_examples),
+             "train_reply_tokens": sum(len(e["reply_ids"]) for e in train_examples)}
+    log(f"[train] data ({cfg.data}): {sizes['train']} training sequences, {sizes['train_reply_tokens']:,} reply tokens; "
+        f"{sizes['val']} validation sequences (the model's own replies)")
+    if cfg.data_only:
+        return {"examples": sizes}
     _, summary = train(model, train_examples, val_examples, cfg, log=log)
     return summary

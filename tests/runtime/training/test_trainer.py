@@ -233,6 +233,9 @@ def test_cli_train(tiny_folder, examples, tmp_path, command):
             "--k", "2", "--no-pseudo-attention", "--examples", "8", "--val-examples", "2", "--max-new-tokens",
             str(REPLY), "--val-max-new-tokens", str(REPLY), "--steps", "3", "--batch", "2", "--positions-per-seq", "4", "--out", str(out),
             "--data-dir", str(data), "--no-progress"]
+    data_only = tmp_path / "none.safetensors"
+    assert main(argv + ["--data-only", "--out", str(data_only)]) == 0  # the cached data is there: nothing to make
+    assert not data_only.exists() and not data_only.with_suffix(".ckpt.pt").exists()  # and nothing trained
     assert main(argv) == 0
     summary = json.loads(out.with_suffix(".json").read_text())
     assert summary["steps"] == 3 and summary["examples"]["train"] == 8 and summary["examples"]["val"] == 2
