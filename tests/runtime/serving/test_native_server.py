@@ -38,7 +38,7 @@ async def test_stream_chunks_text_and_stats():
     # One chunk per decoding step, carrying what that step accepted: 1, 2, 3, 1, ...
     assert [len(c.token_ids) for c in chunks[:4]] == [1, 2, 3, 1]
     s = stream.stats
-    assert (s.finish_reason, s.tokens, s.prompt_tokens, s.mode) == ("stop", len(ids), len(prompt_ids), "ar")
+    assert (s.finish_reason, s.tokens, s.prompt_tokens, s.mode) == ("stop", len(ids), len(prompt_ids), "ht")  # the default
     assert s.forward_passes == len([c for c in chunks if c.forward_passes])
     assert s.tau == pytest.approx(len(ids) / s.forward_passes) and s.tau > 1.5
     assert 0 <= s.ttft_seconds <= s.seconds
@@ -60,7 +60,7 @@ async def test_length_limit_messages_and_options_reach_the_engine():
 async def test_server_defaults_apply_when_a_request_leaves_them_out():
     async with running_server() as (server, engines), Client(*server.address) as client:
         reply = await client.generate("x" * 10)
-    assert engines[0].calls[0]["mode"] == "ar" and engines[0].calls[0]["max_new_tokens"] == 64
+    assert engines[0].calls[0]["mode"] == "ht" and engines[0].calls[0]["max_new_tokens"] == 64  # [generation] mode
     assert reply.stats.tokens == len(expected_reply(engines[0].encode_chat("x" * 10), 64))
 
 
