@@ -5,7 +5,10 @@ service keeps a pool of engines: `concurrency` of them. A request waits for a fr
 engine in FIFO order; when `max_queue` requests already wait it is refused
 ("overloaded"). Decoding is synchronous tensor work, so it runs in a worker thread and
 hands each Step to the event loop as soon as it is committed; the loop stays free to
-read cancels, accept connections and stream to everyone else.
+read cancels, accept connections and stream to everyone else. The thread runs at most
+CHUNKS_AHEAD chunks ahead of the reader: a client that reads slowly slows its decode
+instead of piling its reply up in memory (and one that stops reading is cut by the front
+end's write timeout, which cancels the decode).
 
 Whatever ends a request -- its last token, a cancel, the client leaving, an error --
 the worker thread empties the engine's KV cache before the engine goes back to the
@@ -32,6 +35,7 @@ from runtime.text.stream import TextStream
 
 log = logging.getLogger("leapfrog.serve")
 INTERNAL_MESSAGE = "internal error; the server log has the details"
+CHUNKS_AHEAD = 64  # chunks a decode may emit that its reader has not taken yet
 
 
 @dataclass
@@ -171,12 +175,15 @@ class Service:
             except RuntimeError:  # the loop is closed: the server is shutting down
                 pass
 
+        credit = threading.Semaphore(CHUNKS_AHEAD)  # the decode takes one per Chunk, the reader gives it back
         queue_seconds = time.perf_counter() - queued
-        done = loop.run_in_executor(self._decoders, self._decode, engine, job, cancel, emit, queue_seconds)
+        done = loop.run_in_executor(self._decoders, self._decode, engine, job, cancel, emit, credit, queue_seconds)
         # The engine goes back only once its thread is done with it (cache emptied).
         done.add_done_callback(lambda _: self._free.put_nowait(engine))
         try:
             while (item := await items.get()) is not None:
+                if isinstance(item, Chunk):
+                    credit.release()
                 yield item
         finally:
             cancel.set()  # a no-op after a normal end; stops the worker if our reader left
@@ -201,8 +208,9 @@ class Service:
                 engine = None
         return engine
 
-    def _decode(self, engine, job: Job, cancel: Cancellation, emit, queue_seconds: float) -> None:
-        """Worker thread: run the job on `engine`, emitting Chunks then Stats (or Error), then None."""
+    def _decode(self, engine, job: Job, cancel: Cancellation, emit, credit: threading.Semaphore, queue_seconds: float) -> None:
+        """Worker thread: run the job on `engine`, emitting Chunks then Stats (or Error), then
+        None. Each Chunk waits for a `credit` (the reader is at most CHUNKS_AHEAD behind)."""
         text = TextStream(engine.tokenizer)
         tokens = passes = 0
         last = None
@@ -217,7 +225,7 @@ class Service:
             except Cancelled:  # while the mode's workers were being placed
                 steps = ()
             for step in steps:
-                if cancel.is_set():
+                if not reader_caught_up(credit, cancel):
                     break
                 if not tokens:
                     ttft = time.perf_counter() - start
@@ -229,7 +237,7 @@ class Service:
                 finish = "cancelled"
             else:
                 finish = "stop" if last in engine.stop_ids else "length"
-                if tail := text.flush():
+                if (tail := text.flush()) and reader_caught_up(credit, cancel):
                     emit(Chunk(job.id, tail, [], 0))
             seconds = time.perf_counter() - start
             emit(Stats(job.id, finish, len(job.prompt_ids), tokens, passes, tokens / max(passes, 1),
@@ -247,3 +255,12 @@ class Service:
             engine.cancelled = threading.Event()
             engine.cache.truncate(0)
             emit(None)
+
+
+def reader_caught_up(credit: threading.Semaphore, cancel: Cancellation) -> bool:
+    """Decode thread: wait until the reader has room for one more Chunk; False once the
+    request is cancelled (the reader left, or stopped reading and was cut)."""
+    while not credit.acquire(timeout=0.05):
+        if cancel.is_set():
+            return False
+    return not cancel.is_set()
