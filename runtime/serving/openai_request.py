@@ -11,7 +11,9 @@ refused; the forms OpenAI clients send for "nothing" (`"n": null`, `"stop": ""`,
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 from runtime.serving.protocol import ErrorCode, ProtocolError, Request, from_dict
 
@@ -29,6 +31,11 @@ DEFAULT_ONLY = {
 # OpenAI names -> native Request fields (the rest keep their names: temperature, top_p, seed, mode, top_k).
 RENAMED = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens"}
 NATIVE = {"temperature", "top_p", "seed", "mode", "top_k"}
+# A request is a few levels deep (body -> messages -> message); json.loads recurses once a
+# level, so a deep body is refused before it is parsed: a RecursionError deep in the parser
+# can fire in whatever a garbage collection finalizes there, outside any except clause.
+MAX_JSON_DEPTH = 64
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
 
 
 def bad(message: str, code: str = ErrorCode.INVALID_FIELD) -> ProtocolError:
@@ -48,12 +55,19 @@ def parse_body(body: bytes, content_type: str) -> object:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
         raise bad("the body is not valid UTF-8", ErrorCode.INVALID_UTF8) from None
+    if _nesting_depth(text) > MAX_JSON_DEPTH:
+        raise bad(f"the body is nested more than {MAX_JSON_DEPTH} levels deep", ErrorCode.MALFORMED_FRAME)
     try:
         return json.loads(text, parse_constant=_no_constant)
-    except RecursionError:
-        raise bad("the body is nested too deeply", ErrorCode.MALFORMED_FRAME) from None
     except ValueError as e:  # JSONDecodeError, an integer of too many digits, NaN/Infinity
         raise bad(f"the body is not valid JSON: {str(e)[:100]}", ErrorCode.MALFORMED_FRAME) from None
+
+
+def _nesting_depth(text: str) -> int:
+    """The deepest nesting of arrays and objects in a JSON text, brackets inside strings
+    not counted (an unterminated string's brackets are: the body is invalid anyway)."""
+    brackets = re.sub(r"[^\[\]{}]", "", _JSON_STRING.sub("", text))
+    return max(accumulate(1 if bracket in "[{" else -1 for bracket in brackets), default=0)
 
 
 def _no_constant(name: str):
