@@ -20,7 +20,7 @@ from runtime.bench.charts import speedup_chart
 from runtime.bench.harness import NEAR_TIE_TOL, WARMUP_TOKENS, compared_with_ar, run_bench, run_once
 from runtime.bench.prompts import BenchInputError, default_prompts_path, load_prompts
 from runtime.bench.report import describe_difference, describe_sampling, describe_threads, format_table, speed_line
-from runtime.bench.sweep import load_sweep, run_sweep
+from runtime.bench.sweep import load_sweep, project_sweep, run_sweep
 from runtime.engine import Engine, PromptTooLongError
 from runtime.modes import MODES, PIPELINED_MODES, UnknownModeError, check_mode
 from runtime.pipeline.cluster import ensure_ray
@@ -113,9 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_train(sub)
 
     sweep = sub.add_parser("sweep", help="latency/compute sweep of the pipelined modes over a grid (CSV + Pareto plot)")
-    sweep.add_argument("--config", required=True, help="a config with a [sweep] section (e.g. configs/sweep.toml)")
+    sweep.add_argument("--config", help="a config with a [sweep] section (e.g. configs/sweep.toml)")
     sweep.add_argument("--out", required=True, help="folder for sweep.csv, sweep.json and sweep.png")
     sweep.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    sweep.add_argument("--project", metavar="PROFILE",
+                       help="also project the runs onto the device of this `leapfrog profile` JSON (projected.csv/.png)")
+    sweep.add_argument("--measured", metavar="SWEEP_JSON",
+                       help="with --project: project this earlier sweep's sweep.json instead of running --config")
+    sweep.add_argument("--project-workers", default="1,2,4,8", help="worker counts to project (default 1,2,4,8)")
 
     profile = sub.add_parser("profile", help="this device's cost curve t(n): tree-step time against rows (JSON)",
                              description=cost_curve.__doc__.split("\n\n")[0])
@@ -325,10 +330,24 @@ def cmd_profile(args, config: LeapfrogConfig) -> int:
 
 
 def cmd_sweep(args) -> int:
-    sweep = load_sweep(args.config)
-    print(f"sweep: {len(sweep.points())} grid points x modes ar, {', '.join(sweep.references + sweep.modes)}")
-    out = run_sweep(sweep, args.out, not args.no_progress)
-    print(f"wrote {out / 'sweep.csv'}, {out / 'sweep.json'} and {out / 'sweep.png'}")
+    if (args.config is None) == (args.measured is None) or (args.measured and not args.project):
+        raise ConfigError("sweep: give --config (run a sweep), or --measured SWEEP_JSON with --project PROFILE")
+    try:
+        workers = [int(n) for n in args.project_workers.split(",")]
+    except ValueError:
+        workers = []
+    if not workers or min(workers) < 1:
+        raise ConfigError(f"--project-workers must be worker counts >= 1, got {args.project_workers!r}")
+    measured = args.measured
+    if args.config is not None:
+        sweep = load_sweep(args.config)
+        print(f"sweep: {len(sweep.points())} grid points x modes ar, {', '.join(sweep.references + sweep.modes)}")
+        out = run_sweep(sweep, args.out, not args.no_progress)
+        print(f"wrote {out / 'sweep.csv'}, {out / 'sweep.json'} and {out / 'sweep.png'}")
+        measured = out / "sweep.json"
+    if args.project:
+        out = project_sweep(measured, args.project, args.out, workers)
+        print(f"wrote {out / 'projected.csv'} and {out / 'projected.png'}")
     return 0
 
 

@@ -39,7 +39,7 @@ class Engine:
         self.stop_ids = stop_ids(self.tokenizer, self.folder)
         self._modes: dict[str, object] = {}
         self._workers = None  # runtime.pipeline.worker_pool.WorkerPool of the pipelined modes, made on first use
-        self._cost_curve: CostCurve | None = None  # [tree_sizing] cost, read on first use
+        self._cost_curves: dict[int, CostCurve] = {}  # [tree_sizing] cost by torch threads, read on first use
         # Set from any thread: a pipelined reply ends at once, even while its workers are
         # still being placed (other modes stop with the caller between steps). The server
         # puts each request's own flag here while it decodes.
@@ -71,24 +71,33 @@ class Engine:
             self._modes[name] = build_mode(name, self)
         return self._modes[name]
 
-    def cost_curve(self) -> CostCurve | None:
-        """This device's step cost t(n) as [tree_sizing] cost says; None when "off"."""
+    def cost_curve(self, threads: int | None = None) -> CostCurve | None:
+        """This device's step cost t(n) as [tree_sizing] cost says, with `threads` torch
+        threads (the pipeline workers' count; None: the engine's); None when "off"."""
+        import torch
+
         setting = self.drafters.tree_sizing.cost
         if setting == "off":
             return None
-        if self._cost_curve is None:
+        threads = threads or torch.get_num_threads()
+        if threads not in self._cost_curves:
             if setting == "auto":
-                profile = device_profile(self)
+                own = torch.get_num_threads()
+                torch.set_num_threads(threads)
+                try:
+                    profile = device_profile(self)
+                finally:
+                    torch.set_num_threads(own)
             else:
                 try:
                     profile = json.loads(Path(setting).read_text())
                 except (OSError, ValueError) as e:
                     raise ConfigError(f"[tree_sizing] cost: cannot read the profile {setting}: {e}") from None
             try:
-                self._cost_curve = CostCurve.from_profile(profile)
+                self._cost_curves[threads] = CostCurve.from_profile(profile)
             except ValueError as e:
                 raise ConfigError(f"[tree_sizing] cost {setting}: {e}") from None
-        return self._cost_curve
+        return self._cost_curves[threads]
 
     def tree_sizer(self, drafter_trees: bool = False) -> TreeSizer | None:
         """A new TreeSizer on this device's cost curve (None when sizing is off); for a
@@ -108,7 +117,7 @@ class Engine:
         """Replace one field of DrafterConfigs ("ht", "medusa", "pass_", ...); the modes
         that draft are rebuilt on their next use (the hf peers are kept), the workers restart."""
         self.drafters = dataclasses.replace(self.drafters, **{name: settings})
-        self._cost_curve = None
+        self._cost_curves = {}
         self._modes = {name: mode for name, mode in self._modes.items() if name == "ar" or name.startswith("hf")}
         self.close()
 

@@ -39,6 +39,7 @@ from workers.messages import DraftRequest, DraftResult, Prediction, StepRequest,
 from workers.model import Transformer
 from workers.sampling import Chooser, Greedy, chooser
 from workers.tree import TokenTree
+from workers.tree_sizing import pseudo_row_cost
 from workers.tree_step import decoding_cache, tree_step
 
 DRAFT_CANDIDATES = 8  # candidates per depth returned with the next drafts
@@ -57,6 +58,9 @@ def advance(steps: Generator) -> Prediction | StepResult | None:
 class DecodeWorker:
     def __init__(self, model: Transformer, drafter: PseudoStateDrafter, cache: KVCache):
         self.model, self.drafter, self.cache = model, drafter, cache
+        # By draft depth: the drafter's first d pseudo positions (a step asks for its depth).
+        self.drafters = {d: drafter.first(d) for d in range(1, drafter.config.k)} | {drafter.config.k: drafter}
+        self.pseudo_row_cost = pseudo_row_cost(model.args, drafter.config.layer)
         self._request: tuple[int, dict | None] | None = None
         self._choose: Chooser = Greedy()
         self._aborted: set[int] = set()
@@ -95,7 +99,9 @@ class DecodeWorker:
         catch_up, n_layers = req.context[:-1], self.model.args.n_layers
         c, n = len(catch_up), len(tree)
         predict_at = min(req.predict_layer, n_layers) if req.predict_layer > 0 else None
-        steps = tree_step(self.model, self.cache, tree, choose, req.reply_index, catch_up, self.drafter, req.pseudo_nodes)
+        depth = self.drafter.config.k if req.draft_depth is None else max(min(req.draft_depth, self.drafter.config.k), 0)
+        groups = req.pseudo_nodes if depth else []
+        steps = tree_step(self.model, self.cache, tree, choose, req.reply_index, catch_up, self.drafters.get(depth), groups)
         while True:
             try:
                 layer, h = next(steps)
@@ -107,7 +113,7 @@ class DecodeWorker:
             if layer < n_layers and self._is_aborted(req.step_id):
                 steps.close()
                 self._catch_up_only(h[:, :c], layer)
-                return StepResult(req.step_id, [], [], [], self.cache.length, [], [], time.perf_counter() - start)
+                return StepResult(req.step_id, [], [], [], self.cache.length, [], [], time.perf_counter() - start, 0.0)
         if predict_at is None:
             yield None
         self.steps_done += 1
@@ -116,7 +122,7 @@ class DecodeWorker:
         return StepResult(
             req.step_id, outcome.tokens, outcome.margins, observed, self.cache.length,
             top.indices.tolist() if top is not None else [], top.values.tolist() if top is not None else [],
-            time.perf_counter() - start,
+            time.perf_counter() - start, c + n + len(groups) * depth * self.pseudo_row_cost,
         )
 
     def _catch_up_only(self, h: torch.Tensor, layer: int) -> None:

@@ -26,6 +26,7 @@ class StepRequest:
     tree_tokens: list[int]  # the token tree, node 0 = the root (runtime.pipeline.launch_trees)
     tree_parents: list[int]
     pseudo_nodes: list[int]  # tree nodes whose pseudo states draft the next tokens
+    draft_depth: int | None  # pseudo states per pseudo node (at most the drafter's); 0: none; None: all the drafter's
     reply_index: int  # reply index of the token after the root (seeded sampling)
     predict_layer: int  # after this many layers the worker predicts its walk; 0 = never
     candidates: list[int]  # tokens the prediction may choose besides the tree's own
@@ -54,6 +55,7 @@ class StepResult:
     draft_tokens: list[list[int]]  # next drafts: top candidates per depth after the last token
     draft_logprobs: list[list[float]]
     forward_s: float  # seconds of compute inside the worker
+    rows: float  # the step's rows at their cost: catch-up and tree rows 1 each, pseudo states their share
 
 
 @dataclass

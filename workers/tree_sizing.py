@@ -103,10 +103,10 @@ def monotone(tree: TokenTree, probs: list[float]) -> list[float]:
     return out
 
 
-def keep_most_likely(tree: TokenTree, probs: list[float], m: int) -> tuple[TokenTree, list[int]]:
-    """The root and the m drafted nodes of highest `probs` (monotone: they form a tree), in
-    the tree's order; also the kept nodes' indices in `tree`."""
-    ranked = sorted(range(1, len(tree)), key=lambda i: (-probs[i], i))[:m]
+def keep_most_likely(tree: TokenTree, probs: list[float], m: int, first: frozenset[int] = frozenset()) -> tuple[TokenTree, list[int]]:
+    """The root and the m drafted nodes of highest `probs` (monotone: they form a tree), the
+    nodes in `first` before any other, in the tree's order; also the kept nodes' indices in `tree`."""
+    ranked = sorted(range(1, len(tree)), key=lambda i: (i not in first, -probs[i], i))[:m]
     kept = [0, *sorted(ranked)]
     index = {old: new for new, old in enumerate(kept)}
     parents = [-1] + [index[tree.parents[i]] for i in kept[1:]]
@@ -164,15 +164,18 @@ class Acceptance:
     def scored(self, tree: TokenTree, node: int) -> bool:
         return self.use_scores and math.isfinite(tree.scores[node])
 
-    def probabilities(self, tree: TokenTree, slots: dict[int, Hashable] | None = None) -> list[float]:
+    def probabilities(self, tree: TokenTree, slots: dict[int, Hashable] | None = None,
+                      certain: frozenset[int] = frozenset()) -> list[float]:
         """p(node) for every node (root: 1), monotone down every path. A node with a finite
         score is rated by its calibrated draft probability; a node in `slots` (node -> slot)
         by its parent's p times its slot's rate (the product of the slot rates down a chain);
-        one that is both gets the larger."""
+        one that is both gets the larger; a node in `certain` (a path from the root) by 1."""
         slots = slots or {}
         probs = [1.0] * len(tree)
         for node in range(1, len(tree)):
             parent = tree.parents[node]
+            if node in certain:
+                continue
             scored = chained = 0.0
             if self.scored(tree, node):
                 scored = self.scale.get(tree.depths[node], CALIBRATION_PRIOR).value * math.exp(tree.scores[node])
@@ -214,12 +217,14 @@ class TreeSizer:
         """A sizer for trees whose scores are a drafter's ranks, not probabilities: slot rates only."""
         return cls(cost, Acceptance(use_scores=False))
 
-    def size(self, tree: TokenTree, context: int, extra_rows: float = 0.0,
-             slots: dict[int, Hashable] | None = None) -> tuple[TokenTree, dict[int, Hashable], float]:
-        """The kept tree, `slots` renumbered for it, and the tokens it is expected to commit."""
-        probs = self.acceptance.probabilities(tree, slots)
-        m = best_size(probs[1:], self.cost.at(context), extra_rows)
-        pruned, kept = keep_most_likely(tree, probs, m)
+    def size(self, tree: TokenTree, context: int, extra_rows: float = 0.0, slots: dict[int, Hashable] | None = None,
+             certain: frozenset[int] = frozenset()) -> tuple[TokenTree, dict[int, Hashable], float]:
+        """The kept tree, `slots` renumbered for it, and the tokens it is expected to commit.
+        Nodes in `certain` (a path from the root the caller takes as accepted: a pipelined
+        step's predicted trunk) are always kept, and the rest are rated given that path."""
+        probs = self.acceptance.probabilities(tree, slots, certain)
+        m = max(best_size(probs[1:], self.cost.at(context), extra_rows), len(certain - {0}))
+        pruned, kept = keep_most_likely(tree, probs, m, certain)
         slots = slots or {}
         return pruned, {new: slots[old] for new, old in enumerate(kept) if old in slots}, 1.0 + sum(probs[i] for i in kept[1:])
 

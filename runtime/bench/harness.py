@@ -17,13 +17,14 @@ from __future__ import annotations
 import sys
 import time
 from collections import defaultdict
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 
 from tqdm import tqdm
 
 from configs.schema import SamplingConfig
 from runtime.bench.prompts import Prompt
 from runtime.decoding.steps import Step
+from runtime.pipeline.metrics import Metrics
 
 REFERENCE = "ar"
 WARMUP_TOKENS = 8
@@ -129,9 +130,7 @@ def worker_summary(runs: list[dict]) -> dict | None:
     metrics = [r["workers"] for r in runs if r.get("workers")]
     if not metrics:
         return None
-    total = {key: sum(m[key] for m in metrics) for key in (
-        "tokens", "steps", "spawned", "hits", "wasted_steps", "wasted_tokens", "forward_tokens", "worker_s",
-        "step_s", "draft_s", "drafts", "round_trip_s", "coordinator_s", "faults", "wall_s")}
+    total = {f.name: sum(m[f.name] for m in metrics) for f in fields(Metrics)}
     per = max(total["tokens"], 1)
     return {
         **total,

@@ -38,6 +38,8 @@ from runtime.bench.prompts import default_prompts_path, load_prompts
 from runtime.engine import Engine
 from runtime.modes import UnknownModeError, check_mode
 from runtime.pipeline.cluster import ensure_ray
+from runtime.pipeline.latency_model import DecodeStats, needed_hit_rate, predict
+from workers.tree_sizing import CostCurve
 
 AXES = {  # grid axis -> (section of LeapfrogConfig, field)
     "dtype": ("model", "dtype"),
@@ -54,6 +56,13 @@ SETTINGS = {"modes": ["pipeline"], "references": ["ht"], "per_category": None, "
 CSV_FIELDS = [
     "point", *AXES, "mode", "tokens", "tokens_per_s", "speedup_vs_ar", "latency_ms_per_token",
     "worker_ms_per_token", "tau", "identical_prompts", "prompts", "hit_rate", "wasted_steps", "faults", "pareto",
+    # The decode phase (after the prompt's step) of a pipelined mode, measured and as the
+    # latency model (runtime.pipeline.latency_model) predicts it from this device's t(n).
+    "decode_latency_ms", "model_latency_ms", "decode_worker_ms", "model_worker_ms",
+]
+PROJECTED_FIELDS = [
+    "point", *AXES, "mode", "measured_workers", "hit_rate", "tau_root", "tau_hit", "root_rows", "spawned_rows",
+    "latency_ms_per_token", "worker_ms_per_token", "needed_hit_rate", "pareto",
 ]
 
 
@@ -127,9 +136,9 @@ def run_sweep(sweep: Sweep, out: str | Path, progress: bool = True) -> Path:
         engine.set_pipeline_config(config.pipeline)
         result = run_bench(engine, prompts, sweep.references + sweep.modes, config.generation.max_new_tokens,
                            NEAR_TIE_TOL[dtype], config.runtime.threads, progress=False, sampling=config.sampling)
-        result["point"] = point
+        result["point"], result["settings"] = point, settings(config)
         results.append(result)
-        rows += csv_rows(index, settings(config), result)
+        rows += csv_rows(index, settings(config), result, engine.cost_curve(config.pipeline.threads))
     for engine in engines.values():
         engine.close()
     mark_pareto(rows)
@@ -147,10 +156,12 @@ def settings(config: LeapfrogConfig) -> dict:
     return {axis: getattr(config.drafters.ht if s == "ht" else getattr(config, s), key) for axis, (s, key) in AXES.items()}
 
 
-def csv_rows(index: int, point: dict, result: dict) -> list[dict]:
+def csv_rows(index: int, point: dict, result: dict, curve: CostCurve | None = None) -> list[dict]:
     rows = []
     for mode, m in result["modes"].items():
         workers = m.get("workers") or {}
+        stats = DecodeStats.from_summary(workers, point["workers"], point["policy"]) if workers else None
+        model = predict(stats, curve.at(stats.context)) if stats and curve else None
         rows.append({
             "point": index, **point, "mode": mode,
             "tokens": m["tokens"], "tokens_per_s": m["tokens_per_s"], "speedup_vs_ar": m["speedup_vs_ar"],
@@ -158,8 +169,59 @@ def csv_rows(index: int, point: dict, result: dict) -> list[dict]:
             "worker_ms_per_token": round(1000 * m["worker_s_per_token"], 3), "tau": m["mean_accepted"],
             "identical_prompts": m["identical_to_ar"], "prompts": result["prompts"], "hit_rate": workers.get("hit_rate"),
             "wasted_steps": workers.get("wasted_steps"), "faults": workers.get("faults"), "pareto": False,
+            "decode_latency_ms": round(stats.latency_ms, 3) if stats else None,
+            "model_latency_ms": round(model.latency_ms, 3) if model else None,
+            "decode_worker_ms": round(stats.worker_ms, 3) if stats else None,
+            "model_worker_ms": round(model.worker_ms, 3) if model else None,
         })
     return rows
+
+
+def project_sweep(measured: str | Path, profile: str | Path, out: str | Path, workers: list[int]) -> Path:
+    """A measured sweep (its sweep.json) projected onto the device of `profile` (a `leapfrog
+    profile` JSON): each pipelined run's acceptance and hit rate with that device's t(n), at
+    every worker count in `workers` (runtime.pipeline.latency_model); the single-worker
+    worker count 1 is one worker running the run's root steps (a root step is a sized tree
+    from the committed tokens, as a single-worker `ht` step is). Writes DIR/projected.csv
+    (with the hit rate each point would need to be 1.2x faster than that one worker) and
+    DIR/projected.png, the projected Pareto frontier."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        results = json.loads(Path(measured).read_text())["results"]
+        curve = CostCurve.from_profile(json.loads(Path(profile).read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"cannot project {measured} onto {profile}: {e}") from None
+    rows = []
+    for index, result in enumerate(results):
+        point = result["settings"]
+        for mode, m in result["modes"].items():
+            w = m.get("workers") or {}
+            stats = DecodeStats.from_summary(w, point["workers"], point["policy"]) if w else None
+            if stats is None:
+                continue
+            cost = curve.at(stats.context)
+            one_worker = predict(stats, cost, 1).latency_ms
+            for n in workers:
+                p = predict(stats, cost, n)
+                need = needed_hit_rate(stats, cost, one_worker / 1.2, n) if n > 1 else None
+                rows.append({
+                    "point": index, **point, "mode": mode, "measured_workers": stats.workers, "workers": n,
+                    "hit_rate": round(stats.hit_rate, 4), "tau_root": round(stats.tau_root, 3),
+                    "tau_hit": round(stats.tau_hit, 3), "root_rows": round(stats.root_rows, 2),
+                    "spawned_rows": round(stats.spawned_rows, 2), "latency_ms_per_token": round(p.latency_ms, 3),
+                    "worker_ms_per_token": round(p.worker_ms, 3), "needed_hit_rate": None if need is None else round(need, 4),
+                    "pareto": False,
+                })
+    mark_pareto(rows)
+    with open(out / "projected.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=PROJECTED_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    if rows:
+        pareto_chart([{"policy": "", "predict_layer": "", **r} for r in rows], out / "projected.png",
+                     title=f"projected onto {Path(profile).name}")
+    return out
 
 
 def mark_pareto(rows: list[dict]) -> None:

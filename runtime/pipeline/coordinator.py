@@ -11,7 +11,8 @@ and does what it says, then launches what is free:
              predicted walk of the newest step in flight (pipeline: that step told its
              Prediction after `predict_layer` layers), or nothing when no step is in
              flight. A prediction seeds one launch ("chain": its alternatives ride as
-             leaves) or one per alternative ("fanout").
+             leaves) or one per alternative ("fanout"). With a LaunchSizer each tree,
+             and the depth of its drafts, is cut to what pays on the workers' t(n).
   predict    a step's Prediction arrives: the next worker can start on it.
   commit     a step's result arrives: the tokens past the committed ones are committed
              (clipped at max_new_tokens and stop tokens) and streamed; its drafts seed
@@ -40,7 +41,7 @@ import torch
 
 from configs.schema import DrafterConfigs, PipelineConfig, SamplingConfig
 from runtime.decoding.steps import Step, clip_step
-from runtime.pipeline.launch_trees import Drafts, build_launch_tree, predict_from_drafts
+from runtime.pipeline.launch_trees import Drafts, LaunchSizer, build_launch_tree, predict_from_drafts
 from runtime.pipeline.metrics import Metrics
 from runtime.pipeline.reply_state import Launch, ReplyState, WorkerCache, can_extend, hypotheses, subtree_paths
 from runtime.pipeline.transport import Transport, WorkerFailed
@@ -53,8 +54,11 @@ MODES = ("pipeline", "async")
 
 
 class Coordinator:
-    def __init__(self, transport: Transport, config: PipelineConfig, drafters: DrafterConfigs, vocab_size: int):
+    def __init__(self, transport: Transport, config: PipelineConfig, drafters: DrafterConfigs, vocab_size: int,
+                 sizing: LaunchSizer | None = None):
+        """`sizing`, when given, cuts every launch tree to what pays on the workers' step cost."""
         self.transport, self.config, self.drafters, self.vocab = transport, config, drafters, vocab_size
+        self.sizing = sizing
         self.drafter: int | None = None  # async: the drafting worker (per request, see _use)
         self.verifiers = list(range(transport.size))
         # Each worker's cache, whatever role it had when it was filled: a worker that drafted
@@ -109,6 +113,7 @@ class Coordinator:
             self._schedule(req)
             while not req.done:
                 for step in await self.step(req):
+                    req.metrics.first_s = req.metrics.first_s or time.perf_counter() - start
                     yield step
         finally:
             await self._drain(req)
@@ -175,7 +180,12 @@ class Coordinator:
         full = launch.base + result.tokens
         if result.observed:
             self.recycling.observe(launch.plan.tree, [], torch.tensor(result.observed))
+        if self.sizing is not None and result.tokens:  # (an aborted step's are empty)
+            self.sizing.observe(launch.plan, result.tokens)
         extends = full[: len(req.seq)] == req.seq and len(full) > len(req.seq)
+        first = m.tokens == 0
+        if result.tokens and not first:
+            m.count_step(launch.spawned, result.rows, result.forward_s, len(launch.base))
         if not extends or req.done:
             m.wasted_steps += live
             m.wasted_tokens += len(launch.plan.tree) if live else 0
@@ -186,7 +196,7 @@ class Coordinator:
             full[len(req.seq) :], result.margins[skip:], req.produced, req.max_new_tokens, req.stop_ids
         )
         req.seq += tokens
-        m.tokens += len(tokens)
+        m.count_tokens(len(tokens), launch.spawned, first, result.forward_s)
         req.done = done
         if result.draft_tokens:
             req.drafts = Drafts(len(full) - 1, result.draft_tokens, result.draft_logprobs)
@@ -283,12 +293,14 @@ class Coordinator:
             req.seq, trunk, alternatives, req.drafts, covered + ([chain] if chain else []), self.drafters.ht,
             self.drafters.pld if c.lookup else None, c.continuation_budget, self.vocab, self.recycling,
         )
+        if self.sizing is not None:
+            plan = self.sizing.size(plan, len(req.seq))
         keep = min(self.cached[worker].reusable(req.seq, every_layer=True), len(req.seq) - 1)
         pipelined = len(self.verifiers) > 1
         predict = c.predict_layer if pipelined else 0
         request = StepRequest(
             req.request_id, self._id(), keep, req.seq[keep:], plan.tree.tokens, plan.tree.parents,
-            plan.pseudo_nodes, req.produced, predict, req.drafts.candidates() if req.drafts else [],
+            plan.pseudo_nodes, plan.draft_depth, req.produced, predict, req.drafts.candidates() if req.drafts else [],
             req.max_new_tokens, req.sampling,
         )
         launch = Launch(request.step_id, worker, list(req.seq), plan, request)

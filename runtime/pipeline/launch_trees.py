@@ -24,7 +24,8 @@ compute, never correctness.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Hashable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -32,6 +33,7 @@ from configs.schema import PldConfig, PseudoStateModeConfig
 from workers.drafters.prompt_lookup import lookup
 from workers.drafters.token_recycling import TokenRecyclingDrafter
 from workers.tree import TokenTree, build_dynamic_tree, graft_chain, root_only
+from workers.tree_sizing import TreeSizer
 
 
 @dataclass
@@ -59,6 +61,8 @@ class LaunchTree:
     tree: TokenTree
     pseudo_nodes: list[int]
     trunk_end: int  # node of the trunk's last token (0: no trunk)
+    slots: dict[int, Hashable] = field(default_factory=dict)  # unscored nodes -> (origin, depth below it)
+    draft_depth: int | None = None  # of the pseudo states (None: the worker's drafter's; 0: none)
 
 
 def merge_below(tree: TokenTree, node: int, subtree: TokenTree) -> None:
@@ -83,27 +87,76 @@ def build_launch_tree(
     root_index = len(committed) - 1
     at_root = drafts.after(root_index, vocab) if drafts else None
     tree = root_only(committed[-1]) if at_root is None else build_dynamic_tree(committed[-1], at_root, ht.budget, ht.top_k)
+    slots: dict[int, Hashable] = {}
+
+    def grafted(origin: str, below: int, graft) -> None:
+        """Run `graft`; label the nodes it adds with their origin and depth below `below`."""
+        start = len(tree)
+        graft()
+        for node in range(start, len(tree)):
+            slots[node] = (origin, tree.depths[node] - tree.depths[below])
+
     for chain in chains:
-        graft_chain(tree, chain, at_root)
+        grafted("chain", 0, lambda: graft_chain(tree, chain, at_root))
     if pld is not None:
-        graft_chain(tree, lookup(committed, pld.min_ngram, pld.max_ngram, pld.depth), at_root)
+        grafted("lookup", 0, lambda: graft_chain(tree, lookup(committed, pld.min_ngram, pld.max_ngram, pld.depth), at_root))
     end = 0
     if trunk:
-        for alternative in alternatives:
-            graft_chain(tree, [*trunk[:-1], alternative], at_root)
+        for rank, alternative in enumerate(alternatives):
+            grafted(f"alternative {rank}", 0, lambda: graft_chain(tree, [*trunk[:-1], alternative], at_root))
         graft_chain(tree, trunk, at_root)
         end = tree.walk(trunk)
         after = drafts.after(root_index + len(trunk), vocab) if drafts else None
         if continuation_budget > 1:
             if recycling is not None:
-                merge_below(tree, end, recycling.propose(trunk[-1]))
+                grafted("recycled", end, lambda: merge_below(tree, end, recycling.propose(trunk[-1])))
             if after is not None:
-                merge_below(tree, end, build_dynamic_tree(trunk[-1], after, continuation_budget, ht.top_k))
+                grafted("drafted", end, lambda: merge_below(tree, end, build_dynamic_tree(trunk[-1], after, continuation_budget, ht.top_k)))
         if pld is not None:
-            graft_chain(tree, lookup(committed + trunk, pld.min_ngram, pld.max_ngram, pld.depth), None, at=end)
+            grafted("lookup after", end,
+                    lambda: graft_chain(tree, lookup(committed + trunk, pld.min_ngram, pld.max_ngram, pld.depth), None, at=end))
+    return LaunchTree(tree, pseudo_nodes(tree, end, ht.pseudo_nodes), end, slots)
+
+
+def pseudo_nodes(tree: TokenTree, end: int, count: int) -> list[int]:
+    """The `count` nodes that get pseudo states: the root, the trunk's end and the best-scored others."""
     best = sorted(range(1, len(tree)), key=lambda i: -tree.scores[i])
-    chosen = {0, end, *[i for i in best if i != end][: max(ht.pseudo_nodes - 1 - (end > 0), 0)]}
-    return LaunchTree(tree, sorted(chosen), end)
+    return sorted({0, end, *[i for i in best if i != end][: max(count - 1 - (end > 0), 0)]})
+
+
+@dataclass
+class LaunchSizer:
+    """Cuts each launch tree to what pays on the workers' step cost t(n) and picks the depth
+    of its pseudo states (workers.tree_sizing), as the single-worker decoder does for its
+    trees: the trunk, when there is one, is taken as accepted (a step launched on a
+    prediction only adds tokens when the prediction holds) and always kept; every other
+    node is rated by its drafts' probability or by its slot's rate, learnt from the walks
+    the workers report (`observe`)."""
+
+    sizer: TreeSizer
+    pseudo_row_cost: float  # a pseudo-state row's cost against a full row
+    max_depth: int  # the workers' drafter's pseudo positions
+    pseudo_count: int  # [ht] pseudo_nodes
+    depth: int = 1  # of the pseudo states the next launch gets (changes per launch)
+
+    def size(self, plan: LaunchTree, context: int) -> LaunchTree:
+        trunk = plan.tree.path_to(plan.trunk_end)  # [0]: no trunk
+        pseudo_rows = self.pseudo_rows(len(plan.tree), plan.trunk_end) * self.depth
+        tree, slots, expected = self.sizer.size(plan.tree, context, pseudo_rows, plan.slots, frozenset(trunk))
+        end = tree.walk([plan.tree.tokens[i] for i in trunk[1:]])
+        self.depth = self.sizer.draft_depth(len(tree), expected, self.pseudo_rows(len(tree), end), self.max_depth, context)
+        return LaunchTree(tree, pseudo_nodes(tree, end, self.pseudo_count), end, slots, self.depth)
+
+    def pseudo_rows(self, nodes: int, end: int) -> float:
+        """Rows (in full rows' cost) that one draft depth adds to a launch of `nodes` tree nodes."""
+        return min(max(self.pseudo_count, 1 + (end > 0)), nodes) * self.pseudo_row_cost
+
+    def observe(self, plan: LaunchTree, tokens: list[int]) -> None:
+        """A step on `plan` committed `tokens` (its accepted drafts, then the bonus token)."""
+        path = [0]
+        for token in tokens[:-1]:
+            path.append(plan.tree.child(path[-1], token))
+        self.sizer.observe(plan.tree, path, plan.slots)
 
 
 def predict_from_drafts(

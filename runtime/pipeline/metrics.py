@@ -1,5 +1,6 @@
 """What the coordinator measures per reply (runtime.pipeline.coordinator); `summary()` gives
-the rates the benchmark and the sweep report."""
+the rates the benchmark and the sweep report, and runtime.pipeline.latency_model reads
+the decode-phase figures (everything after the first commit, the prompt's step)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,40 @@ class Metrics:
     coordinator_s: float = 0.0  # building trees and merging results
     faults: int = 0
     wall_s: float = 0.0
+    # The first commit (the prompt's step: its catch-up rows are the prompt) ...
+    first_s: float = 0.0  # wall time from the request to it
+    first_tokens: int = 0
+    first_step_s: float = 0.0  # its compute
+    # ... and the decode steps after it that ran to the end (aborted ones are in steps only),
+    # by kind: root steps (launched on no prediction) and spawned ones.
+    root_steps: int = 0
+    root_rows: float = 0.0  # rows at their cost (workers.messages.StepResult.rows), summed
+    root_step_s: float = 0.0
+    root_tokens: int = 0  # committed by root steps
+    spawned_steps: int = 0
+    spawned_rows: float = 0.0
+    spawned_step_s: float = 0.0
+    spawned_tokens: int = 0  # committed by spawned steps (hits)
+    decode_context: int = 0  # committed tokens at those steps' launches, summed (t(n) depends on it)
+
+    def count_step(self, spawned: bool, rows: float, seconds: float, context: int) -> None:
+        """A decode step that ran to the end, launched after `context` committed tokens."""
+        self.decode_context += context
+        if spawned:
+            self.spawned_steps, self.spawned_rows, self.spawned_step_s = (
+                self.spawned_steps + 1, self.spawned_rows + rows, self.spawned_step_s + seconds)
+        else:
+            self.root_steps, self.root_rows, self.root_step_s = self.root_steps + 1, self.root_rows + rows, self.root_step_s + seconds
+
+    def count_tokens(self, n: int, spawned: bool, first: bool, seconds: float) -> None:
+        """`n` tokens committed by a step (the first commit's, a spawned step's or a root step's)."""
+        self.tokens += n
+        if first:
+            self.first_tokens, self.first_step_s = n, seconds
+        elif spawned:
+            self.spawned_tokens += n
+        else:
+            self.root_tokens += n
 
     def summary(self) -> dict:
         per = max(self.tokens, 1)

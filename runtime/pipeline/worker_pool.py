@@ -14,9 +14,12 @@ from configs.schema import SamplingConfig
 from runtime.decoding.steps import Step
 from runtime.pipeline.cluster import ensure_ray
 from runtime.pipeline.coordinator import Coordinator
+from runtime.pipeline.launch_trees import LaunchSizer
 from runtime.pipeline.local_transport import LocalTransport
 from runtime.pipeline.transport import Transport
 from workers.decode_worker import load_worker
+from workers.drafters.loading import load, weights_file
+from workers.tree_sizing import TreeSizer, pseudo_row_cost
 
 CANCEL_POLL_S = 0.05  # how often a caller waiting for the workers looks at engine.cancelled
 
@@ -36,12 +39,25 @@ def build_transport(engine) -> Transport:
     return RayTransport(c.workers, asdict(engine.config), asdict(engine.drafters.ht), c.threads)
 
 
+def launch_sizer(engine) -> LaunchSizer | None:
+    """Sizing for the launch trees ([tree_sizing] cost off: None): the engine's device
+    curve at the workers' thread count, the pseudo rows of the workers' ht drafter."""
+    curve = engine.cost_curve(engine.pipeline.threads)
+    if curve is None:
+        return None
+    ht = engine.drafters.ht
+    drafter = load(weights_file(engine.config.checkpoint, "ht", ht.weights), engine.model.args).config
+    depth = min(ht.depth or drafter.k, drafter.k)
+    return LaunchSizer(TreeSizer(curve), pseudo_row_cost(engine.model.args, drafter.layer), depth, ht.pseudo_nodes)
+
+
 class WorkerPool:
     def __init__(self, engine):
         self.engine = engine
         # What can fail comes first: a pool that was never made leaves no loop thread behind.
         self.transport = build_transport(engine)
-        self.coordinator = Coordinator(self.transport, engine.pipeline, engine.drafters, engine.model.args.vocab_size)
+        self.coordinator = Coordinator(self.transport, engine.pipeline, engine.drafters, engine.model.args.vocab_size,
+                                       launch_sizer(engine))
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, name="leapfrog-coordinator", daemon=True).start()
 

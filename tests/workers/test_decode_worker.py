@@ -1,6 +1,8 @@
 """The pipeline's decode worker (workers.decode_worker) on the real model: a step catches
 up and verifies in one pass, predicts at its layer, survives an abort, and drafts."""
 
+from dataclasses import replace
+
 import pytest
 
 from configs.schema import ModelConfig, PseudoStateModeConfig
@@ -22,7 +24,7 @@ def ar_tokens(worker, ids, n):
 
 def first_step(ids, step_id, predict_layer=0, keep=0):
     """Catch up the prompt and verify a root-only tree of its last token."""
-    return StepRequest(1, step_id, keep, ids[keep:], [ids[-1]], [-1], [0], 0, predict_layer, [], 8, None)
+    return StepRequest(1, step_id, keep, ids[keep:], [ids[-1]], [-1], [0], None, 0, predict_layer, [], 8, None)
 
 
 def test_a_step_catches_up_verifies_and_drafts(worker, chat_prompt_ids):
@@ -61,3 +63,13 @@ def test_draft_extends_a_chain_in_the_cache(worker, chat_prompt_ids):
     assert result.tokens == ar_tokens(worker, ids, 3)  # all layers: early exit at the top is ar
     with pytest.raises(ValueError, match="at least one token"):
         worker.draft(DraftRequest(1, 0, [], 1, 4))
+
+
+@pytest.mark.parametrize("depth", [0, 1, 2])
+def test_a_step_drafts_as_deep_as_asked(worker, chat_prompt_ids, depth):
+    """StepRequest.draft_depth: that many pseudo states per pseudo node (0: none), the same tokens."""
+    ids = chat_prompt_ids
+    steps = worker.step(replace(first_step(ids, 10 + depth), draft_depth=depth))
+    assert advance(steps) is None
+    result = advance(steps)
+    assert result.tokens == ar_tokens(worker, ids, 1) and len(result.draft_tokens) == depth

@@ -60,6 +60,21 @@ def test_keep_most_likely_is_a_tree_in_order():
         assert sorted(probs[i] for i in kept[1:]) == sorted(probs[1:], reverse=True)[:m][::-1]
 
 
+def test_certain_nodes_are_kept_and_rate_what_hangs_below_them():
+    """A pipelined step's predicted trunk: taken as accepted, kept even where no row pays,
+    and the nodes under it rated as if it were accepted."""
+    tree = chain(0, [5, 6, 7])
+    tree.scores[1:] = [-math.inf] * 3
+    graft_chain(tree, [9], None)  # a lookup node beside the trunk
+    slots = {3: "below", 4: "beside"}
+    certain = frozenset({0, 1, 2})
+    assert Acceptance().probabilities(tree, slots, certain) == pytest.approx([1.0, 1.0, 1.0, 0.5, 0.5])
+    pruned, kept_slots, expected = TreeSizer(CostCurve({128: STEEP})).size(tree, 100, 0.0, slots, certain)
+    assert pruned.tokens == [0, 5, 6] and kept_slots == {} and expected == 3.0
+    pruned, kept_slots, _ = TreeSizer(CostCurve({128: FLAT})).size(tree, 100, 0.0, slots, certain)
+    assert len(pruned) == 5 and sorted(kept_slots.values()) == ["below", "beside"]
+
+
 def test_calibration_learns_that_drafts_are_overconfident():
     tree = TokenTree([0, 1, 2], [-1, 0, 1], [0, 1, 2], [0.0, math.log(0.8), math.log(0.8 * 0.8)])
     acceptance = Acceptance()

@@ -5,17 +5,19 @@ steps, faults; all identical to `ar`."""
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 from dataclasses import replace
 
 import pytest
 
-from configs.schema import ConfigError, DrafterConfigs, ModelConfig, PipelineConfig, SamplingConfig
+from configs.schema import ConfigError, DrafterConfigs, ModelConfig, PipelineConfig, SamplingConfig, TreeSizingConfig
 from runtime.engine import Engine
 from runtime.pipeline.coordinator import RESTART_ATTEMPTS, Coordinator
 from runtime.pipeline.local_transport import LocalTransport
 from runtime.pipeline.transport import WorkerFailed
+from runtime.pipeline.worker_pool import launch_sizer
 from workers.decode_worker import DecodeWorker, load_worker
 
 PROMPTS = [
@@ -45,7 +47,8 @@ def run(engine, coordinator, ids, n, sampling=None, mode="pipeline"):
     return asyncio.run(collect())
 
 
-def make_coordinator(engine, mode="pipeline", worker_class=DecodeWorker, transport_class=LocalTransport, **settings):
+def make_coordinator(engine, mode="pipeline", worker_class=DecodeWorker, transport_class=LocalTransport, sizing=None,
+                     **settings):
     config = replace(LOCAL, **settings)
 
     def make(i):
@@ -53,7 +56,7 @@ def make_coordinator(engine, mode="pipeline", worker_class=DecodeWorker, transpo
         return worker_class(w.model, w.drafter, w.cache)
 
     transport = transport_class(config.workers, make)
-    coordinator = Coordinator(transport, config, engine.drafters, engine.model.args.vocab_size)
+    coordinator = Coordinator(transport, config, engine.drafters, engine.model.args.vocab_size, sizing)
     coordinator.check_mode(mode)
     return coordinator, transport
 
@@ -78,6 +81,30 @@ def test_pipeline_identical_to_ar(engine, settings):
         assert spawned > 0 and 0 < hits < spawned and wasted > 0
     else:
         assert spawned == 0
+
+
+@pytest.mark.parametrize("curve", ["flat", "steep", "cpu"])
+def test_sized_launch_trees_identical_to_ar(engine, tmp_path, curve):
+    """Launch trees cut on the workers' step cost (runtime.pipeline.worker_pool.launch_sizer):
+    free rows keep every node and draft at full depth; rows that each double the step keep
+    only the predicted trunks and draft nothing (so nothing predicts and nothing is spawned);
+    the tokens are ar's on every curve, greedy and sampled."""
+    ms = {"flat": lambda n: 10.0, "steep": lambda n: 10.0 * 2 ** min(n - 1, 30), "cpu": lambda n: 10 + 1.5 * (n - 1)}[curve]
+    profile = tmp_path / f"{curve}.json"
+    profile.write_text(json.dumps({"ms_median": {"128": {str(n): ms(n) for n in range(1, 65)}}}))
+    engine.set_drafter_config("tree_sizing", TreeSizingConfig(cost=str(profile)))
+    try:
+        sizing = launch_sizer(engine)
+        coordinator, _ = make_coordinator(engine, sizing=sizing)
+        spawned = []
+        for prompt, sampling in zip(PROMPTS, [None, SamplingConfig(0.8, 0, 0.95, seed=4), None]):
+            ids = engine.encode_chat(prompt)
+            assert run(engine, coordinator, ids, 40, sampling) == ar_tokens(engine, ids, 40, sampling)
+            spawned.append(coordinator.last_metrics.spawned)
+        assert spawned[-1] == 0 if curve == "steep" else sum(spawned) > 0  # steep: no drafts left, no predictions
+        assert sizing.depth == {"flat": sizing.max_depth, "steep": 0}.get(curve, sizing.depth)
+    finally:
+        engine.set_drafter_config("tree_sizing", DrafterConfigs().tree_sizing)
 
 
 def test_async_mode_identical_to_ar_and_uses_the_chain(engine):

@@ -1,0 +1,60 @@
+"""The pipelined modes' latency/compute model (runtime.pipeline.latency_model) on synthetic
+step costs and runs: the cycle arithmetic, one worker, the hit rate needed, and reading a
+measured run's metrics."""
+
+import pytest
+
+from runtime.pipeline.latency_model import MAX_ANY_HIT, DecodeStats, needed_hit_rate, predict
+from workers.tree_sizing import StepCost
+
+CPU = StepCost((1, 8, 16), (20.0, 34.0, 50.0))  # 2 ms a row past the first
+FLAT = StepCost((1, 64), (10.0, 10.0))  # a GPU: rows are free
+RUN = DecodeStats(workers=2, policy="chain", root_rows=5.0, spawned_rows=9.0, tau_root=1.6, tau_hit=1.5,
+                  hit_rate=0.5, overhead_ms=2.0, context=300)
+
+
+def test_a_chain_cycle_by_hand():
+    # h = 0.5: one hit and one wasted step per cycle; T(5) = 28 + 2, T(9) = 36 + 2.
+    p = predict(RUN, CPU)
+    assert (p.hits_per_cycle, p.wasted_per_cycle) == (1.0, 1.0)
+    work, tokens = 30.0 + 2 * 38.0, 1.6 + 1.5
+    assert p.worker_ms == pytest.approx(work / tokens) and p.latency_ms == pytest.approx(work / (2 * tokens))
+
+
+def test_one_worker_runs_root_steps_in_process():
+    p = predict(RUN, CPU, workers=1)
+    assert p.latency_ms == p.worker_ms == pytest.approx(28.0 / 1.6)
+
+
+def test_more_hits_and_free_rows_pay_more_workers_spend_more():
+    assert predict(RUN, CPU, hit_rate=0.8).latency_ms < predict(RUN, CPU).latency_ms < predict(RUN, CPU, hit_rate=0.1).latency_ms
+    assert predict(RUN, FLAT).latency_ms < predict(RUN, FLAT, workers=1).latency_ms  # the second worker pays on a GPU
+    assert predict(RUN, CPU, hit_rate=0.1).latency_ms > predict(RUN, CPU, workers=1).latency_ms  # not here at 10%
+    assert predict(RUN, CPU, workers=4).worker_ms > predict(RUN, CPU).worker_ms
+
+
+def test_fanout_counts_any_alternative_that_holds():
+    fanout = DecodeStats(**{**RUN.__dict__, "policy": "fanout", "hit_rate": 0.3})
+    p = predict(fanout, CPU, workers=3)  # a = 0.6: 1.5 hits, (3 - 2) * 1.5 + 2 wasted
+    assert p.hits_per_cycle == pytest.approx(1.5) and p.wasted_per_cycle == pytest.approx(3.5)
+    assert predict(fanout, CPU, workers=9).hits_per_cycle == pytest.approx(MAX_ANY_HIT / (1 - MAX_ANY_HIT))
+
+
+def test_needed_hit_rate_reaches_the_target():
+    one = predict(RUN, CPU, workers=1).latency_ms
+    need = needed_hit_rate(RUN, CPU, one / 1.2)
+    assert 0 < need < 1 and predict(RUN, CPU, hit_rate=need).latency_ms == pytest.approx(one / 1.2, rel=1e-6)
+    assert needed_hit_rate(RUN, CPU, 1e6) == 0.0  # any hit rate does
+    assert needed_hit_rate(RUN, CPU, 0.1) is None  # none does
+
+
+def test_stats_from_a_runs_metrics():
+    summary = dict(tokens=130, first_tokens=2, steps=90, spawned=40, hits=12, round_trip_s=3.0, step_s=2.7,
+                   coordinator_s=0.05, wall_s=2.0, first_s=0.3, first_step_s=0.25, root_steps=45, root_rows=225.0,
+                   root_tokens=80, spawned_steps=40, spawned_rows=360.0, spawned_tokens=46, decode_context=17000)
+    stats = DecodeStats.from_summary(summary, 2, "chain")
+    assert (stats.root_rows, stats.spawned_rows, stats.hit_rate) == (5.0, 9.0, 0.3)
+    assert stats.tau_root == pytest.approx(80 / 45) and stats.tau_hit == pytest.approx(46 / 12)
+    assert stats.overhead_ms == pytest.approx(1000 * (0.3 / 90 + 0.05 / 85)) and stats.context == 200
+    assert stats.latency_ms == pytest.approx(1000 * 1.7 / 128) and stats.worker_ms == pytest.approx(1000 * 2.45 / 128)
+    assert DecodeStats.from_summary({**summary, "spawned_steps": 0}, 2, "chain") is None
