@@ -3,7 +3,7 @@ mode building from the engine's config and decoding `ar`'s tokens."""
 
 import pytest
 
-from configs.schema import DrafterConfigs, EarlyExitConfig, ModelConfig, PipelineConfig
+from configs.schema import DrafterConfigs, EarlyExitConfig, ModelConfig, PipelineConfig, TreeSizingConfig
 from runtime.engine import Engine
 from runtime.modes import MODES, PIPELINED_MODES, UnknownModeError, check_mode
 
@@ -46,7 +46,10 @@ def test_early_exit_layer_beyond_the_model_is_refused(engine):
 
 @pytest.fixture(scope="module")
 def bfloat16_engine():
-    e = Engine(ModelConfig(dtype="bfloat16", device="cpu", max_context=512, kernels="native"))
+    # The configured trees, unsized: which drafts a sized tree keeps depends on this machine's
+    # measured step cost, and these tests need drafts accepted to check the rows verified together.
+    e = Engine(ModelConfig(dtype="bfloat16", device="cpu", max_context=512, kernels="native"),
+               DrafterConfigs(tree_sizing=TreeSizingConfig(cost="off")))
     yield e
     e.close()
 
