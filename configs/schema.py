@@ -29,6 +29,7 @@ class ModelConfig:
     device: str = "auto"
     max_context: int = 2048
     kernels: str = "auto"  # matrix products: auto | native | torch (workers.kernels)
+    cuda_graphs: bool = True  # on CUDA, decoder layers replay captured graphs (workers.graphed_layers)
 
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]

@@ -77,6 +77,8 @@ def add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES))
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--kernels", choices=KERNELS, help="matrix-product kernels: auto (native where it runs) | native | torch")
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False,
+                   help="on CUDA, launch every kernel instead of replaying each layer's captured graph")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads")
 
 
@@ -227,6 +229,7 @@ def resolve_config(args) -> LeapfrogConfig:
         ("dtype", config.model, "dtype"),
         ("device", config.model, "device"),
         ("kernels", config.model, "kernels"),
+        ("cuda_graphs", config.model, "cuda_graphs"),
         ("threads", config.runtime, "threads"),
         ("max_new_tokens", config.generation, "max_new_tokens"),
         ("mode", config.generation, "mode"),

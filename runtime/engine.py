@@ -32,7 +32,7 @@ class Engine:
         self.drafters = drafters or DrafterConfigs()
         self.pipeline = pipeline or PipelineConfig()
         self.model, self.folder = load_model(
-            config.checkpoint, config.torch_dtype(), config.torch_device(), config.kernels
+            config.checkpoint, config.torch_dtype(), config.torch_device(), config.kernels, config.cuda_graphs
         )
         self.tokenizer = load_tokenizer(self.folder)
         self.cache = decoding_cache(self.model, config.max_context)

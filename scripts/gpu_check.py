@@ -2,14 +2,18 @@
 
     bash scripts/gpu_check.sh                      # OUT=folder, DEVICE=cuda by default
 
-On `--device` (cuda, or cpu to try the script here) it measures, for each `--dtypes`:
+On `--device` (cuda, or cpu to try the script here) it measures, for each `--dtypes` and
+with the decoder layers launched plainly ("graphs off") and replayed from CUDA graphs
+("graphs on", workers.graphed_layers; on a CPU the padded layers run eagerly):
   t(n)    one tree step against its rows n at a few context lengths (workers.cost_curve)
-  ar      plain decoding tokens/s, `--new-tokens` tokens after a `--context`-token prompt
-  modes   with a real checkpoint (one with a tokenizer): tokens/s of `--modes` against ar
-          on the first Spec-Bench prompt of each category, and whether their tokens are ar's
+  ar      plain decoding tokens/s, `--new-tokens` tokens after a `--context`-token prompt,
+          and whether the graphed run's tokens are the plain run's (the first flip's margin)
+  modes   with `--checkpoint` (one with a tokenizer; "default" = the packaged GGUF): tokens/s
+          of `--modes` and ar on the first Spec-Bench prompt of each category, graphs off and
+          on, each mode's tokens against ar's with graphs off (flips with their margins)
 Without `--checkpoint` the model has random weights of SmolLM2-135M's shape, which is all
-speed needs (the real GGUF file, 98 MB, is over one device call's 64 MiB); drafts are then
-never accepted, so the modes are skipped. Writes one JSON file.
+t(n) and ar need (the real GGUF file, 98 MB, is over one device call's 64 MiB: it travels
+in two calls). Writes one JSON file, rewritten after every part.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 
 from runtime.decoding.autoregressive import generate_ar
 from workers.cost_curve import step_times
+from workers.graphed_layers import GraphedLayers
 from workers.loading import load_model
 from workers.tree_step import decoding_cache
 
@@ -48,14 +53,25 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def ar_speed(model, cache, context: int, new_tokens: int) -> float:
+def ar_run(model, cache, context: int, new_tokens: int) -> tuple[float, list[int], list[float]]:
+    """(tokens/s, tokens, margins) of greedy ar after a random `context`-token prompt."""
     prompt = torch.randint(0, model.args.vocab_size, (context,), generator=torch.Generator().manual_seed(1)).tolist()
-    list(generate_ar(model, cache, prompt, 8, set()))  # warm-up
+    list(generate_ar(model, cache, prompt, 8, set()))  # warm-up (and graph capture)
     sync(model.device)
     t0 = time.perf_counter()
-    n = sum(len(s.tokens) for s in generate_ar(model, cache, prompt, new_tokens, set()))
+    steps = list(generate_ar(model, cache, prompt, new_tokens, set()))
     sync(model.device)
-    return round(n / (time.perf_counter() - t0), 2)
+    tokens = [t for s in steps for t in s.tokens]
+    return round(len(tokens) / (time.perf_counter() - t0), 2), tokens, [m for s in steps for m in s.margins]
+
+
+def first_flip(reference: list[int], margins: list[float], got: list[int]) -> dict | None:
+    """Where `got` leaves `reference` first, with the reference's logit margin there."""
+    i = next((i for i, (a, b) in enumerate(zip(reference, got)) if a != b), None)
+    if i is None and len(reference) == len(got):
+        return None
+    i = min(len(reference), len(got)) if i is None else i
+    return {"index": i, "margin": round(margins[i], 5) if i < len(margins) else None}
 
 
 def mode_speeds(checkpoint: str, dtype: str, device: str, modes: list[str], new_tokens: int) -> dict:
@@ -63,60 +79,87 @@ def mode_speeds(checkpoint: str, dtype: str, device: str, modes: list[str], new_
     from runtime.bench.prompts import default_prompts_path, load_prompts
     from runtime.engine import Engine
 
-    engine = Engine(ModelConfig(checkpoint=checkpoint, dtype=dtype, device=device))
-    prompts = [engine.encode_chat(p.text) for p in load_prompts(default_prompts_path(), None, 1)]
     out, reference = {}, {}
-    for mode in ["ar", *modes]:
-        list(engine.steps(prompts[0], mode, 8))  # warm-up
-        tokens, seconds, same = 0, 0.0, 0
-        for i, ids in enumerate(prompts):
-            t0 = time.perf_counter()
-            got = [t for s in engine.steps(ids, mode, new_tokens) for t in s.tokens]
-            seconds += time.perf_counter() - t0
-            tokens += len(got)
-            reference.setdefault(i, got)
-            same += got == reference[i]
-        out[mode] = {"tokens_per_s": round(tokens / seconds, 2), "identical_to_ar": f"{same}/{len(prompts)}"}
-        print(f"  {mode:10s} {out[mode]}", flush=True)
+    for graphs in (False, True):
+        engine = Engine(ModelConfig(checkpoint=checkpoint, dtype=dtype, device=device, cuda_graphs=graphs))
+        prompts = [engine.encode_chat(p.text) for p in load_prompts(default_prompts_path(), None, 1)]
+        for mode in ["ar", *modes]:
+            list(engine.steps(prompts[0], mode, 8))  # warm-up
+            tokens, seconds, same, flips = 0, 0.0, 0, []
+            for i, ids in enumerate(prompts):
+                sync(engine.model.device)
+                t0 = time.perf_counter()
+                steps = list(engine.steps(ids, mode, new_tokens))
+                sync(engine.model.device)
+                seconds += time.perf_counter() - t0
+                got = [t for s in steps for t in s.tokens]
+                tokens += len(got)
+                reference.setdefault(i, (got, [m for s in steps for m in s.margins]))
+                flip = first_flip(*reference[i], got)
+                same += flip is None
+                if flip is not None:
+                    flips.append({"prompt": i, **flip})
+            key = f"{mode} graphs {'on' if graphs else 'off'}"
+            out[key] = {"tokens_per_s": round(tokens / seconds, 2), "tokens": tokens,
+                        "identical_to_ar_graphs_off": f"{same}/{len(prompts)}", "flips": flips}
+            print(f"  {key:22s} {out[key]}", flush=True)
+        engine.close()
     return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
-    p.add_argument("--checkpoint", help="a .gguf file or checkpoint folder (default: random weights of the real shape)")
+    p.add_argument("--checkpoint", help="'default', a .gguf file or checkpoint folder: measure the modes on it")
     p.add_argument("--dtypes", default="bfloat16,float32")
     p.add_argument("--rows", default="1,2,4,8,16,32,64,96,128")
     p.add_argument("--contexts", default="128,1024")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--context", type=int, default=128, help="prompt tokens before ar decodes")
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--modes", default="ht,ht-pld,pld", help="with a real checkpoint only")
+    p.add_argument("--modes", default="ht,ht-pld,pld", help="with --checkpoint only")
+    p.add_argument("--skip-curve", action="store_true", help="modes only (a second call that brings the checkpoint)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     device = torch.device(args.device)
     rows, contexts = [int(x) for x in args.rows.split(",")], [int(x) for x in args.contexts.split(",")]
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "checkpoint": args.checkpoint or "random weights, SmolLM2-135M shape",
-              "rows": rows, "contexts": contexts, "by_dtype": {}}
+              "torch": torch.__version__, "rows": rows, "contexts": contexts, "by_dtype": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = args.checkpoint or str(random_checkpoint(Path(tmp) / "random-smollm2-135m"))
+        random = str(random_checkpoint(Path(tmp) / "random-smollm2-135m")) if not args.skip_curve else None
         for dtype in args.dtypes.split(","):
-            model, _ = load_model(checkpoint, getattr(torch, dtype), device)
-            cache = decoding_cache(model, max(contexts) + max(rows) + args.new_tokens + args.context)
-            engine = SimpleNamespace(model=model, cache=cache)
-            entry = {"kernels": model.kernels.name, "t_ms_median": {}, "t_ms_min": {}}
-            for c in contexts:
-                entry["t_ms_median"][c], entry["t_ms_min"][c] = step_times(engine, rows, c, args.repeats)
-                print(f"{dtype} c={c} t(n) ms: {entry['t_ms_median'][c]}", flush=True)
-            entry["ar_tokens_per_s"] = ar_speed(model, cache, args.context, args.new_tokens)
-            print(f"{dtype} ar: {entry['ar_tokens_per_s']} tokens/s", flush=True)
-            del model, cache, engine
+            entry = result["by_dtype"].setdefault(dtype, {})
+            if random is not None:
+                entry["curve"] = curve_and_ar(random, dtype, device, rows, contexts, args)
             if args.checkpoint and args.modes:
                 entry["modes"] = mode_speeds(args.checkpoint, dtype, args.device, args.modes.split(","), args.new_tokens)
-            result["by_dtype"][dtype] = entry
+                entry["modes_checkpoint"] = args.checkpoint
             Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")
+
+
+def curve_and_ar(checkpoint: str, dtype: str, device: torch.device, rows: list[int], contexts: list[int], args) -> dict:
+    """t(n) and ar with graphs off, then on, on random weights of the real shape."""
+    out, plain = {"checkpoint": "random weights, SmolLM2-135M shape"}, None
+    for graphs in (False, True):
+        model, _ = load_model(checkpoint, getattr(torch, dtype), device, cuda_graphs=graphs)
+        if graphs and model.graphs is None:  # off CUDA: the padded layers, run eagerly
+            model.use_graphs(GraphedLayers(model, capture=False))
+        cache = decoding_cache(model, max(contexts) + max(rows) + args.new_tokens + args.context)
+        engine = SimpleNamespace(model=model, cache=cache)
+        entry = {"kernels": model.kernels.name, "t_ms_median": {}, "t_ms_min": {}}
+        for c in contexts:
+            entry["t_ms_median"][c], entry["t_ms_min"][c] = step_times(engine, rows, c, args.repeats)
+            print(f"{dtype} graphs={graphs} c={c} t(n) ms: {entry['t_ms_median'][c]}", flush=True)
+        entry["ar_tokens_per_s"], tokens, margins = ar_run(model, cache, args.context, args.new_tokens)
+        if plain is None:
+            plain = (tokens, margins)
+        entry["ar_flip_against_graphs_off"] = first_flip(*plain, tokens)
+        print(f"{dtype} graphs={graphs} ar: {entry['ar_tokens_per_s']} tokens/s, "
+              f"flip: {entry['ar_flip_against_graphs_off']}", flush=True)
+        out[f"graphs {'on' if graphs else 'off'}"] = entry
+        del model, cache, engine
+    return out
 
 
 if __name__ == "__main__":

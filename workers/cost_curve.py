@@ -80,7 +80,8 @@ def cost_curve(engine, rows: list[int] = ROWS, contexts: list[int] = CONTEXTS, r
     bar.close()
     return {
         "model": engine.config.checkpoint, "dtype": engine.config.dtype, "device": str(engine.model.device),
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "repeats": repeats,
+        "graphs": engine.model.graphs is not None, "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "repeats": repeats,
         "what": "ms of one tree step (forward, LM head, accept, KV keep) over a chain of n rows after c cached positions",
         "rows": rows, "contexts": contexts, "ms_median": ms, "ms_min": ms_min,
     }
@@ -99,10 +100,11 @@ def device_name(device) -> str:
 
 
 def profile_key(engine) -> dict:
-    """What a step's cost depends on: the model's shape, dtype, kernels, threads and device."""
+    """What a step's cost depends on: the model's shape, dtype, kernels, CUDA graphs, threads and device."""
     model = engine.model
     return {"model": asdict(model.args), "dtype": engine.config.dtype, "kernels": model.kernels.name,
-            "threads": torch.get_num_threads(), "device": device_name(model.device), "torch": torch.__version__}
+            "graphs": model.graphs is not None, "threads": torch.get_num_threads(),
+            "device": device_name(model.device), "torch": torch.__version__}
 
 
 def device_profile(engine, progress: bool = True) -> dict:

@@ -166,7 +166,8 @@ def load_worker(model_config: ModelConfig, ht: PseudoStateModeConfig, model=None
     """A worker with its own KV cache; `model` shares an already loaded replica (in-process)."""
     if model is None:
         model, _ = load_model(
-            model_config.checkpoint, model_config.torch_dtype(), model_config.torch_device(), model_config.kernels
+            model_config.checkpoint, model_config.torch_dtype(), model_config.torch_device(), model_config.kernels,
+            model_config.cuda_graphs,
         )
     drafter = load(weights_file(model_config.checkpoint, "ht", ht.weights), model.args)
     if ht.depth:

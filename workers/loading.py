@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from workers.cache_dir import cache_dir
+from workers.graphed_layers import GraphedLayers
 from workers.model import ModelArgs, Transformer
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "mistral")
@@ -201,10 +202,15 @@ def fuse_projections(state: dict[str, torch.Tensor], n_layers: int) -> dict[str,
 
 
 def load_model(
-    name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", kernels: str = "auto"
+    name: str,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    kernels: str = "auto",
+    cuda_graphs: bool = True,
 ) -> tuple[Transformer, Path]:
-    """Build our Transformer from a checkpoint, multiplying with `kernels` (workers.kernels);
-    returns it with the resolved folder."""
+    """Build our Transformer from a checkpoint, multiplying with `kernels` (workers.kernels)
+    and, on CUDA with `cuda_graphs`, replaying its layers from CUDA graphs
+    (workers.graphed_layers); returns it with the resolved folder."""
     folder = resolve_checkpoint(name)
     config = read_hf_config(folder)
     args = model_args(config)
@@ -238,6 +244,8 @@ def load_model(
     model.inv_freq = inv_freq
     model = model.to(device=device, dtype=dtype).eval()
     model.use_kernels(kernels)
+    if cuda_graphs and model.device.type == "cuda":
+        model.use_graphs(GraphedLayers(model))
     return model, folder
 
 

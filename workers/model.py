@@ -159,6 +159,7 @@ class Transformer(nn.Module):
         self.inv_freq = inv_freq.float()
         self.rope_scale = rope_scale
         self.kernels = TORCH  # what use_kernels chose
+        self.graphs = None  # workers.graphed_layers.GraphedLayers once use_graphs set them (CUDA)
 
     def use_kernels(self, name: str = "auto") -> Kernels:
         """Compute with kernels `name` (configs.schema.KERNELS; workers.kernels), each weight in
@@ -230,9 +231,20 @@ class Transformer(nn.Module):
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(tokens)
 
+    def use_graphs(self, graphs) -> None:
+        """Run decoder layers through `graphs` (workers.graphed_layers.GraphedLayers, or None
+        for plain calls) wherever their shapes allow."""
+        self.graphs = graphs
+
+    def layer(self, i: int, h: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """Decoder layer i over h (B, n, dim): replayed from a captured graph where one applies."""
+        if self.graphs is not None and self.graphs.fits(h, ctx):
+            return self.graphs.run(i, h, ctx)
+        return self.layers[i](h, ctx)
+
     def run_layers(self, h: torch.Tensor, ctx: AttentionContext, start: int = 0, end: int | None = None) -> torch.Tensor:
-        for layer in self.layers[start:end]:
-            h = layer(h, ctx)
+        for i in range(start, self.args.n_layers if end is None else end):
+            h = self.layer(i, h, ctx)
         return h
 
     def forward(self, tokens: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:

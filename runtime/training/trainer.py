@@ -261,7 +261,7 @@ def run(cfg: TrainConfig, log=print) -> dict:
     cfg.validate()
     torch.set_num_threads(cfg.threads)
     device = torch_device(cfg.device)
-    model, folder = load_model(cfg.checkpoint, DTYPES[cfg.dtype], device)
+    model, folder = load_model(cfg.checkpoint, DTYPES[cfg.dtype], device, cuda_graphs=False)  # gradients flow
     drafter_config(cfg, model.args.n_layers)  # fail before distilling
     common = dict(data_dir=cfg.data_dir, batch_size=cfg.distill_batch, device=device, progress=cfg.progress)
     generator_dtype = cfg.distill_dtype or cfg.dtype

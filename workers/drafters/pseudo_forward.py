@@ -67,7 +67,7 @@ def layers(model: Transformer, h: torch.Tensor, ctx: AttentionContext, start: in
     for layer in range(start, n_layers + 1):
         yield layer, h
         if layer < n_layers:
-            h = model.layers[layer](h, ctx)
+            h = model.layer(layer, h, ctx)
     return h
 
 
@@ -97,7 +97,7 @@ def pseudo_state_layers(
             h = torch.cat((h[:, :n], h[:, n:] + extra.to(h.dtype)), dim=1)
         yield layer, h
         if layer < n_layers:
-            h = model.layers[layer](h, ctx)
+            h = model.layer(layer, h, ctx)
     return h
 
 
