@@ -70,6 +70,7 @@ def test_torch_device():
         ('[model]\ndtype = "float64"\n', "dtype must be one of"),
         ('[model]\ndtype = "fp16"\n', "dtype must be one of"),
         ('[model]\nkernels = "fast"\n', "kernels must be one of auto, native, torch"),
+        ('[model]\ncuda_graphs = "yes"\n', "cuda_graphs must be bool"),
         ("[runtime]\nthreads = 0\n", "threads must be at least 1"),
         ("[generation]\nmax_new_tokens = 0\n", "max_new_tokens must be at least 1"),
         ("[model]\nmax_context = 1\n", "max_context must be at least 2"),

@@ -195,6 +195,17 @@ def test_flags_override_config(capsys, tmp_path):
     assert "'other'" in err and "nonsense" not in err
 
 
+def test_no_cuda_graphs_flag_overrides_the_config(tmp_path):
+    from runtime.cli import build_parser, resolve_config
+
+    config = tmp_path / "c.toml"
+    config.write_text("[model]\ncuda_graphs = true\n")
+    parser = build_parser()
+    assert resolve_config(parser.parse_args(["generate", "--prompt", "hi", "--config", str(config)])).model.cuda_graphs
+    args = parser.parse_args(["generate", "--prompt", "hi", "--config", str(config), "--no-cuda-graphs"])
+    assert resolve_config(args).model.cuda_graphs is False
+
+
 # --------------------------------------------------------------------------- real model
 
 
