@@ -10,7 +10,11 @@ with the decoder layers launched plainly ("graphs off") and replayed from CUDA g
           and whether the graphed run's tokens are the plain run's (the first flip's margin)
   modes   with `--checkpoint` (one with a tokenizer; "default" = the packaged GGUF): tokens/s
           of `--modes` and ar on the first Spec-Bench prompt of each category, graphs off and
-          on, each mode's tokens against ar's with graphs off (flips with their margins)
+          on, each mode's tokens against ar's with graphs off (flips with their margins);
+          with graphs on also `pipeline`, `--pipeline-workers` workers sharing the device
+          over the local transport, with its hit rate and wasted steps
+The graphed t(n) of each dtype is also written as a `leapfrog profile` JSON (profile-DTYPE.json
+beside --out) for `leapfrog sweep --project` and `[tree_sizing] cost`.
 Without `--checkpoint` the model has random weights of SmolLM2-135M's shape, which is all
 t(n) and ar need (the real GGUF file, 98 MB, is over one device call's 64 MiB: it travels
 in two calls). Writes one JSON file, rewritten after every part.
@@ -74,36 +78,54 @@ def first_flip(reference: list[int], margins: list[float], got: list[int]) -> di
     return {"index": i, "margin": round(margins[i], 5) if i < len(margins) else None}
 
 
-def mode_speeds(checkpoint: str, dtype: str, device: str, modes: list[str], new_tokens: int) -> dict:
-    from configs.schema import ModelConfig
-    from runtime.bench.prompts import default_prompts_path, load_prompts
-    from runtime.engine import Engine
+def mode_speeds(checkpoint: str, dtype: str, device: str, modes: list[str], new_tokens: int, workers: int) -> dict:
+    """The modes with graphs off, then on; with `workers`, `pipeline` (that many workers on
+    threads sharing the device, local transport) with graphs on, against the same ar."""
+    from configs.schema import ModelConfig, PipelineConfig
 
     out, reference = {}, {}
     for graphs in (False, True):
-        engine = Engine(ModelConfig(checkpoint=checkpoint, dtype=dtype, device=device, cuda_graphs=graphs))
-        prompts = [engine.encode_chat(p.text) for p in load_prompts(default_prompts_path(), None, 1)]
-        for mode in ["ar", *modes]:
-            list(engine.steps(prompts[0], mode, 8))  # warm-up
-            tokens, seconds, same, flips = 0, 0.0, 0, []
-            for i, ids in enumerate(prompts):
-                sync(engine.model.device)
-                t0 = time.perf_counter()
-                steps = list(engine.steps(ids, mode, new_tokens))
-                sync(engine.model.device)
-                seconds += time.perf_counter() - t0
-                got = [t for s in steps for t in s.tokens]
-                tokens += len(got)
-                reference.setdefault(i, (got, [m for s in steps for m in s.margins]))
-                flip = first_flip(*reference[i], got)
-                same += flip is None
-                if flip is not None:
-                    flips.append({"prompt": i, **flip})
-            key = f"{mode} graphs {'on' if graphs else 'off'}"
-            out[key] = {"tokens_per_s": round(tokens / seconds, 2), "tokens": tokens,
-                        "identical_to_ar_graphs_off": f"{same}/{len(prompts)}", "flips": flips}
-            print(f"  {key:22s} {out[key]}", flush=True)
-        engine.close()
+        runs = ["ar", *modes] + (["pipeline"] if graphs and workers else [])
+        pipeline = PipelineConfig(transport="local", workers=max(workers, 1))
+        out |= time_modes(ModelConfig(checkpoint=checkpoint, dtype=dtype, device=device, cuda_graphs=graphs),
+                          pipeline, runs, new_tokens, reference, f"graphs {'on' if graphs else 'off'}")
+    return out
+
+
+def time_modes(config, pipeline, modes: list[str], new_tokens: int, reference: dict, label: str) -> dict:
+    """tokens/s of each mode over the first Spec-Bench prompt of every category; tokens
+    against `reference` (the first run's per prompt: ar with graphs off); the pipeline's
+    hit rate and wasted steps."""
+    from runtime.bench.prompts import default_prompts_path, load_prompts
+    from runtime.engine import Engine
+
+    engine, out = Engine(config, pipeline=pipeline), {}
+    prompts = [engine.encode_chat(p.text) for p in load_prompts(default_prompts_path(), None, 1)]
+    for mode in modes:
+        list(engine.steps(prompts[0], mode, 8))  # warm-up
+        tokens, seconds, same, flips, pipe = 0, 0.0, 0, [], {"hits": 0, "spawned": 0, "steps": 0, "wasted_steps": 0}
+        for i, ids in enumerate(prompts):
+            sync(engine.model.device)
+            t0 = time.perf_counter()
+            steps = list(engine.steps(ids, mode, new_tokens))
+            sync(engine.model.device)
+            seconds += time.perf_counter() - t0
+            got = [t for s in steps for t in s.tokens]
+            tokens += len(got)
+            reference.setdefault(i, (got, [m for s in steps for m in s.margins]))
+            flip = first_flip(*reference[i], got)
+            same += flip is None
+            if flip is not None:
+                flips.append({"prompt": i, **flip})
+            metrics = getattr(engine.mode(mode), "metrics", None) or {}
+            pipe = {k: v + metrics.get(k, 0) for k, v in pipe.items()}
+        key = f"{mode} {label}"
+        out[key] = {"tokens_per_s": round(tokens / seconds, 2), "tokens": tokens,
+                    "identical_to_ar_graphs_off": f"{same}/{len(prompts)}", "flips": flips}
+        if pipe["steps"]:
+            out[key] |= pipe | {"workers": pipeline.workers, "hit_rate": round(pipe["hits"] / max(pipe["spawned"], 1), 4)}
+        print(f"  {key:22s} {out[key]}", flush=True)
+    engine.close()
     return out
 
 
@@ -118,10 +140,13 @@ def main() -> None:
     p.add_argument("--context", type=int, default=128, help="prompt tokens before ar decodes")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--modes", default="ht,ht-pld,pld", help="with --checkpoint only")
+    p.add_argument("--pipeline-workers", type=int, default=2,
+                   help="with --checkpoint: also `pipeline` with this many workers sharing the device (0: not)")
     p.add_argument("--skip-curve", action="store_true", help="modes only (a second call that brings the checkpoint)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     device = torch.device(args.device)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     rows, contexts = [int(x) for x in args.rows.split(",")], [int(x) for x in args.contexts.split(",")]
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "rows": rows, "contexts": contexts, "by_dtype": {}}
@@ -131,11 +156,23 @@ def main() -> None:
             entry = result["by_dtype"].setdefault(dtype, {})
             if random is not None:
                 entry["curve"] = curve_and_ar(random, dtype, device, rows, contexts, args)
+                write_profile(entry["curve"]["graphs on"], result, dtype, Path(args.out).with_name(f"profile-{dtype}.json"))
             if args.checkpoint and args.modes:
-                entry["modes"] = mode_speeds(args.checkpoint, dtype, args.device, args.modes.split(","), args.new_tokens)
+                entry["modes"] = mode_speeds(args.checkpoint, dtype, args.device, args.modes.split(","), args.new_tokens,
+                                             args.pipeline_workers)
                 entry["modes_checkpoint"] = args.checkpoint
             Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")
+
+
+def write_profile(curve: dict, result: dict, dtype: str, path: Path) -> None:
+    """The graphed t(n) as a `leapfrog profile` JSON, for `leapfrog sweep --project` and [tree_sizing] cost."""
+    path.write_text(json.dumps({
+        "model": "random weights, SmolLM2-135M shape", "dtype": dtype, "device": result["device"], "graphs": True,
+        "torch": result["torch"], "what": "ms of one tree step over a chain of n rows after c cached positions "
+        "(scripts/gpu_check.py, CUDA graphs on)", "rows": result["rows"], "contexts": result["contexts"],
+        "ms_median": curve["t_ms_median"], "ms_min": curve["t_ms_min"],
+    }, indent=1))
 
 
 def curve_and_ar(checkpoint: str, dtype: str, device: torch.device, rows: list[int], contexts: list[int], args) -> dict:

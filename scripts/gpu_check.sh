@@ -2,10 +2,12 @@
 # The GPU check of issue 14, sized for a lent H200 (each call under 8 minutes):
 #   run(command="bash scripts/gpu_check.sh", timeout_s=540)   # the device tool; results under $OUT
 # Without CHECKPOINT: t(n) for n = 1..128 and ar tokens/s, CUDA graphs off and on, on random
-# weights of SmolLM2-135M's shape, then the model tests on CUDA (the captured graphs against
-# plain launches, and the padded steps). With CHECKPOINT (e.g. "default", once the GGUF and
-# the gguf wheel have travelled over two calls): the modes' tokens/s, graphs off and on, and
-# their tokens against ar's. Commit the JSON and logs under docs/bench/.
+# weights of SmolLM2-135M's shape (and profile-DTYPE.json, the graphed t(n) for `leapfrog
+# sweep --project`), then the model tests on CUDA (the captured graphs against plain
+# launches, and the padded steps). With CHECKPOINT (e.g. "default", once the GGUF and the
+# gguf wheel have travelled over two calls): the modes' tokens/s, graphs off and on, and
+# `pipeline` with 2 workers sharing the GPU (local transport: hit rate, wasted steps), each
+# one's tokens against ar's. Commit the JSON and logs under docs/bench/.
 set -euo pipefail
 OUT=${OUT:-out/gpu_check}
 DEVICE=${DEVICE:-cuda}

@@ -16,6 +16,9 @@ exactly the P + n it needs:
   mask     (nb, keys) bool: the step's own mask in [:n, :P+n], each padding row's own slot
 
 Graphs are captured lazily, the first time a shape is met, and share one memory pool.
+Workers that share the model on threads (the pipeline's local transport) each have their
+own cache, hence their own static inputs and graphs; a lock keeps one layer call at a time,
+so a capture never overlaps another thread's replay.
 One layer per graph keeps the layer-by-layer stepping that tree_step yields between
 (the pipeline's abort and prediction read h there). Everything else in a step (embedding,
 LM head, acceptance, cache compaction) runs eagerly: the acceptance walk is the one host
@@ -28,6 +31,7 @@ one-row step does and skip masked keys, so the outputs are bit-identical).
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -91,7 +95,8 @@ class GraphedLayers:
         self.inputs: dict[tuple[int, int, int], StaticInputs] = {}
         self.graphs: dict[tuple[int, int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
-        self._prepared: tuple[AttentionContext, int, StaticInputs] | None = None
+        self._lock = threading.Lock()
+        self._prepared = threading.local()  # .step: (ctx, cache length, StaticInputs) of this thread's step
 
     def fits(self, h: torch.Tensor, ctx: AttentionContext) -> bool:
         cache, n = ctx.cache, h.shape[1]
@@ -107,22 +112,24 @@ class GraphedLayers:
     def run(self, layer: int, h: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         """h (1, n, dim) after `layer`, (1, n, dim); the caller checked `fits`."""
         n = h.shape[1]
-        static = self._static(ctx, n)
-        static.h[:, :n].copy_(h)
-        if not self.capture:
-            return self.model.layers[layer](static.h, static.ctx)[:, :n]
-        key = (layer, static.h.shape[1], static.mask.shape[1], ctx.cache.k.data_ptr())
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(layer, static)
-        graph, out = self.graphs[key]
-        graph.replay()
-        return out[:, :n].clone()  # the graph's output buffer is overwritten by its next replay
+        with self._lock:
+            static = self._static(ctx, n)
+            static.h[:, :n].copy_(h)
+            if not self.capture:
+                return self.model.layers[layer](static.h, static.ctx)[:, :n]
+            key = (layer, static.h.shape[1], static.mask.shape[1], ctx.cache.k.data_ptr())
+            if key not in self.graphs:
+                self.graphs[key] = self._capture(layer, static)
+            graph, out = self.graphs[key]
+            graph.replay()
+            return out[:, :n].clone()  # the graph's output buffer is overwritten by its next replay
 
     def _static(self, ctx: AttentionContext, n: int) -> StaticInputs:
         """The static inputs for `ctx`, filled once per step (every layer of a step shares its ctx)."""
         cache = ctx.cache
-        if self._prepared is not None and self._prepared[0] is ctx and self._prepared[1] == cache.length:
-            return self._prepared[2]
+        prepared = getattr(self._prepared, "step", None)
+        if prepared is not None and prepared[0] is ctx and prepared[1] == cache.length:
+            return prepared[2]
         P, nb = cache.length, row_bucket(n)
         keys = key_bucket(P + nb, cache.max_len)
         shape = (nb, keys, cache.k.data_ptr())
@@ -139,7 +146,7 @@ class GraphedLayers:
             static.mask[:n, : P + n] = ctx.mask
         pad = torch.arange(n, nb, device=static.mask.device)
         static.mask[pad, P + pad] = True  # a padding row sees its own slot only
-        self._prepared = (ctx, P, static)
+        self._prepared.step = (ctx, P, static)
         return static
 
     def _new_inputs(self, cache: KVCache, nb: int, keys: int) -> StaticInputs:
@@ -162,6 +169,7 @@ class GraphedLayers:
                 self.model.layers[layer](static.h, static.ctx)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: CUDA calls of other threads (their eager ops) do not break the capture
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             out = self.model.layers[layer](static.h, static.ctx)
         return graph, out
