@@ -22,6 +22,9 @@ max_new_tokens = 12
 [runtime]
 threads = 1
 
+[tree_sizing]
+cost = "off"  # launch trees unsized: whether a sized one spawns depends on this machine's measured curve
+
 [pipeline]
 transport = "local"
 
