@@ -40,7 +40,7 @@ from workers.model import Transformer
 from workers.sampling import Chooser, Greedy, chooser
 from workers.tree import TokenTree
 from workers.tree_sizing import pseudo_row_cost
-from workers.tree_step import decoding_cache, tree_step
+from workers.tree_step import decoding_cache, prompt_rows_of, tree_step
 
 DRAFT_CANDIDATES = 8  # candidates per depth returned with the next drafts
 OBSERVED_TOP_K = 8  # the target's best tokens after every node, for the coordinator's token recycling
@@ -112,7 +112,7 @@ class DecodeWorker:
                 yield self._predict(h[0, c : c + n], tree, req)
             if layer < n_layers and self._is_aborted(req.step_id):
                 steps.close()
-                self._catch_up_only(h[:, :c], layer)
+                self._catch_up_only(h[:, :c], layer, prompt_rows_of(c, req.reply_index))
                 return StepResult(req.step_id, [], [], [], self.cache.length, [], [], time.perf_counter() - start, 0.0)
         if predict_at is None:
             yield None
@@ -125,14 +125,14 @@ class DecodeWorker:
             time.perf_counter() - start, c + n + len(groups) * depth * self.pseudo_row_cost,
         )
 
-    def _catch_up_only(self, h: torch.Tensor, layer: int) -> None:
+    def _catch_up_only(self, h: torch.Tensor, layer: int, prompt: int) -> None:
         """An aborted step still commits its catch-up tokens (committed ones): the rest of
-        the layers for those rows only."""
+        the layers for those rows only, the first `prompt` of them prompt rows as before."""
         c = h.shape[1]
         if c:
             positions = self.cache.length + torch.arange(c, device=h.device)
             causal = torch.ones(c, c, dtype=torch.bool, device=h.device).tril()
-            self.model.run_layers(h, self.model.context(positions, self.cache, causal), layer)
+            self.model.run_layers(h, self.model.context(positions, self.cache, causal, prompt), layer)
             self.cache.commit(c)
 
     def _predict(self, h: torch.Tensor, tree: TokenTree, req: StepRequest) -> Prediction:

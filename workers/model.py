@@ -56,14 +56,23 @@ class AttentionContext:
     sin: torch.Tensor
     mask: torch.Tensor | None  # bool (n, prefix + n), True = may attend; None = attend to all
     cache: KVCache | None
+    # The first prompt_rows rows are prompt positions (not the prompt's last token), which the
+    # kernels may multiply with a faster many-row path (kernels.prompt_linear). Each prompt
+    # position must be computed the same way in every mode, so each path that runs them says
+    # so: ar's prefill, a tree step's catch-up (workers.tree_step.prompt_rows_of); the other
+    # rows are computed as one-row steps compute them.
+    prompt_rows: int = 0
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters and state-dict names) multiplying with `kernels.linear`."""
+    """nn.Linear (same parameters and state-dict names) multiplying with `kernels.linear`, or
+    `kernels.prompt_linear` when the first `prompt_rows` rows are prompt rows (AttentionContext)."""
 
     kernels: Kernels = TORCH  # Transformer.use_kernels sets it
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, prompt_rows: int = 0) -> torch.Tensor:
+        if prompt_rows:
+            return self.kernels.prompt_linear(x, self.weight, self.bias, prompt_rows)
         return self.kernels.linear(x, self.weight, self.bias)
 
 
@@ -73,10 +82,10 @@ class LogitsHead(Linear):
     of near ties (a bfloat16 logit near 15 has a step of 0.0625). The PyTorch kernels, and
     training (gradients run through the reference), return the model's dtype."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, prompt_rows: int = 0) -> torch.Tensor:
         if self.kernels.name == "native" and x.dtype != torch.float32 and not torch.is_grad_enabled():
             return self.kernels.linear(x.float(), self.weight, self.bias)
-        return super().forward(x)
+        return super().forward(x, prompt_rows)
 
 
 class RMSNorm(nn.Module):
@@ -106,7 +115,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         B, n, _ = x.shape
         # (B, n, (heads + 2 kv_heads) * head_dim), rotary angles applied to the q and k heads
-        qkv = self.kernels.rotary(self.qkv_proj(x), ctx.cos, ctx.sin, self.n_heads + self.n_kv_heads, self.head_dim)
+        qkv = self.kernels.rotary(self.qkv_proj(x, ctx.prompt_rows), ctx.cos, ctx.sin, self.n_heads + self.n_kv_heads, self.head_dim)
         # -> (B, heads, n, head_dim) each
         q, k, v = qkv.split(self.sizes, dim=-1)
         q = q.view(B, n, self.n_heads, self.head_dim).transpose(1, 2)
@@ -116,7 +125,7 @@ class Attention(nn.Module):
             k, v = ctx.cache.write(self.layer_idx, k, v)  # prefix + new: (B, kv_heads, P + n, head_dim)
             q = q.to(k.dtype)  # attention runs in the cache's dtype (Transformer.attention_dtype)
         y = self.kernels.attention(q, k, v, ctx.mask)  # (B, n, heads * head_dim)
-        return self.o_proj(y.to(x.dtype))
+        return self.o_proj(y.to(x.dtype), ctx.prompt_rows)
 
 
 class MLP(nn.Module):
@@ -125,9 +134,9 @@ class MLP(nn.Module):
         self.gate_up_proj = Linear(args.dim, 2 * args.intermediate_size, bias=args.mlp_bias)  # fused
         self.down_proj = Linear(args.intermediate_size, args.dim, bias=args.mlp_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, prompt_rows: int = 0) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x, prompt_rows).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up, prompt_rows)
 
 
 class DecoderLayer(nn.Module):
@@ -140,7 +149,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, h: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         h = h + self.self_attn(self.input_layernorm(h), ctx)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        return h + self.mlp(self.post_attention_layernorm(h), ctx.prompt_rows)
 
 
 class Transformer(nn.Module):
@@ -199,12 +208,14 @@ class Transformer(nn.Module):
         positions: torch.Tensor,
         cache: KVCache | None = None,
         tree_mask: torch.Tensor | None = None,
+        prompt_rows: int = 0,
     ) -> AttentionContext:
         """Attention context for n new positions after the cache's committed prefix.
 
         positions: (n,) or (B, n) absolute positions of the new tokens.
         tree_mask: (n, n) bool, True where new token i may attend to new token j (itself
         and its ancestors); None means causal order.
+        prompt_rows: how many of the first rows are prompt positions (AttentionContext).
         """
         n = positions.shape[-1]
         prefix = cache.length if cache is not None else 0
@@ -217,7 +228,7 @@ class Transformer(nn.Module):
         window = self.args.sliding_window
         windowed = window is not None and prefix + n > window
         if n == 1 and tree_mask is None and not windowed:
-            return AttentionContext(cos, sin, None, cache)
+            return AttentionContext(cos, sin, None, cache, prompt_rows)
         if tree_mask is None:
             tree_mask = torch.ones(n, n, dtype=torch.bool, device=positions.device).tril()
         mask = torch.cat((torch.ones(n, prefix, dtype=torch.bool, device=positions.device), tree_mask), dim=1)
@@ -226,7 +237,7 @@ class Transformer(nn.Module):
             q_pos = positions.reshape(-1, n)[0]
             k_pos = torch.cat((torch.arange(prefix, device=positions.device), q_pos))
             mask = mask & (q_pos[:, None] - k_pos[None, :] < window)
-        return AttentionContext(cos, sin, mask, cache)
+        return AttentionContext(cos, sin, mask, cache, prompt_rows)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(tokens)

@@ -95,6 +95,13 @@ def next_drafts(tree: TokenTree, path: list[int], groups: list[int], drafts: tor
     return own[shift:] if shift < own.shape[0] else None
 
 
+def prompt_rows_of(catch_up: int, index: int) -> int:
+    """How many leading catch-up rows are prompt positions (AttentionContext.prompt_rows). The
+    root is the last committed token, at prompt length - 1 + index (index: the reply index of
+    its first child), so the catch-up rows before prompt length - 1 are the first catch_up - index."""
+    return max(catch_up - index, 0)
+
+
 def tree_step(
     model: Transformer,
     cache: KVCache,
@@ -110,15 +117,16 @@ def tree_step(
     between layers; returns the StepOutcome, with the cache holding catch-up + path."""
     c, n, device = len(catch_up), len(tree), model.device
     groups = list(groups) if drafter is not None else []
+    prompt = prompt_rows_of(c, index)
     positions = cache.length + torch.cat((torch.arange(c), c + torch.tensor(tree.depths))).to(device)
     node_mask = step_mask(c, tree, device)
     h = model.embed(torch.tensor([list(catch_up) + tree.tokens], device=device))
-    node_ctx = model.context(positions, cache, node_mask)
+    node_ctx = model.context(positions, cache, node_mask, prompt)
     if groups:
         rows, k = [c + g for g in groups], drafter.config.k
         joined = model.context(
             torch.cat((positions, pseudo_positions(positions[rows], k))), cache,
-            pseudo_mask(node_mask, rows, k, drafter.config.pseudo_attention),
+            pseudo_mask(node_mask, rows, k, drafter.config.pseudo_attention), prompt,
         )
         h = yield from pseudo_state_layers(model, drafter, h, node_ctx, joined, lambda layer, h: h[0, rows])
     else:

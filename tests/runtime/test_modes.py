@@ -49,16 +49,18 @@ def bfloat16_engine():
     # The configured trees, unsized: which drafts a sized tree keeps depends on this machine's
     # measured step cost, and these tests need drafts accepted to check the rows verified together.
     e = Engine(ModelConfig(dtype="bfloat16", device="cpu", max_context=512, kernels="native"),
-               DrafterConfigs(tree_sizing=TreeSizingConfig(cost="off")))
+               DrafterConfigs(tree_sizing=TreeSizingConfig(cost="off")), PipelineConfig(transport="local", workers=2))
     yield e
     e.close()
 
 
-@pytest.mark.parametrize("mode", ["ht", "ht-pld", "pld", "medusa", "early-exit", "token-recycling"])
+@pytest.mark.parametrize("mode", ["ht", "ht-pld", "pld", "medusa", "early-exit", "token-recycling", "pipeline"])
 def test_bfloat16_tree_modes_are_token_identical_with_native_kernels(bfloat16_engine, mode):
-    """The native kernels compute every row of a step as a one-row step would, so in bfloat16
+    """The native kernels compute every row of a step as a one-row step would, and every
+    mode computes the prompt positions alike (prompt rows: PyTorch's GEMM), so in bfloat16
     too a tree mode's tokens are `ar`'s, not merely close (with PyTorch's kernels, rows
-    verified together round differently and near ties flip)."""
+    verified together round differently and near ties flip). The pipeline's workers catch
+    up prompt and reply tokens in their steps."""
     e = bfloat16_engine
     prompts = ["Name two rivers.", "Write a haiku about the sea, then explain it.", "List three prime numbers and add them."]
     for prompt in prompts:

@@ -86,3 +86,25 @@ def test_a_step_with_catch_up_equals_a_prefill_then_a_step(tiny_models, kind):
     end = together.length
     torch.testing.assert_close(together.k[:, :, :, :end], apart.k[:, :, :, :end], atol=1e-5, rtol=0)
     assert together.max_len == 64 + TREE_HEADROOM
+
+
+def test_bfloat16_prompt_positions_get_the_same_bits_in_prefill_and_in_catch_up(chat_prompt_ids):
+    """Prompt positions are computed by their own path (prompt rows), reply positions as
+    one-row steps: ar's prefill and decode steps, and a tree step that catches up the prompt
+    and a reply token (a pipeline worker's first step), leave bit-identical caches and logits."""
+    from runtime.decoding.autoregressive import decode_one, prefill
+    from workers.loading import load_model
+
+    model, _ = load_model("default", torch.bfloat16, "cpu", "native")
+    prompt = chat_prompt_ids
+    with torch.inference_mode():
+        ar = decoding_cache(model, 128)
+        first = prefill(model, ar, prompt).argmax().item()
+        second = decode_one(model, ar, first).argmax().item()
+        third_logits = decode_one(model, ar, second)
+        worker = decoding_cache(model, 128)
+        out = run_to_end(tree_step(model, worker, root_only(second), Greedy(), 2, [*prompt, first]))
+    assert worker.length == ar.length == len(prompt) + 2
+    end = ar.length
+    assert torch.equal(worker.k[:, :, :, :end], ar.k[:, :, :, :end]) and torch.equal(worker.v[:, :, :, :end], ar.v[:, :, :, :end])
+    assert torch.equal(out.logits[0], third_logits)

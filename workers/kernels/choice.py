@@ -19,13 +19,14 @@ class KernelError(RuntimeError):
 class Kernels:
     name: str  # "torch" | "native"
     linear: Callable  # (x, weight, bias) -> y
+    prompt_linear: Callable  # (x, weight, bias, n) -> y, its first n rows prompt rows (workers.model.prompt_rows)
     rms_norm: Callable  # (x, weight, eps) -> y
     rotary: Callable  # (qkv, cos, sin, heads, head_dim) -> qkv with q and k rotated
     attention: Callable  # (q, k, v, mask) -> (B, n, heads * head_dim)
 
 
-TORCH = Kernels("torch", reference.linear, reference.rms_norm, reference.rotary, reference.attention)
-NATIVE = Kernels("native", native.linear, native.rms_norm, native.rotary, native.attention)
+TORCH = Kernels("torch", reference.linear, reference.prompt_linear, reference.rms_norm, reference.rotary, reference.attention)
+NATIVE = Kernels("native", native.linear, native.prompt_linear, native.rms_norm, native.rotary, native.attention)
 
 
 def native_unsupported(device: torch.device, dtype: torch.dtype) -> str | None:

@@ -13,6 +13,11 @@ import torch.nn.functional as F
 linear = F.linear
 
 
+def prompt_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
+    """linear: PyTorch computes prompt rows as any others."""
+    return F.linear(x, weight, bias)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # Normalise in float32 whatever the model dtype, as the reference implementations do.
     xf = x.float()

@@ -49,6 +49,30 @@ def test_linear_rows_are_independent(dtype):
         assert torch.equal(native.linear(x[:n], w, None), together[:n]), n
 
 
+# The model's product shapes (SmolLM2-135M: qkv, o, gate/up, down), (out, in).
+MODEL_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
+
+
+@pytest.mark.parametrize("out_features,in_features", MODEL_SHAPES)
+def test_prompt_rows_do_not_depend_on_how_many_share_the_call(out_features, in_features):
+    """Prompt rows (bfloat16: PyTorch's GEMM) give each row the same bits whether 1, 2 or
+    hundreds of prompt rows share the call, and wherever the row sits; the rows after them
+    are the one-row kernels' bits. Every mode computes a prompt position the same way only
+    if this holds on the machine's oneDNN."""
+    x, w = rand(1, 300, in_features, dtype=torch.bfloat16), rand(out_features, in_features, dtype=torch.bfloat16, seed=1)
+    full = native.prompt_linear(x, w, None, 299)
+    for start, m in [(0, 1), (0, 2), (5, 3), (0, 17), (40, 64), (0, 150), (100, 199), (0, 299)]:
+        part = native.prompt_linear(x[:, start : start + m], w, None, m)
+        assert torch.equal(part, full[:, start : start + m]), (start, m)
+    assert torch.equal(full[:, 299:], native.linear(x[:, 299:], w, None))  # the last row: native
+    torch.testing.assert_close(full.float(), reference.linear(x.float(), w.float()), **TOL[torch.bfloat16])
+
+
+def test_prompt_rows_in_float32_are_the_native_kernels():
+    x, w = rand(1, 40, 576), rand(960, 576, seed=1)
+    assert torch.equal(native.prompt_linear(x, w, None, 39), native.linear(x, w, None))
+
+
 def test_linear_threads_do_not_change_results():
     x, w = rand(8, 576), rand(3000, 576, seed=1)
     torch.set_num_threads(1)
