@@ -125,16 +125,17 @@ void linear_blocks(const float* x, int64_t n, const W* w, int64_t k, float* y, i
 
 template <typename W>
 void linear_impl(const float* x, int64_t n, const W* w, int64_t k, float* y, int64_t m) {
-  // One row (a decode step) is memory-bound: one weight row at a time keeps the fewest
-  // streams open, which the prefetchers follow best (all 121 products of a bfloat16 decode
-  // step from DRAM: 11-13 ms against 17 ms with 3 rows at a time). 2-6 rows: two weight
-  // rows at a time against up to 6 rows (independent FMA chains; one core, bfloat16, a
-  // whole step: 2 rows 30.1 -> 27.2 ms, 4 rows 35.9 -> 31.6, 5 rows 41.0 -> 34.4). From 7
-  // rows on it is compute-bound: 4 rows x 3 weight rows = 12 accumulators + 3 weight
+  // 1-4 rows (a decode step, a small tree) are memory-bound: one weight row at a time
+  // keeps the fewest streams open, which the prefetchers follow best (all 121 products of a
+  // bfloat16 decode step from DRAM: 11-13 ms against 17 ms with 3 rows at a time), and the
+  // rows it meets share each weight vector once loaded (a whole step's products at a
+  // 200-token context, two threads: 2 rows 16.5-19.6 -> 13.4-13.7 ms, 4 rows 18.4-19.8 ->
+  // 14.9-15.3 against two weight rows at a time). 5-6 rows: two weight rows at a time. From
+  // 7 rows on it is compute-bound: 4 rows x 3 weight rows = 12 accumulators + 3 weight
   // vectors of the 16 AVX2 registers. Either way each output is the same dot product,
   // summed in the same order.
-  if (n == 1) {
-    linear_blocks<1, 1>(x, n, w, k, y, m);
+  if (n <= 4) {
+    linear_blocks<4, 1>(x, n, w, k, y, m);
   } else if (n <= 6) {
     linear_blocks<6, 2>(x, n, w, k, y, m);
   } else {

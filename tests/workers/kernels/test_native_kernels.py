@@ -45,7 +45,7 @@ def test_linear_rows_are_independent(dtype):
     together = native.linear(x, w, None)
     for r in (0, 3, 4, 5, 37, 63):  # in a block of rows, in the remainder, alone
         assert torch.equal(native.linear(x[r : r + 1], w, None)[0], together[r])
-    for n in range(2, 14):  # every blocking: 2-6 rows (6 x 2 blocks), 7+ (4 x 3 blocks), remainders
+    for n in range(2, 14):  # every blocking: 1-4 rows (4 x 1 blocks), 5-6 (6 x 2), 7+ (4 x 3), remainders
         assert torch.equal(native.linear(x[:n], w, None), together[:n]), n
 
 
