@@ -46,11 +46,15 @@ class KVCache:
         (batch, n_kv_heads, length + n, head_dim), as views into the cache.
         """
         end = self.length + k.shape[2]
-        if end > self.max_len:
-            raise CacheFullError(f"KV cache holds {self.max_len} positions; {end} needed")
+        self.check_room(k.shape[2])
         self.k[layer, :, :, self.length : end] = k
         self.v[layer, :, :, self.length : end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def check_room(self, n: int) -> None:
+        """Raise CacheFullError unless n pending positions fit after the committed prefix."""
+        if self.length + n > self.max_len:
+            raise CacheFullError(f"KV cache holds {self.max_len} positions; {self.length + n} needed")
 
     def commit(self, n: int) -> None:
         """Make the first n pending positions part of the committed prefix."""

@@ -140,6 +140,8 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    kernels: Kernels = TORCH
+
     def __init__(self, args: ModelArgs, layer_idx: int):
         super().__init__()
         self.self_attn = Attention(args, layer_idx)
@@ -148,8 +150,36 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
 
     def forward(self, h: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        fused = self.fused(h, ctx)
+        if fused is not None:
+            return fused
         h = h + self.self_attn(self.input_layernorm(h), ctx)
         return h + self.mlp(self.post_attention_layernorm(h), ctx.prompt_rows)
+
+    def fused(self, h: torch.Tensor, ctx: AttentionContext) -> torch.Tensor | None:
+        """The layer in one kernel call where the kernels have one (the native kernels: the
+        same numbers without Python's dispatch of each op), for steps over a KVCache that
+        have no prompt rows; None otherwise."""
+        if self.kernels.decoder_layer is None or ctx.prompt_rows or type(ctx.cache) is not KVCache:
+            return None
+        a, m, cache = self.self_attn, self.mlp, ctx.cache
+        cache.check_room(h.shape[1])
+        weights = (
+            self.input_layernorm.weight,
+            a.qkv_proj.weight,
+            a.qkv_proj.bias,
+            a.o_proj.weight,
+            a.o_proj.bias,
+            self.post_attention_layernorm.weight,
+            m.gate_up_proj.weight,
+            m.gate_up_proj.bias,
+            m.down_proj.weight,
+            m.down_proj.bias,
+        )
+        return self.kernels.decoder_layer(
+            h, weights, self.input_layernorm.eps, a.n_heads, a.n_kv_heads, a.head_dim,
+            ctx.cos, ctx.sin, ctx.mask, cache.k[a.layer_idx], cache.v[a.layer_idx], cache.length,
+        )  # fmt: skip
 
 
 class Transformer(nn.Module):
@@ -175,7 +205,7 @@ class Transformer(nn.Module):
         the layout those kernels stream fastest; returns the kernels chosen."""
         self.kernels = resolve_kernels(name, self.device, self.dtype)
         for module in self.modules():
-            if isinstance(module, (Linear, RMSNorm, Attention)):
+            if isinstance(module, (Linear, RMSNorm, Attention, DecoderLayer)):
                 module.kernels = self.kernels
             if isinstance(module, Linear):
                 module.weight.data = weight_layout(self.kernels, module.weight.data)

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from runtime.decoding.autoregressive import decode_one, prefill
 from workers.loading import ModelLoadError, load_model
+from workers.model import DecoderLayer
 
 ATOL = 1e-4
 # The real model's 30 layers in float32: the native kernels sum dot products in another
@@ -336,3 +337,41 @@ def test_the_native_lm_head_returns_float32_sums_that_round_to_the_bfloat16_logi
     assert torch.equal(logits.to(torch.bfloat16), rounded)
     ties = lambda t: (t.topk(2, dim=-1).values.diff(dim=-1) == 0).sum().item()  # noqa: E731
     assert ties(logits) <= ties(rounded.float())
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama_bias", "qwen2", "mistral_window"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fused_layer_equals_the_layer_op_by_op(tiny_checkpoint, monkeypatch, kind, dtype):
+    """The native kernels run a decoder layer in one call (DecoderLayer.fused): the logits
+    and the cache it writes are bit-identical to the op-by-op layer's, for a one-row step and
+    a tree step, past the sliding window; prompt rows stay op by op."""
+    model, _ = load_model(str(tiny_checkpoint(kind)), dtype, "cpu", "native")
+    tree = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]], dtype=torch.bool)
+    fused_calls = []
+    original = DecoderLayer.fused
+
+    def spy(self, h, ctx):
+        out = original(self, h, ctx)
+        fused_calls.append(out is not None)
+        return out
+
+    @torch.inference_mode()
+    def run():
+        cache = model.new_cache(32)
+        prompt = random_tokens(model.args.vocab_size, 11)
+        model(prompt, model.context(torch.arange(11), cache, prompt_rows=10))
+        cache.commit(11)
+        one = model(random_tokens(model.args.vocab_size, 1, seed=1), model.context(torch.tensor([11]), cache))
+        cache.commit(1)
+        positions = torch.tensor([12, 13, 13, 14])
+        step = model(random_tokens(model.args.vocab_size, 4, seed=2), model.context(positions, cache, tree))
+        return one, step, cache.k.clone(), cache.v.clone()
+
+    monkeypatch.setattr(DecoderLayer, "fused", spy)
+    fused = run()
+    layers = model.args.n_layers
+    assert fused_calls == [False] * layers + [True] * 2 * layers  # the prompt op by op, then the steps fused
+    monkeypatch.setattr(DecoderLayer, "fused", lambda self, h, ctx: None)
+    op_by_op = run()
+    for a, b in zip(fused, op_by_op):
+        assert torch.equal(a, b)

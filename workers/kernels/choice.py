@@ -23,10 +23,15 @@ class Kernels:
     rms_norm: Callable  # (x, weight, eps) -> y
     rotary: Callable  # (qkv, cos, sin, heads, head_dim) -> qkv with q and k rotated
     attention: Callable  # (q, k, v, mask) -> (B, n, heads * head_dim)
+    # A whole decoder layer in one call (workers.kernels.native.decoder_layer), or None:
+    # workers.model.DecoderLayer then runs op by op.
+    decoder_layer: Callable | None = None
 
 
 TORCH = Kernels("torch", reference.linear, reference.prompt_linear, reference.rms_norm, reference.rotary, reference.attention)
-NATIVE = Kernels("native", native.linear, native.prompt_linear, native.rms_norm, native.rotary, native.attention)
+NATIVE = Kernels(
+    "native", native.linear, native.prompt_linear, native.rms_norm, native.rotary, native.attention, native.decoder_layer
+)
 
 
 def native_unsupported(device: torch.device, dtype: torch.dtype) -> str | None:

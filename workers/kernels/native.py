@@ -104,6 +104,39 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return extension().attention(q, k, v, mask).to(q.dtype)
 
 
+def decoder_layer(
+    h: torch.Tensor,
+    weights: tuple[torch.Tensor | None, ...],
+    eps: float,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    mask: torch.Tensor | None,
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    length: int,
+) -> torch.Tensor | None:
+    """A whole decoder layer in one call (cpu_kernels.cpp: decoder_layer), bit-identical to
+    workers.model.DecoderLayer run op by op on these kernels; None where one of them would
+    hand its work to the reference (autograd, a head size or mask they do not take, a
+    bfloat16 cache), and the caller then runs the layer op by op.
+
+    weights: (input norm, qkv, qkv bias, o, o bias, post-attention norm, gate/up, gate/up
+    bias, down, down bias), biases None where absent; cache_k, cache_v (B, kv_heads,
+    max_len, head_dim): the layer's slice of the cache, written at [length, length + n)."""
+    if (
+        torch.is_grad_enabled()
+        or head_dim % 8
+        or (mask is not None and mask.dim() != 2)
+        or cache_k.dtype != torch.float32
+        or h.dtype != weights[0].dtype
+    ):
+        return None
+    return extension().decoder_layer(h, *weights, eps, heads, kv_heads, head_dim, cos, sin, mask, cache_k, cache_v, length)
+
+
 def main() -> None:
     """`python -m workers.kernels`: build now."""
     if not cpu_supported():
