@@ -7,7 +7,8 @@ each context length c and row count n it times `tree_step` (workers.tree_step) o
 chain of n nodes after c cached positions: the forward, the LM head over the n rows, the
 acceptance walk and the cache compaction, as decoding runs them (greedy, no pseudo
 states: a drafter's pseudo states count as rows of their own). The cache is cut back to
-c after every run. It reports the median and the minimum of `repeats` runs, in ms.
+c after every run. It reports the median and the minimum of `repeats` runs, in ms; tree sizing reads the
+minimum (workers.tree_sizing.CostCurve), as a busy machine only ever adds time.
 `engine` here is anything with the model, its cache and its ModelConfig (runtime.engine.Engine).
 
 `device_profile` is the one the tree modes size their trees by ([tree_sizing] cost =
@@ -31,6 +32,7 @@ from tqdm import tqdm
 
 from workers.cache_dir import cache_dir
 from workers.drafters.pseudo_forward import run_to_end
+from workers.kernels import native
 from workers.sampling import Greedy
 from workers.tree import chain
 from workers.tree_step import tree_step
@@ -40,31 +42,33 @@ CONTEXTS = [128, 512, 1024]
 # device_profile's curve: the sizes a CPU tree takes (a GPU's flat curve keeps the largest), ~5 s here.
 QUICK_ROWS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48]
 QUICK_CONTEXTS = [128, 1024]
-QUICK_REPEATS = 3
+QUICK_REPEATS = 5
 
 
 @torch.inference_mode()
 def step_times(engine, rows: list[int], context: int, repeats: int, bar=None) -> tuple[dict[int, float], dict[int, float]]:
-    """(median ms, min ms) of a tree step of n rows after `context` cached positions, per n."""
+    """(median ms, min ms) of a tree step of n rows after `context` cached positions, per n.
+    The row counts take turns, round after round, so that a busy moment of the machine
+    slows every n alike instead of one n's every run."""
     model, cache = engine.model, engine.cache
     g = torch.Generator().manual_seed(context)
     cache.truncate(0)
     prefix = torch.randint(0, model.args.vocab_size, (context + max(rows),), generator=g).tolist()
     run_to_end(tree_step(model, cache, chain(prefix[context - 1], []), Greedy(), 0, prefix[: context - 1]))
-    median, best = {}, {}
-    for n in rows:
-        tree = chain(prefix[context], prefix[context + 1 : context + n])
-        times = []
-        for _ in range(repeats + 1):  # the first run warms the shapes up and is not counted
+    trees = {n: chain(prefix[context], prefix[context + 1 : context + n]) for n in rows}
+    times: dict[int, list[float]] = {n: [] for n in rows}
+    for round_ in range(repeats + 1):  # the first round warms the shapes up and is not counted
+        for n in rows:
             t0 = time.perf_counter()
-            run_to_end(tree_step(model, cache, tree, Greedy(), 0))
-            times.append(time.perf_counter() - t0)
+            run_to_end(tree_step(model, cache, trees[n], Greedy(), 0))
+            if round_:
+                times[n].append(time.perf_counter() - t0)
             cache.truncate(context)
-        median[n], best[n] = round(1000 * statistics.median(times[1:]), 3), round(1000 * min(times[1:]), 3)
-        if bar is not None:
-            bar.update()
+            if bar is not None:
+                bar.update()
     cache.truncate(0)
-    return median, best
+    median = {n: round(1000 * statistics.median(t), 3) for n, t in times.items()}
+    return median, {n: round(1000 * min(t), 3) for n, t in times.items()}
 
 
 def cost_curve(engine, rows: list[int] = ROWS, contexts: list[int] = CONTEXTS, repeats: int = 5,
@@ -73,7 +77,7 @@ def cost_curve(engine, rows: list[int] = ROWS, contexts: list[int] = CONTEXTS, r
     too_long = [c for c in contexts if c + max(rows) > engine.config.max_context]
     if too_long:
         raise ValueError(f"contexts {too_long} + {max(rows)} rows exceed max_context {engine.config.max_context}")
-    bar = tqdm(total=len(rows) * len(contexts), desc="profile", unit="shape", disable=not progress, file=sys.stderr)
+    bar = tqdm(total=len(rows) * len(contexts) * (repeats + 1), desc="profile", unit="step", disable=not progress, file=sys.stderr)
     ms, ms_min = {}, {}
     for c in contexts:
         ms[c], ms_min[c] = step_times(engine, rows, c, repeats, bar)
@@ -100,9 +104,13 @@ def device_name(device) -> str:
 
 
 def profile_key(engine) -> dict:
-    """What a step's cost depends on: the model's shape, dtype, kernels, CUDA graphs, threads and device."""
+    """What a step's cost depends on: the model's shape, dtype, kernels (the native kernels'
+    build: a changed kernel measures anew), CUDA graphs, threads and device."""
     model = engine.model
-    return {"model": asdict(model.args), "dtype": engine.config.dtype, "kernels": model.kernels.name,
+    kernels = model.kernels.name
+    if kernels == "native":
+        kernels = f"native {native.build_dir().name}"
+    return {"model": asdict(model.args), "dtype": engine.config.dtype, "kernels": kernels,
             "graphs": model.graphs is not None, "threads": torch.get_num_threads(),
             "device": device_name(model.device), "torch": torch.__version__}
 

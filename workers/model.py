@@ -84,7 +84,7 @@ class LogitsHead(Linear):
 
     def forward(self, x: torch.Tensor, prompt_rows: int = 0) -> torch.Tensor:
         if self.kernels.name == "native" and x.dtype != torch.float32 and not torch.is_grad_enabled():
-            return self.kernels.linear(x.float(), self.weight, self.bias)
+            return self.kernels.linear(x, self.weight, self.bias, float_out=True)
         return super().forward(x, prompt_rows)
 
 

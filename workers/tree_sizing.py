@@ -68,17 +68,27 @@ class CostCurve:
 
     @classmethod
     def from_profile(cls, profile: dict) -> CostCurve:
-        """From the JSON of workers.cost_curve (keys may be strings, as JSON writes them)."""
+        """From the JSON of workers.cost_curve (keys may be strings, as JSON writes them): its
+        minimum times ("ms_min"; a busy machine only adds time), else its medians (a profile
+        written by hand), each context's made non-decreasing in n (a time is lowered to the
+        least time measured at any larger n: a step of fewer rows costs no more)."""
         try:
-            by_context = {
-                int(c): StepCost(tuple(sorted(int(n) for n in times)), tuple(float(times[n]) for n in sorted(times, key=int)))
-                for c, times in profile["ms_median"].items()
-            }
+            table = profile["ms_min"] if "ms_min" in profile else profile["ms_median"]
+            by_context = {int(c): envelope({int(n): float(t) for n, t in times.items()}) for c, times in table.items()}
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ValueError(f"not a step-cost profile (leapfrog profile): {e}") from None
         if not by_context:
             raise ValueError("the profile has no context lengths")
         return cls(by_context)
+
+
+def envelope(times: dict[int, float]) -> StepCost:
+    """t(n) from measured times by row count, each lowered to the least time at any larger n."""
+    rows = sorted(times)
+    ms = [times[n] for n in rows]
+    for i in range(len(ms) - 2, -1, -1):
+        ms[i] = min(ms[i], ms[i + 1])
+    return StepCost(tuple(rows), tuple(ms))
 
 
 def best_size(probs: list[float], cost: StepCost, extra_rows: float = 0.0) -> int:

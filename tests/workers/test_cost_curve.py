@@ -44,7 +44,7 @@ def test_the_command_writes_the_profile(tmp_path, capsys):
 def test_the_tree_modes_curve_is_measured_once_and_cached(engine, tmp_path, monkeypatch):
     monkeypatch.setenv("LEAPFROG_CACHE", str(tmp_path))
     profile = device_profile(engine, progress=False)
-    assert profile["key"]["kernels"] == engine.model.kernels.name and profile["rows"][0] == 1
+    assert profile["key"]["kernels"].split()[0] == engine.model.kernels.name and profile["rows"][0] == 1
     assert max(profile["rows"]) + max(profile["contexts"]) <= 64  # fits this engine's max_context
     assert len(list((tmp_path / "profiles").glob("*.json"))) == 1
 
@@ -55,6 +55,17 @@ def test_the_tree_modes_curve_is_measured_once_and_cached(engine, tmp_path, monk
     assert device_profile(engine, progress=False) == json.loads(json.dumps(profile))
     engine.set_drafter_config("tree_sizing", TreeSizingConfig(cost="auto"))
     assert engine.cost_curve().at(1).rows[0] == 1
+
+
+def test_a_changed_native_kernel_is_measured_anew(engine, monkeypatch, tmp_path):
+    """The cached curve is keyed by the native kernels' build: a faster kernel is not sized by
+    the curve of the old one."""
+    if engine.model.kernels.name != "native":
+        pytest.skip("the native kernels are not built here")
+    before = cost_curve_module.profile_key(engine)
+    monkeypatch.setattr(cost_curve_module.native, "build_dir", lambda: tmp_path / "torch-x-py3-otherdigest")
+    after = cost_curve_module.profile_key(engine)
+    assert before["kernels"] != after["kernels"] and after["kernels"] == "native torch-x-py3-otherdigest"
 
 
 def test_a_profile_that_cannot_be_read_is_a_config_error(engine, tmp_path):

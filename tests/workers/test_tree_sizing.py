@@ -145,6 +145,18 @@ def test_cost_curve_from_a_json_profile_picks_the_nearest_context():
             CostCurve.from_profile(bad)
 
 
+def test_the_curve_reads_the_minimum_times_and_never_falls_with_more_rows():
+    """A measured profile's minimum times (a busy machine only adds time), lowered where a
+    larger step measured quicker: noise on one row count cannot make it look dearer than more rows."""
+    profile = {
+        "ms_median": {"128": {"1": 50.0, "2": 60.0, "4": 70.0, "8": 80.0}},
+        "ms_min": {"128": {"1": 10.0, "2": 19.0, "4": 14.0, "8": 20.0}},
+    }
+    cost = CostCurve.from_profile(profile).at(128)
+    assert cost.rows == (1, 2, 4, 8) and cost.ms == (10.0, 14.0, 14.0, 20.0)
+    assert [cost(n) for n in (1, 3, 8)] == [10.0, 14.0, 20.0]
+
+
 def test_pseudo_row_cost_follows_the_layers_it_runs():
     args = ModelArgs("llama", vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
                      intermediate_size=1536, norm_eps=1e-5)

@@ -55,11 +55,21 @@ def needs_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x (..., in) @ weight (out, in).T (+ bias), in float32; the result in x's dtype."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, float_out: bool = False) -> torch.Tensor:
+    """x (..., in) @ weight (out, in).T (+ bias), in float32; the result in x's dtype, or in
+    float32 with `float_out` (the LM head's logits: workers.model.LogitsHead). bfloat16 x and
+    weight take the AVX512-BF16 dot products where the CPU has them (use_avx512_bf16)."""
     if needs_grad(x, weight, bias):
-        return reference.linear(x, weight, bias)
-    return extension().linear(x, weight, bias)
+        out = reference.linear(x, weight, bias)
+        return out.float() if float_out else out
+    return extension().linear(x, weight, bias, float_out)
+
+
+def use_avx512_bf16(enable: bool) -> bool:
+    """Turn the AVX512-BF16 path of `linear` on (where the CPU has it; the default) or off;
+    returns whether it is on. Its sums round otherwise than the AVX2 path's, so a process
+    keeps one setting while it decodes: tests switch it to cover both paths."""
+    return extension().use_avx512_bf16(enable)
 
 
 def prompt_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:

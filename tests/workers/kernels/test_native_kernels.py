@@ -23,13 +23,24 @@ LINEAR_SHAPES = [(1, 576, 960), (2, 64, 7), (4, 100, 33), (5, 576, 1536), (13, 3
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-5), torch.bfloat16: dict(atol=0.05, rtol=0.02)}
 
 
+@pytest.fixture(params=["avx512-bf16", "avx2"])
+def linear_path(request):
+    """bfloat16 products on each path of native.linear: the AVX512-BF16 dot products (where
+    the CPU has them, the default) and the AVX2 FMAs on widened values."""
+    on = native.use_avx512_bf16(request.param == "avx512-bf16")
+    if request.param == "avx512-bf16" and not on:
+        pytest.skip("this CPU has no AVX512-BF16")
+    yield request.param
+    native.use_avx512_bf16(True)
+
+
 def rand(*shape, dtype=torch.float32, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows,k,m", LINEAR_SHAPES)
-def test_linear_matches_reference(dtype, rows, k, m):
+def test_linear_matches_reference(linear_path, dtype, rows, k, m):
     x, w, b = rand(1, rows, k, dtype=dtype), rand(m, k, dtype=dtype, seed=1), rand(m, dtype=dtype, seed=2)
     for bias in (None, b):
         got = native.linear(x, w, bias)
@@ -37,15 +48,17 @@ def test_linear_matches_reference(dtype, rows, k, m):
         # the reference in float32 on the same (exactly representable) inputs
         want = reference.linear(x.float(), w.float(), None if bias is None else bias.float()).to(dtype)
         torch.testing.assert_close(got, want, **TOL[dtype])
+        wide = native.linear(x, w, bias, float_out=True)  # the LM head's float32 sums
+        assert wide.dtype == torch.float32 and torch.equal(wide.to(dtype), got)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_linear_rows_are_independent(dtype):
+def test_linear_rows_are_independent(linear_path, dtype):
     x, w = rand(64, 576, dtype=dtype), rand(1000, 576, dtype=dtype, seed=1)
     together = native.linear(x, w, None)
     for r in (0, 3, 4, 5, 37, 63):  # in a block of rows, in the remainder, alone
         assert torch.equal(native.linear(x[r : r + 1], w, None)[0], together[r])
-    for n in range(2, 14):  # every blocking: 1-4 rows (4 x 1 blocks), 5-6 (6 x 2), 7+ (4 x 3), remainders
+    for n in range(2, 20):  # every blocking (AVX2: 1-4, 5-6, 7+ rows; AVX512-BF16: 1-4, 5-8, 9+), remainders
         assert torch.equal(native.linear(x[:n], w, None), together[:n]), n
 
 
@@ -73,8 +86,9 @@ def test_prompt_rows_in_float32_are_the_native_kernels():
     assert torch.equal(native.prompt_linear(x, w, None, 39), native.linear(x, w, None))
 
 
-def test_linear_threads_do_not_change_results():
-    x, w = rand(8, 576), rand(3000, 576, seed=1)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_threads_do_not_change_results(linear_path, dtype):
+    x, w = rand(8, 576, dtype=dtype), rand(3000, 576, dtype=dtype, seed=1)
     torch.set_num_threads(1)
     one = native.linear(x, w, None)
     torch.set_num_threads(2)
