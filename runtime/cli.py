@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--rows", type=int_list, default=ROWS, help=f"row counts n (default {','.join(map(str, ROWS))})")
     profile.add_argument("--contexts", type=int_list, default=CONTEXTS,
                          help=f"cached positions before the step (default {','.join(map(str, CONTEXTS))})")
-    profile.add_argument("--repeats", type=positive_int, default=5, help="timed runs per shape; the median is reported")
+    profile.add_argument("--repeats", type=positive_int, default=5, help="timed rounds per shape (the row counts take turns); the median and the minimum are reported")
     profile.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_model(profile)
 
