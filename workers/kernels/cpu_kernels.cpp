@@ -152,6 +152,10 @@ void linear_impl(const float* x, int64_t n, const W* w, int64_t k, float* y, int
 // _mm512_reduce_add_ps), whatever the rows around it: a row's result does not depend on
 // which rows share the call. The sums differ in rounding from the AVX2 path's, so one
 // engine takes one path for every call (use_avx512_bf16).
+//
+// rest_rows_bf16 and columns_bf16 repeat rest_rows and columns: code compiled for
+// AVX512 cannot be shared with the path that runs on CPUs without it (GCC inlines a
+// target-specific intrinsic only into a function compiled for that target).
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16")
 
