@@ -148,6 +148,11 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(args)
         self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+        # What `fused` hands the kernel, in its order (a plain tuple: not registered again as submodules).
+        a = self.self_attn
+        self._parts = (self.input_layernorm, a.qkv_proj, a.o_proj, self.post_attention_layernorm,
+                       self.mlp.gate_up_proj, self.mlp.down_proj)  # fmt: skip
+        self._shape = (args.norm_eps, args.n_heads, args.n_kv_heads, args.head_dim, layer_idx)
 
     def forward(self, h: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         fused = self.fused(h, ctx)
@@ -162,24 +167,19 @@ class DecoderLayer(nn.Module):
         have no prompt rows; None otherwise."""
         if self.kernels.decoder_layer is None or ctx.prompt_rows or type(ctx.cache) is not KVCache:
             return None
-        a, m, cache = self.self_attn, self.mlp, ctx.cache
+        cache = ctx.cache
         cache.check_room(h.shape[1])
+        # Read from each module's parameter dict, which always holds its current parameters:
+        # nn.Module's attribute lookup costs ~0.5 us a name, ~1 ms a step over 30 layers.
+        norm1, qkv, o, norm2, gate_up, down = (m._parameters for m in self._parts)
         weights = (
-            self.input_layernorm.weight,
-            a.qkv_proj.weight,
-            a.qkv_proj.bias,
-            a.o_proj.weight,
-            a.o_proj.bias,
-            self.post_attention_layernorm.weight,
-            m.gate_up_proj.weight,
-            m.gate_up_proj.bias,
-            m.down_proj.weight,
-            m.down_proj.bias,
-        )
-        return self.kernels.decoder_layer(
-            h, weights, self.input_layernorm.eps, a.n_heads, a.n_kv_heads, a.head_dim,
-            ctx.cos, ctx.sin, ctx.mask, cache.k[a.layer_idx], cache.v[a.layer_idx], cache.length,
+            norm1["weight"], qkv["weight"], qkv.get("bias"), o["weight"], o.get("bias"),
+            norm2["weight"], gate_up["weight"], gate_up.get("bias"), down["weight"], down.get("bias"),
         )  # fmt: skip
+        eps, heads, kv_heads, head_dim, layer = self._shape
+        return self.kernels.decoder_layer(
+            h, weights, eps, heads, kv_heads, head_dim, ctx.cos, ctx.sin, ctx.mask, cache.k[layer], cache.v[layer], cache.length
+        )
 
 
 class Transformer(nn.Module):
