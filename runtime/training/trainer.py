@@ -124,7 +124,7 @@ def train(
     model.requires_grad_(False)
     torch.manual_seed(cfg.seed)
     ht = build(ht_config, args.dim).to(model.device)  # float32 whatever the backbone dtype
-    if cfg.init and not cfg.resume:
+    if cfg.init and not (cfg.resume and ckpt_path.is_file()):  # a checkpoint to resume replaces the start
         start_from(ht, cfg.init, args, log)
     opt = torch.optim.AdamW(ht.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)

@@ -201,6 +201,20 @@ def test_save_load_and_resume(model, examples, tmp_path):
         train(model, train_ex, val_ex, config(tmp_path / "b", steps=21, k=2, resume=True), log=quiet)
 
 
+def test_resume_without_a_checkpoint_starts_from_init(model, examples, tmp_path):
+    """--resume --init: the first run (no checkpoint yet) starts from the init weights, as
+    a script that is simply run again after a stop needs; a later run resumes."""
+    train_ex, val_ex = examples
+    quiet = lambda *_: None  # noqa: E731
+    base = tmp_path / "base.safetensors"
+    train(model, train_ex, val_ex, config(tmp_path / "a", steps=3, out=str(base)), log=quiet)
+    messages = []
+    cfg = config(tmp_path / "b", steps=0, init=str(base), resume=True)
+    started, _ = train(model, train_ex, val_ex, cfg, log=messages.append)
+    assert any("started from" in m for m in messages)
+    torch.testing.assert_close(started.transfer.detach(), load(base, model.args).transfer.detach())
+
+
 def test_bfloat16_backbone(tiny_folder, examples, tmp_path):
     """bfloat16 backbone: the transfer stays float32, the loss is finite and drafts match inference."""
     model16 = load_model(str(tiny_folder), torch.bfloat16, "cpu")[0]
