@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="stream the reply to a chat prompt")
     add_sampling(gen)
     gen.add_argument("--prompt", required=True, help="the user message")
-    gen.add_argument("--mode", help=f"decoding mode: {', '.join(MODES)} (default: ht, the fastest lossless mode)")
+    gen.add_argument("--mode", help=f"decoding mode: {', '.join(MODES)} (default: ht, hidden transfer with prompt lookup)")
     gen.add_argument("--compare", help="comma-separated modes to run on the same prompt afterwards, for speed")
     add_common(gen)
 
@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="native protocol port (default 7860; 0: any free port)")
     serve.add_argument("--http-port", type=number_type(int, lambda v: -1 <= v <= 65535, "a port number or -1"),
                        help="OpenAI-compatible endpoint port (default 7861; -1: off)")
-    serve.add_argument("--mode", help=f"default decoding mode of requests: {', '.join(MODES)} (default: ht, the fastest lossless mode)")
+    serve.add_argument("--mode", help=f"default decoding mode of requests: {', '.join(MODES)} (default: ht, hidden transfer with prompt lookup)")
     serve.add_argument("--concurrency", type=positive_int, help="requests decoding at once, one engine each (default 1)")
     serve.add_argument("--api-key", help="key clients must present (default: $LEAPFROG_API_KEY); needed beyond the loopback")
     serve.add_argument("--insecure", action="store_true", default=None,
