@@ -38,6 +38,7 @@ class TrainConfig:
     schedule: str = "cosine"  # constant | cosine (to 10% of lr at the last step)
     positions_per_seq: int = 32
     batch: int = 4  # sequences per optimizer step
+    pack: int = 1  # sequences packed into one forward (runtime.training.objective.pack_loss): >1 for a GPU
     out: str = "ht.safetensors"
     data_dir: str | None = None
     resume: bool = False
@@ -67,6 +68,8 @@ class TrainConfig:
             raise TrainError(f"schedule must be constant or cosine, got {self.schedule!r}")
         if self.k < 1 or self.examples < 1 or self.steps < 0 or self.positions_per_seq < 1 or self.batch < 1:
             raise TrainError("k, examples, positions-per-seq and batch must be >= 1 and steps >= 0")
+        if not 1 <= self.pack <= self.batch:
+            raise TrainError(f"pack must be between 1 and batch ({self.batch}), got {self.pack}")
         if self.lr <= 0:
             raise TrainError(f"lr must be positive, got {self.lr}")
         if self.val_examples is not None and self.val_examples < 0:

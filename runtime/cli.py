@@ -208,6 +208,8 @@ def add_train(sub) -> None:
     p.add_argument("--positions-per-seq", type=positive_int, default=d.positions_per_seq,
                    help=f"positions drafted per sequence and step (default {d.positions_per_seq})")
     p.add_argument("--batch", type=positive_int, default=d.batch, help=f"sequences per step (default {d.batch})")
+    p.add_argument("--pack", type=positive_int, default=d.pack,
+                   help=f"sequences packed into one forward, at most --batch (default {d.pack}; more for a GPU)")
     p.add_argument("--out", default=d.out, help=f"weights file (default {d.out})")
     p.add_argument("--data-dir", help="cache of training examples (default: $LEAPFROG_CACHE/distill)")
     p.add_argument("--distill-batch", type=positive_int, default=d.distill_batch, help="generation batch size")
@@ -402,6 +404,7 @@ def cmd_train(args, config: LeapfrogConfig) -> int:
         schedule=args.schedule,
         positions_per_seq=args.positions_per_seq,
         batch=args.batch,
+        pack=args.pack,
         out=args.out,
         data_dir=args.data_dir,
         resume=args.resume,

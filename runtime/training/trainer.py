@@ -27,7 +27,7 @@ from tqdm import tqdm
 from configs.schema import DTYPES, torch_device
 from configs.training import TrainConfig, TrainError
 from runtime.training.distill import DistillSettings, distill
-from runtime.training.objective import evaluate, format_eval, sequence_loss, usable
+from runtime.training.objective import evaluate, format_eval, pack_loss, usable
 from workers.drafters.loading import build, load
 from workers.drafters.pseudo_states import PseudoStateConfig, PseudoStateDrafter, check_layer, model_signature
 from workers.loading import load_model
@@ -175,7 +175,7 @@ def train(
         f"[train] {ht_config.kind} drafter ({ht.parameter_count():,} parameters), layer {layer}/{args.n_layers}, "
         f"k {cfg.k}, pseudo attention {cfg.pseudo_attention}; "
         f"{len(train_examples)} training / {len(val_examples)} validation sequences; "
-        f"{cfg.steps} steps of {cfg.batch} x {cfg.positions_per_seq} positions"
+        f"{cfg.steps} steps of {cfg.batch} x {cfg.positions_per_seq} positions, {cfg.pack} sequence(s) a forward"
     )
     bar = tqdm(total=cfg.steps, initial=min(step, cfg.steps), desc="train", unit="step", disable=not cfg.progress)
     say = bar.write if cfg.progress else log  # log lines above the bar while it shows
@@ -187,10 +187,12 @@ def train(
                 group["lr"] = learning_rate(cfg, step)
             opt.zero_grad(set_to_none=True)
             total = 0.0
-            for idx in sampler.take(cfg.batch):
-                loss = sequence_loss(model, ht, train_examples[idx], cfg.positions_per_seq, generator)
-                (loss / cfg.batch).backward()
-                total += loss.item()
+            taken = sampler.take(cfg.batch)
+            for start in range(0, cfg.batch, cfg.pack):  # `pack` sequences share a forward
+                group = [train_examples[i] for i in taken[start : start + cfg.pack]]
+                loss = pack_loss(model, ht, group, cfg.positions_per_seq, generator)
+                (loss * len(group) / cfg.batch).backward()
+                total += loss.item() * len(group)
             loss_value = total / cfg.batch
             if not math.isfinite(loss_value):
                 raise TrainError(f"the loss is {loss_value} at step {step + 1}; try a lower --lr")
@@ -240,7 +242,7 @@ def train(
         "training": {
             k: getattr(cfg, k)
             for k in (
-                "data", "lr", "weight_decay", "schedule", "positions_per_seq", "batch", "seed", "max_new_tokens",
+                "data", "lr", "weight_decay", "schedule", "positions_per_seq", "batch", "pack", "seed", "max_new_tokens",
                 "val_max_new_tokens", "max_prompt_tokens",
             )
         },

@@ -16,7 +16,15 @@ import torch
 from configs.training import TrainConfig, TrainError
 from runtime.decoding.autoregressive import generate_ar
 from runtime.training import distill, sharegpt
-from runtime.training.objective import PrefixKV, draft_logits, encode_sequence, evaluate, target_logits
+from runtime.training.objective import (
+    PrefixKV,
+    draft_logits,
+    encode_packed,
+    encode_sequence,
+    evaluate,
+    pack_loss,
+    target_logits,
+)
 from runtime.training.trainer import train, weights_paths
 from workers.drafters.hidden_transfer import HiddenTransfer
 from workers.drafters.loading import build, load
@@ -151,6 +159,46 @@ def test_prefix_kv_is_read_only(model, examples):
     with pytest.raises(ValueError):
         enc.prefix.write(1, k_new, k_new)  # below the transfer layer: not held
     assert isinstance(enc.prefix, PrefixKV)
+
+
+def test_packed_sequences_draft_as_they_do_alone(model, examples):
+    """Sequences packed into one forward give each anchor the drafts and targets it gets
+    alone: no sequence sees another's tokens, and positions restart at each one."""
+    ht = perturbed(model, 2, 3, True, refine_layers=(3,))
+    group = examples[0][:3]
+    seqs = [e["prompt_ids"] + e["reply_ids"] for e in group]
+    with torch.no_grad():
+        packed = encode_packed(model, seqs, 2, (3,))
+        assert packed.starts == [0, len(seqs[0]), len(seqs[0]) + len(seqs[1])]
+        for e, ids, first in zip(group, seqs, packed.starts):
+            alone = encode_sequence(model, ids, 2, (3,))
+            ts = torch.tensor([len(e["prompt_ids"]) - 1, len(ids) - 4])
+            want = draft_logits(model, ht, alone, ts)
+            got = draft_logits(model, ht, packed, ts + first, torch.full_like(ts, first))
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(target_logits(model, packed, ts + first, 3), target_logits(model, alone, ts, 3),
+                                       atol=1e-4, rtol=1e-4)
+
+
+def test_pack_loss_is_the_mean_of_the_sequence_losses(model, examples):
+    ht = perturbed(model, 2, 3, True)
+    group = examples[0][3:7]
+    together = pack_loss(model, ht, group, 5, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)  # the same positions, drawn in the same order
+    alone = torch.stack([pack_loss(model, ht, [e], 5, g) for e in group]).mean()
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_training_follows_the_unpacked_path(model, examples, tmp_path):
+    """--pack changes how many sequences share a forward, not what is learnt."""
+    train_ex, val_ex = examples
+    quiet = lambda *_: None  # noqa: E731
+    one, _ = train(model, train_ex, val_ex, config(tmp_path / "a", steps=6, batch=4), log=quiet)
+    four, summary = train(model, train_ex, val_ex, config(tmp_path / "b", steps=6, batch=4, pack=4), log=quiet)
+    assert summary["training"]["pack"] == 4
+    torch.testing.assert_close(four.transfer, one.transfer, atol=2e-4, rtol=1e-3)  # float sums, Adam-scaled
+    with pytest.raises(TrainError, match="pack"):
+        config(tmp_path, batch=2, pack=3).validate()
 
 
 # ------------------------------------------------------------------ training
