@@ -30,7 +30,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -91,6 +94,20 @@ def sharegpt_prompts(split: str) -> list[tuple[str, str]]:
         seen.add(text)
         prompts.append((cid, text))
     return split_prompts(prompts, split)
+
+
+def encoded_prompts(
+    tokenizer, settings: DistillSettings, split: str, prompts: list[tuple[str, str]] | None = None,
+    replies: dict[str, str] | None = None,
+) -> Iterator[tuple[str, list[int]]]:
+    """(id, ids) of the prompts of `split` that fit, in order, each in the chat template
+    exactly as the engine encodes it; with `replies` (source "sharegpt"), those with a reply."""
+    for cid, text in sharegpt_prompts(split) if prompts is None else prompts:
+        if replies is not None and cid not in replies:
+            continue
+        ids = encode_chat(tokenizer, text)
+        if 0 < len(ids) <= settings.max_prompt_tokens:
+            yield cid, ids
 
 
 def cache_file(data_dir: Path, folder: Path, settings: DistillSettings, split: str) -> Path:
@@ -182,11 +199,16 @@ def distill(
     progress: bool = True,
     prompts: list[tuple[str, str]] | None = None,
     replies: dict[str, str] | None = None,
+    encoded: list[tuple[str, list[int]]] | None = None,
+    deadline: float | None = None,
 ) -> list[dict]:
     """The first `n_examples` examples of `split`, making the missing ones.
 
     `prompts` overrides the ShareGPT prompts (id, text) and `replies` ShareGPT's replies
-    by id (tests). Returns fewer examples only when the prompts run out.
+    by id (tests). `encoded` gives the prompts already in the chat template as (id, ids),
+    in order (`export_prompts`: a machine without the ShareGPT file). Returns fewer
+    examples when the prompts run out, or when time.monotonic() passes `deadline` (the
+    batches made by then are kept: a later call goes on from there).
     """
     folder = Path(folder)
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
@@ -197,21 +219,12 @@ def distill(
 
     tokenizer = load_tokenizer(folder)
     done_ids = {r["id"] for r in done}
-    if prompts is None:
-        prompts = sharegpt_prompts(split)
     if settings.source == "sharegpt":
         replies = replies if replies is not None else sharegpt.train_first_replies()
-        prompts = [(cid, text) for cid, text in prompts if cid in replies]
-    pending: list[tuple[str, list[int]]] = []
+    if encoded is None:
+        encoded = encoded_prompts(tokenizer, settings, split, prompts, replies)
     need = n_examples - len(done)
-    for cid, text in prompts:
-        if len(pending) >= need:
-            break
-        if cid in done_ids:
-            continue
-        ids = encode_chat(tokenizer, text)
-        if 0 < len(ids) <= settings.max_prompt_tokens:
-            pending.append((cid, ids))
+    pending = list(islice(((cid, ids) for cid, ids in encoded if cid not in done_ids), need))
     if not pending:
         return done
 
@@ -249,6 +262,8 @@ def distill(
                 f.flush()
                 os.fsync(f.fileno())
                 bar.update(len(chunk))
+                if deadline is not None and time.monotonic() > deadline:
+                    break
     finally:
         bar.close()
     return done[:n_examples]
