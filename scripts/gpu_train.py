@@ -160,6 +160,8 @@ def run(args) -> None:
 
     # 1. The model's own replies, up to the generation deadline.
     prompts = [(cid, ids) for cid, ids in manifest["prompts"]][: args.examples or None]
+    train_file = distill.cache_file(distill.default_data_dir(), folder, train_settings, "train")
+    made_before = sum(len(e["reply_ids"]) for e in distill.read_cache(train_file))  # by an earlier run
     t0 = time.perf_counter()
     data = distill.distill(folder, len(prompts), "train", settings=train_settings, batch_size=args.gen_batch,
                            device=args.device, encoded=prompts, deadline=start + args.gen_until, progress=False)
@@ -167,10 +169,10 @@ def run(args) -> None:
     reply_tokens = sum(len(e["reply_ids"]) for e in data)
     report["data"] = {"examples": len(data), "of_prompts": len(prompts), "reply_tokens": reply_tokens,
                       "max_new_tokens": train_settings.max_new_tokens, "batch": args.gen_batch,
-                      "seconds": round(gen_s, 1), "reply_tokens_per_s": round(reply_tokens / gen_s, 1)}
+                      "made_now": reply_tokens - made_before, "seconds": round(gen_s, 1),
+                      "reply_tokens_per_s": round((reply_tokens - made_before) / gen_s, 1)}
     say(f"data: {report['data']}")
     save()
-    train_file = distill.cache_file(distill.default_data_dir(), folder, train_settings, "train")
     with open(train_file, "rb") as src, gzip.open(out / "train.jsonl.gz", "wb") as dst:
         shutil.copyfileobj(src, dst)
 

@@ -71,11 +71,11 @@ def main() -> None:
     time_module("lm_head", engine.model.lm_head)
     step = decoder.step
 
-    def step_by_phase(tree, choose, index, catch_up=()):
+    def step_by_phase(tree, choose, index, catch_up=(), slots=None):
         """The first step (the prompt caught up) is the prefill."""
         PHASE[0] = "prefill" if catch_up else "decode"
         try:
-            return timed("all" if catch_up else "step", step)(tree, choose, index, catch_up)
+            return timed("all" if catch_up else "step", step)(tree, choose, index, catch_up, slots)
         finally:
             PHASE[0] = "decode"
 
