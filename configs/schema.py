@@ -100,14 +100,16 @@ class PseudoStateModeConfig:
     pseudo_nodes: int = 2  # tree nodes (highest-scoring) that get pseudo states
     lookup: bool = False  # graft the prompt-lookup chain ([pld]) onto every tree
     recycling: bool = False  # graft token recycling's successors ([token_recycling] top_k) under every drafted node
+    prior: str = "off"  # "off", "default" (the shipped successor prior, where one ships) or a .safetensors path
 
 
 @dataclass
 class HiddenTransferModeConfig(PseudoStateModeConfig):
-    """The [ht] section: mode `ht` is the fastest lossless configuration measured
-    (docs/results.md): hidden-transfer trees with the prompt-lookup chain grafted on."""
+    """The [ht] section: mode `ht` is hidden-transfer trees with the prompt-lookup chain
+    grafted on, each node's children rescored under its own token (the successor prior)."""
 
     lookup: bool = True
+    prior: str = "default"
 
 
 @dataclass

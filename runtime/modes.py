@@ -25,7 +25,7 @@ from runtime.decoding.steps import Step
 from runtime.decoding.tree_decoder import TreeDecoder
 from runtime.pipeline.coordinator import MODES as PIPELINED_MODES  # noqa: F401 - the modes on several workers, named here too
 from workers.drafters.early_exit import EarlyExitDrafter
-from workers.drafters.loading import DrafterWeightsError, load, weights_file
+from workers.drafters.loading import DrafterWeightsError, load, load_prior, weights_file
 from workers.drafters.prompt_lookup import PromptLookupDrafter
 from workers.drafters.token_recycling import TokenRecyclingDrafter
 from workers.sampling import chooser
@@ -75,8 +75,9 @@ class PseudoStateMode:
         with_lookup, with_recycling = self.retrieval or (settings.lookup, settings.recycling)
         lookup = prompt_lookup_drafter(e) if with_lookup else None
         recycling = token_recycling_drafter(e) if with_recycling else None
+        prior = load_prior(e.config.checkpoint, self.kind, settings.prior, e.model.args.vocab_size)
         self.decoder = PseudoStateDecoder(e.model, drafter.to(e.model.device), e.cache, settings, lookup, e.tree_sizer(),
-                                          recycling)
+                                          recycling, prior)
         trained = drafter.training_summary
         self.drafter_info = {"parameters": drafter.parameter_count(), "training_s": trained.get("time_s"),
                              "training_steps": trained.get("steps")}

@@ -14,8 +14,12 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from workers.drafters.successor_prior import SuccessorPrior
 
 
 @dataclass
@@ -90,33 +94,49 @@ def chain(root: int, tokens: list[int]) -> TokenTree:
     return TokenTree([root, *tokens], list(range(-1, n)), list(range(n + 1)), [0.0] * (n + 1))
 
 
-def build_dynamic_tree(root: int, draft_logprobs: torch.Tensor, budget: int, top_k: int) -> TokenTree:
+def build_dynamic_tree(root: int, draft_logprobs: torch.Tensor, budget: int, top_k: int,
+                       prior: SuccessorPrior | None = None) -> TokenTree:
     """The `budget` nodes (root included) of highest path score, EAGLE-2 style.
 
     draft_logprobs: (max_depth, vocab) log-probabilities for depths 1..max_depth.
+    Without `prior` every node at depth d - 1 has the same candidate children, the top_k
+    drafts of depth d; with it (workers.drafters.successor_prior), each node's children
+    are the drafts of depth d rescored under that node's own token.
     Best-first search: the frontier holds each node's next-best unexpanded child and its
     next sibling, so every pop is the best remaining node and the result is a valid tree.
     """
     depth_limit = draft_logprobs.shape[0]
     top = torch.topk(draft_logprobs.float(), min(top_k, draft_logprobs.shape[-1]), dim=-1)
-    cand_lp, cand_tok = top.values.tolist(), top.indices.tolist()  # (depth, top_k), best first
+    shared = list(zip(top.values.tolist(), top.indices.tolist()))  # by depth: (log p, tokens), best first
+    if prior is not None:  # NumPy views for its per-node rescoring
+        lp_np = draft_logprobs.float().numpy()
+        top_np = list(zip(top.values.numpy(), top.indices.numpy()))
+
+    def candidates(token: int, depth: int) -> tuple[list[float], list[int]]:  # the children of a node
+        if prior is None:
+            return shared[depth - 1]
+        return prior.children(lp_np[depth - 1], top_np[depth - 1], token, depth, top_k)
+
     tree = root_only(root)
+    children = {0: candidates(root, 1)} if depth_limit > 0 else {}  # node -> its candidate children
     # Heap entries: (-score, parent node, depth of the child, rank of the child among candidates).
     frontier: list[tuple[float, int, int, int]] = []
     if depth_limit > 0:
-        frontier.append((-cand_lp[0][0], 0, 1, 0))
+        frontier.append((-children[0][0][0], 0, 1, 0))
     while frontier and len(tree) < budget:
         neg_score, parent, depth, rank = heapq.heappop(frontier)
+        cand_lp, cand_tok = children[parent]
         node = len(tree)
-        tree.tokens.append(cand_tok[depth - 1][rank])
+        tree.tokens.append(cand_tok[rank])
         tree.parents.append(parent)
         tree.depths.append(depth)
         tree.scores.append(-neg_score)
         parent_score = tree.scores[parent]
-        if rank + 1 < len(cand_lp[depth - 1]):  # the parent's next child
-            heapq.heappush(frontier, (-(parent_score + cand_lp[depth - 1][rank + 1]), parent, depth, rank + 1))
+        if rank + 1 < len(cand_lp):  # the parent's next child
+            heapq.heappush(frontier, (-(parent_score + cand_lp[rank + 1]), parent, depth, rank + 1))
         if depth < depth_limit:  # this node's best child
-            heapq.heappush(frontier, (-(-neg_score + cand_lp[depth][0]), node, depth + 1, 0))
+            children[node] = candidates(cand_tok[rank], depth + 1)
+            heapq.heappush(frontier, (-(-neg_score + children[node][0][0]), node, depth + 1, 0))
     return tree
 
 

@@ -5,8 +5,10 @@ heads, 0 for PaSS look-ahead embeddings).
 
   first step   the prompt as catch-up rows before a root-only tree of its last token,
                pseudo states at the root: the first token and the first drafts
-  each step    a tree from the drafts (best paths by draft confidence, or a fixed
-               template), the prompt-lookup chain grafted on (`ht-pld`), each node's
+  each step    a tree from the drafts (best paths by draft confidence, each node's
+               children rescored under its own token by the successor prior when
+               there is one, or a fixed template), the prompt-lookup chain grafted
+               on (`ht-pld`), each node's
                recycled successors grafted under it (token recycling's table: drafts
                that depend on the node's own token); pseudo states
                for the highest-scoring nodes; the walk with the target's choices is
@@ -31,6 +33,7 @@ from runtime.decoding.steps import Step, clip_step
 from workers.drafters.prompt_lookup import PromptLookupDrafter
 from workers.drafters.pseudo_forward import run_to_end
 from workers.drafters.pseudo_states import PseudoStateDrafter
+from workers.drafters.successor_prior import SuccessorPrior
 from workers.drafters.token_recycling import TokenRecyclingDrafter
 from workers.kv_cache import KVCache
 from workers.model import Transformer
@@ -50,15 +53,18 @@ class PseudoStateDecoder:
         lookup: PromptLookupDrafter | None = None,
         sizer: TreeSizer | None = None,
         recycling: TokenRecyclingDrafter | None = None,
+        prior: SuccessorPrior | None = None,
     ):
         """`settings` size each step's tree and the drafter's depth; `lookup`, when given,
         grafts its prompt-lookup chain onto every tree (mode ht-pld); `recycling`, when
-        given, grafts its table's successors under every drafted node; `sizer`, when given,
-        cuts every tree to what pays on this device (settings.budget is then the most)."""
+        given, grafts its table's successors under every drafted node; `prior`, when
+        given, rescores each node's children under its own token (dynamic trees);
+        `sizer`, when given, cuts every tree to what pays on this device (settings.budget
+        is then the most)."""
         self.max_depth = min(settings.depth or drafter.config.k, drafter.config.k)
         self.drafters = {d: drafter.first(d) for d in range(1, self.max_depth + 1)}  # by draft depth
         self.model, self.cache, self.settings = model, cache, settings
-        self.lookup, self.sizer, self.recycling = lookup, sizer, recycling
+        self.lookup, self.sizer, self.recycling, self.prior = lookup, sizer, recycling, prior
         self.pseudo_row_cost = pseudo_row_cost(model.args, drafter.config.layer)
         self.depth = self.max_depth  # of the drafts the next step makes (the sizer may change it per step)
 
@@ -71,7 +77,7 @@ class PseudoStateDecoder:
         elif self.settings.tree == "template":
             tree = build_template_tree(root, logprobs, DEFAULT_TEMPLATE[: self.settings.budget - 1])
         else:
-            tree = build_dynamic_tree(root, logprobs, self.settings.budget, self.settings.top_k)
+            tree = build_dynamic_tree(root, logprobs, self.settings.budget, self.settings.top_k, self.prior)
         drafted, slots = len(tree), {}
         if self.lookup is not None:
             tokens = self.lookup.drafts(root)

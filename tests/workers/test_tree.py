@@ -142,3 +142,25 @@ def test_graft_chain_at_a_node_adds_unscored_nodes_below_it():
     assert tree.scores[3:] == [float("-inf")] * 3
     graft_chain(tree, [6, 8, 1], None, at=2)  # reuses 6 -> 8, adds 1
     assert len(tree) == 7 and tree.parents[6] == 4
+
+
+def test_dynamic_tree_with_a_prior_gives_each_node_its_own_children():
+    """Without a prior both depth-1 candidates get the same depth-2 child; with one, the
+    child under each is the one its token is followed by in the counted text."""
+    from workers.drafters.successor_prior import SuccessorPrior
+
+    def best_child(tree):  # depth-1 token -> its first (best) child's token
+        out = {}
+        for n in range(len(tree)):
+            if tree.depths[n] == 2:
+                out.setdefault(tree.tokens[tree.parents[n]], tree.tokens[n])
+        return out
+
+    lp = logprobs([{1: 0.5, 2: 0.4}, {3: 0.3, 4: 0.28, 5: 0.27}])
+    assert best_child(build_dynamic_tree(0, lp, budget=8, top_k=3)) == {1: 3, 2: 3}
+    prior = SuccessorPrior.count([[1, 4], [1, 4], [2, 5], [2, 5], [0, 1], [0, 2]], 10, weights=[1.0, 1.0], alpha=0.1)
+    tree = build_dynamic_tree(0, lp, budget=8, top_k=3, prior=prior)
+    assert best_child(tree) == {1: 4, 2: 5}
+    for node in range(1, len(tree)):  # still a valid tree, scores falling along every path
+        assert tree.depths[node] == tree.depths[tree.parents[node]] + 1
+        assert tree.scores[node] <= tree.scores[tree.parents[node]]

@@ -1,5 +1,6 @@
 """Pseudo-state drafter weights: a fresh drafter of each kind, the files that hold trained
-ones (saved by PseudoStateDrafter.save), and the files shipped for the default model."""
+ones (saved by PseudoStateDrafter.save), the files shipped for the default model, and
+the successor priors beside them (workers.drafters.successor_prior)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 from workers.drafters.hidden_transfer import HiddenTransfer
 from workers.drafters.lookahead import LookaheadEmbeddings
 from workers.drafters.medusa import MedusaHeads
+from workers.drafters.successor_prior import SuccessorPrior
 from workers.drafters.pseudo_states import METADATA_KEY, PseudoStateConfig, PseudoStateDrafter, check_layer, model_signature
 from workers.model import ModelArgs
 
@@ -33,6 +35,19 @@ def shipped_weights(checkpoint: str, kind: str) -> Path:
 def weights_file(checkpoint: str, kind: str, weights: str) -> Path:
     """The file a [kind] config section's `weights` names: "default" is the shipped one."""
     return shipped_weights(checkpoint, kind) if weights == "default" else Path(weights)
+
+
+def load_prior(checkpoint: str, kind: str, prior: str, vocab_size: int) -> SuccessorPrior | None:
+    """The successor prior a [kind] section's `prior` names: None for "off", and for
+    "default" where none ships (only `ht` on the default model has one)."""
+    if prior == "off":
+        return None
+    if prior == "default":
+        path = WEIGHTS_DIR / f"smollm2-135m-{kind}-prior.safetensors"
+        if checkpoint != "default" or not path.is_file():
+            return None
+        return SuccessorPrior.load(path, vocab_size)
+    return SuccessorPrior.load(prior, vocab_size)
 
 
 def build(config: PseudoStateConfig, dim: int) -> PseudoStateDrafter:

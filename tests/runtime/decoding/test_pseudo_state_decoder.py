@@ -4,7 +4,14 @@ lossless: identical tokens to `ar` whatever the weights and the tree, greedy and
 import pytest
 import torch
 
-from configs.schema import DrafterConfigs, ModelConfig, PseudoStateModeConfig, SamplingConfig, TreeSizingConfig
+from configs.schema import (
+    DrafterConfigs,
+    HiddenTransferModeConfig,
+    ModelConfig,
+    PseudoStateModeConfig,
+    SamplingConfig,
+    TreeSizingConfig,
+)
 from runtime.engine import Engine
 from workers.drafters.hidden_transfer import HiddenTransfer
 from workers.drafters.loading import DrafterWeightsError, build, load, shipped_weights
@@ -162,3 +169,18 @@ def test_shipped_weights_are_trained_and_lossless(engine, kind):
     steps = list(engine.steps(ids, kind, 48))
     assert [t for s in steps for t in s.tokens] == [t for s in engine.steps(ids, "ar", 48) for t in s.tokens]
     assert len(steps) < 48  # the trained drafts are accepted: fewer steps than tokens
+
+
+def test_shipped_prior_rescores_the_trees_and_stays_lossless(engine):
+    """[ht] prior = "default" loads the shipped successor prior: other trees, the same tokens."""
+    engine.set_drafter_config("ht", HiddenTransferModeConfig(lookup=False))
+    decoder = engine.mode("ht").decoder
+    assert decoder.prior is not None and len(decoder.prior.weights) == decoder.drafters[decoder.max_depth].config.k
+    for prompt in PROMPTS:
+        assert greedy_tokens(engine, "ht", prompt, 48) == greedy_tokens(engine, "ar", prompt, 48)
+    drafts = torch.zeros(decoder.max_depth, engine.model.args.vocab_size)  # flat drafts: the prior decides
+    with_prior, _ = decoder.build_tree(28, drafts)
+    decoder.prior = None
+    assert decoder.build_tree(28, drafts)[0].tokens != with_prior.tokens
+    engine.set_drafter_config("ht", HiddenTransferModeConfig(prior="off", lookup=False))
+    assert engine.mode("ht").decoder.prior is None
