@@ -55,7 +55,7 @@ def dense_rows(prior: SuccessorPrior, tokens: torch.Tensor) -> dict[int, torch.T
     for p in tokens.unique().tolist():
         succ, log_prior, unseen = prior.row(p)
         row = torch.full((prior.vocab_size,), unseen)
-        row[succ] = log_prior
+        row[torch.from_numpy(succ)] = torch.from_numpy(log_prior)
         rows[p] = row
     return rows
 

@@ -15,8 +15,9 @@ factor, so it needs only the kept successors' draft probabilities. The weights w
 per draft depth) are chosen on validation data (scripts/build_successor_prior.py). The
 prior only reorders which drafts a tree checks: the target still decides every token.
 
-Tables (CSR over the parent token): offsets (vocab + 1,), successors (nnz,), log_prior
-(nnz,) = log P(c | p) of each kept successor, unseen (vocab,) = log P(unseen c | p).
+Tables (CSR over the parent token, each row sorted by token id): offsets (vocab + 1,),
+successors (nnz,), log_prior (nnz,) = log P(c | p) of each kept successor, unseen
+(vocab,) = log P(unseen c | p).
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ class SuccessorPrior:
         rank = torch.arange(len(parents)) - starts[parents]
         keep = rank < max_successors
         parents, succ, counts = parents[keep], succ[keep], counts[keep]
+        order = torch.argsort(parents * vocab_size + succ)  # each row by token id, for membership by bisection
+        parents, succ, counts = parents[order], succ[order], counts[order]
         denominators = totals + alpha * vocab_size
         offsets = torch.zeros(vocab_size + 1, dtype=torch.long)
         offsets[1:] = torch.bincount(parents, minlength=vocab_size).cumsum(0)
@@ -87,6 +90,8 @@ class SuccessorPrior:
         seen_mass = min(float(np.exp(lp).sum()), 1.0)
         scored = lp + w * log_prior
         peak = float(scored.max())
+        if not math.isfinite(peak):  # drafts that rule out every successor (-inf off their candidates)
+            return succ[:0], logprobs[:0], 0.0
         # Z = sum over unseen c of p(c) e^{w unseen} + sum over seen c of p(c) e^{w log P(c|p)}
         z = (1.0 - seen_mass) * math.exp(w * unseen) + math.exp(peak) * float(np.exp(scored - peak).sum())
         log_z = math.log(z)
@@ -102,7 +107,8 @@ class SuccessorPrior:
         top_lp, top_tok = top
         if len(succ) == 0:
             return top_lp[:k].tolist(), top_tok[:k].tolist()
-        other = ~np.isin(top_tok, succ)  # a top draft among the successors has its rescored log q there
+        at = np.minimum(np.searchsorted(succ, top_tok), len(succ) - 1)  # rows are sorted by token id
+        other = succ[at] != top_tok  # a top draft among the successors has its rescored log q there
         scores = np.concatenate((succ_lq, top_lp[other] + shift))
         tokens = np.concatenate((succ, top_tok[other]))
         best = np.argpartition(-scores, k - 1)[:k] if len(scores) > k else np.arange(len(scores))

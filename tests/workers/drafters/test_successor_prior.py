@@ -23,11 +23,12 @@ def test_counts_are_smoothed_bigrams_within_sequences():
     assert succ.tolist() == [2] and log_prior[0] == pytest.approx(math.log(2.5 / (2 + 0.5 * V)))
     assert unseen == pytest.approx(math.log(0.5 / (2 + 0.5 * V)))
     succ, log_prior, _ = prior.row(2)
-    assert succ.tolist() == [1, 3]  # most frequent first
+    assert succ.tolist() == [1, 3]  # by token id
     assert np.exp(log_prior).tolist() == pytest.approx([2.5 / (3 + 3), 1.5 / (3 + 3)])
     assert len(prior.row(3)[0]) == 0 and prior.row(3)[2] == pytest.approx(math.log(1 / V))  # never a parent: uniform
-    capped = SuccessorPrior.count([[1, 2, 1, 2, 3], [2, 1]], V, weights=[1.0], max_successors=1, alpha=0.5)
-    assert capped.row(2)[0].tolist() == [1]
+    capped = SuccessorPrior.count([[1, 2, 1, 2, 3], [2, 1], [2, 0], [2, 0], [2, 0]], V, weights=[1.0], max_successors=2,
+                                  alpha=0.5)
+    assert capped.row(2)[0].tolist() == [0, 1]  # the two most frequent (3 and 2 times), by token id
     with pytest.raises(ValueError, match="token ids"):
         SuccessorPrior.count([[1, V]], V, weights=[1.0])
 
@@ -52,6 +53,9 @@ def test_rescored_distribution_is_normalised_and_matches_its_definition():
         others = np.setdiff1d(np.arange(V), succ)
         assert (lp[others] + shift).tolist() == pytest.approx(want[others].tolist(), abs=1e-5)
     assert len(prior.rescore(lp, 1, 3)[0]) == 0  # no weight for depth 3: the drafts as they are
+    sparse = np.full(V, -np.inf, dtype=np.float32)
+    sparse[[0, 5]] = np.log(0.5)  # drafts with two candidates only, neither a successor of 1
+    assert len(prior.rescore(sparse, 1, 1)[0]) == 0
 
 
 def test_children_are_the_best_of_the_successors_and_the_top_drafts():
