@@ -5,7 +5,8 @@
 #   2. 500 more on 3,000 such replies, half the learning rate (2 CPU cores, ~30 minutes);
 #   3. 648 steps of 16 packed replies x 128 positions on 9,216 self-distilled replies of at most
 #      384 tokens (2.6M reply tokens);
-#   4. 331 more on 10,240 of them (2.9M tokens) at half that learning rate.
+#   4. 331 more on 10,240 of them (2.9M tokens) at half that learning rate;
+# and then the successor prior over those replies, weighted for these weights (scripts/build_successor_prior.py, ~2 min).
 # Stages 3 and 4 ran on an H200 (scripts/gpu_train.py: 13 minutes with the data made there). On 2 CPU
 # cores they take about 12 hours (4.4 hours to generate the replies at ~184 tokens/s, then 27 s a step,
 # measured), so run them with DEVICE=cuda where there is a GPU. A CPU packs 4 replies a forward (as
@@ -28,4 +29,7 @@ leapfrog train "${COMMON[@]}" "${BIG[@]}" --examples 9216 --steps 648 --lr 1e-3 
     --init "$OUT/L22_k4_500_3000x128_500more.safetensors" --out "$OUT/L22_k4_9216x384_648.safetensors"
 leapfrog train "${COMMON[@]}" "${BIG[@]}" --examples 10240 --steps 331 --lr 5e-4 --eval-every 82 \
     --init "$OUT/L22_k4_9216x384_648.safetensors" --out "$OUT/L22_k4_10240x384_331more.safetensors"
-echo "weights: $OUT/L22_k4_10240x384_331more.safetensors (copy over workers/drafters/weights/smollm2-135m-ht.safetensors to ship them)"
+python scripts/build_successor_prior.py --ht-weights "$OUT/L22_k4_10240x384_331more.safetensors" \
+    --out "$OUT/L22_k4_prior.safetensors"
+echo "weights: $OUT/L22_k4_10240x384_331more.safetensors and its prior $OUT/L22_k4_prior.safetensors (copy over"
+echo "workers/drafters/weights/smollm2-135m-ht.safetensors and smollm2-135m-ht-prior.safetensors to ship them)"
