@@ -47,6 +47,7 @@ from runtime.pipeline.reply_state import Launch, ReplyState, WorkerCache, can_ex
 from runtime.pipeline.transport import Transport, WorkerFailed
 from workers.decode_worker import OBSERVED_TOP_K
 from workers.drafters.token_recycling import TokenRecyclingDrafter
+from workers.drafters.successor_prior import SuccessorPrior
 from workers.messages import DraftRequest, DraftResult, Prediction, StepRequest, StepResult
 
 RESTART_ATTEMPTS = 3
@@ -55,10 +56,11 @@ MODES = ("pipeline", "async")
 
 class Coordinator:
     def __init__(self, transport: Transport, config: PipelineConfig, drafters: DrafterConfigs, vocab_size: int,
-                 sizing: LaunchSizer | None = None):
-        """`sizing`, when given, cuts every launch tree to what pays on the workers' step cost."""
+                 sizing: LaunchSizer | None = None, prior: SuccessorPrior | None = None):
+        """`sizing`, when given, cuts every launch tree to what pays on the workers' step cost;
+        `prior`, when given, rescores each drafted node's children under its token."""
         self.transport, self.config, self.drafters, self.vocab = transport, config, drafters, vocab_size
-        self.sizing = sizing
+        self.sizing, self.prior = sizing, prior
         self.drafter: int | None = None  # async: the drafting worker (per request, see _use)
         self.verifiers = list(range(transport.size))
         # Each worker's cache, whatever role it had when it was filled: a worker that drafted
@@ -291,7 +293,7 @@ class Coordinator:
         covered = subtree_paths(parent, req.seq) if parent is not None else []
         plan = build_launch_tree(
             req.seq, trunk, alternatives, req.drafts, covered + ([chain] if chain else []), self.drafters.ht,
-            self.drafters.pld if c.lookup else None, c.continuation_budget, self.vocab, self.recycling,
+            self.drafters.pld if c.lookup else None, c.continuation_budget, self.vocab, self.recycling, self.prior,
         )
         if self.sizing is not None:
             plan = self.sizing.size(plan, len(req.seq))

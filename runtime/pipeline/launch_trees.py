@@ -12,7 +12,8 @@ coordinator knows when it launches the step:
 
 The tree is rooted at the last committed token:
 
-  root ── ht tree from the drafts (with prompt-lookup and drafter chains grafted on)
+  root ── ht tree from the drafts, each node's children rescored under its token by
+    │      the successor prior when there is one (prompt-lookup and drafter chains grafted on)
     └── trunk ... e ── continuation: token recycling's tree after e, the drafts
               │        for the positions after e, the prompt-lookup chain after it
               └── alternatives to e (leaves)
@@ -31,6 +32,7 @@ import torch
 
 from configs.schema import PldConfig, PseudoStateModeConfig
 from workers.drafters.prompt_lookup import lookup
+from workers.drafters.successor_prior import SuccessorPrior
 from workers.drafters.token_recycling import TokenRecyclingDrafter
 from workers.tree import TokenTree, build_dynamic_tree, graft_chain, root_only
 from workers.tree_sizing import TreeSizer
@@ -83,10 +85,12 @@ def build_launch_tree(
     continuation_budget: int,
     vocab: int,
     recycling: TokenRecyclingDrafter | None = None,
+    prior: SuccessorPrior | None = None,
 ) -> LaunchTree:
     root_index = len(committed) - 1
     at_root = drafts.after(root_index, vocab) if drafts else None
-    tree = root_only(committed[-1]) if at_root is None else build_dynamic_tree(committed[-1], at_root, ht.budget, ht.top_k)
+    tree = (root_only(committed[-1]) if at_root is None
+            else build_dynamic_tree(committed[-1], at_root, ht.budget, ht.top_k, prior))
     slots: dict[int, Hashable] = {}
 
     def grafted(origin: str, below: int, graft) -> None:
@@ -111,7 +115,8 @@ def build_launch_tree(
             if recycling is not None:
                 grafted("recycled", end, lambda: merge_below(tree, end, recycling.propose(trunk[-1])))
             if after is not None:
-                grafted("drafted", end, lambda: merge_below(tree, end, build_dynamic_tree(trunk[-1], after, continuation_budget, ht.top_k)))
+                grafted("drafted", end, lambda: merge_below(
+                    tree, end, build_dynamic_tree(trunk[-1], after, continuation_budget, ht.top_k, prior)))
         if pld is not None:
             grafted("lookup after", end,
                     lambda: graft_chain(tree, lookup(committed + trunk, pld.min_ngram, pld.max_ngram, pld.depth), None, at=end))

@@ -18,7 +18,7 @@ from runtime.pipeline.launch_trees import LaunchSizer
 from runtime.pipeline.local_transport import LocalTransport
 from runtime.pipeline.transport import Transport
 from workers.decode_worker import load_worker
-from workers.drafters.loading import load, weights_file
+from workers.drafters.loading import load, load_prior, weights_file
 from workers.tree_sizing import TreeSizer, pseudo_row_cost
 
 CANCEL_POLL_S = 0.05  # how often a caller waiting for the workers looks at engine.cancelled
@@ -56,8 +56,10 @@ class WorkerPool:
         self.engine = engine
         # What can fail comes first: a pool that was never made leaves no loop thread behind.
         self.transport = build_transport(engine)
+        ht = engine.drafters.ht
+        prior = load_prior(engine.config.checkpoint, "ht", ht.prior, engine.model.args.vocab_size)
         self.coordinator = Coordinator(self.transport, engine.pipeline, engine.drafters, engine.model.args.vocab_size,
-                                       launch_sizer(engine))
+                                       launch_sizer(engine), prior)
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, name="leapfrog-coordinator", daemon=True).start()
 

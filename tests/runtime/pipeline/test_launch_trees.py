@@ -59,3 +59,21 @@ def test_launch_sizer_learns_from_the_walks():
         launches.observe(plan, [12, 5])
     chain_node = plan.tree.child(0, 12)
     assert launches.sizer.acceptance.probabilities(plan.tree, plan.slots)[chain_node] > 0.9
+
+
+def test_launch_tree_children_follow_the_successor_prior():
+    """With a prior, the drafted nodes below the root get children of their own: after 12
+    comes 22 in the counted text, so 22 (the weaker draft) is 12's first child."""
+    from workers.drafters.successor_prior import SuccessorPrior
+
+    drafts = Drafts(anchor=9, tokens=[[11, 12], [21, 22]], logprobs=[[-0.1, -0.5], [-0.6, -0.8]])
+    ht = PseudoStateModeConfig(budget=6, top_k=2, pseudo_nodes=1)
+    plain = build_launch_tree(list(range(10)), [], [], drafts, [], ht, None, 1, 50)
+    prior = SuccessorPrior.count([[12, 22]] * 5 + [[11, 21]] * 5, 50, weights=[1.0, 1.0])
+    rescored = build_launch_tree(list(range(10)), [], [], drafts, [], ht, None, 1, 50, prior=prior)
+
+    def first_child(tree, token):
+        node = tree.child(0, token)
+        return next(tree.tokens[n] for n in range(len(tree)) if tree.parents[n] == node)
+
+    assert first_child(plain.tree, 12) == 21 and first_child(rescored.tree, 12) == 22
