@@ -139,6 +139,17 @@ class EarlyExitConfig:
 
 
 @dataclass
+class EagleModeConfig:
+    """Mode "eagle": the EAGLE-2 peer (workers.drafters.eagle), a one-layer draft model over
+    the target's features drafting a dynamic tree."""
+
+    weights: str = "default"  # "default" (shipped for the default model) or a .safetensors path
+    depth: int = 3  # draft-model calls per step: the tree's depth
+    top_k: int = 4  # children drafted per expanded node, and nodes expanded per depth
+    budget: int = 8  # tree nodes per step, root included (then cut by [tree_sizing])
+
+
+@dataclass
 class TreeSizingConfig:
     """How big each step's tree is (workers.tree_sizing): cut, step by step, to the nodes
     whose expected acceptance pays for their rows on this device's step cost t(n), or the
@@ -157,6 +168,7 @@ class DrafterConfigs:
     pld: PldConfig = field(default_factory=PldConfig)
     token_recycling: TokenRecyclingConfig = field(default_factory=TokenRecyclingConfig)
     early_exit: EarlyExitConfig = field(default_factory=EarlyExitConfig)
+    eagle: EagleModeConfig = field(default_factory=EagleModeConfig)
     tree_sizing: TreeSizingConfig = field(default_factory=TreeSizingConfig)
 
     def validate(self) -> DrafterConfigs:
@@ -172,6 +184,8 @@ class DrafterConfigs:
             raise ConfigError(f"[token_recycling] needs top_k >= 5 and budget >= 1: {self.token_recycling}")
         if self.early_exit.layer < 0 or self.early_exit.depth < 1:
             raise ConfigError(f"[early_exit] needs layer >= 0 and depth >= 1: {self.early_exit}")
+        if min(self.eagle.depth, self.eagle.top_k, self.eagle.budget) < 1:
+            raise ConfigError(f"[eagle] depth, top_k and budget must be >= 1: {self.eagle}")
         if not self.tree_sizing.cost:
             raise ConfigError('[tree_sizing] cost must be "auto", "off" or a profile file (leapfrog profile --out)')
         return self

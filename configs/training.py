@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from configs.schema import DRAFTER_KINDS
 
 TRAIN_DTYPES = ("float32", "bfloat16")
+TRAIN_DRAFTERS = (*DRAFTER_KINDS, "eagle")  # the pseudo-state kinds and the EAGLE peer (runtime.training.eagle_trainer)
 
 
 class TrainError(ValueError):
@@ -20,7 +21,7 @@ class TrainConfig:
     distill_dtype: str | None = None  # dtype of the model that generates the "self" replies; None: dtype
     device: str = "auto"
     threads: int = 2
-    drafter: str = "ht"  # ht | medusa | pass (workers.drafters.pseudo_states)
+    drafter: str = "ht"  # ht | medusa | pass (workers.drafters.pseudo_states) | eagle (workers.drafters.eagle)
     layer: int | None = None  # ht only; None: half the layers
     refine_layers: tuple[int, ...] = ()  # ht only: later layers that transfer again (FIRP style)
     init: str | None = None  # start from these weights (same kind, layer and k); new parameters start fresh
@@ -50,13 +51,18 @@ class TrainConfig:
     distill_batch: int = 8
     data_only: bool = False  # build (or extend) the cached data set and stop: no training
     progress: bool = True
+    vocab: int = 8192  # eagle only: draft vocabulary (the most frequent reply tokens)
 
     def n_val(self) -> int:
         return self.val_examples if self.val_examples is not None else max(1, round(self.examples * 0.05))
 
     def validate(self) -> TrainConfig:
-        if self.drafter not in DRAFTER_KINDS:
-            raise TrainError(f"--drafter must be one of {', '.join(DRAFTER_KINDS)}, got {self.drafter!r}")
+        if self.drafter not in TRAIN_DRAFTERS:
+            raise TrainError(f"--drafter must be one of {', '.join(TRAIN_DRAFTERS)}, got {self.drafter!r}")
+        if self.drafter == "eagle" and (self.k != 3 or self.refine_layers or self.init or self.pack != 1):
+            raise TrainError("--k, --refine-layers, --init and --pack are for the pseudo-state drafters, not eagle")
+        if self.vocab < 1:
+            raise TrainError(f"--vocab must be >= 1, got {self.vocab}")
         if self.layer is not None and self.drafter != "ht":
             raise TrainError(f"--layer is for ht only: a {self.drafter} drafter has a fixed layer")
         for name, value in (("--dtype", self.dtype), ("--distill-dtype", self.distill_dtype or self.dtype)):

@@ -15,7 +15,7 @@ import uvloop
 
 from configs.files import load_config
 from configs.schema import DRAFTER_KINDS, DTYPES, KERNELS, ConfigError, LeapfrogConfig
-from configs.training import TRAIN_DTYPES, TrainConfig, TrainError
+from configs.training import TRAIN_DRAFTERS, TRAIN_DTYPES, TrainConfig, TrainError
 from runtime.bench.charts import speedup_chart
 from runtime.bench.harness import NEAR_TIE_TOL, WARMUP_TOKENS, compared_with_ar, run_bench, run_once
 from runtime.bench.prompts import BenchInputError, default_prompts_path, load_prompts
@@ -168,7 +168,7 @@ def add_train(sub) -> None:
     p = sub.add_parser(
         "train",
         aliases=["train-ht"],  # its name before it trained medusa and pass too
-        help="train a pseudo-state drafter (ht, medusa, pass) by distillation on ShareGPT",
+        help="train a drafter (ht, medusa, pass, or the eagle peer) by distillation on ShareGPT",
         description="Build the training data (ShareGPT training prompts with the model's greedy replies, or with "
         "ShareGPT's own replies under --data sharegpt; cached), then train "
         "the drafter (hidden-transfer maps, Medusa heads or PaSS look-ahead embeddings) with the backbone frozen. Writes OUT (weights), OUT with .json (summary) "
@@ -183,8 +183,11 @@ def add_train(sub) -> None:
     p.add_argument("--distill-dtype", choices=TRAIN_DTYPES,
                    help="dtype of the model that generates --data self replies (default: --dtype); float32 training on "
                    "a CPU without AVX-512 BF16 is several times faster than bfloat16, whose backward has no fast kernel there")
-    p.add_argument("--drafter", choices=DRAFTER_KINDS, default=d.drafter,
-                   help="ht: hidden transfer at --layer; medusa: heads after the last layer; pass: look-ahead embeddings")
+    p.add_argument("--drafter", choices=TRAIN_DRAFTERS, default=d.drafter,
+                   help="ht: hidden transfer at --layer; medusa: heads after the last layer; pass: look-ahead embeddings; "
+                   "eagle: the EAGLE peer (one draft layer over the target's features)")
+    p.add_argument("--vocab", type=positive_int, default=d.vocab,
+                   help=f"eagle: draft vocabulary, the most frequent reply tokens (default {d.vocab})")
     p.add_argument("--layer", type=positive_int, help="ht: layers before the transfer (default: half the layers)")
     p.add_argument("--refine-layers", type=layer_list, default=(),
                    help="ht: later layers that transfer again, comma-separated (FIRP style), e.g. 26")
@@ -415,6 +418,7 @@ def cmd_train(args, config: LeapfrogConfig) -> int:
         distill_batch=args.distill_batch,
         progress=not args.no_progress,
         data_only=args.data_only,
+        vocab=args.vocab,
     )
     run_training(cfg)
     return 0

@@ -24,6 +24,7 @@ from runtime.decoding.pseudo_state_decoder import PseudoStateDecoder
 from runtime.decoding.steps import Step
 from runtime.decoding.tree_decoder import TreeDecoder
 from runtime.pipeline.coordinator import MODES as PIPELINED_MODES  # noqa: F401 - the modes on several workers, named here too
+from workers.drafters.eagle import EagleDrafter, EagleModel
 from workers.drafters.early_exit import EarlyExitDrafter
 from workers.drafters.loading import DrafterWeightsError, load, load_prior, weights_file
 from workers.drafters.prompt_lookup import PromptLookupDrafter
@@ -119,7 +120,10 @@ class TreeDrafterMode:
 
     def __init__(self, engine):
         self.engine = engine
-        self.decoder = TreeDecoder(engine.model, engine.cache, self.build_drafter(engine), engine.tree_sizer(drafter_trees=True))
+        self.decoder = TreeDecoder(engine.model, engine.cache, self.build_drafter(engine), self.tree_sizer(engine))
+
+    def tree_sizer(self, engine):
+        return engine.tree_sizer(drafter_trees=True)  # unscored trees: rated by slot
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingConfig | None = None) -> Iterator[Step]:
         choose = chooser(sampling, max_new_tokens)
@@ -141,6 +145,25 @@ class EarlyExitMode(TreeDrafterMode):
         if c.layer > n_layers:
             raise ConfigError(f"[early_exit] layer {c.layer} is beyond this model's {n_layers} layers")
         return EarlyExitDrafter(engine.model, engine.cache, c.layer or n_layers // 2, c.depth)
+
+
+class EagleMode(TreeDrafterMode):
+    """The EAGLE-2 peer: its draft model reads the target's features (workers.drafters.eagle)."""
+
+    def __init__(self, engine):
+        e = engine
+        self.eagle = EagleModel.load(weights_file(e.config.checkpoint, "eagle", e.drafters.eagle.weights), e.model.args)
+        super().__init__(engine)
+        trained = self.eagle.training_summary
+        self.drafter_info = {"parameters": self.eagle.parameter_count(), "training_s": trained.get("time_s"),
+                             "training_steps": trained.get("steps")}
+
+    def build_drafter(self, engine):
+        c = engine.drafters.eagle
+        return EagleDrafter(self.eagle, engine.model, engine.cache.max_len, c.depth, c.top_k, c.budget)
+
+    def tree_sizer(self, engine):
+        return engine.tree_sizer()  # its trees are scored by the draft model
 
 
 class PipelineMode:
@@ -189,6 +212,7 @@ MODES: dict[str, Callable] = {
     "medusa": MedusaMode,
     "pass": LookaheadMode,
     "early-exit": EarlyExitMode,
+    "eagle": EagleMode,
     "pld": PromptLookupMode,
     "token-recycling": TokenRecyclingMode,
     "pipeline": PipelineMode,
@@ -200,7 +224,7 @@ MODES: dict[str, Callable] = {
 # on the engine's one model; not the peers (a model copy each) nor the pipelined modes
 # (Ray workers of their own).
 SINGLE_WORKER_LOSSLESS_MODES = (
-    "ar", "ht", "ht-pld", "ht-alone", "ht-recycle", "medusa", "pass", "early-exit", "pld", "token-recycling",
+    "ar", "ht", "ht-pld", "ht-alone", "ht-recycle", "medusa", "pass", "early-exit", "eagle", "pld", "token-recycling",
 )
 
 

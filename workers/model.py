@@ -182,6 +182,16 @@ class DecoderLayer(nn.Module):
         )
 
 
+def set_kernels(root: nn.Module, kernels: Kernels) -> None:
+    """Make every part of `root` (a model, or a drafter built of its parts) compute with
+    `kernels`, each weight in the layout they stream fastest."""
+    for module in root.modules():
+        if isinstance(module, (Linear, RMSNorm, Attention, DecoderLayer)):
+            module.kernels = kernels
+        if isinstance(module, Linear):
+            module.weight.data = weight_layout(kernels, module.weight.data)
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs, inv_freq: torch.Tensor, rope_scale: float = 1.0):
         """`inv_freq` (head_dim // 2,) are the rotary frequencies, rope scaling already applied;
@@ -204,11 +214,7 @@ class Transformer(nn.Module):
         """Compute with kernels `name` (configs.schema.KERNELS; workers.kernels), each weight in
         the layout those kernels stream fastest; returns the kernels chosen."""
         self.kernels = resolve_kernels(name, self.device, self.dtype)
-        for module in self.modules():
-            if isinstance(module, (Linear, RMSNorm, Attention, DecoderLayer)):
-                module.kernels = self.kernels
-            if isinstance(module, Linear):
-                module.weight.data = weight_layout(self.kernels, module.weight.data)
+        set_kernels(self, self.kernels)
         return self.kernels
 
     @property

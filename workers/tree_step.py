@@ -48,6 +48,7 @@ class StepOutcome:
     tokens: list[int]  # committed: the path's drafts, then the bonus token
     margins: list[float]  # of each choice (workers.sampling)
     logits: torch.Tensor  # (n, vocab) the target's after every node
+    hidden: torch.Tensor  # (n, dim) the last layer's hidden state at every node, before the final norm
     drafts: torch.Tensor | None  # (depth, vocab) pseudo logits for the next tree; None: none cover it
 
 
@@ -137,4 +138,4 @@ def tree_step(
     path, tokens, margins = accept(tree, logits[:n], choose, index)
     cache.keep(list(range(c)) + [c + node for node in path])
     drafts = next_drafts(tree, path, groups, logits[n:].reshape(len(groups), k, -1)) if groups else None
-    return StepOutcome(path, tokens, margins, logits[:n], drafts)
+    return StepOutcome(path, tokens, margins, logits[:n], h[0, c : c + n], drafts)

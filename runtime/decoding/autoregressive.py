@@ -15,14 +15,19 @@ from workers.sampling import Chooser, Greedy
 
 def prefill(model: Transformer, cache: KVCache, prompt_ids: list[int]) -> torch.Tensor:
     """Run the prompt through the model into the cache (after what it holds: a prompt
-    extended); return the last position's logits (vocab,). All rows but the last are prompt
-    rows (workers.model.AttentionContext): the last is the root of the first tree step in
-    the other modes, computed as a one-row step."""
+    extended); return the last position's logits (vocab,)."""
+    return model.lm_head(model.norm(prefill_hidden(model, cache, prompt_ids)[-1]))
+
+
+def prefill_hidden(model: Transformer, cache: KVCache, prompt_ids: list[int]) -> torch.Tensor:
+    """`prefill`, returning the last layer's hidden states (prompt length, dim) before the
+    final norm. All rows but the last are prompt rows (workers.model.AttentionContext): the
+    last is the root of the first tree step in the other modes, computed as a one-row step."""
     tokens = torch.tensor([prompt_ids], device=model.device)
     positions = torch.arange(cache.length, cache.length + len(prompt_ids), device=model.device)
     h = model.run_layers(model.embed(tokens), model.context(positions, cache, prompt_rows=len(prompt_ids) - 1))
     cache.commit(len(prompt_ids))
-    return model.lm_head(model.norm(h[0, -1]))
+    return h[0]
 
 
 def decode_one(model: Transformer, cache: KVCache, token: int) -> torch.Tensor:

@@ -1,11 +1,12 @@
 """Tree decoding for drafters that propose tokens from outside the model (modes `pld`,
-`token-recycling`, `early-exit`: workers.drafters).
+`token-recycling`, `early-exit`, `eagle`: workers.drafters).
 
 After the prefill, every step is one tree step (workers.tree_step) without pseudo
 states: the drafter's tree, rooted at the bonus token of the previous step, runs
 through all layers with its ancestor-only mask; the walk with the target's choices is
 committed and its KV kept; the drafter then sees the tree, the path and the target's
-top-k after every node (`observe`).
+top-k after every node (`observe`), and a drafter that reads the target's features
+(EAGLE) gets the last layer's hidden states of the prompt and of each accepted path (`feed`).
 
 With a TreeSizer (workers.tree_sizing), each proposal is cut to the nodes whose expected
 acceptance pays for their rows on this device. A drafter's tree carries no draft
@@ -20,7 +21,7 @@ from collections.abc import Iterator
 
 import torch
 
-from runtime.decoding.autoregressive import prefill
+from runtime.decoding.autoregressive import prefill_hidden
 from runtime.decoding.steps import Step, clip_step
 from workers.drafters.base import Drafter
 from workers.drafters.pseudo_forward import run_to_end
@@ -49,7 +50,11 @@ class TreeDecoder:
     def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int], choose: Chooser) -> Iterator[Step]:
         self.cache.truncate(0)
         self.drafter.start(prompt_ids)
-        token, margin = choose.choose(prefill(self.model, self.cache, prompt_ids), 0)
+        feed = getattr(self.drafter, "feed", None)  # a drafter that reads the target's features (base.Drafter)
+        hidden = prefill_hidden(self.model, self.cache, prompt_ids)
+        if feed is not None:
+            feed(hidden)
+        token, margin = choose.choose(self.model.lm_head(self.model.norm(hidden[-1])), 0)
         produced = 1
         yield Step([token], [margin])
         if token in stop_ids or max_new_tokens == 1:
@@ -60,6 +65,8 @@ class TreeDecoder:
             if self.sizer is not None:
                 self.sizer.observe(tree, outcome.path, slots)
             self.drafter.observe(tree, outcome.path, torch.topk(outcome.logits, self.drafter.observed_top_k, dim=-1).indices)
+            if feed is not None:
+                feed(outcome.hidden[outcome.path])
             tokens, margins, done = clip_step(outcome.tokens, outcome.margins, produced, max_new_tokens, stop_ids)
             produced += len(tokens)
             yield Step(tokens, margins)

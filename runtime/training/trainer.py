@@ -259,12 +259,14 @@ def train(
 
 
 def run(cfg: TrainConfig, log=print) -> dict:
+    from runtime.training.eagle_trainer import train_eagle  # it imports this module
     """`leapfrog train`: load the model, distil the data (cached), train, save."""
     cfg.validate()
     torch.set_num_threads(cfg.threads)
     device = torch_device(cfg.device)
     model, folder = load_model(cfg.checkpoint, DTYPES[cfg.dtype], device, cuda_graphs=False)  # gradients flow
-    drafter_config(cfg, model.args.n_layers)  # fail before distilling
+    if cfg.drafter != "eagle":
+        drafter_config(cfg, model.args.n_layers)  # fail before distilling
     common = dict(data_dir=cfg.data_dir, batch_size=cfg.distill_batch, device=device, progress=cfg.progress)
     generator_dtype = cfg.distill_dtype or cfg.dtype
     train_settings = DistillSettings(cfg.max_prompt_tokens, cfg.max_new_tokens, generator_dtype, cfg.data)
@@ -279,5 +281,7 @@ def run(cfg: TrainConfig, log=print) -> dict:
         f"{sizes['val']} validation sequences (the model's own replies)")
     if cfg.data_only:
         return {"examples": sizes}
+    if cfg.drafter == "eagle":
+        return train_eagle(model, train_examples, val_examples, cfg, log=log)
     _, summary = train(model, train_examples, val_examples, cfg, log=log)
     return summary

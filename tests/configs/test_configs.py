@@ -76,6 +76,7 @@ def test_torch_device():
         ("[model]\nmax_context = 1\n", "max_context must be at least 2"),
         ('[ht]\ntree = "random"\n', "tree must be one of"),
         ("[ht]\nbudget = 0\n", "budget, top_k and pseudo_nodes must be >= 1"),
+        ("[eagle]\ntop_k = 0\n", "eagle.*depth, top_k and budget must be >= 1"),
         ("[server]\nport = 70000\n", "port must be in"),
         ("[server]\nhttp_port = -2\n", "http_port in"),
         ("[server]\nport = 9000\nhttp_port = 9000\n", "both 9000"),

@@ -3,9 +3,10 @@ mode building from the engine's config and decoding `ar`'s tokens."""
 
 import pytest
 
-from configs.schema import DrafterConfigs, EarlyExitConfig, ModelConfig, PipelineConfig, TreeSizingConfig
+from configs.schema import DrafterConfigs, EagleModeConfig, EarlyExitConfig, ModelConfig, PipelineConfig, TreeSizingConfig
 from runtime.engine import Engine
 from runtime.modes import MODES, PIPELINED_MODES, UnknownModeError, check_mode
+from workers.drafters.loading import DrafterWeightsError, weights_file
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +45,15 @@ def test_early_exit_layer_beyond_the_model_is_refused(engine):
     engine.set_drafter_config("early_exit", EarlyExitConfig())
 
 
+def test_eagle_weights_that_are_missing_or_for_another_checkpoint_are_refused(engine, tmp_path):
+    engine.set_drafter_config("eagle", EagleModeConfig(weights=str(tmp_path / "none.safetensors")))
+    with pytest.raises(DrafterWeightsError, match="do not exist.*train --drafter eagle"):
+        engine.mode("eagle")
+    engine.set_drafter_config("eagle", EagleModeConfig())
+    with pytest.raises(DrafterWeightsError, match="no eagle weights ship for this checkpoint"):
+        weights_file("some/folder", "eagle", "default")
+
+
 @pytest.fixture(scope="module")
 def bfloat16_engine():
     # The configured trees, unsized: which drafts a sized tree keeps depends on this machine's
@@ -54,7 +64,7 @@ def bfloat16_engine():
     e.close()
 
 
-@pytest.mark.parametrize("mode", ["ht", "ht-pld", "pld", "medusa", "early-exit", "token-recycling", "pipeline"])
+@pytest.mark.parametrize("mode", ["ht", "ht-pld", "pld", "medusa", "early-exit", "token-recycling", "eagle", "pipeline"])
 def test_bfloat16_tree_modes_are_token_identical_with_native_kernels(bfloat16_engine, mode):
     """The native kernels compute every row of a step as a one-row step would, and every
     mode computes the prompt positions alike (prompt rows: PyTorch's GEMM), so in bfloat16

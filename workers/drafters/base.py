@@ -26,3 +26,9 @@ class Drafter(Protocol):
     def observe(self, tree: TokenTree, path: list[int], top_tokens: torch.Tensor) -> None:
         """After verification: `path` (node indices, root first) was accepted, and
         top_tokens (n, observed_top_k) holds the target's best next tokens after each node."""
+
+
+# A drafter that reads the target's features (workers.drafters.eagle) also has
+#     feed(hidden)   hidden (m, dim): the last layer's hidden states, before the final norm,
+#                    of the positions committed since the last call (the prompt after
+#                    `start`, the accepted path after `observe`)

@@ -1,5 +1,5 @@
 """Tree decoding of drafters that propose from outside the model (runtime.decoding.tree_decoder:
-prompt lookup, token recycling, early exit), and `ht-pld`, the prompt-lookup chain on
+prompt lookup, token recycling, early exit, the EAGLE peer), and `ht-pld`, the prompt-lookup chain on
 hidden-transfer trees: lossless on the real model, greedy and sampled; with their trees
 as the drafters propose them, and cut by a tree sizer (workers.tree_sizing)."""
 
@@ -34,7 +34,7 @@ def engine():
     return Engine(ModelConfig(dtype="float32", device="cpu", max_context=1024), drafters)
 
 
-@pytest.mark.parametrize("mode", ["pld", "token-recycling", "ht-pld"])
+@pytest.mark.parametrize("mode", ["pld", "token-recycling", "ht-pld", "eagle"])
 def test_drafters_identical_to_ar(engine, mode):
     accepted_more_than_one = False
     for prompt in PROMPTS:
@@ -47,7 +47,7 @@ def test_drafters_identical_to_ar(engine, mode):
     assert accepted_more_than_one  # the drafts were used, not just the bonus token
 
 
-@pytest.mark.parametrize("mode", ["ht", "pld", "token-recycling", "ht-pld"])
+@pytest.mark.parametrize("mode", ["ht", "pld", "token-recycling", "ht-pld", "eagle"])
 def test_sampled_drafters_draw_ar_tokens(engine, mode):
     """Same seed, same tokens as ar's sampling (workers.sampling), with top-k and top-p."""
     accepted_more_than_one = False
@@ -61,7 +61,7 @@ def test_sampled_drafters_draw_ar_tokens(engine, mode):
     assert accepted_more_than_one
 
 
-@pytest.mark.parametrize("mode", ["pld", "token-recycling", "ht-pld"])
+@pytest.mark.parametrize("mode", ["pld", "token-recycling", "ht-pld", "eagle"])
 def test_drafters_respect_max_new_tokens(engine, mode):
     ids = engine.encode_chat(PROMPTS[0])
     for n in (1, 2, 5):
@@ -90,7 +90,7 @@ def synthetic_profile(tmp_path, name: str, ms) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("mode", ["ht", "pld", "token-recycling", "ht-pld"])
+@pytest.mark.parametrize("mode", ["ht", "pld", "token-recycling", "ht-pld", "eagle"])
 def test_sized_trees_identical_to_ar(engine, tmp_path, mode):
     """Free rows keep every proposal; rows that each cost four times the step before keep
     none (only the bonus token each step, even beside ht's pseudo rows); either way, and on

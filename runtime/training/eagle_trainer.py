@@ -1,0 +1,236 @@
+"""Train the EAGLE peer (`leapfrog train --drafter eagle`; workers.drafters.eagle).
+
+The data are the pseudo-state drafters' (runtime.training.distill, cached: ShareGPT
+training prompts with the model's own replies). Then:
+
+  vocabulary  the `vocab` most frequent reply tokens of the training data (FR-Spec)
+  features    the target's last hidden states f over prompt + reply, computed once in the
+              training dtype (bfloat16 is what decoding feeds) and cached beside OUT
+              (OUT.features/, one file per 64 sequences: a stop loses at most one)
+  training    AdamW on fc and the layer, float32, the target frozen. Row q of a sequence
+              is [f_q ; e(x_{q+1})] (teacher features, as EAGLE-1), causal over the last
+              `context` prompt rows and the reply; its output o_q is scored by
+                  CE(head(norm(o_q)), x_{q+2})  over reply targets in the draft vocabulary
+                  + reg_weight * SmoothL1(o_q, f_{q+1})
+              (EAGLE-1's two losses, its weights swapped: acceptance is what we want)
+  validation  depth-1 top-1 accuracy of the drafts on the validation replies
+The layer starts as a copy of the target's last layer, fc as [I, I]. Checkpoints every
+`checkpoint_every` steps; --resume continues from one.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from configs.training import TrainConfig, TrainError
+from runtime.decoding.autoregressive import prefill_hidden
+from runtime.training.trainer import SequenceOrder, data_fingerprint, learning_rate, save_checkpoint, weights_paths
+from workers.drafters.eagle import EagleConfig, EagleModel, draft_head, signature
+from workers.model import AttentionContext, Transformer
+
+CONTEXT = 64  # prompt rows (before the reply) each training sequence keeps as context
+REG_WEIGHT = 0.1
+SHARD = 64  # sequences per feature file
+
+
+def draft_vocabulary(examples: list[dict], size: int, vocab_size: int) -> tuple[torch.Tensor, float]:
+    """The `size` most frequent reply tokens (sorted by id) and the share of reply tokens they cover."""
+    counts = Counter(t for e in examples for t in e["reply_ids"])
+    top = [t for t, _ in counts.most_common(size)]
+    top += [t for t in range(vocab_size) if t not in counts][: size - len(top)]  # a small data set: pad
+    covered = sum(counts[t] for t in top) / max(sum(counts.values()), 1)
+    return torch.tensor(sorted(top)), covered
+
+
+@torch.inference_mode()
+def sequence_features(model: Transformer, example: dict) -> torch.Tensor:
+    """The target's last hidden states (prompt + reply, dim), before the final norm, in bfloat16."""
+    ids = example["prompt_ids"] + example["reply_ids"]
+    return prefill_hidden(model, model.new_cache(len(ids)), ids).to(torch.bfloat16).cpu()
+
+
+def cached_features(model: Transformer, examples: list[dict], folder: Path, progress: bool, log) -> list[torch.Tensor]:
+    """Features of every example, from `folder` where a shard is there, computed (and saved) otherwise."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out: list[torch.Tensor] = []
+    computed = 0
+    bar = tqdm(total=len(examples), desc="eagle features", unit="seq", disable=not progress)
+    for start in range(0, len(examples), SHARD):
+        chunk = examples[start : start + SHARD]
+        path = folder / f"{start // SHARD:05d}-{data_fingerprint(chunk)}.pt"
+        if path.is_file():
+            feats = torch.load(path, weights_only=True)
+        else:
+            feats = [sequence_features(model, e) for e in chunk]
+            save_checkpoint(path, feats)
+            computed += len(chunk)
+        out += feats
+        bar.update(len(chunk))
+    bar.close()
+    log(f"[eagle] features of {len(out)} sequences in {folder}: {len(out) - computed} read, {computed} computed")
+    return out
+
+
+def start_model(model: Transformer, vocab_ids: torch.Tensor) -> EagleModel:
+    """fc = [I, I], the layer a float32 copy of the target's last one."""
+    args = model.args
+    eagle = EagleModel(args, EagleConfig(vocab=len(vocab_ids)))
+    eagle.vocab_ids.copy_(vocab_ids)
+    last = model.layers[args.n_layers - 1].state_dict()
+    eagle.layer.load_state_dict({name: t.float().cpu() for name, t in last.items()})
+    with torch.no_grad():
+        eagle.fc.weight.copy_(torch.cat((torch.eye(args.dim), torch.eye(args.dim)), dim=1))
+        eagle.fc.bias.zero_()
+    return eagle
+
+
+class Objective:
+    """The loss and the validation of one sequence, on the frozen target's norm and draft head (float32)."""
+
+    def __init__(self, model: Transformer, eagle: EagleModel):
+        self.model, self.eagle = model, eagle
+        self.embed = model.embed_tokens.weight.detach().float().cpu()
+        self.head = draft_head(model, eagle.vocab_ids).float().cpu()
+        self.norm_weight, self.eps = model.norm.weight.detach().float().cpu(), model.args.norm_eps
+        index = torch.full((model.args.vocab_size,), -100)  # target id -> draft vocabulary index (-100: outside)
+        index[eagle.vocab_ids] = torch.arange(len(eagle.vocab_ids))
+        self.draft_index = index
+        self.inv_freq = model.inv_freq
+
+    def outputs(self, feats: torch.Tensor, ids: torch.Tensor, start: int) -> torch.Tensor:
+        """o_q for rows q = start .. T - 2: (rows, dim)."""
+        f = feats[start:-1].float()[None]
+        e = self.embed[ids[start + 1 :]][None]
+        positions = torch.arange(start, len(ids) - 1)
+        angles = positions.float()[:, None] * self.inv_freq
+        angles = torch.cat((angles, angles), dim=-1)
+        n, scale = len(positions), self.model.rope_scale
+        ctx = AttentionContext(angles.cos() * scale, angles.sin() * scale, torch.ones(n, n, dtype=torch.bool).tril(), None)
+        return self.eagle(f, e, ctx)[0]
+
+    def logits(self, o: torch.Tensor) -> torch.Tensor:
+        normed = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.eps) * self.norm_weight
+        return normed @ self.head.T
+
+    def rows(self, example: dict, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """(outputs, their feature targets, their draft-vocabulary token targets, reply start row)."""
+        p = len(example["prompt_ids"])
+        ids = torch.tensor(example["prompt_ids"] + example["reply_ids"])
+        start = max(0, p - CONTEXT)
+        o = self.outputs(feats, ids, start)  # rows start .. T-2
+        tokens = torch.cat((ids[start + 2 :], torch.tensor([-1])))  # x_{q+2}; the last row has none
+        targets = torch.where(tokens >= 0, self.draft_index[tokens.clamp(min=0)], torch.tensor(-100))
+        targets[: max(p - 2 - start, 0)] = -100  # prompt tokens are context, not targets
+        return o, feats[start + 1 :].float(), targets, max(p - 2 - start, 0)
+
+    def loss(self, example: dict, feats: torch.Tensor) -> tuple[torch.Tensor, int]:
+        o, f_next, targets, first = self.rows(example, feats)
+        ce = F.cross_entropy(self.logits(o[first:]), targets[first:], ignore_index=-100, reduction="sum")
+        reg = F.smooth_l1_loss(o[first:], f_next[first:], reduction="sum") / o.shape[-1]
+        return ce + REG_WEIGHT * reg, int((targets[first:] >= 0).sum())
+
+    @torch.no_grad()
+    def accuracy(self, examples: list[dict], feats: list[torch.Tensor]) -> dict:
+        """Depth-1 top-1 accuracy over the reply targets (in the draft vocabulary or not)."""
+        hits = total = covered = 0
+        for example, f in zip(examples, feats):
+            o, _, targets, first = self.rows(example, f)
+            reply_targets = len(targets) - first - 1  # every reply token after the first has a row
+            pred = self.logits(o[first:]).argmax(-1)
+            hits += int((pred == targets[first:]).sum())
+            covered += int((targets[first:] >= 0).sum())
+            total += reply_targets
+        return {"top1": hits / max(total, 1), "in_vocab": covered / max(total, 1), "targets": total}
+
+
+def train_eagle(model: Transformer, train_examples: list[dict], val_examples: list[dict], cfg: TrainConfig, log=print) -> dict:
+    """Train (or resume) the EAGLE peer; saves weights, summary JSON and checkpoint; returns the summary."""
+    train_examples = [e for e in train_examples if len(e["reply_ids"]) >= 2]
+    if not train_examples:
+        raise TrainError("no training example has a reply of at least 2 tokens")
+    out, summary_path, ckpt_path = weights_paths(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model.requires_grad_(False)
+    torch.manual_seed(cfg.seed)
+    vocab_ids, coverage = draft_vocabulary(train_examples, cfg.vocab, model.args.vocab_size)
+    log(f"[eagle] draft vocabulary: {len(vocab_ids)} tokens cover {coverage:.1%} of the training replies")
+    feature_dir = out.with_suffix(".features")
+    train_feats = cached_features(model, train_examples, feature_dir / "train", cfg.progress, log)
+    val_feats = cached_features(model, val_examples, feature_dir / "val", cfg.progress, log)
+
+    eagle = start_model(model, vocab_ids)
+    objective = Objective(model, eagle)
+    opt = torch.optim.AdamW(eagle.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    sampler = SequenceOrder(len(train_examples), generator)
+    step, elapsed, history, val_history = 0, 0.0, [], []
+    if cfg.resume and ckpt_path.is_file():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if state["model"] != signature(model.args) or state["vocab"] != cfg.vocab:
+            raise TrainError(f"{ckpt_path} was saved for another model or vocabulary")
+        eagle.load_state_dict(state["eagle"])
+        opt.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        sampler.perm, sampler.cursor = state["perm"], state["cursor"]
+        step, elapsed, history, val_history = state["step"], state["elapsed"], state["history"], state["val_history"]
+        log(f"[eagle] resumed from {ckpt_path} at step {step}")
+
+    def checkpoint() -> None:
+        save_checkpoint(ckpt_path, {
+            "eagle": eagle.state_dict(), "optimizer": opt.state_dict(), "generator": generator.get_state(),
+            "perm": sampler.perm, "cursor": sampler.cursor, "step": step, "elapsed": elapsed, "history": history,
+            "val_history": val_history, "model": signature(model.args), "vocab": cfg.vocab,
+        })  # fmt: skip
+
+    def validate() -> None:
+        if val_examples:
+            m = objective.accuracy(val_examples, val_feats)
+            val_history.append({"step": step, **m})
+            log(f"[eagle] step {step}: validation depth-1 top-1 {m['top1']:.3f} (targets in the draft vocabulary {m['in_vocab']:.3f})")
+
+    if step == 0:
+        validate()
+    bar = tqdm(total=cfg.steps, initial=step, desc="eagle train", unit="step", disable=not cfg.progress)
+    window: list[float] = []
+    while step < cfg.steps:
+        t0 = time.monotonic()
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(cfg, step)
+        opt.zero_grad()
+        losses = [objective.loss(train_examples[i], train_feats[i]) for i in sampler.take(cfg.batch)]
+        n = max(sum(count for _, count in losses), 1)
+        loss = sum(total for total, _ in losses) / n
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(eagle.parameters(), 1.0)
+        opt.step()
+        step += 1
+        elapsed += time.monotonic() - t0
+        window.append(loss.item())
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            history.append({"step": step, "loss": sum(window) / len(window), "elapsed_s": elapsed})
+            log(f"[eagle] step {step}: loss {history[-1]['loss']:.3f} ({elapsed:.0f} s)")
+            window = []
+        if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+            validate()
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            checkpoint()
+    bar.close()
+    summary = {
+        "kind": "eagle", "steps": step, "time_s": round(elapsed, 1), "parameters": eagle.parameter_count(),
+        "train_sequences": len(train_examples), "reply_tokens": sum(len(e["reply_ids"]) for e in train_examples),
+        "vocab": cfg.vocab, "vocab_coverage": coverage, "batch": cfg.batch, "lr": cfg.lr,
+        "history": history, "validation": val_history,
+    }  # fmt: skip
+    short = {k: summary[k] for k in ("steps", "time_s", "train_sequences", "reply_tokens", "vocab")}
+    eagle.save(out, extra={"training": short})
+    summary_path.write_text(json.dumps(summary, indent=1))
+    log(f"[eagle] wrote {out} and {summary_path} (resumable checkpoint: {ckpt_path})")
+    return summary

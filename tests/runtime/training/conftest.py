@@ -1,0 +1,53 @@
+"""The training tests' tiny model and its data: a random Llama (hidden 64, 4 layers) and
+token sequences it generated greedily itself."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from runtime.decoding.autoregressive import generate_ar
+from workers.loading import load_model
+
+VOCAB = 128
+REPLY = 24
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        initializer_range=0.15,  # peaked enough that the drafting task is not trivial
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-ht")
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model(tiny_folder):
+    return load_model(str(tiny_folder), torch.float32, "cpu")[0]
+
+
+@pytest.fixture(scope="module")
+def examples(model):
+    """130 sequences (120 train, 10 val): random prompts of 6-14 tokens, the tiny model's greedy replies of 24."""
+    g = torch.Generator().manual_seed(7)
+    cache = model.new_cache(64)
+    out = []
+    for i in range(130):
+        prompt = torch.randint(0, VOCAB, (int(torch.randint(6, 15, (1,), generator=g)),), generator=g).tolist()
+        reply = [t for s in generate_ar(model, cache, prompt, REPLY, set()) for t in s.tokens]
+        out.append({"id": f"syn{i}", "prompt_ids": prompt, "reply_ids": reply})
+    return out[:120], out[120:]

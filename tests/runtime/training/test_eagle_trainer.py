@@ -1,0 +1,89 @@
+"""Training the EAGLE peer (runtime.training.eagle_trainer) on the tiny model (conftest.py):
+training rows are decoding's rows, the loss reads the right targets, it learns, it resumes."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from configs.training import TrainConfig, TrainError
+from runtime.training.eagle_trainer import Objective, draft_vocabulary, sequence_features, start_model, train_eagle
+from runtime.training.trainer import weights_paths
+from workers.drafters.eagle import EagleDrafter, EagleModel
+
+
+def config(tmp_path, **kw):
+    base = dict(drafter="eagle", out=str(tmp_path / "eagle.safetensors"), steps=30, lr=1e-2, batch=4, vocab=100,
+                log_every=10, eval_every=0, checkpoint_every=10, progress=False, threads=1, device="cpu")
+    return TrainConfig(**{**base, **kw})
+
+
+def test_draft_vocabulary_is_the_most_frequent_reply_tokens():
+    examples = [{"prompt_ids": [9, 9, 9], "reply_ids": [1, 2, 2, 3, 3, 3]}, {"prompt_ids": [], "reply_ids": [3, 4]}]
+    ids, covered = draft_vocabulary(examples, 2, 10)
+    assert ids.tolist() == [2, 3] and covered == pytest.approx(6 / 8)  # prompt tokens do not count
+    ids, covered = draft_vocabulary(examples, 6, 10)
+    assert ids.tolist() == [0, 1, 2, 3, 4, 5] and covered == 1.0  # padded with unseen tokens
+
+
+def test_training_rows_are_decoding_rows(model, examples):
+    """The training outputs o_q and their draft log-probabilities equal what the drafter computes
+    after catching up on the same features and tokens; the loss targets are x_{q+2}."""
+    train_ex, _ = examples
+    e = train_ex[0]
+    vocab_ids, _ = draft_vocabulary(train_ex, 100, model.args.vocab_size)
+    eagle = start_model(model, vocab_ids)
+    for p in eagle.parameters():
+        p.data += 0.05 * torch.randn_like(p)
+    objective = Objective(model, eagle)
+    feats = sequence_features(model, e).float()
+    ids = e["prompt_ids"] + e["reply_ids"]
+    with torch.no_grad():
+        o, f_next, targets, first = objective.rows(e, feats)
+    assert first == len(e["prompt_ids"]) - 2  # the prompt fits in the context: rows from 0
+    torch.testing.assert_close(f_next, feats[1:])
+    expected = [objective.draft_index[t].item() for t in ids[2:]] + [-100]
+    assert targets[first:].tolist() == expected[first:] and (targets[:first] == -100).all()
+
+    drafter = EagleDrafter(copy.deepcopy(eagle), model, 128, depth=1, top_k=3, budget=4)
+    for q in (first, first + 5, len(ids) - 3):
+        drafter.start(ids[: q + 1])
+        drafter.feed(feats[: q + 1].to(model.dtype))
+        tree = drafter.propose(ids[q + 1])  # rows 0..q; the last drafts the token after ids[q + 1]
+        lp = torch.log_softmax(objective.logits(o[q : q + 1]), -1)[0]
+        for child in range(1, len(tree)):
+            index = objective.draft_index[tree.tokens[child]]
+            assert tree.scores[child] == pytest.approx(lp[index].item(), abs=1e-4)
+
+
+def test_training_learns_and_resumes(model, examples, tmp_path):
+    train_ex, _ = examples
+    val_ex = train_ex[:10]  # a random tiny model's replies are too few to generalise from: check the fit
+    quiet = lambda *_: None  # noqa: E731
+    straight = train_eagle(model, train_ex, val_ex, config(tmp_path / "a", schedule="constant"), log=quiet)
+    first, last = straight["validation"][0]["top1"], straight["validation"][-1]["top1"]
+    assert last > first + 0.05, straight["validation"]  # it learnt to draft the tiny model's replies
+    assert straight["history"][-1]["loss"] < straight["history"][0]["loss"]
+
+    cfg = config(tmp_path / "b", steps=10, schedule="constant")
+    train_eagle(model, train_ex, val_ex, cfg, log=quiet)
+    out, summary_path, ckpt = weights_paths(cfg.out)
+    assert out.is_file() and ckpt.is_file() and json.loads(summary_path.read_text())["steps"] == 10
+    messages = []
+    resumed = train_eagle(model, train_ex, val_ex, config(tmp_path / "b", schedule="constant", resume=True),
+                          log=messages.append)
+    assert any("resumed" in m and "step 10" in m for m in messages)
+    assert any("0 computed" in m for m in messages)  # the features were read back, not computed again
+    assert resumed["validation"][-1] == pytest.approx(straight["validation"][-1])  # ten, a checkpoint, twenty more
+    loaded = EagleModel.load(out, model.args)
+    assert loaded.training_summary["steps"] == 30 and loaded.config.vocab == 100
+
+
+def test_eagle_settings_are_checked():
+    with pytest.raises(TrainError, match="not eagle"):
+        TrainConfig(drafter="eagle", k=4).validate()
+    with pytest.raises(TrainError, match="vocab"):
+        TrainConfig(drafter="eagle", vocab=0).validate()
