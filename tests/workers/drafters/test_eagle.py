@@ -21,6 +21,7 @@ def random_eagle(model, vocab: int, seed: int = 0) -> EagleModel:
     return eagle
 
 
+@torch.no_grad()
 def reference_log_probs(drafter: EagleDrafter, rows: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
     """Run all rows [feature ; e(token)] from position 0, causal, without a cache; the draft
     log-probabilities (target ids -> value; -inf outside the draft vocabulary) after the last."""
