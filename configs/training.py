@@ -52,6 +52,7 @@ class TrainConfig:
     data_only: bool = False  # build (or extend) the cached data set and stop: no training
     progress: bool = True
     vocab: int = 8192  # eagle only: draft vocabulary (the most frequent reply tokens)
+    unroll: int = 1  # eagle only: 2 also trains depth 2 on the draft model's own predicted features
 
     def n_val(self) -> int:
         return self.val_examples if self.val_examples is not None else max(1, round(self.examples * 0.05))
@@ -59,8 +60,10 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         if self.drafter not in TRAIN_DRAFTERS:
             raise TrainError(f"--drafter must be one of {', '.join(TRAIN_DRAFTERS)}, got {self.drafter!r}")
-        if self.drafter == "eagle" and (self.k != 3 or self.refine_layers or self.init or self.pack != 1):
-            raise TrainError("--k, --refine-layers, --init and --pack are for the pseudo-state drafters, not eagle")
+        if self.drafter == "eagle" and (self.k != 3 or self.refine_layers or self.pack != 1):
+            raise TrainError("--k, --refine-layers and --pack are for the pseudo-state drafters, not eagle")
+        if self.unroll not in (1, 2) or (self.unroll != 1 and self.drafter != "eagle"):
+            raise TrainError(f"--unroll is 1 or 2, for eagle only; got {self.unroll} for {self.drafter}")
         if self.vocab < 1:
             raise TrainError(f"--vocab must be >= 1, got {self.vocab}")
         if self.layer is not None and self.drafter != "ht":

@@ -188,6 +188,9 @@ def add_train(sub) -> None:
                    "eagle: the EAGLE peer (one draft layer over the target's features)")
     p.add_argument("--vocab", type=positive_int, default=d.vocab,
                    help=f"eagle: draft vocabulary, the most frequent reply tokens (default {d.vocab})")
+    p.add_argument("--unroll", type=positive_int, default=d.unroll,
+                   help="eagle: 2 also trains depth 2 on the draft model's own predicted features "
+                   "(EAGLE-3's training-time test, one step; twice the cost a step)")
     p.add_argument("--layer", type=positive_int, help="ht: layers before the transfer (default: half the layers)")
     p.add_argument("--refine-layers", type=layer_list, default=(),
                    help="ht: later layers that transfer again, comma-separated (FIRP style), e.g. 26")
@@ -419,6 +422,7 @@ def cmd_train(args, config: LeapfrogConfig) -> int:
         progress=not args.no_progress,
         data_only=args.data_only,
         vocab=args.vocab,
+        unroll=args.unroll,
     )
     run_training(cfg)
     return 0

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ from tqdm import tqdm
 
 from configs.training import TrainConfig, TrainError
 from runtime.decoding.autoregressive import prefill_hidden
+from runtime.training.objective import PrefixKV
 from runtime.training.trainer import SequenceOrder, data_fingerprint, learning_rate, save_checkpoint, weights_paths
 from workers.drafters.eagle import EagleConfig, EagleModel, draft_head, signature
 from workers.model import AttentionContext, Transformer
@@ -45,8 +47,15 @@ def draft_vocabulary(examples: list[dict], size: int, vocab_size: int) -> tuple[
     counts = Counter(t for e in examples for t in e["reply_ids"])
     top = [t for t, _ in counts.most_common(size)]
     top += [t for t in range(vocab_size) if t not in counts][: size - len(top)]  # a small data set: pad
-    covered = sum(counts[t] for t in top) / max(sum(counts.values()), 1)
-    return torch.tensor(sorted(top)), covered
+    ids = torch.tensor(sorted(top))
+    return ids, draft_vocabulary_coverage(examples, ids)
+
+
+def draft_vocabulary_coverage(examples: list[dict], vocab_ids: torch.Tensor) -> float:
+    """The share of the examples' reply tokens in the draft vocabulary."""
+    vocab = set(vocab_ids.tolist())
+    tokens = [t for e in examples for t in e["reply_ids"]]
+    return sum(t in vocab for t in tokens) / max(len(tokens), 1)
 
 
 @torch.inference_mode()
@@ -104,50 +113,91 @@ class Objective:
         self.draft_index = index
         self.inv_freq = model.inv_freq
 
-    def outputs(self, feats: torch.Tensor, ids: torch.Tensor, start: int) -> torch.Tensor:
-        """o_q for rows q = start .. T - 2: (rows, dim)."""
+    def outputs(self, feats: torch.Tensor, ids: torch.Tensor, start: int, depth2: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """o_q for rows q = start .. T - 2 (rows, dim), and with `depth2` o2_q for q = start + 1 .. T - 2
+        (rows - 1, dim): row q again, fed o_{q-1} (the draft model's own prediction of f_q)
+        instead of f_q, seeing the real rows before q and itself, as a node at depth 2 of a
+        tree is drafted (EAGLE-3's training-time test, one step)."""
         f = feats[start:-1].float()[None]
         e = self.embed[ids[start + 1 :]][None]
         positions = torch.arange(start, len(ids) - 1)
         angles = positions.float()[:, None] * self.inv_freq
         angles = torch.cat((angles, angles), dim=-1)
         n, scale = len(positions), self.model.rope_scale
-        ctx = AttentionContext(angles.cos() * scale, angles.sin() * scale, torch.ones(n, n, dtype=torch.bool).tril(), None)
-        return self.eagle(f, e, ctx)[0]
+        cos, sin = angles.cos() * scale, angles.sin() * scale
+        kv = RecordingKV()
+        o = self.eagle(f, e, AttentionContext(cos, sin, torch.ones(n, n, dtype=torch.bool).tril(), kv))[0]
+        if not depth2:
+            return o, None
+        mask = torch.cat((torch.ones(n - 1, n, dtype=torch.bool).tril(), torch.eye(n - 1, dtype=torch.bool)), dim=1)
+        o2 = self.eagle(o[None, :-1], e[:, 1:], AttentionContext(cos[1:], sin[1:], mask, PrefixKV([kv.k], [kv.v])))[0]
+        return o, o2
 
     def logits(self, o: torch.Tensor) -> torch.Tensor:
         normed = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.eps) * self.norm_weight
         return normed @ self.head.T
 
-    def rows(self, example: dict, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """(outputs, their feature targets, their draft-vocabulary token targets, reply start row)."""
+    def rows(self, example: dict, feats: torch.Tensor, depth2: bool = True) -> Rows:
         p = len(example["prompt_ids"])
         ids = torch.tensor(example["prompt_ids"] + example["reply_ids"])
         start = max(0, p - CONTEXT)
-        o = self.outputs(feats, ids, start)  # rows start .. T-2
+        o, o2 = self.outputs(feats, ids, start, depth2)  # rows start .. T-2
         tokens = torch.cat((ids[start + 2 :], torch.tensor([-1])))  # x_{q+2}; the last row has none
         targets = torch.where(tokens >= 0, self.draft_index[tokens.clamp(min=0)], torch.tensor(-100))
-        targets[: max(p - 2 - start, 0)] = -100  # prompt tokens are context, not targets
-        return o, feats[start + 1 :].float(), targets, max(p - 2 - start, 0)
+        first = max(p - 2 - start, 0)
+        targets[:first] = -100  # prompt tokens are context, not targets
+        return Rows(o, o2, feats[start + 1 :].float(), targets, first)
 
-    def loss(self, example: dict, feats: torch.Tensor) -> tuple[torch.Tensor, int]:
-        o, f_next, targets, first = self.rows(example, feats)
-        ce = F.cross_entropy(self.logits(o[first:]), targets[first:], ignore_index=-100, reduction="sum")
-        reg = F.smooth_l1_loss(o[first:], f_next[first:], reduction="sum") / o.shape[-1]
-        return ce + REG_WEIGHT * reg, int((targets[first:] >= 0).sum())
+    def loss(self, example: dict, feats: torch.Tensor, unroll: int) -> tuple[torch.Tensor, int]:
+        """The summed loss of depth 1 (and of depth 2 with unroll 2) and the count of its token targets."""
+        r = self.rows(example, feats, depth2=unroll == 2)
+        total, count = self.depth_loss(r.o[r.first :], r.f_next[r.first :], r.targets[r.first :])
+        if unroll == 2:
+            first = max(r.first, 1)
+            loss2, count2 = self.depth_loss(r.o2[first - 1 :], r.f_next[first:], r.targets[first:])
+            total, count = total + loss2, count + count2
+        return total, count
+
+    def depth_loss(self, o: torch.Tensor, f_next: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
+        ce = F.cross_entropy(self.logits(o), targets, ignore_index=-100, reduction="sum")
+        reg = F.smooth_l1_loss(o, f_next, reduction="sum") / o.shape[-1]
+        return ce + REG_WEIGHT * reg, int((targets >= 0).sum())
 
     @torch.no_grad()
     def accuracy(self, examples: list[dict], feats: list[torch.Tensor]) -> dict:
-        """Depth-1 top-1 accuracy over the reply targets (in the draft vocabulary or not)."""
-        hits = total = covered = 0
+        """Top-1 over the reply targets (in the draft vocabulary or not) at depth 1 and, from
+        the draft model's own predicted feature, at depth 2."""
+        hits = hits2 = total = covered = 0
         for example, f in zip(examples, feats):
-            o, _, targets, first = self.rows(example, f)
-            reply_targets = len(targets) - first - 1  # every reply token after the first has a row
-            pred = self.logits(o[first:]).argmax(-1)
-            hits += int((pred == targets[first:]).sum())
-            covered += int((targets[first:] >= 0).sum())
-            total += reply_targets
-        return {"top1": hits / max(total, 1), "in_vocab": covered / max(total, 1), "targets": total}
+            r = self.rows(example, f)
+            total += len(r.targets) - r.first - 1  # every reply token after the first has a row
+            hits += int((self.logits(r.o[r.first :]).argmax(-1) == r.targets[r.first :]).sum())
+            first = max(r.first, 1)
+            hits2 += int((self.logits(r.o2[first - 1 :]).argmax(-1) == r.targets[first:]).sum())
+            covered += int((r.targets[r.first :] >= 0).sum())
+        n = max(total, 1)
+        return {"top1": hits / n, "top1_depth2": hits2 / n, "in_vocab": covered / n, "targets": total}
+
+
+@dataclass
+class Rows:
+    o: torch.Tensor  # (rows, dim) outputs of rows q = start .. T - 2
+    o2: torch.Tensor | None  # (rows - 1, dim) the same rows from q = start + 1, fed the draft model's own features
+    f_next: torch.Tensor  # (rows, dim) their feature targets f_{q+1}
+    targets: torch.Tensor  # (rows,) draft-vocabulary index of x_{q+2} (-100: none, or not a target)
+    first: int  # the first row with a reply target
+
+
+class RecordingKV:
+    """Stands in for a KVCache in a pass whose keys and values (with their gradients) a later
+    pass attends to, as a drafter's tree rows attend to its committed rows."""
+
+    def __init__(self):
+        self.k = self.v = None
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k, self.v = k, v
+        return k, v
 
 
 def train_eagle(model: Transformer, train_examples: list[dict], val_examples: list[dict], cfg: TrainConfig, log=print) -> dict:
@@ -159,41 +209,50 @@ def train_eagle(model: Transformer, train_examples: list[dict], val_examples: li
     out.parent.mkdir(parents=True, exist_ok=True)
     model.requires_grad_(False)
     torch.manual_seed(cfg.seed)
-    vocab_ids, coverage = draft_vocabulary(train_examples, cfg.vocab, model.args.vocab_size)
-    log(f"[eagle] draft vocabulary: {len(vocab_ids)} tokens cover {coverage:.1%} of the training replies")
     feature_dir = out.with_suffix(".features")
     train_feats = cached_features(model, train_examples, feature_dir / "train", cfg.progress, log)
     val_feats = cached_features(model, val_examples, feature_dir / "val", cfg.progress, log)
 
-    eagle = start_model(model, vocab_ids)
-    objective = Objective(model, eagle)
+    resuming = cfg.resume and ckpt_path.is_file()
+    if cfg.init and not resuming:  # a checkpoint to resume replaces the start
+        eagle = EagleModel.load(cfg.init, model.args)
+        log(f"[eagle] started from {cfg.init}")
+    else:
+        eagle = start_model(model, draft_vocabulary(train_examples, cfg.vocab, model.args.vocab_size)[0])
     opt = torch.optim.AdamW(eagle.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
     sampler = SequenceOrder(len(train_examples), generator)
     step, elapsed, history, val_history = 0, 0.0, [], []
-    if cfg.resume and ckpt_path.is_file():
+    if resuming:
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if state["model"] != signature(model.args) or state["vocab"] != cfg.vocab:
-            raise TrainError(f"{ckpt_path} was saved for another model or vocabulary")
-        eagle.load_state_dict(state["eagle"])
+        try:
+            if state["model"] != signature(model.args):
+                raise RuntimeError(f"saved for a model {state['model']}")
+            eagle.load_state_dict(state["eagle"])
+        except RuntimeError as e:
+            raise TrainError(f"{ckpt_path} does not fit this run: {e}") from None
         opt.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
         sampler.perm, sampler.cursor = state["perm"], state["cursor"]
         step, elapsed, history, val_history = state["step"], state["elapsed"], state["history"], state["val_history"]
         log(f"[eagle] resumed from {ckpt_path} at step {step}")
+    coverage = draft_vocabulary_coverage(train_examples, eagle.vocab_ids)
+    log(f"[eagle] draft vocabulary: {len(eagle.vocab_ids)} tokens cover {coverage:.1%} of the training replies")
+    objective = Objective(model, eagle)
 
     def checkpoint() -> None:
         save_checkpoint(ckpt_path, {
             "eagle": eagle.state_dict(), "optimizer": opt.state_dict(), "generator": generator.get_state(),
             "perm": sampler.perm, "cursor": sampler.cursor, "step": step, "elapsed": elapsed, "history": history,
-            "val_history": val_history, "model": signature(model.args), "vocab": cfg.vocab,
+            "val_history": val_history, "model": signature(model.args),
         })  # fmt: skip
 
     def validate() -> None:
         if val_examples:
             m = objective.accuracy(val_examples, val_feats)
             val_history.append({"step": step, **m})
-            log(f"[eagle] step {step}: validation depth-1 top-1 {m['top1']:.3f} (targets in the draft vocabulary {m['in_vocab']:.3f})")
+            log(f"[eagle] step {step}: validation top-1 depth 1 {m['top1']:.3f}, depth 2 {m['top1_depth2']:.3f} "
+                f"(targets in the draft vocabulary {m['in_vocab']:.3f})")
 
     if step == 0:
         validate()
@@ -204,7 +263,7 @@ def train_eagle(model: Transformer, train_examples: list[dict], val_examples: li
         for group in opt.param_groups:
             group["lr"] = learning_rate(cfg, step)
         opt.zero_grad()
-        losses = [objective.loss(train_examples[i], train_feats[i]) for i in sampler.take(cfg.batch)]
+        losses = [objective.loss(train_examples[i], train_feats[i], cfg.unroll) for i in sampler.take(cfg.batch)]
         n = max(sum(count for _, count in losses), 1)
         loss = sum(total for total, _ in losses) / n
         loss.backward()
@@ -226,7 +285,8 @@ def train_eagle(model: Transformer, train_examples: list[dict], val_examples: li
     summary = {
         "kind": "eagle", "steps": step, "time_s": round(elapsed, 1), "parameters": eagle.parameter_count(),
         "train_sequences": len(train_examples), "reply_tokens": sum(len(e["reply_ids"]) for e in train_examples),
-        "vocab": cfg.vocab, "vocab_coverage": coverage, "batch": cfg.batch, "lr": cfg.lr,
+        "vocab": len(eagle.vocab_ids), "vocab_coverage": coverage, "batch": cfg.batch, "lr": cfg.lr, "unroll": cfg.unroll,
+        "init": cfg.init,
         "history": history, "validation": val_history,
     }  # fmt: skip
     short = {k: summary[k] for k in ("steps", "time_s", "train_sequences", "reply_tokens", "vocab")}

@@ -14,6 +14,8 @@ from runtime.training.eagle_trainer import Objective, draft_vocabulary, sequence
 from runtime.training.trainer import weights_paths
 from workers.drafters.eagle import EagleDrafter, EagleModel
 
+from tiny_training import examples, model, tiny_folder  # noqa: F401 - fixtures
+
 
 def config(tmp_path, **kw):
     base = dict(drafter="eagle", out=str(tmp_path / "eagle.safetensors"), steps=30, lr=1e-2, batch=4, vocab=100,
@@ -30,8 +32,9 @@ def test_draft_vocabulary_is_the_most_frequent_reply_tokens():
 
 
 def test_training_rows_are_decoding_rows(model, examples):
-    """The training outputs o_q and their draft log-probabilities equal what the drafter computes
-    after catching up on the same features and tokens; the loss targets are x_{q+2}."""
+    """The training outputs and their draft log-probabilities equal what the drafter computes
+    after catching up on the same features and tokens: o_q drafts a root's children, o2_q
+    (row q fed the drafter's own o_{q-1}) the children of a depth-1 node; the targets are x_{q+2}."""
     train_ex, _ = examples
     e = train_ex[0]
     vocab_ids, _ = draft_vocabulary(train_ex, 100, model.args.vocab_size)
@@ -42,21 +45,32 @@ def test_training_rows_are_decoding_rows(model, examples):
     feats = sequence_features(model, e).float()
     ids = e["prompt_ids"] + e["reply_ids"]
     with torch.no_grad():
-        o, f_next, targets, first = objective.rows(e, feats)
-    assert first == len(e["prompt_ids"]) - 2  # the prompt fits in the context: rows from 0
-    torch.testing.assert_close(f_next, feats[1:])
+        r = objective.rows(e, feats)
+    assert r.first == len(e["prompt_ids"]) - 2  # the prompt fits in the context: rows from 0
+    torch.testing.assert_close(r.f_next, feats[1:])
     expected = [objective.draft_index[t].item() for t in ids[2:]] + [-100]
-    assert targets[first:].tolist() == expected[first:] and (targets[:first] == -100).all()
+    assert r.targets[r.first :].tolist() == expected[r.first :] and (r.targets[: r.first] == -100).all()
 
-    drafter = EagleDrafter(copy.deepcopy(eagle), model, 128, depth=1, top_k=3, budget=4)
-    for q in (first, first + 5, len(ids) - 3):
+    everything = len(vocab_ids)  # every draft token a child, every depth-1 node expanded
+    drafter = EagleDrafter(copy.deepcopy(eagle), model, 128, depth=2, top_k=everything, budget=1 + everything * (1 + everything))
+    checked = 0
+    for q in (r.first, r.first + 5, len(ids) - 3):
         drafter.start(ids[: q + 1])
         drafter.feed(feats[: q + 1].to(model.dtype))
         tree = drafter.propose(ids[q + 1])  # rows 0..q; the last drafts the token after ids[q + 1]
-        lp = torch.log_softmax(objective.logits(o[q : q + 1]), -1)[0]
-        for child in range(1, len(tree)):
-            index = objective.draft_index[tree.tokens[child]]
-            assert tree.scores[child] == pytest.approx(lp[index].item(), abs=1e-4)
+        children = tree.children()
+        lp = torch.log_softmax(objective.logits(r.o[q : q + 1]), -1)[0]
+        for child in children[0]:
+            assert tree.scores[child] == pytest.approx(lp[objective.draft_index[tree.tokens[child]]].item(), abs=1e-4)
+        node = tree.child(0, ids[q + 2])  # the true next token, a depth-1 node: row q + 1 fed o_q
+        if node is None:
+            continue
+        lp2 = torch.log_softmax(objective.logits(r.o2[q : q + 1]), -1)[0]
+        for child in children[node]:
+            got = tree.scores[child] - tree.scores[node]
+            assert got == pytest.approx(lp2[objective.draft_index[tree.tokens[child]]].item(), abs=1e-4)
+        checked += 1
+    assert checked >= 2
 
 
 def test_training_learns_and_resumes(model, examples, tmp_path):
@@ -81,9 +95,21 @@ def test_training_learns_and_resumes(model, examples, tmp_path):
     loaded = EagleModel.load(out, model.args)
     assert loaded.training_summary["steps"] == 30 and loaded.config.vocab == 100
 
+    # From those weights, training depth 2 on the draft model's own features (--unroll 2) lifts depth 2.
+    messages = []
+    unrolled = train_eagle(model, train_ex, val_ex, config(tmp_path / "c", init=str(out), unroll=2), log=messages.append)
+    assert any("started from" in m for m in messages)
+    before, after = unrolled["validation"][0], unrolled["validation"][-1]
+    assert before["top1"] == pytest.approx(resumed["validation"][-1]["top1"])  # it started where the weights were
+    assert after["top1_depth2"] > before["top1_depth2"] + 0.03, unrolled["validation"]
+
 
 def test_eagle_settings_are_checked():
     with pytest.raises(TrainError, match="not eagle"):
         TrainConfig(drafter="eagle", k=4).validate()
+    with pytest.raises(TrainError, match="unroll"):
+        TrainConfig(drafter="ht", unroll=2).validate()
+    with pytest.raises(TrainError, match="unroll"):
+        TrainConfig(drafter="eagle", unroll=3).validate()
     with pytest.raises(TrainError, match="vocab"):
         TrainConfig(drafter="eagle", vocab=0).validate()

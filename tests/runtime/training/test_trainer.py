@@ -35,7 +35,7 @@ from workers.sampling import Greedy
 from workers.tree import root_only
 from workers.tree_step import tree_step
 
-REPLY = 24  # the reply length of the examples (conftest.py)
+from tiny_training import REPLY, examples, model, tiny_folder  # noqa: F401 - fixtures
 
 
 def perturbed(model, layer, k, pseudo_attention, seed=0, kind="ht", refine_layers=()):

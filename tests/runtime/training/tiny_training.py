@@ -1,5 +1,6 @@
-"""The training tests' tiny model and its data: a random Llama (hidden 64, 4 layers) and
-token sequences it generated greedily itself."""
+"""The training tests' tiny model and its data, as fixtures their modules import: a random
+Llama (hidden 64, 4 layers) and token sequences it generated greedily itself. (Not a
+conftest.py: tests/workers/test_model.py imports the root one by its module name.)"""
 
 from __future__ import annotations
 
