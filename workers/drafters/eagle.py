@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.drafters.loading import DrafterWeightsError
+from workers.drafters.loading import DrafterWeightsError, read_weights
 from workers.kv_cache import KVCache
 from workers.model import AttentionContext, DecoderLayer, Linear, ModelArgs, Transformer, set_kernels
 from workers.tree import TokenTree
@@ -73,17 +73,7 @@ class EagleModel(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path, args: ModelArgs) -> EagleModel:
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise DrafterWeightsError(f"eagle weights {path} do not exist (train them with `leapfrog train --drafter eagle`)")
-        try:
-            with safe_open(str(path), "pt") as f:
-                meta = json.loads((f.metadata() or {})[METADATA_KEY])
-                tensors = {name: f.get_tensor(name) for name in f.keys()}
-        except (KeyError, json.JSONDecodeError, OSError, RuntimeError) as e:
-            raise DrafterWeightsError(f"{path} is not a Leapfrog eagle file ({e})") from None
+        meta, tensors = read_weights(path, METADATA_KEY, "eagle", "leapfrog train --drafter eagle")
         if meta["model"] != signature(args):
             raise DrafterWeightsError(f"{path} was trained for a model {meta['model']}, not {signature(args)}")
         module = cls(args, EagleConfig(**meta["config"]))

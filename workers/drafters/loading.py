@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from workers.drafters.hidden_transfer import HiddenTransfer
 from workers.drafters.lookahead import LookaheadEmbeddings
 from workers.drafters.medusa import MedusaHeads
@@ -55,19 +57,24 @@ def build(config: PseudoStateConfig, dim: int) -> PseudoStateDrafter:
     return DRAFTERS[config.kind](config, dim)
 
 
-def load(path: str | Path, args: ModelArgs) -> PseudoStateDrafter:
-    """Weights saved by PseudoStateDrafter.save, checked against the loaded model."""
+def read_weights(path: str | Path, metadata_key: str, what: str, train: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The metadata (JSON under `metadata_key`) and tensors of a weights file; a missing file
+    or one that is not a Leapfrog `what` file is a DrafterWeightsError (`train`: the command that makes one)."""
     from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
-        raise DrafterWeightsError(f"drafter weights {path} do not exist (train them with `leapfrog train`)")
+        raise DrafterWeightsError(f"{what} weights {path} do not exist (train them with `{train}`)")
     try:
         with safe_open(str(path), "pt") as f:
-            meta = json.loads((f.metadata() or {})[METADATA_KEY])
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
+            return json.loads((f.metadata() or {})[metadata_key]), {name: f.get_tensor(name) for name in f.keys()}
     except (KeyError, json.JSONDecodeError, OSError, RuntimeError) as e:
-        raise DrafterWeightsError(f"{path} is not a Leapfrog drafter file ({e})") from None
+        raise DrafterWeightsError(f"{path} is not a Leapfrog {what} file ({e})") from None
+
+
+def load(path: str | Path, args: ModelArgs) -> PseudoStateDrafter:
+    """Weights saved by PseudoStateDrafter.save, checked against the loaded model."""
+    meta, tensors = read_weights(path, METADATA_KEY, "drafter", "leapfrog train")
     if meta["model"] != model_signature(args):
         raise DrafterWeightsError(
             f"{path} was trained for a model {meta['model']}, but the loaded model is {model_signature(args)}"

@@ -10,6 +10,8 @@ import torch
 from runtime.decoding.autoregressive import generate_ar
 from workers.loading import load_model
 
+from conftest import TINY_BASE
+
 VOCAB = 128
 REPLY = 24
 
@@ -18,18 +20,10 @@ REPLY = 24
 def tiny_folder(tmp_path_factory):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-6,
-        initializer_range=0.15,  # peaked enough that the drafting task is not trivial
-        tie_word_embeddings=False,
-    )
+    # The shared tiny shape (conftest.TINY_BASE), deeper, with a vocabulary of its own and
+    # peaked enough that the drafting task is not trivial.
+    config = LlamaConfig(**{**TINY_BASE, "num_hidden_layers": 4, "vocab_size": VOCAB, "initializer_range": 0.15,
+                            "tie_word_embeddings": False})
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny-ht")
     AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
