@@ -78,13 +78,15 @@ def first_flip(reference: list[int], margins: list[float], got: list[int]) -> di
     return {"index": i, "margin": round(margins[i], 5) if i < len(margins) else None}
 
 
-def mode_speeds(checkpoint: str, dtype: str, device: str, modes: list[str], new_tokens: int, workers: int) -> dict:
-    """The modes with graphs off, then on; with `workers`, `pipeline` (that many workers on
-    threads sharing the device, local transport) with graphs on, against the same ar."""
+def mode_speeds(checkpoint: str, dtype: str, device: str, modes: list[str], new_tokens: int, workers: int,
+                graph_settings: tuple[bool, ...] = (False, True)) -> dict:
+    """The modes with graphs off, then on (`graph_settings`); with `workers`, `pipeline` (that
+    many workers on threads sharing the device, local transport) with graphs on, against the
+    same ar (the first setting's)."""
     from configs.schema import ModelConfig, PipelineConfig
 
     out, reference = {}, {}
-    for graphs in (False, True):
+    for graphs in graph_settings:
         runs = ["ar", *modes] + (["pipeline"] if graphs and workers else [])
         pipeline = PipelineConfig(transport="local", workers=max(workers, 1))
         out |= time_modes(ModelConfig(checkpoint=checkpoint, dtype=dtype, device=device, cuda_graphs=graphs),
@@ -94,12 +96,13 @@ def mode_speeds(checkpoint: str, dtype: str, device: str, modes: list[str], new_
 
 def time_modes(config, pipeline, modes: list[str], new_tokens: int, reference: dict, label: str) -> dict:
     """tokens/s of each mode over the first Spec-Bench prompt of every category; tokens
-    against `reference` (the first run's per prompt: ar with graphs off); the pipeline's
+    against `reference` (the first run's per prompt: ar with the first graph setting); the pipeline's
     hit rate and wasted steps."""
     from runtime.bench.prompts import default_prompts_path, load_prompts
     from runtime.engine import Engine
 
     engine, out = Engine(config, pipeline=pipeline), {}
+    reference.setdefault("label", label.replace(" ", "_"))  # the first run's ar is everyone's reference
     prompts = [engine.encode_chat(p.text) for p in load_prompts(default_prompts_path(), None, 1)]
     for mode in modes:
         list(engine.steps(prompts[0], mode, 8))  # warm-up
@@ -121,7 +124,7 @@ def time_modes(config, pipeline, modes: list[str], new_tokens: int, reference: d
             pipe = {k: v + metrics.get(k, 0) for k, v in pipe.items()}
         key = f"{mode} {label}"
         out[key] = {"tokens_per_s": round(tokens / seconds, 2), "tokens": tokens,
-                    "identical_to_ar_graphs_off": f"{same}/{len(prompts)}", "flips": flips}
+                    f"identical_to_ar_{reference['label']}": f"{same}/{len(prompts)}", "flips": flips}
         if pipe["steps"]:
             out[key] |= pipe | {"workers": pipeline.workers, "hit_rate": round(pipe["hits"] / max(pipe["spawned"], 1), 4)}
         print(f"  {key:22s} {out[key]}", flush=True)
@@ -143,6 +146,7 @@ def main() -> None:
     p.add_argument("--pipeline-workers", type=int, default=2,
                    help="with --checkpoint: also `pipeline` with this many workers sharing the device (0: not)")
     p.add_argument("--skip-curve", action="store_true", help="modes only (a second call that brings the checkpoint)")
+    p.add_argument("--graphs", default="off,on", help="with --checkpoint: the modes with CUDA graphs off, on, or both")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     device = torch.device(args.device)
@@ -158,8 +162,9 @@ def main() -> None:
                 entry["curve"] = curve_and_ar(random, dtype, device, rows, contexts, args)
                 write_profile(entry["curve"]["graphs on"], result, dtype, Path(args.out).with_name(f"profile-{dtype}.json"))
             if args.checkpoint and args.modes:
+                graphs = tuple({"off": False, "on": True}[g] for g in args.graphs.split(","))
                 entry["modes"] = mode_speeds(args.checkpoint, dtype, args.device, args.modes.split(","), args.new_tokens,
-                                             args.pipeline_workers)
+                                             args.pipeline_workers, graphs)
                 entry["modes_checkpoint"] = args.checkpoint
             Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")

@@ -5,9 +5,11 @@ training prompts with the model's own replies). Then:
 
   vocabulary  the `vocab` most frequent reply tokens of the training data (FR-Spec)
   features    the target's last hidden states f over prompt + reply, computed once in the
-              training dtype (bfloat16 is what decoding feeds) and cached beside OUT
-              (OUT.features/, one file per 64 sequences: a stop loses at most one)
-  training    AdamW on fc and the layer, float32, the target frozen. Row q of a sequence
+              training dtype (bfloat16 is what decoding feeds), several sequences a
+              forward, and cached beside OUT (OUT.features/, one file per 64 sequences:
+              a stop loses at most one)
+  training    AdamW on fc and the layer, float32, the target frozen, on the target's device,
+              `batch` sequences a step in one right-padded forward. Row q of a sequence
               is [f_q ; e(x_{q+1})] (teacher features, as EAGLE-1), causal over the last
               `context` prompt rows and the reply; its output o_q is scored by
                   CE(head(norm(o_q)), x_{q+2})  over reply targets in the draft vocabulary
@@ -40,6 +42,7 @@ from workers.model import AttentionContext, Transformer
 CONTEXT = 64  # prompt rows (before the reply) each training sequence keeps as context
 REG_WEIGHT = 0.1
 SHARD = 64  # sequences per feature file
+FEATURE_BATCH = (8, 64)  # sequences a feature forward: (CPU, GPU)
 
 
 def draft_vocabulary(examples: list[dict], size: int, vocab_size: int) -> tuple[torch.Tensor, float]:
@@ -59,10 +62,20 @@ def draft_vocabulary_coverage(examples: list[dict], vocab_ids: torch.Tensor) -> 
 
 
 @torch.inference_mode()
-def sequence_features(model: Transformer, example: dict) -> torch.Tensor:
-    """The target's last hidden states (prompt + reply, dim), before the final norm, in bfloat16."""
-    ids = example["prompt_ids"] + example["reply_ids"]
-    return prefill_hidden(model, model.new_cache(len(ids)), ids).to(torch.bfloat16).cpu()
+def features(model: Transformer, examples: list[dict]) -> list[torch.Tensor]:
+    """The target's last hidden states of each example (prompt + reply, dim), before the final
+    norm, in bfloat16 on the CPU: one right-padded causal forward for all of them (a real row
+    never sees the padding after it)."""
+    ids = [e["prompt_ids"] + e["reply_ids"] for e in examples]
+    n = max(len(i) for i in ids)
+    tokens = torch.tensor([i + [0] * (n - len(i)) for i in ids], device=model.device)
+    h = model.run_layers(model.embed(tokens), model.context(torch.arange(n, device=model.device)))
+    return [h[b, : len(i)].to(torch.bfloat16).cpu() for b, i in enumerate(ids)]
+
+
+def feature_folder(cfg: TrainConfig) -> Path:
+    """Where a run keeps its cached features (train/ and val/): beside its weights."""
+    return weights_paths(cfg.out)[0].with_suffix(".features")
 
 
 def cached_features(model: Transformer, examples: list[dict], folder: Path, progress: bool, log) -> list[torch.Tensor]:
@@ -70,6 +83,7 @@ def cached_features(model: Transformer, examples: list[dict], folder: Path, prog
     folder.mkdir(parents=True, exist_ok=True)
     out: list[torch.Tensor] = []
     computed = 0
+    per_pass = FEATURE_BATCH[model.device.type == "cuda"]
     bar = tqdm(total=len(examples), desc="eagle features", unit="seq", disable=not progress)
     for start in range(0, len(examples), SHARD):
         chunk = examples[start : start + SHARD]
@@ -77,7 +91,12 @@ def cached_features(model: Transformer, examples: list[dict], folder: Path, prog
         if path.is_file():
             feats = torch.load(path, weights_only=True)
         else:
-            feats = [sequence_features(model, e) for e in chunk]
+            order = sorted(range(len(chunk)), key=lambda i: len(chunk[i]["reply_ids"]) + len(chunk[i]["prompt_ids"]))
+            feats = [None] * len(chunk)
+            for first in range(0, len(order), per_pass):  # similar lengths together: little padding
+                part = order[first : first + per_pass]
+                for i, f in zip(part, features(model, [chunk[i] for i in part])):
+                    feats[i] = f
             save_checkpoint(path, feats)
             computed += len(chunk)
         out += feats
@@ -100,92 +119,103 @@ def start_model(model: Transformer, vocab_ids: torch.Tensor) -> EagleModel:
     return eagle
 
 
+@dataclass
+class Rows:
+    """The training rows of B sequences, right-padded to the longest (N rows). Sequence b has
+    rows q = start_b .. T_b - 2 (start_b = the first prompt row kept as context)."""
+
+    o: torch.Tensor  # (B, N, dim) outputs of the rows
+    o2: torch.Tensor | None  # (B, N - 1, dim) rows 1.. again, fed the draft model's own o of the row before
+    f_next: torch.Tensor  # (B, N, dim) their feature targets f_{q+1}
+    targets: torch.Tensor  # (B, N) draft-vocabulary index of x_{q+2} (-100: none, not a target, or padding)
+    scored: torch.Tensor  # (B, N) bool: reply rows, whose f_{q+1} is a regression target
+    first: list[int]  # per sequence, the first row with a reply target
+    rows: list[int]  # per sequence, its real rows (the rest is padding)
+
+
 class Objective:
-    """The loss and the validation of one sequence, on the frozen target's norm and draft head (float32)."""
+    """The loss and the validation of batches of sequences, on the frozen target's norm and
+    draft head (float32, on the target's device)."""
 
     def __init__(self, model: Transformer, eagle: EagleModel):
-        self.model, self.eagle = model, eagle
-        self.embed = model.embed_tokens.weight.detach().float().cpu()
-        self.head = draft_head(model, eagle.vocab_ids).float().cpu()
-        self.norm_weight, self.eps = model.norm.weight.detach().float().cpu(), model.args.norm_eps
+        self.model, self.eagle, self.device = model, eagle, model.device
+        self.embed = model.embed_tokens.weight.detach().float()
+        self.head = draft_head(model, eagle.vocab_ids).float()
+        self.norm_weight, self.eps = model.norm.weight.detach().float(), model.args.norm_eps
         index = torch.full((model.args.vocab_size,), -100)  # target id -> draft vocabulary index (-100: outside)
-        index[eagle.vocab_ids] = torch.arange(len(eagle.vocab_ids))
+        index[eagle.vocab_ids.cpu()] = torch.arange(len(eagle.vocab_ids))
         self.draft_index = index
-        self.inv_freq = model.inv_freq
+        self.inv_freq = model.inv_freq.to(self.device)
 
-    def outputs(self, feats: torch.Tensor, ids: torch.Tensor, start: int, depth2: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """o_q for rows q = start .. T - 2 (rows, dim), and with `depth2` o2_q for q = start + 1 .. T - 2
-        (rows - 1, dim): row q again, fed o_{q-1} (the draft model's own prediction of f_q)
-        instead of f_q, seeing the real rows before q and itself, as a node at depth 2 of a
-        tree is drafted (EAGLE-3's training-time test, one step)."""
-        f = feats[start:-1].float()[None]
-        e = self.embed[ids[start + 1 :]][None]
-        positions = torch.arange(start, len(ids) - 1)
-        angles = positions.float()[:, None] * self.inv_freq
+    def rows(self, examples: list[dict], feats: list[torch.Tensor], depth2: bool = True) -> Rows:
+        """Row q of a sequence is [f_q ; e(x_{q+1})], causal over the rows before it; its output
+        o_q drafts x_{q+2}. With `depth2`, o2_q is row q again fed o_{q-1} (the draft model's own
+        prediction of f_q) instead of f_q, seeing the real rows before q and itself, as a node at
+        depth 2 of a tree is drafted (EAGLE-3's training-time test, one step)."""
+        B, dim = len(examples), self.model.args.dim
+        starts = [max(0, len(e["prompt_ids"]) - CONTEXT) for e in examples]
+        rows = [len(e["prompt_ids"]) + len(e["reply_ids"]) - 1 - s for e, s in zip(examples, starts)]
+        n = max(rows)
+        f, f_next = torch.zeros(B, n, dim, dtype=torch.bfloat16), torch.zeros(B, n, dim, dtype=torch.bfloat16)
+        tokens = torch.zeros(B, n, dtype=torch.long)
+        targets = torch.full((B, n), -100)
+        scored = torch.zeros(B, n, dtype=torch.bool)
+        firsts = []
+        for b, (e, s, k) in enumerate(zip(examples, starts, rows)):
+            ids = torch.tensor(e["prompt_ids"] + e["reply_ids"])
+            f[b, :k], f_next[b, :k] = feats[b][s:-1], feats[b][s + 1 :]
+            tokens[b, :k] = ids[s + 1 :]
+            nxt = torch.cat((ids[s + 2 :], torch.tensor([-1])))  # x_{q+2}; the last row has none
+            first = max(len(e["prompt_ids"]) - 2 - s, 0)  # prompt tokens are context, not targets
+            targets[b, first:k] = torch.where(nxt >= 0, self.draft_index[nxt.clamp(min=0)], -100)[first:]
+            scored[b, first:k] = True
+            firsts.append(first)
+        positions = torch.tensor(starts)[:, None] + torch.arange(n)  # padding rows go on counting
+        angles = positions.to(self.device).float()[..., None] * self.inv_freq
         angles = torch.cat((angles, angles), dim=-1)
-        n, scale = len(positions), self.model.rope_scale
-        cos, sin = angles.cos() * scale, angles.sin() * scale
+        cos, sin = angles.cos() * self.model.rope_scale, angles.sin() * self.model.rope_scale  # (B, n, head_dim)
+        f, e = f.to(self.device).float(), self.embed[tokens.to(self.device)]
+        causal = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()
         kv = RecordingKV()
-        o = self.eagle(f, e, AttentionContext(cos, sin, torch.ones(n, n, dtype=torch.bool).tril(), kv))[0]
-        if not depth2:
-            return o, None
-        mask = torch.cat((torch.ones(n - 1, n, dtype=torch.bool).tril(), torch.eye(n - 1, dtype=torch.bool)), dim=1)
-        o2 = self.eagle(o[None, :-1], e[:, 1:], AttentionContext(cos[1:], sin[1:], mask, PrefixKV([kv.k], [kv.v])))[0]
-        return o, o2
+        o = self.eagle(f, e, AttentionContext(cos, sin, causal, kv))
+        o2 = None
+        if depth2:
+            # o2 row j (row j + 1 at depth 2) sees the real rows 0..j and itself
+            mask = torch.cat((causal[:-1], torch.eye(n - 1, dtype=torch.bool, device=self.device)), dim=1)
+            o2 = self.eagle(o[:, :-1], e[:, 1:], AttentionContext(cos[:, 1:], sin[:, 1:], mask, PrefixKV([kv.k], [kv.v])))
+        return Rows(o, o2, f_next.to(self.device).float(), targets.to(self.device), scored.to(self.device), firsts, rows)
 
     def logits(self, o: torch.Tensor) -> torch.Tensor:
         normed = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.eps) * self.norm_weight
         return normed @ self.head.T
 
-    def rows(self, example: dict, feats: torch.Tensor, depth2: bool = True) -> Rows:
-        p = len(example["prompt_ids"])
-        ids = torch.tensor(example["prompt_ids"] + example["reply_ids"])
-        start = max(0, p - CONTEXT)
-        o, o2 = self.outputs(feats, ids, start, depth2)  # rows start .. T-2
-        tokens = torch.cat((ids[start + 2 :], torch.tensor([-1])))  # x_{q+2}; the last row has none
-        targets = torch.where(tokens >= 0, self.draft_index[tokens.clamp(min=0)], torch.tensor(-100))
-        first = max(p - 2 - start, 0)
-        targets[:first] = -100  # prompt tokens are context, not targets
-        return Rows(o, o2, feats[start + 1 :].float(), targets, first)
-
-    def loss(self, example: dict, feats: torch.Tensor, unroll: int) -> tuple[torch.Tensor, int]:
+    def loss(self, examples: list[dict], feats: list[torch.Tensor], unroll: int) -> tuple[torch.Tensor, int]:
         """The summed loss of depth 1 (and of depth 2 with unroll 2) and the count of its token targets."""
-        r = self.rows(example, feats, depth2=unroll == 2)
-        total, count = self.depth_loss(r.o[r.first :], r.f_next[r.first :], r.targets[r.first :])
-        if unroll == 2:
-            first = max(r.first, 1)
-            loss2, count2 = self.depth_loss(r.o2[first - 1 :], r.f_next[first:], r.targets[first:])
+        r = self.rows(examples, feats, depth2=unroll == 2)
+        total, count = self.depth_loss(r.o, r.f_next, r.targets, r.scored)
+        if unroll == 2:  # o2 row j is row j + 1 at depth 2
+            loss2, count2 = self.depth_loss(r.o2, r.f_next[:, 1:], r.targets[:, 1:], r.scored[:, 1:])
             total, count = total + loss2, count + count2
         return total, count
 
-    def depth_loss(self, o: torch.Tensor, f_next: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
-        ce = F.cross_entropy(self.logits(o), targets, ignore_index=-100, reduction="sum")
-        reg = F.smooth_l1_loss(o, f_next, reduction="sum") / o.shape[-1]
+    def depth_loss(self, o: torch.Tensor, f_next: torch.Tensor, targets: torch.Tensor, scored: torch.Tensor) -> tuple[torch.Tensor, int]:
+        ce = F.cross_entropy(self.logits(o).flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+        reg = (F.smooth_l1_loss(o, f_next, reduction="none").sum(-1) * scored).sum() / o.shape[-1]
         return ce + REG_WEIGHT * reg, int((targets >= 0).sum())
 
     @torch.no_grad()
-    def accuracy(self, examples: list[dict], feats: list[torch.Tensor]) -> dict:
+    def accuracy(self, examples: list[dict], feats: list[torch.Tensor], batch: int = 16) -> dict:
         """Top-1 over the reply targets (in the draft vocabulary or not) at depth 1 and, from
         the draft model's own predicted feature, at depth 2."""
         hits = hits2 = total = covered = 0
-        for example, f in zip(examples, feats):
-            r = self.rows(example, f)
-            total += len(r.targets) - r.first - 1  # every reply token after the first has a row
-            hits += int((self.logits(r.o[r.first :]).argmax(-1) == r.targets[r.first :]).sum())
-            first = max(r.first, 1)
-            hits2 += int((self.logits(r.o2[first - 1 :]).argmax(-1) == r.targets[first:]).sum())
-            covered += int((r.targets[r.first :] >= 0).sum())
+        for start in range(0, len(examples), batch):
+            r = self.rows(examples[start : start + batch], feats[start : start + batch])
+            total += sum(k - first - 1 for k, first in zip(r.rows, r.first))  # every reply token after the first has a row
+            hits += int((self.logits(r.o).argmax(-1) == r.targets).sum())  # padding and prompt rows: -100, never a hit
+            hits2 += int((self.logits(r.o2).argmax(-1) == r.targets[:, 1:]).sum())
+            covered += int((r.targets >= 0).sum())
         n = max(total, 1)
         return {"top1": hits / n, "top1_depth2": hits2 / n, "in_vocab": covered / n, "targets": total}
-
-
-@dataclass
-class Rows:
-    o: torch.Tensor  # (rows, dim) outputs of rows q = start .. T - 2
-    o2: torch.Tensor | None  # (rows - 1, dim) the same rows from q = start + 1, fed the draft model's own features
-    f_next: torch.Tensor  # (rows, dim) their feature targets f_{q+1}
-    targets: torch.Tensor  # (rows,) draft-vocabulary index of x_{q+2} (-100: none, or not a target)
-    first: int  # the first row with a reply target
 
 
 class RecordingKV:
@@ -209,9 +239,8 @@ def train_eagle(model: Transformer, train_examples: list[dict], val_examples: li
     out.parent.mkdir(parents=True, exist_ok=True)
     model.requires_grad_(False)
     torch.manual_seed(cfg.seed)
-    feature_dir = out.with_suffix(".features")
-    train_feats = cached_features(model, train_examples, feature_dir / "train", cfg.progress, log)
-    val_feats = cached_features(model, val_examples, feature_dir / "val", cfg.progress, log)
+    train_feats = cached_features(model, train_examples, feature_folder(cfg) / "train", cfg.progress, log)
+    val_feats = cached_features(model, val_examples, feature_folder(cfg) / "val", cfg.progress, log)
 
     resuming = cfg.resume and ckpt_path.is_file()
     if cfg.init and not resuming:  # a checkpoint to resume replaces the start
@@ -219,6 +248,7 @@ def train_eagle(model: Transformer, train_examples: list[dict], val_examples: li
         log(f"[eagle] started from {cfg.init}")
     else:
         eagle = start_model(model, draft_vocabulary(train_examples, cfg.vocab, model.args.vocab_size)[0])
+    eagle.to(model.device)
     opt = torch.optim.AdamW(eagle.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
     sampler = SequenceOrder(len(train_examples), generator)
@@ -263,9 +293,9 @@ def train_eagle(model: Transformer, train_examples: list[dict], val_examples: li
         for group in opt.param_groups:
             group["lr"] = learning_rate(cfg, step)
         opt.zero_grad()
-        losses = [objective.loss(train_examples[i], train_feats[i], cfg.unroll) for i in sampler.take(cfg.batch)]
-        n = max(sum(count for _, count in losses), 1)
-        loss = sum(total for total, _ in losses) / n
+        chosen = sampler.take(cfg.batch)
+        total, count = objective.loss([train_examples[i] for i in chosen], [train_feats[i] for i in chosen], cfg.unroll)
+        loss = total / max(count, 1)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(eagle.parameters(), 1.0)
         opt.step()

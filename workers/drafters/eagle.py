@@ -67,7 +67,7 @@ class EagleModel(nn.Module):
         from safetensors.torch import save_file
 
         meta = {"config": asdict(self.config), "model": signature(self.args), **(extra or {})}
-        tensors = {name: t.detach().contiguous() for name, t in self.state_dict().items()}
+        tensors = {name: t.detach().cpu().contiguous() for name, t in self.state_dict().items()}
         tensors = {name: t if name == "vocab_ids" else t.to(torch.bfloat16) for name, t in tensors.items()}
         save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(meta)})
 

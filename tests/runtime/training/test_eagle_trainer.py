@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from configs.training import TrainConfig, TrainError
-from runtime.training.eagle_trainer import Objective, draft_vocabulary, sequence_features, start_model, train_eagle
+from runtime.training.eagle_trainer import Objective, draft_vocabulary, features, start_model, train_eagle
 from runtime.training.trainer import weights_paths
 from workers.drafters.eagle import EagleDrafter, EagleModel
 
@@ -42,35 +42,68 @@ def test_training_rows_are_decoding_rows(model, examples):
     for p in eagle.parameters():
         p.data += 0.05 * torch.randn_like(p)
     objective = Objective(model, eagle)
-    feats = sequence_features(model, e).float()
+    feats = features(model, [e])[0]
     ids = e["prompt_ids"] + e["reply_ids"]
     with torch.no_grad():
-        r = objective.rows(e, feats)
-    assert r.first == len(e["prompt_ids"]) - 2  # the prompt fits in the context: rows from 0
-    torch.testing.assert_close(r.f_next, feats[1:])
+        r = objective.rows([e], [feats])
+    first = r.first[0]
+    assert first == len(e["prompt_ids"]) - 2 and r.rows == [len(ids) - 1]  # the prompt fits in the context: rows from 0
+    torch.testing.assert_close(r.f_next[0], feats[1:].float())
     expected = [objective.draft_index[t].item() for t in ids[2:]] + [-100]
-    assert r.targets[r.first :].tolist() == expected[r.first :] and (r.targets[: r.first] == -100).all()
+    assert r.targets[0, first:].tolist() == expected[first:] and (r.targets[0, :first] == -100).all()
+    feats = feats.float()
 
     everything = len(vocab_ids)  # every draft token a child, every depth-1 node expanded
     drafter = EagleDrafter(copy.deepcopy(eagle), model, 128, depth=2, top_k=everything, budget=1 + everything * (1 + everything))
     checked = 0
-    for q in (r.first, r.first + 5, len(ids) - 3):
+    for q in (first, first + 5, len(ids) - 3):
         drafter.start(ids[: q + 1])
         drafter.feed(feats[: q + 1].to(model.dtype))
         tree = drafter.propose(ids[q + 1])  # rows 0..q; the last drafts the token after ids[q + 1]
         children = tree.children()
-        lp = torch.log_softmax(objective.logits(r.o[q : q + 1]), -1)[0]
+        lp = torch.log_softmax(objective.logits(r.o[0, q]), -1)
         for child in children[0]:
             assert tree.scores[child] == pytest.approx(lp[objective.draft_index[tree.tokens[child]]].item(), abs=1e-4)
         node = tree.child(0, ids[q + 2])  # the true next token, a depth-1 node: row q + 1 fed o_q
         if node is None:
             continue
-        lp2 = torch.log_softmax(objective.logits(r.o2[q : q + 1]), -1)[0]
+        lp2 = torch.log_softmax(objective.logits(r.o2[0, q]), -1)
         for child in children[node]:
             got = tree.scores[child] - tree.scores[node]
             assert got == pytest.approx(lp2[objective.draft_index[tree.tokens[child]]].item(), abs=1e-4)
         checked += 1
     assert checked >= 2
+
+
+def test_a_batch_is_its_sequences_alone(model, examples):
+    """Sequences of different lengths in one right-padded forward: the same features, rows,
+    losses and accuracy as each sequence alone (padding and other sequences change nothing)."""
+    train_ex, _ = examples
+    group = sorted(train_ex[:4], key=lambda e: len(e["reply_ids"]))
+    group[0] = {**group[0], "prompt_ids": list(range(3, 3 + 70)) + group[0]["prompt_ids"]}  # past the context: rows start later
+    assert len({len(e["prompt_ids"]) + len(e["reply_ids"]) for e in group}) > 1
+    eagle = start_model(model, draft_vocabulary(train_ex, 100, model.args.vocab_size)[0])
+    for p in eagle.parameters():
+        p.data += 0.05 * torch.randn_like(p)
+    objective = Objective(model, eagle)
+    together = features(model, group)
+    alone = [features(model, [e])[0] for e in group]
+    for a, b in zip(together, alone):
+        torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)  # bfloat16 features, batched matmuls
+    with torch.no_grad():
+        r = objective.rows(group, alone)
+        total, count = objective.loss(group, alone, unroll=2)
+        singles = [objective.loss([e], [f], unroll=2) for e, f in zip(group, alone)]
+        for b, (e, f) in enumerate(zip(group, alone)):
+            one = objective.rows([e], [f])
+            k = one.rows[0]
+            assert r.rows[b] == k and r.first[b] == one.first[0]
+            torch.testing.assert_close(r.o[b, :k], one.o[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(r.o2[b, : k - 1], one.o2[0], atol=1e-5, rtol=1e-5)
+            assert torch.equal(r.targets[b, :k], one.targets[0]) and (r.targets[b, k:] == -100).all()
+    assert count == sum(c for _, c in singles)
+    assert total.item() == pytest.approx(sum(t.item() for t, _ in singles), rel=1e-5)
+    assert objective.accuracy(group, alone, batch=4) == pytest.approx(objective.accuracy(group, alone, batch=1))
 
 
 def test_training_learns_and_resumes(model, examples, tmp_path):
