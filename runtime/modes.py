@@ -118,9 +118,12 @@ class TreeDrafterMode:
     """A drafter from workers/drafters proposes a token tree each step; runtime.decoding.tree_decoder
     verifies it. Subclasses build the drafter from the engine's config."""
 
+    with_lookup = False  # graft the [pld] prompt-lookup chain onto every proposal
+
     def __init__(self, engine):
         self.engine = engine
-        self.decoder = TreeDecoder(engine.model, engine.cache, self.build_drafter(engine), self.tree_sizer(engine))
+        lookup = prompt_lookup_drafter(engine) if self.with_lookup else None
+        self.decoder = TreeDecoder(engine.model, engine.cache, self.build_drafter(engine), self.tree_sizer(engine), lookup)
 
     def tree_sizer(self, engine):
         return engine.tree_sizer(drafter_trees=True)  # unscored trees: rated by slot
@@ -164,6 +167,12 @@ class EagleMode(TreeDrafterMode):
 
     def tree_sizer(self, engine):
         return engine.tree_sizer()  # its trees are scored by the draft model
+
+
+class EagleLookupMode(EagleMode):
+    """`eagle` trees with the prompt-lookup chain of the [pld] settings grafted on (as `ht` has it)."""
+
+    with_lookup = True
 
 
 class PipelineMode:
@@ -213,6 +222,7 @@ MODES: dict[str, Callable] = {
     "pass": LookaheadMode,
     "early-exit": EarlyExitMode,
     "eagle": EagleMode,
+    "eagle-pld": EagleLookupMode,
     "pld": PromptLookupMode,
     "token-recycling": TokenRecyclingMode,
     "pipeline": PipelineMode,
@@ -224,7 +234,8 @@ MODES: dict[str, Callable] = {
 # on the engine's one model; not the peers (a model copy each) nor the pipelined modes
 # (Ray workers of their own).
 SINGLE_WORKER_LOSSLESS_MODES = (
-    "ar", "ht", "ht-pld", "ht-alone", "ht-recycle", "medusa", "pass", "early-exit", "eagle", "pld", "token-recycling",
+    "ar", "ht", "ht-pld", "ht-alone", "ht-recycle", "medusa", "pass", "early-exit", "eagle", "eagle-pld", "pld",
+    "token-recycling",
 )
 
 

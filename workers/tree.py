@@ -109,8 +109,8 @@ def build_dynamic_tree(root: int, draft_logprobs: torch.Tensor, budget: int, top
     top = torch.topk(draft_logprobs.float(), min(top_k, draft_logprobs.shape[-1]), dim=-1)
     shared = list(zip(top.values.tolist(), top.indices.tolist()))  # by depth: (log p, tokens), best first
     if prior is not None:  # NumPy views for its per-node rescoring
-        lp_np = draft_logprobs.float().numpy()
-        top_np = list(zip(top.values.numpy(), top.indices.numpy()))
+        lp_np = draft_logprobs.float().cpu().numpy()
+        top_np = list(zip(top.values.cpu().numpy(), top.indices.cpu().numpy()))
 
     def candidates(token: int, depth: int) -> tuple[list[float], list[int]]:  # the children of a node
         if prior is None:

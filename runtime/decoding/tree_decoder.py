@@ -1,5 +1,5 @@
 """Tree decoding for drafters that propose tokens from outside the model (modes `pld`,
-`token-recycling`, `early-exit`, `eagle`: workers.drafters).
+`token-recycling`, `early-exit`, `eagle`, `eagle-pld`: workers.drafters).
 
 After the prefill, every step is one tree step (workers.tree_step) without pseudo
 states: the drafter's tree, rooted at the bonus token of the previous step, runs
@@ -13,34 +13,47 @@ acceptance pays for their rows on this device. A drafter's tree carries no draft
 probabilities (its sizer ignores scores), so each node is rated by how often the target
 accepted its slot (its index in the proposal: the depth in a chain, the entry of a fixed
 tree) after its parent.
+
+With a `lookup` drafter (mode `eagle-pld`), its prompt-lookup chain is grafted onto every
+proposal, as `ht` grafts it onto hidden-transfer trees: a chain node the drafter also
+proposed keeps its score, a new one is rated by its slot ("lookup", depth).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 
 import torch
 
 from runtime.decoding.autoregressive import prefill_hidden
 from runtime.decoding.steps import Step, clip_step
 from workers.drafters.base import Drafter
+from workers.drafters.prompt_lookup import PromptLookupDrafter
 from workers.drafters.pseudo_forward import run_to_end
 from workers.kv_cache import KVCache
 from workers.model import Transformer
 from workers.sampling import Chooser
-from workers.tree import TokenTree
+from workers.tree import TokenTree, graft_chain
 from workers.tree_sizing import TreeSizer
 from workers.tree_step import tree_step
 
 
 class TreeDecoder:
-    def __init__(self, model: Transformer, cache: KVCache, drafter: Drafter, sizer: TreeSizer | None = None):
-        self.model, self.cache, self.drafter, self.sizer = model, cache, drafter, sizer
+    def __init__(self, model: Transformer, cache: KVCache, drafter: Drafter, sizer: TreeSizer | None = None,
+                 lookup: PromptLookupDrafter | None = None):
+        self.model, self.cache, self.drafter, self.sizer, self.lookup = model, cache, drafter, sizer, lookup
 
-    def propose(self, root: int) -> tuple[TokenTree, dict[int, int]]:
-        """The drafter's tree, cut by the sizer; its nodes' slots (node -> index in the proposal)."""
+    def propose(self, root: int) -> tuple[TokenTree, dict[int, Hashable]]:
+        """The drafter's tree with the lookup chain grafted on, cut by the sizer; its nodes'
+        slots (node -> index in the proposal, or ("lookup", depth) on the chain)."""
         tree = self.drafter.propose(root)
-        slots = {node: node for node in range(1, len(tree))}
+        slots: dict[int, Hashable] = {node: node for node in range(1, len(tree))}
+        if self.lookup is not None:
+            tokens = self.lookup.drafts(root)
+            tree, node = graft_chain(tree, tokens, None), 0
+            for depth, token in enumerate(tokens, 1):
+                node = tree.child(node, token)
+                slots[node] = ("lookup", depth)
         if self.sizer is None or len(tree) == 1:
             return tree, slots
         tree, slots, _ = self.sizer.size(tree, self.cache.length, 0.0, slots)
@@ -50,6 +63,8 @@ class TreeDecoder:
     def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int], choose: Chooser) -> Iterator[Step]:
         self.cache.truncate(0)
         self.drafter.start(prompt_ids)
+        if self.lookup is not None:
+            self.lookup.start(prompt_ids)
         feed = getattr(self.drafter, "feed", None)  # a drafter that reads the target's features (base.Drafter)
         hidden = prefill_hidden(self.model, self.cache, prompt_ids)
         if feed is not None:
@@ -65,6 +80,8 @@ class TreeDecoder:
             if self.sizer is not None:
                 self.sizer.observe(tree, outcome.path, slots)
             self.drafter.observe(tree, outcome.path, torch.topk(outcome.logits, self.drafter.observed_top_k, dim=-1).indices)
+            if self.lookup is not None:
+                self.lookup.observe(tree, outcome.path)
             if feed is not None:
                 feed(outcome.hidden[outcome.path])
             tokens, margins, done = clip_step(outcome.tokens, outcome.margins, produced, max_new_tokens, stop_ids)

@@ -64,7 +64,7 @@ def bfloat16_engine():
     e.close()
 
 
-@pytest.mark.parametrize("mode", ["ht", "ht-pld", "pld", "medusa", "early-exit", "token-recycling", "eagle", "pipeline"])
+@pytest.mark.parametrize("mode", ["ht", "ht-pld", "pld", "medusa", "early-exit", "token-recycling", "eagle", "eagle-pld", "pipeline"])
 def test_bfloat16_tree_modes_are_token_identical_with_native_kernels(bfloat16_engine, mode):
     """The native kernels compute every row of a step as a one-row step would, and every
     mode computes the prompt positions alike (prompt rows: PyTorch's GEMM), so in bfloat16

@@ -1,7 +1,7 @@
 """Tree decoding of drafters that propose from outside the model (runtime.decoding.tree_decoder:
-prompt lookup, token recycling, early exit, the EAGLE peer), and `ht-pld`, the prompt-lookup chain on
-hidden-transfer trees: lossless on the real model, greedy and sampled; with their trees
-as the drafters propose them, and cut by a tree sizer (workers.tree_sizing)."""
+prompt lookup, token recycling, early exit, the EAGLE peer), and `ht-pld` and `eagle-pld`, the
+prompt-lookup chain on hidden-transfer and EAGLE trees: lossless on the real model, greedy and
+sampled; with their trees as the drafters propose them, and cut by a tree sizer (workers.tree_sizing)."""
 
 import json
 
@@ -17,7 +17,10 @@ from configs.schema import (
     TokenRecyclingConfig,
     TreeSizingConfig,
 )
+from runtime.decoding.tree_decoder import TreeDecoder
 from runtime.engine import Engine
+from workers.drafters.prompt_lookup import PromptLookupDrafter
+from workers.tree import TokenTree
 
 PROMPTS = [
     "Repeat this list exactly: apple, banana, cherry, apple, banana, cherry.",
@@ -34,7 +37,7 @@ def engine():
     return Engine(ModelConfig(dtype="float32", device="cpu", max_context=1024), drafters)
 
 
-@pytest.mark.parametrize("mode", ["pld", "token-recycling", "ht-pld", "eagle"])
+@pytest.mark.parametrize("mode", ["pld", "token-recycling", "ht-pld", "eagle", "eagle-pld"])
 def test_drafters_identical_to_ar(engine, mode):
     accepted_more_than_one = False
     for prompt in PROMPTS:
@@ -47,7 +50,7 @@ def test_drafters_identical_to_ar(engine, mode):
     assert accepted_more_than_one  # the drafts were used, not just the bonus token
 
 
-@pytest.mark.parametrize("mode", ["ht", "pld", "token-recycling", "ht-pld", "eagle"])
+@pytest.mark.parametrize("mode", ["ht", "pld", "token-recycling", "ht-pld", "eagle", "eagle-pld"])
 def test_sampled_drafters_draw_ar_tokens(engine, mode):
     """Same seed, same tokens as ar's sampling (workers.sampling), with top-k and top-p."""
     accepted_more_than_one = False
@@ -61,7 +64,7 @@ def test_sampled_drafters_draw_ar_tokens(engine, mode):
     assert accepted_more_than_one
 
 
-@pytest.mark.parametrize("mode", ["pld", "token-recycling", "ht-pld", "eagle"])
+@pytest.mark.parametrize("mode", ["pld", "token-recycling", "ht-pld", "eagle", "eagle-pld"])
 def test_drafters_respect_max_new_tokens(engine, mode):
     ids = engine.encode_chat(PROMPTS[0])
     for n in (1, 2, 5):
@@ -90,7 +93,7 @@ def synthetic_profile(tmp_path, name: str, ms) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("mode", ["ht", "pld", "token-recycling", "ht-pld", "eagle"])
+@pytest.mark.parametrize("mode", ["ht", "pld", "token-recycling", "ht-pld", "eagle", "eagle-pld"])
 def test_sized_trees_identical_to_ar(engine, tmp_path, mode):
     """Free rows keep every proposal; rows that each cost four times the step before keep
     none (only the bonus token each step, even beside ht's pseudo rows); either way, and on
@@ -131,3 +134,28 @@ def test_ht_with_recycled_successors_identical_to_ar(engine, tmp_path, cost):
     assert any(isinstance(slot, tuple) for slot in slots.values())  # recycled successors in the tree
     engine.set_drafter_config("ht", PseudoStateModeConfig())
     engine.set_drafter_config("tree_sizing", TreeSizingConfig(cost="off"))
+
+
+class FixedTree:
+    """A drafter that proposes root -> 8 (log p -0.1) and root -> 9 (log p -2.0)."""
+
+    def start(self, prompt_ids):
+        pass
+
+    def propose(self, root):
+        return TokenTree([root, 8, 9], [-1, 0, 0], [0, 1, 1], [0.0, -0.1, -2.0])
+
+
+def test_the_lookup_chain_is_grafted_onto_a_drafters_tree():
+    """eagle-pld's proposal: the drafter's nodes keep their scores; the chain (8 5 6 after
+    ... 5 6 7 | 8 5 6) reuses the drafter's 8 and adds 5 and 6 under it, unscored, each
+    with its lookup slot; no lookup, no chain."""
+    lookup = PromptLookupDrafter(min_ngram=1, max_ngram=3, depth=3)
+    decoder = TreeDecoder(None, None, FixedTree(), None, lookup)
+    lookup.start([5, 6, 7, 8, 5, 6])
+    tree, slots = decoder.propose(7)
+    assert tree.tokens == [7, 8, 9, 5, 6] and tree.parents == [-1, 0, 0, 1, 3]
+    assert tree.scores[:3] == [0.0, -0.1, -2.0] and tree.scores[3:] == [float("-inf")] * 2
+    assert slots == {1: ("lookup", 1), 2: 2, 3: ("lookup", 2), 4: ("lookup", 3)}
+    tree, slots = TreeDecoder(None, None, FixedTree()).propose(7)
+    assert tree.tokens == [7, 8, 9] and slots == {1: 1, 2: 2}
