@@ -3,6 +3,7 @@ prompts, never on Spec-Bench: each setting's tokens/s against `ar` (and `pld`, `
 identical replies, interleaved in one process, two rounds.
 
     python scripts/tune_eagle_tree.py --weights W --prompts 8 3,4,8 4,4,8 5,4,10 4,8,12
+    python scripts/tune_eagle_tree.py --mode eagle-pld 2,4,6 3,4,8 4,4,10
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ def main() -> None:
     p.add_argument("--weights", default="default")
     p.add_argument("--prompts", type=int, default=8, help="the first N ShareGPT validation prompts of 40-1,500 characters")
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--mode", choices=("eagle", "eagle-pld"), default="eagle", help="the mode whose settings are tried")
     p.add_argument("settings", nargs="+", help="depth,top_k,budget")
     args = p.parse_args()
     torch.set_num_threads(2)
@@ -48,7 +50,7 @@ def main() -> None:
         for setting in args.settings:
             depth, top_k, budget = map(int, setting.split(","))
             engine.set_drafter_config("eagle", EagleModeConfig(args.weights, depth, top_k, budget))
-            speed, tau, replies = run("eagle")
+            speed, tau, replies = run(args.mode)
             same = sum(a == b for a, b in zip(ar_replies, replies))
             line.append(f"d{depth} k{top_k} b{budget} {speed / ar:.2f}x tau {tau:.2f} same {same}/{len(replies)}")
         for mode in ("pld", "ht"):
