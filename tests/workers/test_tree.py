@@ -164,3 +164,17 @@ def test_dynamic_tree_with_a_prior_gives_each_node_its_own_children():
     for node in range(1, len(tree)):  # still a valid tree, scores falling along every path
         assert tree.depths[node] == tree.depths[tree.parents[node]] + 1
         assert tree.scores[node] <= tree.scores[tree.parents[node]]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="drafts on a CUDA device: needs one")
+def test_dynamic_tree_with_a_prior_reads_drafts_on_the_gpu():
+    """ht's drafts live on the model's device: the prior's rescoring reads them there (it
+    once called .numpy() on CUDA tensors, and every ht step failed on a GPU)."""
+    from workers.drafters.successor_prior import SuccessorPrior
+
+    lp = logprobs([{1: 0.5, 2: 0.4}, {3: 0.3, 4: 0.28, 5: 0.27}])
+    prior = SuccessorPrior.count([[1, 4], [1, 4], [2, 5], [2, 5], [0, 1], [0, 2]], 10, weights=[1.0, 1.0], alpha=0.1)
+    on_cpu = build_dynamic_tree(0, lp, budget=8, top_k=3, prior=prior)
+    on_gpu = build_dynamic_tree(0, lp.cuda(), budget=8, top_k=3, prior=prior)
+    assert on_gpu.tokens == on_cpu.tokens and on_gpu.parents == on_cpu.parents
+    assert on_gpu.scores == pytest.approx(on_cpu.scores)
