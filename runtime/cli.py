@@ -24,7 +24,7 @@ from runtime.bench.sweep import load_sweep, project_sweep, run_sweep
 from runtime.engine import Engine, PromptTooLongError
 from runtime.modes import MODES, PIPELINED_MODES, UnknownModeError, check_mode
 from runtime.pipeline.cluster import ensure_ray
-from runtime.serving.servers import run_servers, secure
+from runtime.serving.servers import engine_pool, run_servers, secure
 from runtime.text.stream import TextStream
 from runtime.training.sharegpt import ShareGPTError
 from runtime.training.trainer import run as run_training
@@ -368,9 +368,7 @@ def cmd_serve(args, config: LeapfrogConfig) -> int:
     secure(config)  # before the model loads: a refused exposure fails at once
     if mode in PIPELINED_MODES and config.pipeline.transport == "ray":  # room for every engine's workers
         ensure_ray(config.pipeline.workers * config.server.concurrency)
-    engines = [Engine.from_config(config) for _ in range(config.server.concurrency)]
-    for engine in engines:
-        engine.mode(mode)  # build the default mode now (drafter weights load), not on the first request
+    engines = engine_pool(config)  # one model, a cache per concurrent request; the default mode built now
 
     def ready(address, http) -> None:
         host, port = address

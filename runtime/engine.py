@@ -27,19 +27,26 @@ class PromptTooLongError(ValueError):
 
 
 class Engine:
-    def __init__(self, config: ModelConfig, drafters: DrafterConfigs | None = None, pipeline: PipelineConfig | None = None):
+    def __init__(self, config: ModelConfig, drafters: DrafterConfigs | None = None, pipeline: PipelineConfig | None = None,
+                 model_of: Engine | None = None):
+        """Loads the model, or with `model_of` shares that engine's (its weights and measured
+        cost curves: see `sibling`)."""
         self.config = config
         self.drafters = drafters or DrafterConfigs()
         self.pipeline = pipeline or PipelineConfig()
-        self.model, self.folder = load_model(
-            config.checkpoint, config.torch_dtype(), config.torch_device(), config.kernels, config.cuda_graphs
-        )
-        self.tokenizer = load_tokenizer(self.folder)
+        if model_of is None:
+            self.model, self.folder = load_model(
+                config.checkpoint, config.torch_dtype(), config.torch_device(), config.kernels, config.cuda_graphs
+            )
+        else:
+            self.model, self.folder = model_of.model, model_of.folder
+        self.tokenizer = load_tokenizer(self.folder)  # its own: a fast tokenizer is not safe across threads
         self.cache = decoding_cache(self.model, config.max_context)
         self.stop_ids = stop_ids(self.tokenizer, self.folder)
         self._modes: dict[str, object] = {}
         self._workers = None  # runtime.pipeline.worker_pool.WorkerPool of the pipelined modes, made on first use
-        self._cost_curves: dict[int, CostCurve] = {}  # [tree_sizing] cost by torch threads, read on first use
+        # [tree_sizing] cost by torch threads, read on first use; one device, so siblings share them
+        self._cost_curves: dict[int, CostCurve] = {} if model_of is None else model_of._cost_curves
         # Set from any thread: a pipelined reply ends at once, even while its workers are
         # still being placed (other modes stop with the caller between steps). The server
         # puts each request's own flag here while it decodes.
@@ -52,6 +59,14 @@ class Engine:
 
         torch.set_num_threads(config.runtime.threads)
         return cls(config.model, config.drafters, config.pipeline)
+
+    def sibling(self) -> Engine:
+        """Another engine on this engine's model: the same weights in memory, its own KV cache,
+        tokenizer, modes (drafter state) and pipelined workers. A server gives each concurrent
+        request one (runtime.serving.servers.engine_pool), so memory grows by a cache per
+        request, not by a model. Siblings may decode at once from different threads: a forward
+        pass only reads the weights (CUDA graphs take their lock, workers.graphed_layers)."""
+        return Engine(self.config, self.drafters, self.pipeline, model_of=self)
 
     def encode_chat(self, prompt: str | list[dict]) -> list[int]:
         return encode_chat(self.tokenizer, prompt)

@@ -35,8 +35,7 @@ import ray
 
 from configs.files import load_config
 from configs.schema import ConfigError, LeapfrogConfig
-from runtime.engine import Engine
-from runtime.serving.servers import run_servers, secure
+from runtime.serving.servers import engine_pool, run_servers, secure
 
 START_TIMEOUT = 1800.0  # seconds a replica may take to load its model (a first GGUF conversion too) and listen
 PROBE_TIMEOUT = 60.0  # seconds a replica may take to answer a health check
@@ -50,9 +49,7 @@ class Replica:
     def __init__(self, config: LeapfrogConfig):
         import uvloop
 
-        engines = [Engine.from_config(config) for _ in range(config.server.concurrency)]
-        for engine in engines:
-            engine.mode(config.generation.mode)
+        engines = engine_pool(config)
         self._addresses: dict | None = None
         self._failure: BaseException | None = None
         ready = threading.Event()

@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 
 from configs.schema import ConfigError, LeapfrogConfig
+from runtime.engine import Engine
 from runtime.serving.limits import is_loopback
 from runtime.serving.native_server import NativeServer
 from runtime.serving.openai_api import OpenAIApi
@@ -40,6 +41,16 @@ def secure(config: LeapfrogConfig) -> LeapfrogConfig:
         raise ConfigError(f"listening on {s.host} (beyond the loopback) needs an API key: --api-key, ${API_KEY_ENV} "
                           "or [server] api_key; or --insecure to serve anyone who can reach it, on purpose")
     return config
+
+
+def engine_pool(config: LeapfrogConfig) -> list[Engine]:
+    """`[server] concurrency` engines on one model in memory (Engine.sibling: a KV cache each),
+    with the default mode built in each (its drafter weights loaded) before the first request."""
+    first = Engine.from_config(config)
+    engines = [first] + [first.sibling() for _ in range(config.server.concurrency - 1)]
+    for engine in engines:
+        engine.mode(config.generation.mode)
+    return engines
 
 
 async def run_servers(engines: list, config: LeapfrogConfig, ready=None) -> None:

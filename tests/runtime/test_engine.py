@@ -40,3 +40,44 @@ def test_modes_are_built_once_and_rebuilt_after_new_settings(engine):
     assert engine.mode("ht").decoder.settings.budget == 4
     with pytest.raises(UnknownModeError, match="unknown mode 'warp'"):
         engine.mode("warp")
+
+
+def test_siblings_share_the_weights_not_the_cache(engine):
+    sibling = engine.sibling()
+    params = dict(engine.model.named_parameters())
+    assert sibling.model is engine.model and all(
+        p.data_ptr() == params[name].data_ptr() for name, p in sibling.model.named_parameters()
+    )
+    assert sibling.cache.k.data_ptr() != engine.cache.k.data_ptr() and sibling.tokenizer is not engine.tokenizer
+    assert sibling.mode("ht") is not engine.mode("ht")  # drafter state is per engine
+
+
+def test_siblings_decoding_at_once_give_each_request_its_own_reply():
+    """Float32: three siblings decode different prompts in three threads, in different modes,
+    greedy and sampled; each reply is that prompt's ar reply decoded alone."""
+    import threading
+
+    from configs.schema import SamplingConfig
+
+    config = load_config()
+    config.model.device, config.model.dtype, config.model.max_context, config.runtime.threads = "cpu", "float32", 256, 1
+    first = Engine.from_config(config)
+    engines = [first, first.sibling(), first.sibling()]
+    jobs = [("Name three colors.", "ht", None), ("Count from one to ten.", "pld", None),
+            ("Write a haiku about rain.", "eagle-pld", SamplingConfig(0.8, 0, 0.95, seed=3))]
+    alone = [[t for s in first.steps(first.encode_chat(p), "ar", 40, sampling) for t in s.tokens] for p, _, sampling in jobs]
+    together: list = [None] * len(jobs)
+    start = threading.Barrier(len(jobs))
+
+    def decode(i: int) -> None:
+        (prompt, mode, sampling), e = jobs[i], engines[i]
+        ids = e.encode_chat(prompt)
+        start.wait()  # the three decodes overlap
+        together[i] = [t for s in e.steps(ids, mode, 40, sampling) for t in s.tokens]
+
+    threads = [threading.Thread(target=decode, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert together == alone
