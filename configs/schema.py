@@ -245,7 +245,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 7860  # native protocol: length-prefixed msgpack frames over TCP (0: any free port)
     http_port: int = 7861  # OpenAI-compatible HTTP endpoint (-1: off, 0: any free port)
-    concurrency: int = 1  # requests decoding at once; each has its own engine (model + KV cache)
+    concurrency: int = 1  # requests decoding at once; each has its own engine (a KV cache on the shared model)
     max_queue: int = 64  # requests waiting for an engine; more are refused (code "overloaded")
     max_connections: int = 256  # open native connections; more are refused ("too_many_connections")
     max_http_connections: int = 256  # open HTTP connections; more get a 429 and are closed

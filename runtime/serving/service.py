@@ -1,6 +1,6 @@
 """What both front ends serve: requests checked, queued for an engine, decoded in a thread.
 
-Each engine (model + tokenizer + one KV cache) decodes one request at a time, so the
+Each engine (a KV cache and tokenizer on the one shared model: Engine.sibling) decodes one request at a time, so the
 service keeps a pool of engines: `concurrency` of them. A request waits for a free
 engine in FIFO order; when `max_queue` requests already wait it is refused
 ("overloaded"). Decoding is synchronous tensor work, so it runs in a worker thread and
