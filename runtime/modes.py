@@ -44,7 +44,9 @@ class AutoregressiveMode:
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingConfig | None = None) -> Iterator[Step]:
         e = self.engine
-        return generate_ar(e.model, e.cache, prompt_ids, max_new_tokens, e.stop_ids, chooser(sampling, max_new_tokens))
+        steps = generate_ar(e.model, e.cache, prompt_ids, max_new_tokens, e.stop_ids, chooser(sampling, max_new_tokens),
+                            e.batcher.decode)  # one pass with the steps of its siblings' replies
+        return e.batcher.decoding(steps)
 
 
 def prompt_lookup_drafter(engine) -> PromptLookupDrafter:

@@ -3,7 +3,7 @@ functions over the model's parts: prefill, one-token step, the loop."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -47,9 +47,13 @@ def generate_ar(
     max_new_tokens: int,
     stop_ids: set[int],
     choose: Chooser | None = None,
+    decode: Callable[[Transformer, KVCache, int], torch.Tensor] | None = None,
 ) -> Iterator[Step]:
     """Plain decoding: one forward pass, one token (greedy unless `choose` samples).
-    Stops after a stop token or max_new_tokens."""
+    Stops after a stop token or max_new_tokens. `decode` runs each one-token step:
+    `decode_one`, or a DecodeBatcher's (workers.batched_step), which runs it in one pass
+    with other requests' steps."""
+    decode = decode or decode_one
     choose = choose or Greedy()
     cache.truncate(0)
     logits = prefill(model, cache, prompt_ids)
@@ -58,4 +62,4 @@ def generate_ar(
         yield Step([token], [margin])
         if token in stop_ids or produced == max_new_tokens:
             return
-        logits = decode_one(model, cache, token)
+        logits = decode(model, cache, token)

@@ -50,11 +50,13 @@ def test_siblings_share_the_weights_not_the_cache(engine):
     )
     assert sibling.cache.k.data_ptr() != engine.cache.k.data_ptr() and sibling.tokenizer is not engine.tokenizer
     assert sibling.mode("ht") is not engine.mode("ht")  # drafter state is per engine
+    assert sibling.batcher is engine.batcher  # their ar steps can share a pass (workers.batched_step)
 
 
 def test_siblings_decoding_at_once_give_each_request_its_own_reply():
-    """Float32: three siblings decode different prompts in three threads, in different modes,
-    greedy and sampled; each reply is that prompt's ar reply decoded alone."""
+    """Float32: five siblings decode different prompts in five threads, in different modes
+    (two in ar, whose steps may share passes), greedy and sampled; each reply is that
+    prompt's ar reply decoded alone."""
     import threading
 
     from configs.schema import SamplingConfig
@@ -62,9 +64,10 @@ def test_siblings_decoding_at_once_give_each_request_its_own_reply():
     config = load_config()
     config.model.device, config.model.dtype, config.model.max_context, config.runtime.threads = "cpu", "float32", 256, 1
     first = Engine.from_config(config)
-    engines = [first, first.sibling(), first.sibling()]
+    engines = [first] + [first.sibling() for _ in range(4)]
     jobs = [("Name three colors.", "ht", None), ("Count from one to ten.", "pld", None),
-            ("Write a haiku about rain.", "eagle-pld", SamplingConfig(0.8, 0, 0.95, seed=3))]
+            ("Write a haiku about rain.", "eagle-pld", SamplingConfig(0.8, 0, 0.95, seed=3)),
+            ("Name a fruit.", "ar", None), ("Say hi twice.", "ar", SamplingConfig(0.7, 0, 0.9, seed=4))]
     alone = [[t for s in first.steps(first.encode_chat(p), "ar", 40, sampling) for t in s.tokens] for p, _, sampling in jobs]
     together: list = [None] * len(jobs)
     start = threading.Barrier(len(jobs))

@@ -1,0 +1,99 @@
+"""Total tokens/s of N requests decoding `ar` at once, one thread each (what a server with
+`[server] concurrency = N` runs), three ways side by side (issue 18):
+
+  separate   N engines, a model each, each stepping alone (servers before shared weights)
+  shared     N sibling engines on one model (Engine.sibling), each stepping alone
+  batched    N sibling engines whose one-token steps share passes (workers.batched_step,
+             what servers run now)
+
+Each request decodes its share of Spec-Bench first turns, one after another. Prints one
+line per (N, way) and writes JSON with --out.
+
+    python scripts/batch_throughput.py --clients 1,2,4,8 --requests 16 --max-new-tokens 64 --out docs/bench/issue18-batched-ar.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from configs.files import load_config  # noqa: E402
+from runtime.bench.prompts import default_prompts_path, load_prompts  # noqa: E402
+from runtime.engine import Engine  # noqa: E402
+from workers.batched_step import DecodeBatcher  # noqa: E402
+
+
+def engines_for(way: str, n: int, config, first: Engine) -> list[Engine]:
+    """N engines; `first` only holds the shared model (and the shared batcher)."""
+    if way == "separate":
+        return [Engine.from_config(config) for _ in range(n)]
+    engines = [first.sibling() for _ in range(n)]  # batched: they share first.batcher
+    if way == "shared":
+        for e in engines:
+            e.batcher = DecodeBatcher(e.model)  # a batcher of its own: every step alone
+    return engines
+
+
+def run(engines: list[Engine], prompts: list[list[int]], max_new_tokens: int) -> dict:
+    """Each engine's thread decodes prompts i, i + N, ...; total tokens/s over the wall time."""
+    n = len(engines)
+    tokens = [0] * n
+    start = threading.Barrier(n + 1)
+
+    def client(i: int) -> None:
+        start.wait()
+        for ids in prompts[i::n]:
+            tokens[i] += sum(len(s.tokens) for s in engines[i].steps(ids, "ar", max_new_tokens))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - t0
+    return {"tokens": sum(tokens), "seconds": round(seconds, 2), "tokens_per_s": round(sum(tokens) / seconds, 1)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--clients", default="1,2,4,8")
+    p.add_argument("--requests", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (the process's)")
+    p.add_argument("--ways", default="separate,shared,batched")
+    p.add_argument("--out")
+    args = p.parse_args()
+    config = load_config()
+    config.model.dtype, config.runtime.threads = args.dtype, args.threads
+    first = Engine.from_config(config)
+    prompts = [first.encode_chat(q.text) for q in load_prompts(default_prompts_path(), None, None)][: args.requests]
+    list(first.steps(prompts[0], "ar", 8))  # warm-up
+    results = []
+    for n in (int(x) for x in args.clients.split(",")):
+        for way in args.ways.split(","):
+            engines = engines_for(way, n, config, first)
+            before = dict(first.batcher.stats.by_size)
+            point = {"clients": n, "way": way, **run(engines, prompts, args.max_new_tokens)}
+            if way == "batched":
+                sizes = {k: v - before.get(k, 0) for k, v in first.batcher.stats.by_size.items() if v - before.get(k, 0)}
+                point["passes_by_steps"] = dict(sorted(sizes.items()))
+            results.append(point)
+            print(f"{n} client(s), {way:8s}: {point['tokens_per_s']:7.1f} tokens/s ({point['tokens']} tokens in "
+                  f"{point['seconds']} s){'  passes by steps: ' + str(point['passes_by_steps']) if way == 'batched' else ''}",
+                  flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"dtype": args.dtype, "threads": args.threads, "max_new_tokens": args.max_new_tokens,
+                                              "requests": len(prompts), "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
