@@ -37,11 +37,15 @@ def batched_decode(model: Transformer, caches: list[KVCache], tokens: list[int])
         cache.check_room(1)
     device = model.device
     positions = torch.tensor([cache.length for cache in caches], device=device)
-    ctx = model.context(positions)  # only its rotary angles: one per row
-    h = model.embed(torch.tensor([tokens], device=device))  # (1, B, dim)
-    for layer in model.layers:
-        h = ragged_layer(layer, h, ctx.cos, ctx.sin, caches)
-    logits = model.lm_head(model.norm(h))[0]
+    tokens = torch.tensor([tokens], device=device)
+    if len(caches) == 1:  # a step alone: the plain forward, whose layers run fused where they can
+        logits = model(tokens, model.context(positions, caches[0]))[0]
+    else:
+        ctx = model.context(positions)  # only its rotary angles: one per row
+        h = model.embed(tokens)  # (1, B, dim)
+        for layer in model.layers:
+            h = ragged_layer(layer, h, ctx.cos, ctx.sin, caches)
+        logits = model.lm_head(model.norm(h))[0]
     for cache in caches:
         cache.commit(1)
     return logits

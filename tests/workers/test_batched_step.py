@@ -43,6 +43,8 @@ def test_a_batched_step_is_each_sequence_alone(model):
             tokens = expected.argmax(-1).tolist()
     for a, b in zip(alone, together):
         assert a.length == b.length and torch.equal(a.k[:, :, :, : a.length], b.k[:, :, :, : b.length])
+        with torch.inference_mode():  # a step alone takes the plain (fused) forward: the same logits
+            assert torch.equal(batched_decode(model, [b], [tokens[0]])[0], decode_one(model, a, tokens[0]))
 
 
 @pytest.mark.real_model
