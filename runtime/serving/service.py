@@ -72,7 +72,7 @@ class Service:
         self.config = config
         self.tokenizer = engines[0].tokenizer
         self.modes = allowed_modes(config)
-        self._free: asyncio.Queue | None = None  # made on first use, inside the running loop
+        self._free: asyncio.LifoQueue | None = None  # made on first use, inside the running loop
         self.waiting = 0
         # Decoding threads (one per engine) and one more for tokenizing prompts, so a
         # long prompt never stalls the event loop.
@@ -158,7 +158,9 @@ class Service:
         """Queue for an engine, then stream the job's Chunks; the last item is its Stats
         (or an Error). Raises ProtocolError("overloaded") when the queue is full."""
         if self._free is None:
-            self._free = asyncio.Queue()
+            # The engine freed last goes out first: a lone client keeps one engine (its
+            # cache and buffers warm); waiting requests are still served in FIFO order.
+            self._free = asyncio.LifoQueue()
             for engine in self.engines:
                 self._free.put_nowait(engine)
         queued = time.perf_counter()
