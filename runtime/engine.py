@@ -16,7 +16,7 @@ from runtime.decoding.steps import Step
 from runtime.modes import build_mode
 from runtime.pipeline.worker_pool import WorkerPool
 from runtime.text.chat import encode_chat, stop_ids
-from workers.batched_step import DecodeBatcher
+from workers.batched_step import StepBatcher
 from workers.cost_curve import device_profile
 from workers.loading import load_model, load_tokenizer
 from workers.tree_sizing import CostCurve, TreeSizer
@@ -48,8 +48,10 @@ class Engine:
         self._workers = None  # runtime.pipeline.worker_pool.WorkerPool of the pipelined modes, made on first use
         # [tree_sizing] cost by torch threads, read on first use; one device, so siblings share them
         self._cost_curves: dict[int, CostCurve] = {} if model_of is None else model_of._cost_curves
-        # `ar` steps of this engine's and its siblings' requests decoding at once run in one pass
-        self.batcher = DecodeBatcher(self.model) if model_of is None else model_of.batcher
+        # The steps of this engine's and its siblings' replies decoding at once run in one pass;
+        # the lane is this engine's seat there (workers.batched_step)
+        self.batcher = StepBatcher(self.model) if model_of is None else model_of.batcher
+        self.lane = self.batcher.lane()
         # Set from any thread: a pipelined reply ends at once, even while its workers are
         # still being placed (other modes stop with the caller between steps). The server
         # puts each request's own flag here while it decodes.

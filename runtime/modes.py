@@ -45,8 +45,8 @@ class AutoregressiveMode:
     def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingConfig | None = None) -> Iterator[Step]:
         e = self.engine
         steps = generate_ar(e.model, e.cache, prompt_ids, max_new_tokens, e.stop_ids, chooser(sampling, max_new_tokens),
-                            e.batcher.decode)  # one pass with the steps of its siblings' replies
-        return e.batcher.decoding(steps)
+                            e.lane.decode)  # one pass with the steps of its siblings' replies
+        return e.lane.decoding(steps)
 
 
 def prompt_lookup_drafter(engine) -> PromptLookupDrafter:
@@ -80,14 +80,14 @@ class PseudoStateMode:
         recycling = token_recycling_drafter(e) if with_recycling else None
         prior = load_prior(e.config.checkpoint, self.kind, settings.prior, e.model.args.vocab_size)
         self.decoder = PseudoStateDecoder(e.model, drafter.to(e.model.device), e.cache, settings, lookup, e.tree_sizer(),
-                                          recycling, prior)
+                                          recycling, prior, e.lane)
         trained = drafter.training_summary
         self.drafter_info = {"parameters": drafter.parameter_count(), "training_s": trained.get("time_s"),
                              "training_steps": trained.get("steps")}
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingConfig | None = None) -> Iterator[Step]:
         choose = chooser(sampling, max_new_tokens)
-        return self.decoder.generate(prompt_ids, max_new_tokens, self.engine.stop_ids, choose)
+        return self.engine.lane.decoding(self.decoder.generate(prompt_ids, max_new_tokens, self.engine.stop_ids, choose))
 
 
 class MedusaMode(PseudoStateMode):
@@ -125,14 +125,15 @@ class TreeDrafterMode:
     def __init__(self, engine):
         self.engine = engine
         lookup = prompt_lookup_drafter(engine) if self.with_lookup else None
-        self.decoder = TreeDecoder(engine.model, engine.cache, self.build_drafter(engine), self.tree_sizer(engine), lookup)
+        self.decoder = TreeDecoder(engine.model, engine.cache, self.build_drafter(engine), self.tree_sizer(engine), lookup,
+                                   engine.lane)
 
     def tree_sizer(self, engine):
         return engine.tree_sizer(drafter_trees=True)  # unscored trees: rated by slot
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingConfig | None = None) -> Iterator[Step]:
         choose = chooser(sampling, max_new_tokens)
-        return self.decoder.generate(prompt_ids, max_new_tokens, self.engine.stop_ids, choose)
+        return self.engine.lane.decoding(self.decoder.generate(prompt_ids, max_new_tokens, self.engine.stop_ids, choose))
 
 
 class PromptLookupMode(TreeDrafterMode):

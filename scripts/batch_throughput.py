@@ -1,15 +1,16 @@
-"""Total tokens/s of N requests decoding `ar` at once, one thread each (what a server with
-`[server] concurrency = N` runs), three ways side by side (issue 18):
+"""Total tokens/s of N requests decoding at once, one thread each (what a server with
+`[server] concurrency = N` runs), in each of --modes, three ways side by side (issue 18):
 
   separate   N engines, a model each, each stepping alone (servers before shared weights)
   shared     N sibling engines on one model (Engine.sibling), each stepping alone
-  batched    N sibling engines whose one-token steps share passes (workers.batched_step,
-             what servers run now)
+  batched    N sibling engines whose steps (one-token or tree steps) share passes
+             (workers.batched_step, what servers run now), trees sized for the pass
 
 Each request decodes its share of Spec-Bench first turns, one after another. Prints one
-line per (N, way) and writes JSON with --out.
+line per (mode, N, way) and writes JSON with --out.
 
     python scripts/batch_throughput.py --clients 1,2,4,8 --requests 16 --max-new-tokens 64 --out docs/bench/issue18-batched-ar.json
+    python scripts/batch_throughput.py --modes ar,ht --ways shared,batched --out docs/bench/issue18-batched-trees.json
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from configs.files import load_config  # noqa: E402
 from runtime.bench.prompts import default_prompts_path, load_prompts  # noqa: E402
 from runtime.engine import Engine  # noqa: E402
-from workers.batched_step import DecodeBatcher  # noqa: E402
+from workers.batched_step import BatchStats, StepBatcher  # noqa: E402
 
 
 def engines_for(way: str, n: int, config, first: Engine) -> list[Engine]:
@@ -36,11 +37,12 @@ def engines_for(way: str, n: int, config, first: Engine) -> list[Engine]:
     engines = [first.sibling() for _ in range(n)]  # batched: they share first.batcher
     if way == "shared":
         for e in engines:
-            e.batcher = DecodeBatcher(e.model)  # a batcher of its own: every step alone
+            e.batcher = StepBatcher(e.model)  # a batcher of its own: every step alone
+            e.lane = e.batcher.lane()
     return engines
 
 
-def run(engines: list[Engine], prompts: list[list[int]], max_new_tokens: int) -> dict:
+def run(engines: list[Engine], prompts: list[list[int]], mode: str, max_new_tokens: int) -> dict:
     """Each engine's thread decodes prompts i, i + N, ...; total tokens/s over the wall time."""
     n = len(engines)
     tokens = [0] * n
@@ -49,7 +51,7 @@ def run(engines: list[Engine], prompts: list[list[int]], max_new_tokens: int) ->
     def client(i: int) -> None:
         start.wait()
         for ids in prompts[i::n]:
-            tokens[i] += sum(len(s.tokens) for s in engines[i].steps(ids, "ar", max_new_tokens))
+            tokens[i] += sum(len(s.tokens) for s in engines[i].steps(ids, mode, max_new_tokens))
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
     for t in threads:
@@ -70,26 +72,26 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--threads", type=int, default=2, help="torch threads (the process's)")
     p.add_argument("--ways", default="separate,shared,batched")
+    p.add_argument("--modes", default="ar", help="decoding modes, comma-separated")
     p.add_argument("--out")
     args = p.parse_args()
     config = load_config()
     config.model.dtype, config.runtime.threads = args.dtype, args.threads
     first = Engine.from_config(config)
     prompts = [first.encode_chat(q.text) for q in load_prompts(default_prompts_path(), None, None)][: args.requests]
-    list(first.steps(prompts[0], "ar", 8))  # warm-up
     results = []
-    for n in (int(x) for x in args.clients.split(",")):
-        for way in args.ways.split(","):
-            engines = engines_for(way, n, config, first)
-            before = dict(first.batcher.stats.by_size)
-            point = {"clients": n, "way": way, **run(engines, prompts, args.max_new_tokens)}
-            if way == "batched":
-                sizes = {k: v - before.get(k, 0) for k, v in first.batcher.stats.by_size.items() if v - before.get(k, 0)}
-                point["passes_by_steps"] = dict(sorted(sizes.items()))
-            results.append(point)
-            print(f"{n} client(s), {way:8s}: {point['tokens_per_s']:7.1f} tokens/s ({point['tokens']} tokens in "
-                  f"{point['seconds']} s){'  passes by steps: ' + str(point['passes_by_steps']) if way == 'batched' else ''}",
-                  flush=True)
+    for mode in args.modes.split(","):
+        list(first.steps(prompts[0], mode, 8))  # warm-up (and the cost curve a tree mode sizes by)
+        for n in (int(x) for x in args.clients.split(",")):
+            for way in args.ways.split(","):
+                engines = engines_for(way, n, config, first)
+                first.batcher.stats = BatchStats()  # counted afresh for this point
+                point = {"mode": mode, "clients": n, "way": way, **run(engines, prompts, mode, args.max_new_tokens)}
+                if way == "batched":
+                    point["passes"] = first.batcher.stats.summary()
+                results.append(point)
+                print(f"{mode} {n} client(s), {way:8s}: {point['tokens_per_s']:7.1f} tokens/s ({point['tokens']} tokens in "
+                      f"{point['seconds']} s){'  passes: ' + str(point['passes']) if way == 'batched' else ''}", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps({"dtype": args.dtype, "threads": args.threads, "max_new_tokens": args.max_new_tokens,
                                               "requests": len(prompts), "results": results}, indent=1))

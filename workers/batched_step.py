@@ -1,18 +1,26 @@
-"""One-token steps of several sequences in one forward pass over one model (issue 18).
+"""Steps of several sequences in one forward pass over one model (issue 18).
 
-Each sequence owns its KV cache; the model's weights are shared. A step of B sequences
-lays their B new rows side by side: every product (projections, MLP, LM head) runs once
-over all of them, streaming each weight matrix once for B tokens; attention runs per
-sequence over its own cache. The kernels compute each row as a one-row step computes it
-(workers/kernels: rows are independent), so a sequence's logits are the ones it gets
-alone.
+Each sequence owns its KV cache; the model's weights are shared. A pass lays the rows of
+every sequence's step side by side (a `Segment`: a one-token `ar` step, or a tree step's
+nodes and pseudo states, workers.tree_step): every product (projections, MLP, LM head)
+runs once over all R rows, streaming each weight matrix once for all of them; attention
+runs per sequence over its own cache, with its own mask. The kernels compute each row as
+the sequence's own step computes it (workers.kernels: rows are independent; with the
+native kernels, one `ragged_decoder_layer` call a layer), so a sequence's results are the
+ones it gets alone.
 
-`DecodeBatcher` gathers the steps that threads decoding at once (engines sharing one
-model: runtime.engine.Engine.sibling) ask for. Replies count themselves active while they
-decode (`decoding`). A thread that finds no pass running waits until every active reply
-has its step in, or GATHER_S at most (a reply may be in its prefill, or held back by a
-slow reader), then runs every waiting step in one pass; the others wait for it and take
-their logits. A reply alone never waits: batching costs a lone request nothing.
+`StepBatcher` gathers the steps that threads decoding at once (engines sharing one model:
+runtime.engine.Engine.sibling) send. Each engine has a `Lane`, its seat in the batcher;
+a reply counts itself active while it decodes (`Lane.decoding`). A thread that finds no
+pass running waits until every active reply has its step in, or GATHER_S at most (a
+reply may be in its prefill, or held back by a slow reader), then runs every waiting step
+in one pass; the others wait for it and take their results. A reply alone never waits:
+batching costs a lone request nothing.
+
+Each lane also tells the others what its last step cost and was expected to commit
+(`Lane.others`): tree modes size their trees on the rows of the whole pass
+(workers.tree_sizing, load-aware speculation), so a tree shrinks toward a plain step as
+the batch grows.
 """
 
 from __future__ import annotations
@@ -24,59 +32,93 @@ from dataclasses import dataclass, field
 
 import torch
 
+from workers.drafters.pseudo_forward import RowPlan, SameRows, planned_layers, run_to_end
 from workers.kv_cache import KVCache
-from workers.model import DecoderLayer, Transformer
+from workers.model import AttentionContext, DecoderLayer, Transformer
+from workers.tree_sizing import Load
 
 GATHER_S = 0.002  # the longest a pass waits for the steps of active replies that have not sent theirs
 
 
-def batched_decode(model: Transformer, caches: list[KVCache], tokens: list[int]) -> torch.Tensor:
-    """Append tokens[b] to caches[b] for every b in one pass; the logits (B, vocab) for the
-    position after each (float32 where the LM head gives it)."""
-    for cache in caches:
-        cache.check_room(1)
-    device = model.device
-    positions = torch.tensor([cache.length for cache in caches], device=device)
-    tokens = torch.tensor([tokens], device=device)
-    if len(caches) == 1:  # a step alone: the plain forward, whose layers run fused where they can
-        logits = model(tokens, model.context(positions, caches[0]))[0]
-    else:
-        ctx = model.context(positions)  # only its rotary angles: one per row
-        h = model.embed(tokens)  # (1, B, dim)
-        for layer in model.layers:
-            h = ragged_layer(layer, h, ctx.cos, ctx.sin, caches)
-        logits = model.lm_head(model.norm(h))[0]
-    for cache in caches:
-        cache.commit(1)
-    return logits
+@dataclass
+class Segment:
+    """One sequence's step in a pass: its embedded rows h (1, n, dim), the rows and context
+    each layer runs (a RowPlan: the same at every layer, or pseudo states joining), its
+    cache, and the first row the LM head reads (a tree step's catch-up rows are read by no
+    head). Rows with prompt_rows > 0 take the prompt path of the kernels (workers.model.
+    AttentionContext) and run alone."""
+
+    h: torch.Tensor
+    rows: RowPlan
+    cache: KVCache
+    head_from: int = 0
+    prompt_rows: int = 0
+
+
+def one_token(model: Transformer, cache: KVCache, token: int) -> Segment:
+    """The Segment of a one-token step (mode `ar`): `token` after the cache's prefix."""
+    positions = torch.tensor([cache.length], device=model.device)
+    return Segment(model.embed(torch.tensor([[token]], device=model.device)), SameRows(model.context(positions, cache)), cache)
+
+
+def batched_forward(model: Transformer, segments: list[Segment]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every segment's rows through every layer in one pass; per segment, its final state
+    (1, rows, dim) before the norm and the logits (rows - head_from, vocab) of its head rows.
+    The caches get each segment's pending rows (the callers commit or keep them)."""
+    for seg in segments:
+        seg.cache.check_room(seg.h.shape[1])  # a full cache fails before the pass writes anything
+    if len(segments) == 1:  # alone: the plain forward, whose layers run fused where they can
+        seg = segments[0]
+        h = run_to_end(planned_layers(model, seg.h, seg.rows))
+        return [(h, model.lm_head(model.norm(h[0, seg.head_from :])))]
+    if any(seg.prompt_rows for seg in segments):
+        raise ValueError("prompt rows run alone: their products take the prompt path of the kernels")
+    n_layers = model.args.n_layers
+    joins = set().union(*(seg.rows.join_layers for seg in segments))
+    parts = [seg.h for seg in segments]
+    h = ctxs = cos = sin = None
+    for layer in range(n_layers + 1):
+        if h is None or layer in joins:  # (re)lay the rows: a plan may add rows or change its context here
+            if h is not None:
+                parts = list(h.split(counts, dim=1))
+            planned = [seg.rows.before(layer, part) for seg, part in zip(segments, parts)]
+            parts, ctxs = [p for p, _ in planned], [c for _, c in planned]
+            counts = [p.shape[1] for p in parts]
+            h = torch.cat(parts, dim=1)
+            cos, sin = torch.cat([c.cos for c in ctxs]), torch.cat([c.sin for c in ctxs])
+        if layer < n_layers:
+            h = ragged_layer(model.layers[layer], h, cos, sin, ctxs, counts)
+    finals = h.split(counts, dim=1)
+    heads = torch.cat([f[0, seg.head_from :] for seg, f in zip(segments, finals)])
+    logits = model.lm_head(model.norm(heads)).split([c - seg.head_from for seg, c in zip(segments, counts)])
+    return list(zip(finals, logits))
 
 
 def ragged_layer(layer: DecoderLayer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 caches: list[KVCache]) -> torch.Tensor:
-    """DecoderLayer.forward over rows (1, B, dim), row b a new position of caches[b]: the
-    products over all rows, attention per row over its own cache."""
+                 ctxs: list[AttentionContext], counts: list[int]) -> torch.Tensor:
+    """DecoderLayer.forward over rows (1, R, dim), the next counts[s] of them sequence s's,
+    attending with ctxs[s] (its mask and cache): the products over all rows, attention per
+    sequence. One native call where the kernels have it."""
+    caches = [ctx.cache for ctx in ctxs]
+    fused = layer.kernels.ragged_decoder_layer
+    if fused is not None and all(type(c) is KVCache for c in caches):
+        eps, heads, kv_heads, head_dim, i = layer._shape
+        out = fused(h, layer.weights(), eps, heads, kv_heads, head_dim, cos, sin, counts, [c.mask for c in ctxs],
+                    [c.k[i] for c in caches], [c.v[i] for c in caches], [c.length for c in caches])
+        if out is not None:
+            return out
     attn = layer.self_attn
-    B, hd = h.shape[1], attn.head_dim
-    # (1, B, (heads + 2 kv_heads) * head_dim), rotary angles of each row's own position
-    qkv = attn.kernels.rotary(attn.qkv_proj(layer.input_layernorm(h)), cos, sin, attn.n_heads + attn.n_kv_heads, hd)
-    rows = []
-    for b, cache in enumerate(caches):
-        q, k, v = qkv[:, b : b + 1].split(attn.sizes, dim=-1)  # (1, 1, heads * hd) ...
-        q = q.view(1, 1, attn.n_heads, hd).transpose(1, 2)
-        k = k.view(1, 1, attn.n_kv_heads, hd).transpose(1, 2)
-        v = v.view(1, 1, attn.n_kv_heads, hd).transpose(1, 2)
-        k, v = cache.write(attn.layer_idx, k, v)  # its prefix + the new position
-        rows.append(attn.kernels.attention(q.to(k.dtype), k, v, None))  # (1, 1, heads * hd)
-    y = torch.cat(rows, dim=1)
+    qkv = attn.qkv(layer.input_layernorm(h), cos, sin)  # (1, R, (heads + 2 kv_heads) * head_dim)
+    y = torch.cat([attn.attend(rows, ctx) for rows, ctx in zip(qkv.split(counts, dim=1), ctxs)], dim=1)
     h = h + attn.o_proj(y.to(h.dtype))
     return h + layer.mlp(layer.post_attention_layernorm(h))
 
 
 @dataclass
 class _Step:
-    cache: KVCache
-    token: int
-    logits: torch.Tensor | None = None
+    lane: Lane
+    segment: Segment
+    result: tuple[torch.Tensor, torch.Tensor] | None = None
     error: BaseException | None = None
     done: bool = False
 
@@ -85,39 +127,90 @@ class _Step:
 class BatchStats:
     passes: int = 0
     steps: int = 0
+    rows: int = 0
     largest: int = 0
     by_size: dict[int, int] = field(default_factory=dict)  # passes by their number of steps
+    trees_shared: int = 0  # steps of several rows (token trees) that shared their pass with other steps
+
+    def summary(self) -> dict:
+        p = max(self.passes, 1)
+        return {"passes": self.passes, "steps_per_pass": round(self.steps / p, 2), "rows_per_pass": round(self.rows / p, 2),
+                "largest": self.largest, "by_size": dict(sorted(self.by_size.items())), "trees_shared": self.trees_shared}
 
 
-class DecodeBatcher:
-    """One-token steps from any number of threads, run together (module docstring)."""
+class Lane:
+    """One engine's seat in a StepBatcher: a reply at a time decodes through it."""
+
+    def __init__(self, batcher: StepBatcher):
+        self.batcher = batcher
+        self.active = False
+        self.rows, self.tokens = 1.0, 1.0  # of its last step (a plain step until it sends one)
+
+    def decoding(self, steps: Iterator) -> Iterator:
+        """A reply's steps, with the reply counted active from its first step to its end."""
+        b = self.batcher
+        with b._cond:
+            if self.active:
+                raise RuntimeError("a lane decodes one reply at a time")
+            self.active, self.rows, self.tokens = True, 1.0, 1.0
+        try:
+            yield from steps
+        finally:
+            with b._cond:
+                self.active = False
+                b._cond.notify_all()  # a pass may be waiting for this reply's step
+
+    def forward(self, segment: Segment, expected_tokens: float = 1.0, rows: float | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """batched_forward's result for `segment`, run in one pass with the other lanes' steps
+        that are ready. What the others read of it (`others`): `expected_tokens`, what the
+        step is expected to commit, and `rows`, what it costs in full rows (its pseudo states
+        cost less: workers.tree_sizing.pseudo_row_cost), by default its rows."""
+        self.rows, self.tokens = float(segment.h.shape[1]) if rows is None else rows, expected_tokens
+        if segment.prompt_rows:
+            return batched_forward(self.batcher.model, [segment])[0]
+        return self.batcher._forward(_Step(self, segment))
+
+    def decode(self, model: Transformer, cache: KVCache, token: int) -> torch.Tensor:
+        """runtime.decoding.autoregressive.decode_one's contract: append `token` to `cache`,
+        return the logits (vocab,) for the position after it."""
+        if model is not self.batcher.model:
+            raise ValueError("this batcher steps another model")
+        _, logits = self.forward(one_token(model, cache, token))
+        cache.commit(1)
+        return logits[0]
+
+    def others(self) -> Load:
+        """The rows and expected tokens of the other active replies' last steps."""
+        with self.batcher._cond:
+            lanes = [lane for lane in self.batcher._lanes if lane.active and lane is not self]
+            return Load(sum(lane.rows for lane in lanes), sum(lane.tokens for lane in lanes))
+
+
+class StepBatcher:
+    """Steps from any number of threads, run together (module docstring)."""
 
     def __init__(self, model: Transformer):
         self.model = model
         self._cond = threading.Condition()
         self._waiting: list[_Step] = []
         self._running = False
-        self._active = 0  # replies decoding (`decoding`)
+        self._lanes: list[Lane] = []
         self.stats = BatchStats()
 
-    def decoding(self, steps: Iterator) -> Iterator:
-        """A reply's steps, with the reply counted active from its first step to its end."""
+    def lane(self) -> Lane:
+        """A new seat (one per engine)."""
+        lane = Lane(self)
         with self._cond:
-            self._active += 1
-        try:
-            yield from steps
-        finally:
-            with self._cond:
-                self._active -= 1
-                self._cond.notify_all()  # a pass may be waiting for this reply's step
+            self._lanes.append(lane)
+        return lane
 
-    def decode(self, model: Transformer, cache: KVCache, token: int) -> torch.Tensor:
-        """runtime.decoding.autoregressive.decode_one's contract: append `token` to `cache`,
-        return the logits (vocab,) for the position after it."""
-        if model is not self.model:
-            raise ValueError("this batcher steps another model")
-        cache.check_room(1)  # a full cache fails its own request, not the pass it would join
-        step, deadline = _Step(cache, token), None
+    def _active(self) -> int:
+        return sum(lane.active for lane in self._lanes)
+
+    def _forward(self, step: _Step) -> tuple[torch.Tensor, torch.Tensor]:
+        step.segment.cache.check_room(step.segment.h.shape[1])  # a full cache fails its own request, not the pass
+        deadline = None
         with self._cond:
             self._waiting.append(step)
             self._cond.notify_all()  # a thread gathering a pass may now have every step
@@ -126,7 +219,7 @@ class DecodeBatcher:
                     self._cond.wait()
                     deadline = None  # gather afresh once the pass in flight is over
                     continue
-                if len(self._waiting) < self._active:
+                if len(self._waiting) < self._active():
                     deadline = deadline or time.monotonic() + GATHER_S
                     left = deadline - time.monotonic()
                     if left > 0:
@@ -138,13 +231,12 @@ class DecodeBatcher:
             self._run(batch)
         if step.error is not None:
             raise step.error
-        return step.logits
+        return step.result
 
     def _run(self, batch: list[_Step]) -> None:
         try:
-            logits = batched_decode(self.model, [s.cache for s in batch], [s.token for s in batch])
-            for s, row in zip(batch, logits):
-                s.logits = row
+            for s, result in zip(batch, batched_forward(self.model, [s.segment for s in batch])):
+                s.result = result
         except BaseException as e:  # noqa: BLE001 - each waiting step raises it in its own thread
             for s in batch:
                 s.error = e
@@ -154,5 +246,7 @@ class DecodeBatcher:
             self._running = False
             st = self.stats
             st.passes, st.steps, st.largest = st.passes + 1, st.steps + len(batch), max(st.largest, len(batch))
+            st.rows += sum(s.segment.h.shape[1] for s in batch)
+            st.trees_shared += sum(s.segment.h.shape[1] > 1 for s in batch) if len(batch) > 1 else 0
             st.by_size[len(batch)] = st.by_size.get(len(batch), 0) + 1
             self._cond.notify_all()

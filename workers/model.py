@@ -113,9 +113,17 @@ class Attention(nn.Module):
         self.o_proj = Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        B, n, _ = x.shape
-        # (B, n, (heads + 2 kv_heads) * head_dim), rotary angles applied to the q and k heads
-        qkv = self.kernels.rotary(self.qkv_proj(x, ctx.prompt_rows), ctx.cos, ctx.sin, self.n_heads + self.n_kv_heads, self.head_dim)
+        y = self.attend(self.qkv(x, ctx.cos, ctx.sin, ctx.prompt_rows), ctx)
+        return self.o_proj(y.to(x.dtype), ctx.prompt_rows)
+
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, prompt_rows: int = 0) -> torch.Tensor:
+        """(B, n, (heads + 2 kv_heads) * head_dim): the fused projection, rotary angles applied to the q and k heads."""
+        return self.kernels.rotary(self.qkv_proj(x, prompt_rows), cos, sin, self.n_heads + self.n_kv_heads, self.head_dim)
+
+    def attend(self, qkv: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """Attention of the rows of `qkv` over ctx's cache (their keys and values written to
+        it) and each other, as ctx.mask allows: (B, n, heads * head_dim), before o_proj."""
+        B, n, _ = qkv.shape
         # -> (B, heads, n, head_dim) each
         q, k, v = qkv.split(self.sizes, dim=-1)
         q = q.view(B, n, self.n_heads, self.head_dim).transpose(1, 2)
@@ -124,8 +132,7 @@ class Attention(nn.Module):
         if ctx.cache is not None:
             k, v = ctx.cache.write(self.layer_idx, k, v)  # prefix + new: (B, kv_heads, P + n, head_dim)
             q = q.to(k.dtype)  # attention runs in the cache's dtype (Transformer.attention_dtype)
-        y = self.kernels.attention(q, k, v, ctx.mask)  # (B, n, heads * head_dim)
-        return self.o_proj(y.to(x.dtype), ctx.prompt_rows)
+        return self.kernels.attention(q, k, v, ctx.mask)  # (B, n, heads * head_dim)
 
 
 class MLP(nn.Module):
@@ -169,17 +176,21 @@ class DecoderLayer(nn.Module):
             return None
         cache = ctx.cache
         cache.check_room(h.shape[1])
+        eps, heads, kv_heads, head_dim, layer = self._shape
+        return self.kernels.decoder_layer(
+            h, self.weights(), eps, heads, kv_heads, head_dim, ctx.cos, ctx.sin, ctx.mask, cache.k[layer], cache.v[layer],
+            cache.length,
+        )
+
+    def weights(self) -> tuple[torch.Tensor | None, ...]:
+        """What a fused layer call takes, in its order (workers.kernels.native.decoder_layer)."""
         # Read from each module's parameter dict, which always holds its current parameters:
         # nn.Module's attribute lookup costs ~0.5 us a name, ~1 ms a step over 30 layers.
         norm1, qkv, o, norm2, gate_up, down = (m._parameters for m in self._parts)
-        weights = (
+        return (
             norm1["weight"], qkv["weight"], qkv.get("bias"), o["weight"], o.get("bias"),
             norm2["weight"], gate_up["weight"], gate_up.get("bias"), down["weight"], down.get("bias"),
         )  # fmt: skip
-        eps, heads, kv_heads, head_dim, layer = self._shape
-        return self.kernels.decoder_layer(
-            h, weights, eps, heads, kv_heads, head_dim, ctx.cos, ctx.sin, ctx.mask, cache.k[layer], cache.v[layer], cache.length
-        )
 
 
 def set_kernels(root: nn.Module, kernels: Kernels) -> None:

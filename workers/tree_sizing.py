@@ -39,6 +39,17 @@ from workers.tree import TokenTree
 
 
 @dataclass(frozen=True)
+class Load:
+    """What other requests' steps add to a batched pass this step joins
+    (workers.batched_step): their rows, and the tokens they are expected to commit. A node
+    is worth its row when it adds more tokens per ms to the whole pass, so trees shrink as
+    the batch grows (load-aware speculation); Load() is a step alone."""
+
+    rows: float = 0.0
+    tokens: float = 0.0
+
+
+@dataclass(frozen=True)
 class StepCost:
     """t(n): ms of one tree step of n rows, linear between measured row counts (and beyond the last)."""
 
@@ -91,11 +102,14 @@ def envelope(times: dict[int, float]) -> StepCost:
     return StepCost(tuple(rows), tuple(ms))
 
 
-def best_size(probs: list[float], cost: StepCost, extra_rows: float = 0.0) -> int:
+def best_size(probs: list[float], cost: StepCost, extra_rows: float = 0.0, load: Load = Load()) -> int:
     """How many of the drafted nodes to keep: the m maximising (1 + sum of the m largest of
-    `probs`) / cost(1 + m + extra_rows). The smallest such m on ties."""
+    `probs` + load.tokens) / cost(1 + m + extra_rows + load.rows), the tokens per ms of the
+    whole pass the step shares with `load`. The smallest such m on ties."""
     ranked = sorted(probs, reverse=True)
-    best_m, best_rate, expected = 0, 1.0 / cost(1 + extra_rows), 1.0
+    extra_rows += load.rows
+    expected = 1.0 + load.tokens
+    best_m, best_rate = 0, expected / cost(1 + extra_rows)
     for m, p in enumerate(ranked, 1):
         expected += p
         rate = expected / cost(1 + m + extra_rows)
@@ -228,23 +242,27 @@ class TreeSizer:
         return cls(cost, Acceptance(use_scores=False))
 
     def size(self, tree: TokenTree, context: int, extra_rows: float = 0.0, slots: dict[int, Hashable] | None = None,
-             certain: frozenset[int] = frozenset()) -> tuple[TokenTree, dict[int, Hashable], float]:
+             certain: frozenset[int] = frozenset(), load: Load = Load()) -> tuple[TokenTree, dict[int, Hashable], float]:
         """The kept tree, `slots` renumbered for it, and the tokens it is expected to commit.
         Nodes in `certain` (a path from the root the caller takes as accepted: a pipelined
-        step's predicted trunk) are always kept, and the rest are rated given that path."""
+        step's predicted trunk) are always kept, and the rest are rated given that path;
+        `load`: the other steps of the pass it runs in."""
         probs = self.acceptance.probabilities(tree, slots, certain)
-        m = max(best_size(probs[1:], self.cost.at(context), extra_rows), len(certain - {0}))
+        m = max(best_size(probs[1:], self.cost.at(context), extra_rows, load), len(certain - {0}))
         pruned, kept = keep_most_likely(tree, probs, m, certain)
         slots = slots or {}
         return pruned, {new: slots[old] for new, old in enumerate(kept) if old in slots}, 1.0 + sum(probs[i] for i in kept[1:])
 
-    def draft_depth(self, rows: int, expected: float, rows_per_depth: float, max_depth: int, context: int) -> int:
+    def draft_depth(self, rows: int, expected: float, rows_per_depth: float, max_depth: int, context: int,
+                    load: Load = Load()) -> int:
         """How deep a step of `rows` tree rows, expected to commit `expected` tokens, should
         draft the next tree. Drafting to depth d adds d * rows_per_depth rows (pseudo states)
         and is worth the tokens accepted per step at depths 1..d (Acceptance.per_step): the d
-        maximising (expected + those tokens) / t(rows + d * rows_per_depth); 0: no drafts."""
+        maximising (expected + those tokens + load.tokens) / t(rows + d * rows_per_depth +
+        load.rows); 0: no drafts."""
         t = self.cost.at(context)
-        best, best_rate, tokens = 0, expected / t(rows), expected
+        rows, tokens = rows + load.rows, expected + load.tokens
+        best, best_rate = 0, tokens / t(rows)
         for depth in range(1, max_depth + 1):
             tokens += self.acceptance.per_step.get(depth, depth_prior(depth)).value
             rate = tokens / t(rows + depth * rows_per_depth)

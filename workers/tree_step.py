@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.drafters.pseudo_forward import LayerSteps, layers, pseudo_mask, pseudo_positions, pseudo_state_layers
+from workers.batched_step import Lane, Segment, batched_forward
+from workers.drafters.pseudo_forward import LayerSteps, PseudoRows, SameRows, planned_layers, pseudo_mask, pseudo_positions
 from workers.drafters.pseudo_states import PseudoStateDrafter
 from workers.kv_cache import KVCache
 from workers.model import Transformer
@@ -103,6 +104,60 @@ def prompt_rows_of(catch_up: int, index: int) -> int:
     return max(catch_up - index, 0)
 
 
+@dataclass
+class PreparedStep:
+    """A tree step ready to run: its rows as a Segment (workers.batched_step), and what
+    `finish` needs to accept its tree once the forward has run, alone (`tree_step`) or in a
+    pass with other sequences' rows (workers.batched_step.StepBatcher)."""
+
+    segment: Segment
+    tree: TokenTree
+    choose: Chooser
+    index: int
+    groups: list[int]
+    k: int  # pseudo states per group
+
+    def finish(self, h: torch.Tensor, logits: torch.Tensor) -> StepOutcome:
+        """h (1, c + n + m*k, dim): the final state of the segment's rows; logits those of rows c on."""
+        c, n, tree = self.segment.head_from, len(self.tree), self.tree
+        path, tokens, margins = accept(tree, logits[:n], self.choose, self.index)
+        self.segment.cache.keep(list(range(c)) + [c + node for node in path])
+        groups = self.groups
+        drafts = next_drafts(tree, path, groups, logits[n:].reshape(len(groups), self.k, -1)) if groups else None
+        return StepOutcome(path, tokens, margins, logits[:n], h[0, c : c + n], drafts)
+
+
+def prepare_tree_step(
+    model: Transformer,
+    cache: KVCache,
+    tree: TokenTree,
+    choose: Chooser,
+    index: int,
+    catch_up: list[int] = (),
+    drafter: PseudoStateDrafter | None = None,
+    groups: list[int] = (),
+) -> PreparedStep:
+    """`tree_step`'s rows, positions, masks and pseudo-state plan, before any layer runs."""
+    c, device = len(catch_up), model.device
+    groups = list(groups) if drafter is not None else []
+    prompt = prompt_rows_of(c, index)
+    positions = cache.length + torch.cat((torch.arange(c), c + torch.tensor(tree.depths))).to(device)
+    node_mask = step_mask(c, tree, device)
+    h = model.embed(torch.tensor([list(catch_up) + tree.tokens], device=device))
+    node_ctx = model.context(positions, cache, node_mask, prompt)
+    k = drafter.config.k if groups else 0
+    if groups:
+        anchor_rows = [c + g for g in groups]
+        joined = model.context(
+            torch.cat((positions, pseudo_positions(positions[anchor_rows], k))), cache,
+            pseudo_mask(node_mask, anchor_rows, k, drafter.config.pseudo_attention), prompt,
+        )
+        rows = PseudoRows(drafter, node_ctx, joined, lambda layer, h: h[0, anchor_rows], h.shape[1])
+    else:
+        rows = SameRows(node_ctx)
+    return PreparedStep(Segment(h, rows, cache, head_from=c, prompt_rows=prompt), tree, choose, index, groups, k)
+
+
 def tree_step(
     model: Transformer,
     cache: KVCache,
@@ -116,26 +171,22 @@ def tree_step(
     """Verify `tree` (its first child is reply token `index`) after the `catch_up` tokens,
     with pseudo states for the nodes in `groups` when a drafter is given. Yields (layer, h)
     between layers; returns the StepOutcome, with the cache holding catch-up + path."""
-    c, n, device = len(catch_up), len(tree), model.device
-    groups = list(groups) if drafter is not None else []
-    prompt = prompt_rows_of(c, index)
-    positions = cache.length + torch.cat((torch.arange(c), c + torch.tensor(tree.depths))).to(device)
-    node_mask = step_mask(c, tree, device)
-    h = model.embed(torch.tensor([list(catch_up) + tree.tokens], device=device))
-    node_ctx = model.context(positions, cache, node_mask, prompt)
-    if groups:
-        rows, k = [c + g for g in groups], drafter.config.k
-        joined = model.context(
-            torch.cat((positions, pseudo_positions(positions[rows], k))), cache,
-            pseudo_mask(node_mask, rows, k, drafter.config.pseudo_attention), prompt,
-        )
-        h = yield from pseudo_state_layers(model, drafter, h, node_ctx, joined, lambda layer, h: h[0, rows])
-    else:
-        h = yield from layers(model, h, node_ctx)
+    step = prepare_tree_step(model, cache, tree, choose, index, catch_up, drafter, groups)
+    seg = step.segment
+    h = yield from planned_layers(model, seg.h, seg.rows)
     # One LM head call for nodes and pseudo states: at these few rows its cost is
     # streaming the vocab x dim weight, so one call over all rows beats two smaller ones.
-    logits = model.lm_head(model.norm(h[0, c:]))  # (n + m*k, vocab)
-    path, tokens, margins = accept(tree, logits[:n], choose, index)
-    cache.keep(list(range(c)) + [c + node for node in path])
-    drafts = next_drafts(tree, path, groups, logits[n:].reshape(len(groups), k, -1)) if groups else None
-    return StepOutcome(path, tokens, margins, logits[:n], h[0, c : c + n], drafts)
+    logits = model.lm_head(model.norm(h[0, seg.head_from :]))  # (n + m*k, vocab)
+    return step.finish(h, logits)
+
+
+def verify(model: Transformer, step: PreparedStep, lane: Lane | None = None, expected_tokens: float = 1.0,
+           rows: float | None = None) -> StepOutcome:
+    """Run a prepared step and accept its tree: alone, or through `lane` in one pass with the
+    steps of other replies decoding at once (workers.batched_step; `expected_tokens` and
+    `rows` tell them what it adds to the pass). The same outcome either way."""
+    if lane is None:
+        h, logits = batched_forward(model, [step.segment])[0]
+    else:
+        h, logits = lane.forward(step.segment, expected_tokens, rows)
+    return step.finish(h, logits)

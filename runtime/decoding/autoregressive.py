@@ -51,7 +51,7 @@ def generate_ar(
 ) -> Iterator[Step]:
     """Plain decoding: one forward pass, one token (greedy unless `choose` samples).
     Stops after a stop token or max_new_tokens. `decode` runs each one-token step:
-    `decode_one`, or a DecodeBatcher's (workers.batched_step), which runs it in one pass
+    `decode_one`, or a Lane's of a StepBatcher (workers.batched_step), which runs it in one pass
     with other requests' steps."""
     decode = decode or decode_one
     choose = choose or Greedy()

@@ -30,8 +30,8 @@ import torch
 
 from configs.schema import PseudoStateModeConfig
 from runtime.decoding.steps import Step, clip_step
+from workers.batched_step import Lane
 from workers.drafters.prompt_lookup import PromptLookupDrafter
-from workers.drafters.pseudo_forward import run_to_end
 from workers.drafters.pseudo_states import PseudoStateDrafter
 from workers.drafters.successor_prior import SuccessorPrior
 from workers.drafters.token_recycling import TokenRecyclingDrafter
@@ -39,8 +39,8 @@ from workers.kv_cache import KVCache
 from workers.model import Transformer
 from workers.sampling import Chooser
 from workers.tree import DEFAULT_TEMPLATE, TokenTree, build_dynamic_tree, build_template_tree, graft_chain, root_only
-from workers.tree_sizing import TreeSizer, pseudo_row_cost
-from workers.tree_step import StepOutcome, tree_step
+from workers.tree_sizing import Load, TreeSizer, pseudo_row_cost
+from workers.tree_step import StepOutcome, prepare_tree_step, verify
 
 
 class PseudoStateDecoder:
@@ -54,19 +54,22 @@ class PseudoStateDecoder:
         sizer: TreeSizer | None = None,
         recycling: TokenRecyclingDrafter | None = None,
         prior: SuccessorPrior | None = None,
+        lane: Lane | None = None,
     ):
         """`settings` size each step's tree and the drafter's depth; `lookup`, when given,
         grafts its prompt-lookup chain onto every tree (mode ht-pld); `recycling`, when
         given, grafts its table's successors under every drafted node; `prior`, when
         given, rescores each node's children under its own token (dynamic trees);
         `sizer`, when given, cuts every tree to what pays on this device (settings.budget
-        is then the most)."""
+        is then the most), in the pass it shares with other replies' steps when a `lane`
+        (workers.batched_step) runs them together."""
         self.max_depth = min(settings.depth or drafter.config.k, drafter.config.k)
         self.drafters = {d: drafter.first(d) for d in range(1, self.max_depth + 1)}  # by draft depth
         self.model, self.cache, self.settings = model, cache, settings
-        self.lookup, self.sizer, self.recycling, self.prior = lookup, sizer, recycling, prior
+        self.lookup, self.sizer, self.recycling, self.prior, self.lane = lookup, sizer, recycling, prior, lane
         self.pseudo_row_cost = pseudo_row_cost(model.args, drafter.config.layer)
         self.depth = self.max_depth  # of the drafts the next step makes (the sizer may change it per step)
+        self.expected = 1.0  # tokens the next step is expected to commit (the sizer's estimate; 1 without one)
 
     def build_tree(self, root: int, drafts: torch.Tensor | None) -> tuple[TokenTree, dict[int, Hashable]]:
         """The next step's tree, and the slots of its unscored drafts (node -> slot): the
@@ -90,12 +93,13 @@ class PseudoStateDecoder:
             for node, slot in self.recycling.graft_successors(tree, list(range(drafted))).items():
                 slots.setdefault(node, slot)
         if self.sizer is not None:
-            expected = 1.0
+            expected, load = 1.0, self.lane.others() if self.lane is not None else Load()
             if len(tree) > 1:
                 pseudo_rows = self.pseudo_rows(len(tree)) * self.depth
-                tree, slots, expected = self.sizer.size(tree, self.cache.length, pseudo_rows, slots)
+                tree, slots, expected = self.sizer.size(tree, self.cache.length, pseudo_rows, slots, load=load)
             self.depth = self.sizer.draft_depth(len(tree), expected, self.pseudo_rows(len(tree)), self.max_depth,
-                                                self.cache.length)
+                                                self.cache.length, load)
+            self.expected = expected
         return tree, slots
 
     def pseudo_rows(self, nodes: int) -> float:
@@ -113,8 +117,9 @@ class PseudoStateDecoder:
         `slots`: its unscored drafts' slots (build_tree)."""
         drafter = self.drafters.get(self.depth)  # None at depth 0: no pseudo states, no drafts next step
         groups = self.pseudo_groups(tree) if drafter is not None else []
-        steps = tree_step(self.model, self.cache, tree, choose, index, catch_up, drafter, groups)
-        outcome = run_to_end(steps)
+        prepared = prepare_tree_step(self.model, self.cache, tree, choose, index, catch_up, drafter, groups)
+        rows = len(catch_up) + len(tree) + len(groups) * prepared.k * self.pseudo_row_cost
+        outcome = verify(self.model, prepared, self.lane, self.expected, rows)
         if self.lookup is not None:
             self.lookup.observe(tree, outcome.path)
         if self.recycling is not None:

@@ -27,25 +27,29 @@ import torch
 
 from runtime.decoding.autoregressive import prefill_hidden
 from runtime.decoding.steps import Step, clip_step
+from workers.batched_step import Lane
 from workers.drafters.base import Drafter
 from workers.drafters.prompt_lookup import PromptLookupDrafter
-from workers.drafters.pseudo_forward import run_to_end
 from workers.kv_cache import KVCache
 from workers.model import Transformer
 from workers.sampling import Chooser
 from workers.tree import TokenTree, graft_chain
-from workers.tree_sizing import TreeSizer
-from workers.tree_step import tree_step
+from workers.tree_sizing import Load, TreeSizer
+from workers.tree_step import prepare_tree_step, verify
 
 
 class TreeDecoder:
     def __init__(self, model: Transformer, cache: KVCache, drafter: Drafter, sizer: TreeSizer | None = None,
-                 lookup: PromptLookupDrafter | None = None):
+                 lookup: PromptLookupDrafter | None = None, lane: Lane | None = None):
+        """`lane`, when given, runs each step in one pass with other replies' steps
+        (workers.batched_step), and the sizer sizes the tree for that pass."""
         self.model, self.cache, self.drafter, self.sizer, self.lookup = model, cache, drafter, sizer, lookup
+        self.lane = lane
 
-    def propose(self, root: int) -> tuple[TokenTree, dict[int, Hashable]]:
+    def propose(self, root: int) -> tuple[TokenTree, dict[int, Hashable], float]:
         """The drafter's tree with the lookup chain grafted on, cut by the sizer; its nodes'
-        slots (node -> index in the proposal, or ("lookup", depth) on the chain)."""
+        slots (node -> index in the proposal, or ("lookup", depth) on the chain); the tokens
+        it is expected to commit (the sizer's estimate; 1 without one)."""
         tree = self.drafter.propose(root)
         slots: dict[int, Hashable] = {node: node for node in range(1, len(tree))}
         if self.lookup is not None:
@@ -55,9 +59,9 @@ class TreeDecoder:
                 node = tree.child(node, token)
                 slots[node] = ("lookup", depth)
         if self.sizer is None or len(tree) == 1:
-            return tree, slots
-        tree, slots, _ = self.sizer.size(tree, self.cache.length, 0.0, slots)
-        return tree, slots
+            return tree, slots, 1.0
+        load = self.lane.others() if self.lane is not None else Load()
+        return self.sizer.size(tree, self.cache.length, 0.0, slots, load=load)
 
     @torch.inference_mode()
     def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int], choose: Chooser) -> Iterator[Step]:
@@ -75,8 +79,8 @@ class TreeDecoder:
         if token in stop_ids or max_new_tokens == 1:
             return
         while True:
-            tree, slots = self.propose(token)
-            outcome = run_to_end(tree_step(self.model, self.cache, tree, choose, produced))
+            tree, slots, expected = self.propose(token)
+            outcome = verify(self.model, prepare_tree_step(self.model, self.cache, tree, choose, produced), self.lane, expected)
             if self.sizer is not None:
                 self.sizer.observe(tree, outcome.path, slots)
             self.drafter.observe(tree, outcome.path, torch.topk(outcome.logits, self.drafter.observed_top_k, dim=-1).indices)

@@ -55,8 +55,8 @@ def test_siblings_share_the_weights_not_the_cache(engine):
 
 def test_siblings_decoding_at_once_give_each_request_its_own_reply():
     """Float32: five siblings decode different prompts in five threads, in different modes
-    (two in ar, whose steps may share passes), greedy and sampled; each reply is that
-    prompt's ar reply decoded alone."""
+    (tree steps and ar steps share passes, workers.batched_step, with trees sized for the
+    pass), greedy and sampled; each reply is that prompt's ar reply decoded alone."""
     import threading
 
     from configs.schema import SamplingConfig
@@ -84,3 +84,4 @@ def test_siblings_decoding_at_once_give_each_request_its_own_reply():
     for t in threads:
         t.join()
     assert together == alone
+    assert first.batcher.stats.trees_shared > 0  # tree steps ran in passes with other replies' steps

@@ -1,6 +1,8 @@
-"""One-token steps of several sequences in one pass (workers.batched_step): each sequence's
-logits and cache are the ones it gets alone; the batcher gathers steps from threads."""
+"""Steps of several sequences in one pass (workers.batched_step): each sequence's results
+and cache are the ones it gets alone, for one-token steps, token trees and pseudo states;
+the batcher gathers steps from threads; lanes tell each other their load."""
 
+import dataclasses
 import threading
 
 import pytest
@@ -8,11 +10,16 @@ import torch
 
 from configs.schema import SamplingConfig
 from runtime.decoding.autoregressive import decode_one, generate_ar, prefill
-from workers.batched_step import DecodeBatcher, batched_decode
+from workers.batched_step import StepBatcher, batched_forward, one_token
+from workers.drafters.loading import load, shipped_weights
+from workers.kernels.choice import NATIVE
 from workers.kv_cache import CacheFullError
 from workers.loading import load_model
-from workers.sampling import chooser
-from workers.tree_step import decoding_cache
+from workers.model import set_kernels
+from workers.sampling import Greedy, chooser
+from workers.tree import TokenTree, chain
+from workers.tree_sizing import Load
+from workers.tree_step import decoding_cache, prepare_tree_step
 
 PROMPTS = [[1, 9, 400, 33], [7, 7, 7, 7, 7, 7, 7, 7, 7, 12], [2, 5000]]  # different lengths: different positions
 
@@ -31,33 +38,68 @@ def prefilled(model, prompts):
     return caches
 
 
+def segments(model, caches):
+    """A one-token step, a token tree, and a tree with hidden-transfer pseudo states, on caches[0..2]."""
+    ht = load(shipped_weights("default", "ht"), model.args)
+    tree = TokenTree([12, 40, 41, 50, 51], [-1, 0, 0, 1, 2], [0, 1, 1, 2, 2], [0.0, -0.5, -1.0, -1.2, -2.0])
+    trees = [prepare_tree_step(model, caches[1], tree, Greedy(), 3),
+             prepare_tree_step(model, caches[2], chain(9, [8, 7]), Greedy(), 1, (), ht.first(2), [0, 1])]
+    return [one_token(model, caches[0], 11)] + [t.segment for t in trees], trees
+
+
 @pytest.mark.real_model
-def test_a_batched_step_is_each_sequence_alone(model):
+@pytest.mark.parametrize("ragged", ["native call", "op by op"])
+def test_a_batched_pass_is_each_sequence_alone(model, ragged):
+    """One-token steps, trees and pseudo states of three sequences in one pass: bit for bit
+    what each gets alone (its final states, its logits, its cache), float32 and bfloat16,
+    through the native ragged layer and through the layer op by op."""
+    if ragged == "op by op":
+        set_kernels(model, dataclasses.replace(NATIVE, ragged_decoder_layer=None))
+    try:
+        alone, together = prefilled(model, PROMPTS), prefilled(model, PROMPTS)
+        with torch.inference_mode():
+            expected = [batched_forward(model, [seg])[0] for seg in segments(model, alone)[0]]
+            batch, trees = segments(model, together)
+            got = batched_forward(model, batch)
+        for (h, logits), (h0, logits0) in zip(got, expected):
+            assert torch.equal(h, h0) and torch.equal(logits, logits0)
+        assert [h.shape[1] for h, _ in got] == [1, 5, 3 + 2 * 2]  # the pseudo states joined the third
+        for a, b in zip(alone, together):
+            assert torch.equal(a.k[:, :, :, : a.length + 7], b.k[:, :, :, : b.length + 7])
+        outcome = trees[1].finish(*got[2])  # a batched step is accepted as one alone is
+        assert outcome.drafts is not None and together[2].length == len(PROMPTS[2]) + len(outcome.path)
+    finally:
+        set_kernels(model, NATIVE)
+
+
+@pytest.mark.real_model
+def test_one_token_steps_in_a_pass_are_each_alone(model):
     alone, together = prefilled(model, PROMPTS), prefilled(model, PROMPTS)
     tokens = [11, 22, 33]
     with torch.inference_mode():
         for _ in range(3):  # three steps: the positions move on
             expected = torch.stack([decode_one(model, c, t) for c, t in zip(alone, tokens)])
-            got = batched_decode(model, together, tokens)
-            assert torch.equal(got, expected)  # bit for bit, float32 and bfloat16 alike
+            got = torch.cat([logits for _, logits in batched_forward(model, [one_token(model, c, t) for c, t in zip(together, tokens)])])
+            for c in together:
+                c.commit(1)
+            assert torch.equal(got, expected)
             tokens = expected.argmax(-1).tolist()
     for a, b in zip(alone, together):
         assert a.length == b.length and torch.equal(a.k[:, :, :, : a.length], b.k[:, :, :, : b.length])
-        with torch.inference_mode():  # a step alone takes the plain (fused) forward: the same logits
-            assert torch.equal(batched_decode(model, [b], [tokens[0]])[0], decode_one(model, a, tokens[0]))
 
 
 @pytest.mark.real_model
 def test_threads_decoding_at_once_share_passes_and_get_their_own_replies(model):
     """Four threads, one batcher: greedy and sampled replies equal each prompt's alone, and
     the passes gathered the steps of the replies decoding."""
-    batcher = DecodeBatcher(model)
+    batcher = StepBatcher(model)
+    lanes = [batcher.lane() for _ in range(4)]
     prompts = PROMPTS + [[3, 4, 5, 6, 7]]
     samplings = [None, None, SamplingConfig(0.8, 0, 0.95, seed=5), SamplingConfig(1.0, 20, 1.0, seed=6)]
 
-    def reply(cache, ids, sampling, decode=None):
-        steps = generate_ar(model, cache, ids, 24, set(), chooser(sampling, 24), decode)
-        return [t for s in (batcher.decoding(steps) if decode else steps) for t in s.tokens]
+    def reply(cache, ids, sampling, lane=None):
+        steps = generate_ar(model, cache, ids, 24, set(), chooser(sampling, 24), lane and lane.decode)
+        return [t for s in (lane.decoding(steps) if lane else steps) for t in s.tokens]
 
     alone = [reply(decoding_cache(model, 64), ids, s) for ids, s in zip(prompts, samplings)]
     together: list = [None] * len(prompts)
@@ -66,7 +108,7 @@ def test_threads_decoding_at_once_share_passes_and_get_their_own_replies(model):
     def run(i):
         cache = decoding_cache(model, 64)
         start.wait()
-        together[i] = reply(cache, prompts[i], samplings[i], batcher.decode)
+        together[i] = reply(cache, prompts[i], samplings[i], lanes[i])
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
     for t in threads:
@@ -75,33 +117,45 @@ def test_threads_decoding_at_once_share_passes_and_get_their_own_replies(model):
         t.join()
     assert together == alone
     st = batcher.stats
-    assert st.steps == 4 * 23 and st.largest == 4 and st.passes < st.steps / 2  # passes gathered the active replies
+    assert st.steps == 4 * 23 and st.rows == st.steps and st.largest == 4  # one pass gathered all four replies
 
 
 @pytest.mark.real_model
 def test_a_full_cache_fails_its_own_step_only(model):
-    batcher = DecodeBatcher(model)
+    lane = StepBatcher(model).lane()
     full = model.new_cache(4)  # exactly the prompt
     with torch.inference_mode():
         prefill(model, full, [1, 2, 3, 4])
         with pytest.raises(CacheFullError):
-            batcher.decode(model, full, 5)
+            lane.decode(model, full, 5)
         roomy = prefilled(model, PROMPTS[:1])[0]
-        assert batcher.decode(model, roomy, 5).shape == (model.args.vocab_size,)
+        assert lane.decode(model, roomy, 5).shape == (model.args.vocab_size,)
     with pytest.raises(ValueError, match="another model"):
-        batcher.decode(object(), roomy, 5)
+        lane.decode(object(), roomy, 5)
 
 
 @pytest.mark.real_model
 def test_a_reply_that_stops_asking_holds_no_one_up(model):
     """A reply counted active but not stepping (its reader is slow) delays the others' passes
     by GATHER_S at most; they run alone and finish with their own replies."""
-    batcher = DecodeBatcher(model)
-    held = batcher.decoding(generate_ar(model, decoding_cache(model, 64), PROMPTS[0], 24, set(), None, batcher.decode))
+    batcher = StepBatcher(model)
+    slow, quick = batcher.lane(), batcher.lane()
+    held = slow.decoding(generate_ar(model, decoding_cache(model, 64), PROMPTS[0], 24, set(), None, slow.decode))
     next(held)  # active from here on, and not asking for a step
-    other = generate_ar(model, decoding_cache(model, 64), PROMPTS[1], 12, set(), None, batcher.decode)
+    assert quick.others() == Load(1.0, 1.0)  # what a plain step adds to a pass
+    other = generate_ar(model, decoding_cache(model, 64), PROMPTS[1], 12, set(), None, quick.decode)
     alone = generate_ar(model, decoding_cache(model, 64), PROMPTS[1], 12, set())
-    assert [s.tokens for s in batcher.decoding(other)] == [s.tokens for s in alone]
+    assert [s.tokens for s in quick.decoding(other)] == [s.tokens for s in alone]
     assert batcher.stats.largest == 1 and batcher.stats.passes == 11
     held.close()
-    assert batcher._active == 0  # closing a reply ends its count
+    assert batcher._active() == 0 and quick.others() == Load()  # closing a reply ends its count
+
+
+def test_a_lane_decodes_one_reply_at_a_time():
+    lane = StepBatcher(None).lane()
+    first = lane.decoding(iter([1, 2]))
+    assert next(first) == 1
+    with pytest.raises(RuntimeError, match="one reply at a time"):
+        next(lane.decoding(iter([3])))
+    first.close()
+    assert list(lane.decoding(iter([3]))) == [3]

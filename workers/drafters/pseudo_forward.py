@@ -60,15 +60,59 @@ def pseudo_positions(anchor_positions: torch.Tensor, k: int) -> torch.Tensor:
     return (anchor_positions[:, None] + torch.arange(1, k + 1, device=anchor_positions.device)).reshape(-1)
 
 
-def layers(model: Transformer, h: torch.Tensor, ctx: AttentionContext, start: int = 0) -> LayerSteps:
-    """Layers [start, N) over h, yielding (layer, h) before each and after the last: the
-    same stepping as `pseudo_state_layers`, for a forward without pseudo states."""
+class SameRows:
+    """The rows of a forward without pseudo states: the same rows and context at every layer."""
+
+    def __init__(self, ctx: AttentionContext):
+        self.ctx = ctx
+        self.join_layers: frozenset[int] = frozenset()  # the layers before which `before` changes the rows
+
+    def before(self, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, AttentionContext]:
+        return h, self.ctx
+
+
+class PseudoRows:
+    """The rows of the pseudo-state forward (the module's docstring): before the drafter's layer
+    L the n real rows with `node_ctx`; there the m*k pseudo states join and every row runs
+    with `joined_ctx`; before each refine layer the pseudo states get their refinement."""
+
+    def __init__(self, drafter: PseudoStateDrafter, node_ctx: AttentionContext | None, joined_ctx: AttentionContext,
+                 anchors: Anchors, n: int):
+        self.drafter, self.node_ctx, self.joined_ctx, self.anchors, self.n = drafter, node_ctx, joined_ctx, anchors, n
+        self.refine = {r: i for i, r in enumerate(drafter.config.refine_layers)}
+        self.join_layers = frozenset({drafter.config.layer, *self.refine})
+
+    def before(self, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, AttentionContext]:
+        """h (1, rows, dim), the state after `layer` layers -> the rows layer `layer` runs, and its context."""
+        if layer == self.drafter.config.layer:  # the pseudo states join
+            pseudo = self.drafter(self.anchors(layer, h)).reshape(1, -1, h.shape[-1])  # (1, m*k, dim)
+            h = torch.cat((h, pseudo.to(h.dtype)), dim=1)
+        elif layer in self.refine:  # a later transfer (FIRP style) from the anchors' states here
+            extra = self.drafter.refine(self.refine[layer], self.anchors(layer, h)).reshape(1, -1, h.shape[-1])
+            h = torch.cat((h[:, : self.n], h[:, self.n :] + extra.to(h.dtype)), dim=1)
+        return h, self.joined_ctx if layer >= self.drafter.config.layer else self.node_ctx
+
+
+RowPlan = SameRows | PseudoRows
+
+
+def planned_layers(model: Transformer, h: torch.Tensor, rows: RowPlan, start: int = 0) -> LayerSteps:
+    """Layers [start, N) over h (1, n, dim), each over the rows and context `rows` gives it.
+    Yields (layer, h) before every layer runs and once after the last (layer N), h being
+    the state after `layer` layers; returns the final h, before the final norm.
+    (workers.batched_step runs the same plans for several sequences in one pass.)"""
     n_layers = model.args.n_layers
     for layer in range(start, n_layers + 1):
+        h, ctx = rows.before(layer, h)
         yield layer, h
         if layer < n_layers:
             h = model.layer(layer, h, ctx)
     return h
+
+
+def layers(model: Transformer, h: torch.Tensor, ctx: AttentionContext, start: int = 0) -> LayerSteps:
+    """Layers [start, N) over h: `planned_layers` without pseudo states."""
+    return planned_layers(model, h, SameRows(ctx), start)
 
 
 def pseudo_state_layers(
@@ -81,24 +125,9 @@ def pseudo_state_layers(
     start: int = 0,
 ) -> LayerSteps:
     """Run layers [start, N) over h (1, n, dim) with the drafter's pseudo states joining at
-    its layer L (start <= L). Yields (layer, h) before every layer runs and once after the
-    last (layer N), h being the state after `layer` layers; returns the final h
-    (1, n + m*k, dim), before the final norm."""
-    n, n_layers, config = h.shape[1], model.args.n_layers, drafter.config
-    refine = {r: i for i, r in enumerate(config.refine_layers)}
-    ctx = node_ctx
-    for layer in range(start, n_layers + 1):
-        if layer == config.layer:  # the pseudo states join
-            pseudo = drafter(anchors(layer, h)).reshape(1, -1, h.shape[-1])  # (1, m*k, dim)
-            h = torch.cat((h, pseudo.to(h.dtype)), dim=1)
-            ctx = joined_ctx
-        elif layer in refine:  # a later transfer (FIRP style) from the anchors' states here
-            extra = drafter.refine(refine[layer], anchors(layer, h)).reshape(1, -1, h.shape[-1])
-            h = torch.cat((h[:, :n], h[:, n:] + extra.to(h.dtype)), dim=1)
-        yield layer, h
-        if layer < n_layers:
-            h = model.layer(layer, h, ctx)
-    return h
+    its layer L (start <= L): `planned_layers` with PseudoRows; the final h is
+    (1, n + m*k, dim)."""
+    return planned_layers(model, h, PseudoRows(drafter, node_ctx, joined_ctx, anchors, h.shape[1]), start)
 
 
 def run_to_end(steps: Generator):

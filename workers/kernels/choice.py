@@ -26,11 +26,15 @@ class Kernels:
     # A whole decoder layer in one call (workers.kernels.native.decoder_layer), or None:
     # workers.model.DecoderLayer then runs op by op.
     decoder_layer: Callable | None = None
+    # The same over the rows of several sequences, each with its own cache
+    # (workers.kernels.native.ragged_decoder_layer), or None: workers.batched_step runs op by op.
+    ragged_decoder_layer: Callable | None = None
 
 
 TORCH = Kernels("torch", reference.linear, reference.prompt_linear, reference.rms_norm, reference.rotary, reference.attention)
 NATIVE = Kernels(
-    "native", native.linear, native.prompt_linear, native.rms_norm, native.rotary, native.attention, native.decoder_layer
+    "native", native.linear, native.prompt_linear, native.rms_norm, native.rotary, native.attention, native.decoder_layer,
+    native.ragged_decoder_layer,
 )
 
 

@@ -523,6 +523,51 @@ torch::Tensor attention(const torch::Tensor& q_in, const torch::Tensor& k, const
   return y;
 }
 
+namespace {
+
+// A decoder layer's first part: the norm, the fused q/k/v projection, rotary angles on the
+// q and k heads. h (..., rows, dim); cos, sin (rows, d) or as many leading dims as h.
+torch::Tensor projected_qkv(const torch::Tensor& h, const torch::Tensor& norm1, const torch::Tensor& qkv_w,
+                            const c10::optional<torch::Tensor>& qkv_b, double eps, int64_t heads, int64_t kv_heads, int64_t d,
+                            const torch::Tensor& cos, const torch::Tensor& sin) {
+  auto qkv = ::linear(::rms_norm(h, norm1, eps), qkv_w, qkv_b, false);
+  const auto rows = qkv.sizes().slice(0, qkv.dim() - 1);
+  std::vector<int64_t> angle_shape(rows.begin(), rows.end());
+  angle_shape.push_back(d);
+  ::rotary_(qkv, cos.dim() < qkv.dim() ? cos.expand(angle_shape) : cos, sin.dim() < qkv.dim() ? sin.expand(angle_shape) : sin,
+            heads + kv_heads, d);
+  return qkv;
+}
+
+// Attention of a block of rows (1 or B sequences of n rows) over one cache: the new keys and
+// values into slots [length, length + n), attention over prefix + new in float32.
+torch::Tensor cached_attention(const torch::Tensor& qkv, int64_t heads, int64_t kv_heads, int64_t d,
+                               const c10::optional<torch::Tensor>& mask, torch::Tensor cache_k, torch::Tensor cache_v,
+                               int64_t length) {
+  const int64_t B = qkv.size(0), n = qkv.size(1);
+  TORCH_CHECK(length + n <= cache_k.size(2), "decoder layer: no room in the cache");
+  const auto parts = qkv.split_with_sizes({heads * d, kv_heads * d, kv_heads * d}, -1);
+  const auto q = parts[0].view({B, n, heads, d}).transpose(1, 2);
+  const auto k = parts[1].view({B, n, kv_heads, d}).transpose(1, 2);
+  const auto v = parts[2].view({B, n, kv_heads, d}).transpose(1, 2);
+  cache_k.slice(2, length, length + n).copy_(k);
+  cache_v.slice(2, length, length + n).copy_(v);
+  return ::attention(q.to(at::kFloat), cache_k.slice(2, 0, length + n), cache_v.slice(2, 0, length + n), mask);
+}
+
+// A decoder layer's last part: the output projection and residual, then the MLP (norm,
+// fused gate/up projection, silu(gate) * up, down projection) and its residual.
+torch::Tensor attention_out_and_mlp(const torch::Tensor& h, const torch::Tensor& y, const torch::Tensor& o_w,
+                                    const c10::optional<torch::Tensor>& o_b, const torch::Tensor& norm2,
+                                    const torch::Tensor& gate_up_w, const c10::optional<torch::Tensor>& gate_up_b,
+                                    const torch::Tensor& down_w, const c10::optional<torch::Tensor>& down_b, double eps) {
+  const auto after_attention = h + ::linear(y.to(h.scalar_type()), o_w, o_b, false);
+  const auto gate_up = ::linear(::rms_norm(after_attention, norm2, eps), gate_up_w, gate_up_b, false).chunk(2, -1);
+  return after_attention + ::linear(at::silu(gate_up[0]) * gate_up[1], down_w, down_b, false);
+}
+
+}  // namespace
+
 // One decoder layer (pre-norm attention, then a SwiGLU MLP) in one call: the same kernels
 // and ATen ops as workers.model.DecoderLayer runs op by op on the native kernels, in the same
 // order and dtypes, so the result is bit-identical; what it saves is Python's dispatch of
@@ -538,27 +583,42 @@ torch::Tensor decoder_layer(const torch::Tensor& h, const torch::Tensor& norm1, 
                             int64_t heads, int64_t kv_heads, int64_t d, const torch::Tensor& cos, const torch::Tensor& sin,
                             const c10::optional<torch::Tensor>& mask, torch::Tensor cache_k, torch::Tensor cache_v,
                             int64_t length) {
-  const int64_t B = h.size(0), n = h.size(1);
-  TORCH_CHECK(h.dim() == 3 && length + n <= cache_k.size(2), "decoder_layer: h (B, n, dim) and room in the cache");
-  // Attention: norm, fused q/k/v projection, rotary on the q and k heads.
-  auto qkv = ::linear(::rms_norm(h, norm1, eps), qkv_w, qkv_b, false);
-  const auto rows = qkv.sizes().slice(0, qkv.dim() - 1);
-  std::vector<int64_t> angle_shape(rows.begin(), rows.end());
-  angle_shape.push_back(d);
-  ::rotary_(qkv, cos.dim() < qkv.dim() ? cos.expand(angle_shape) : cos, sin.dim() < qkv.dim() ? sin.expand(angle_shape) : sin,
-          heads + kv_heads, d);
-  const auto parts = qkv.split_with_sizes({heads * d, kv_heads * d, kv_heads * d}, -1);
-  const auto q = parts[0].view({B, n, heads, d}).transpose(1, 2);
-  const auto k = parts[1].view({B, n, kv_heads, d}).transpose(1, 2);
-  const auto v = parts[2].view({B, n, kv_heads, d}).transpose(1, 2);
-  // The new keys and values into their slots; attention over prefix + new, in float32.
-  cache_k.slice(2, length, length + n).copy_(k);
-  cache_v.slice(2, length, length + n).copy_(v);
-  const auto y = ::attention(q.to(at::kFloat), cache_k.slice(2, 0, length + n), cache_v.slice(2, 0, length + n), mask);
-  const auto after_attention = h + ::linear(y.to(h.scalar_type()), o_w, o_b, false);
-  // MLP: norm, fused gate/up projection, silu(gate) * up, down projection.
-  const auto gate_up = ::linear(::rms_norm(after_attention, norm2, eps), gate_up_w, gate_up_b, false).chunk(2, -1);
-  return after_attention + ::linear(at::silu(gate_up[0]) * gate_up[1], down_w, down_b, false);
+  TORCH_CHECK(h.dim() == 3, "decoder_layer: h (B, n, dim)");
+  const auto qkv = projected_qkv(h, norm1, qkv_w, qkv_b, eps, heads, kv_heads, d, cos, sin);
+  const auto y = cached_attention(qkv, heads, kv_heads, d, mask, cache_k, cache_v, length);
+  return attention_out_and_mlp(h, y, o_w, o_b, norm2, gate_up_w, gate_up_b, down_w, down_b, eps);
+}
+
+// decoder_layer over the rows of several sequences, each with its own cache (a batched step
+// of several requests, workers.batched_step): h (1, R, dim), sequence s owning the next
+// rows[s] rows, with masks[s] (rows[s], keys) or an empty tensor (attend to all), its
+// layer's cache slices caches_k[s], caches_v[s] and committed length lengths[s]; cos, sin
+// (R, d). Products run once over all R rows, attention per sequence; a row's result is the
+// one the sequence's own decoder_layer gives it (every kernel computes a row on its own).
+torch::Tensor ragged_decoder_layer(const torch::Tensor& h, const torch::Tensor& norm1, const torch::Tensor& qkv_w,
+                                   const c10::optional<torch::Tensor>& qkv_b, const torch::Tensor& o_w,
+                                   const c10::optional<torch::Tensor>& o_b, const torch::Tensor& norm2,
+                                   const torch::Tensor& gate_up_w, const c10::optional<torch::Tensor>& gate_up_b,
+                                   const torch::Tensor& down_w, const c10::optional<torch::Tensor>& down_b, double eps,
+                                   int64_t heads, int64_t kv_heads, int64_t d, const torch::Tensor& cos,
+                                   const torch::Tensor& sin, const std::vector<int64_t>& rows,
+                                   const std::vector<torch::Tensor>& masks, const std::vector<torch::Tensor>& caches_k,
+                                   const std::vector<torch::Tensor>& caches_v, const std::vector<int64_t>& lengths) {
+  const size_t S = rows.size();
+  TORCH_CHECK(h.dim() == 3 && h.size(0) == 1, "ragged_decoder_layer: h (1, rows, dim)");
+  TORCH_CHECK(masks.size() == S && caches_k.size() == S && caches_v.size() == S && lengths.size() == S,
+              "ragged_decoder_layer: one mask, cache and length per sequence");
+  const auto qkv = projected_qkv(h, norm1, qkv_w, qkv_b, eps, heads, kv_heads, d, cos, sin);
+  std::vector<torch::Tensor> ys;
+  int64_t offset = 0;
+  for (size_t s = 0; s < S; ++s) {
+    const c10::optional<torch::Tensor> mask = masks[s].defined() && masks[s].numel() ? c10::optional<torch::Tensor>(masks[s]) : c10::nullopt;
+    ys.push_back(cached_attention(qkv.slice(1, offset, offset + rows[s]), heads, kv_heads, d, mask, caches_k[s], caches_v[s],
+                                  lengths[s]));
+    offset += rows[s];
+  }
+  TORCH_CHECK(offset == h.size(1), "ragged_decoder_layer: the sequences' rows must add up to h's");
+  return attention_out_and_mlp(h, at::cat(ys, 1), o_w, o_b, norm2, gate_up_w, gate_up_b, down_w, down_b, eps);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -568,4 +628,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_", &rotary_, "rotary embedding in place on the q and k heads of the fused projection");
   m.def("attention", &attention, "attention in float32, each query row independent of the others");
   m.def("decoder_layer", &decoder_layer, "one decoder layer, the kernels above and ATen's ops in the model's order");
+  m.def("ragged_decoder_layer", &ragged_decoder_layer, "decoder_layer over the rows of several sequences, each with its own cache");
 }

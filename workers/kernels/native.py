@@ -136,15 +136,50 @@ def decoder_layer(
     weights: (input norm, qkv, qkv bias, o, o bias, post-attention norm, gate/up, gate/up
     bias, down, down bias), biases None where absent; cache_k, cache_v (B, kv_heads,
     max_len, head_dim): the layer's slice of the cache, written at [length, length + n)."""
-    if (
-        torch.is_grad_enabled()
-        or head_dim % 8
-        or (mask is not None and mask.dim() != 2)
-        or cache_k.dtype != torch.float32
-        or h.dtype != weights[0].dtype
-    ):
+    if not fusable(h, weights, head_dim, [mask], [cache_k]):
         return None
     return extension().decoder_layer(h, *weights, eps, heads, kv_heads, head_dim, cos, sin, mask, cache_k, cache_v, length)
+
+
+def ragged_decoder_layer(
+    h: torch.Tensor,
+    weights: tuple[torch.Tensor | None, ...],
+    eps: float,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    rows: list[int],
+    masks: list[torch.Tensor | None],
+    caches_k: list[torch.Tensor],
+    caches_v: list[torch.Tensor],
+    lengths: list[int],
+) -> torch.Tensor | None:
+    """decoder_layer over the rows of several sequences in one call (cpu_kernels.cpp:
+    ragged_decoder_layer): h (1, R, dim), sequence s owning the next rows[s] rows, with its
+    mask (rows[s], keys) or None, its layer's cache slices and committed length; cos, sin
+    (R, head_dim). Each sequence's rows get what its own decoder_layer gives them; None
+    where decoder_layer would be None for one of them."""
+    if not fusable(h, weights, head_dim, masks, caches_k):
+        return None
+    none = torch.empty(0, dtype=torch.bool)
+    masks = [none if m is None else m for m in masks]
+    return extension().ragged_decoder_layer(h, *weights, eps, heads, kv_heads, head_dim, cos, sin, rows, masks, caches_k,
+                                            caches_v, lengths)
+
+
+def fusable(h: torch.Tensor, weights: tuple, head_dim: int, masks: list, caches_k: list[torch.Tensor]) -> bool:
+    """Whether a fused layer call computes what the layer op by op on these kernels does: not
+    where one of them would hand its work to the reference (autograd, a head size or mask
+    they do not take, a bfloat16 cache)."""
+    return not (
+        torch.is_grad_enabled()
+        or head_dim % 8
+        or any(m is not None and m.dim() != 2 for m in masks)
+        or any(k.dtype != torch.float32 for k in caches_k)
+        or h.dtype != weights[0].dtype
+    )
 
 
 def main() -> None:

@@ -153,9 +153,9 @@ def test_the_lookup_chain_is_grafted_onto_a_drafters_tree():
     lookup = PromptLookupDrafter(min_ngram=1, max_ngram=3, depth=3)
     decoder = TreeDecoder(None, None, FixedTree(), None, lookup)
     lookup.start([5, 6, 7, 8, 5, 6])
-    tree, slots = decoder.propose(7)
+    tree, slots, _ = decoder.propose(7)
     assert tree.tokens == [7, 8, 9, 5, 6] and tree.parents == [-1, 0, 0, 1, 3]
     assert tree.scores[:3] == [0.0, -0.1, -2.0] and tree.scores[3:] == [float("-inf")] * 2
     assert slots == {1: ("lookup", 1), 2: 2, 3: ("lookup", 2), 4: ("lookup", 3)}
-    tree, slots = TreeDecoder(None, None, FixedTree()).propose(7)
+    tree, slots, _ = TreeDecoder(None, None, FixedTree()).propose(7)
     assert tree.tokens == [7, 8, 9] and slots == {1: 1, 2: 2}
