@@ -37,7 +37,11 @@ from workers.kv_cache import KVCache
 from workers.model import AttentionContext, DecoderLayer, Transformer
 from workers.tree_sizing import Load
 
-GATHER_S = 0.002  # the longest a pass waits for the steps of active replies that have not sent theirs
+GATHER_S = 0.002  # how long a pass waits at least for the steps of active replies that have not sent theirs
+MAX_GATHER_S = 0.015  # and at most, for replies whose steps come soon by their usual pace (Lane.gap)
+GAP_KEEP = 0.8  # Lane.gap: an average over the last ~5 steps
+PASS_KEEP = 0.98  # PassCost: a memory of ~50 passes
+PASS_COST_AFTER = 16  # passes of several steps before PassCost is read
 
 
 @dataclass
@@ -114,6 +118,38 @@ def ragged_layer(layer: DecoderLayer, h: torch.Tensor, cos: torch.Tensor, sin: t
     return h + layer.mlp(layer.post_attention_layernorm(h))
 
 
+class PassCost:
+    """ms of a pass of two or more steps, by its rows and steps: a + b * rows + c * steps,
+    fitted by least squares over the passes run, each weighing PASS_KEEP of the one after
+    it (it follows the machine's load). Rows are counted as the steps' senders count them
+    (Lane.forward: pseudo states at their share of a row). On this CPU a row in a pass of
+    several requests costs more than the device's one-request curve t(n) says (each
+    request's attention, and the rows' Python), so load-aware sizing reads this instead."""
+
+    def __init__(self):
+        self.xtx = torch.eye(3, dtype=torch.float64) * 1e-3  # a little ridge: solvable from the start
+        self.xty = torch.zeros(3, dtype=torch.float64)
+        self.passes = 0
+        self.coef: torch.Tensor | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.coef is not None
+
+    def observe(self, ms: float, rows: float, steps: int) -> None:
+        x = torch.tensor([1.0, rows, steps], dtype=torch.float64)
+        self.xtx = PASS_KEEP * self.xtx + torch.outer(x, x)
+        self.xty = PASS_KEEP * self.xty + ms * x
+        self.passes += 1
+        if self.passes >= PASS_COST_AFTER:
+            coef = torch.linalg.solve(self.xtx, self.xty)
+            self.coef = coef if coef[1] > 0 else self.coef  # a row never makes a pass cheaper
+
+    def __call__(self, rows: float, steps: int) -> float:
+        a, b, c = self.coef.tolist()
+        return max(a + b * rows + c * steps, 0.1)
+
+
 @dataclass
 class _Step:
     lane: Lane
@@ -145,6 +181,10 @@ class Lane:
         self.batcher = batcher
         self.active = False
         self.rows, self.tokens = 1.0, 1.0  # of its last step (a plain step until it sends one)
+        # When its last step's result came back, and how long it takes to send the next one
+        # (its host work: accepting, drafting, streaming), which the gathering waits for.
+        self.returned: float | None = None
+        self.gap = 0.0
 
     def decoding(self, steps: Iterator) -> Iterator:
         """A reply's steps, with the reply counted active from its first step to its end."""
@@ -152,7 +192,7 @@ class Lane:
         with b._cond:
             if self.active:
                 raise RuntimeError("a lane decodes one reply at a time")
-            self.active, self.rows, self.tokens = True, 1.0, 1.0
+            self.active, self.rows, self.tokens, self.returned = True, 1.0, 1.0, None
         try:
             yield from steps
         finally:
@@ -181,10 +221,16 @@ class Lane:
         return logits[0]
 
     def others(self) -> Load:
-        """The rows and expected tokens of the other active replies' last steps."""
-        with self.batcher._cond:
-            lanes = [lane for lane in self.batcher._lanes if lane.active and lane is not self]
-            return Load(sum(lane.rows for lane in lanes), sum(lane.tokens for lane in lanes))
+        """The rows and expected tokens of the other active replies' last steps, and the cost
+        of a pass with them and this one by its rows (PassCost) once passes measured it."""
+        b = self.batcher
+        with b._cond:
+            lanes = [lane for lane in b._lanes if lane.active and lane is not self]
+            if not lanes:
+                return Load()
+            steps = len(lanes) + 1
+            cost = (lambda rows: b.pass_cost(rows, steps)) if b.pass_cost.ready else None
+            return Load(sum(lane.rows for lane in lanes), sum(lane.tokens for lane in lanes), cost)
 
 
 class StepBatcher:
@@ -197,6 +243,7 @@ class StepBatcher:
         self._running = False
         self._lanes: list[Lane] = []
         self.stats = BatchStats()
+        self.pass_cost = PassCost()
 
     def lane(self) -> Lane:
         """A new seat (one per engine)."""
@@ -212,6 +259,10 @@ class StepBatcher:
         step.segment.cache.check_room(step.segment.h.shape[1])  # a full cache fails its own request, not the pass
         deadline = None
         with self._cond:
+            lane = step.lane
+            if lane.returned is not None:
+                gap = time.monotonic() - lane.returned
+                lane.gap = gap if lane.gap == 0 else GAP_KEEP * lane.gap + (1 - GAP_KEEP) * gap
             self._waiting.append(step)
             self._cond.notify_all()  # a thread gathering a pass may now have every step
             while not step.done:
@@ -220,7 +271,7 @@ class StepBatcher:
                     deadline = None  # gather afresh once the pass in flight is over
                     continue
                 if len(self._waiting) < self._active():
-                    deadline = deadline or time.monotonic() + GATHER_S
+                    deadline = deadline or self._gather_deadline()
                     left = deadline - time.monotonic()
                     if left > 0:
                         self._cond.wait(left)
@@ -233,7 +284,17 @@ class StepBatcher:
             raise step.error
         return step.result
 
+    def _gather_deadline(self) -> float:
+        """Until when a pass waits for the active replies that have not sent their steps:
+        GATHER_S at least; up to MAX_GATHER_S for those expected by their usual pace."""
+        now = time.monotonic()
+        sent = {id(s.lane) for s in self._waiting}
+        expected = [lane.returned + 1.25 * lane.gap for lane in self._lanes
+                    if lane.active and id(lane) not in sent and lane.returned is not None]
+        return min(now + MAX_GATHER_S, max([now + GATHER_S, *expected]))
+
     def _run(self, batch: list[_Step]) -> None:
+        start = time.perf_counter()
         try:
             for s, result in zip(batch, batched_forward(self.model, [s.segment for s in batch])):
                 s.result = result
@@ -241,9 +302,12 @@ class StepBatcher:
             for s in batch:
                 s.error = e
         with self._cond:
+            now = time.monotonic()
             for s in batch:
-                s.done = True
+                s.done, s.lane.returned = True, now
             self._running = False
+            if len(batch) > 1 and not any(s.error for s in batch):
+                self.pass_cost.observe(1000 * (time.perf_counter() - start), sum(s.lane.rows for s in batch), len(batch))
             st = self.stats
             st.passes, st.steps, st.largest = st.passes + 1, st.steps + len(batch), max(st.largest, len(batch))
             st.rows += sum(s.segment.h.shape[1] for s in batch)

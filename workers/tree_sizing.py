@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field, replace
 
 from workers.model import ModelArgs
@@ -41,12 +41,14 @@ from workers.tree import TokenTree
 @dataclass(frozen=True)
 class Load:
     """What other requests' steps add to a batched pass this step joins
-    (workers.batched_step): their rows, and the tokens they are expected to commit. A node
-    is worth its row when it adds more tokens per ms to the whole pass, so trees shrink as
-    the batch grows (load-aware speculation); Load() is a step alone."""
+    (workers.batched_step): their rows, the tokens they are expected to commit, and the
+    pass's measured cost by its rows (None: not measured yet; the device's t(n) then). A
+    node is worth its row when it adds more tokens per ms to the whole pass, so trees
+    shrink as the batch grows (load-aware speculation); Load() is a step alone."""
 
     rows: float = 0.0
     tokens: float = 0.0
+    cost: Callable[[float], float] | None = None
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,7 @@ def best_size(probs: list[float], cost: StepCost, extra_rows: float = 0.0, load:
     `probs` + load.tokens) / cost(1 + m + extra_rows + load.rows), the tokens per ms of the
     whole pass the step shares with `load`. The smallest such m on ties."""
     ranked = sorted(probs, reverse=True)
+    cost = load.cost or cost
     extra_rows += load.rows
     expected = 1.0 + load.tokens
     best_m, best_rate = 0, expected / cost(1 + extra_rows)
@@ -260,7 +263,7 @@ class TreeSizer:
         and is worth the tokens accepted per step at depths 1..d (Acceptance.per_step): the d
         maximising (expected + those tokens + load.tokens) / t(rows + d * rows_per_depth +
         load.rows); 0: no drafts."""
-        t = self.cost.at(context)
+        t = load.cost or self.cost.at(context)
         rows, tokens = rows + load.rows, expected + load.tokens
         best, best_rate = 0, tokens / t(rows)
         for depth in range(1, max_depth + 1):

@@ -18,6 +18,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -466,6 +467,63 @@ void attend_block(const float* const* q, const bool* const* seen, int count, con
   }
 }
 
+// One sequence's attention for attend_all: n query rows, q[h, i] at q + h * q_head + i * q_row
+// (d floats each); its keys and values k[kvh, t] at k + kvh * kv_head + t * key_stride (v alike);
+// mask (n, keys) row-major or nullptr (all); row i's result at y + i * y_row + h * d.
+struct AttendJob {
+  const float* q;
+  int64_t q_head, q_row;
+  const float* k;
+  const float* v;
+  int64_t kv_head, key_stride;
+  const bool* mask;
+  int64_t n, keys;
+  float* y;
+  int64_t y_row;
+};
+
+// The attention of every job in one parallel loop: tasks are (job, kv head, block of
+// kQueries query vectors), a kv head's query vectors being its `group` heads at each row.
+void attend_all(const std::vector<AttendJob>& jobs, int64_t heads, int64_t kv_heads, int64_t d) {
+  const int64_t group = heads / kv_heads;
+  const float scale = 1.f / std::sqrt(static_cast<float>(d));
+  std::vector<int64_t> first_task(jobs.size() + 1, 0), blocks(jobs.size());
+  int64_t max_keys = 0;
+  for (size_t j = 0; j < jobs.size(); ++j) {
+    blocks[j] = (group * jobs[j].n + kQueries - 1) / kQueries;
+    first_task[j + 1] = first_task[j] + kv_heads * blocks[j];
+    max_keys = std::max(max_keys, jobs[j].keys);
+  }
+  at::parallel_for(0, first_task.back(), 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> e(kQueries * max_keys);
+    for (int64_t task = t0; task < t1; ++task) {
+      const size_t j = std::upper_bound(first_task.begin(), first_task.end(), task) - first_task.begin() - 1;
+      const AttendJob& job = jobs[j];
+      const int64_t local = task - first_task[j], kvh = local / blocks[j], g0 = (local % blocks[j]) * kQueries;
+      const float* qv[kQueries];
+      const bool* seen[kQueries];
+      float* out[kQueries];
+      const int count = static_cast<int>(std::min<int64_t>(kQueries, group * job.n - g0));
+      for (int a = 0; a < count; ++a) {
+        const int64_t i = (g0 + a) / group, h = kvh * group + (g0 + a) % group;
+        qv[a] = job.q + h * job.q_head + i * job.q_row;
+        seen[a] = job.mask == nullptr ? nullptr : job.mask + i * job.keys;
+        out[a] = job.y + i * job.y_row + h * d;
+      }
+      // Keys after the last one any of these rows sees (a prompt's causal rows) are skipped.
+      int64_t limit = job.mask == nullptr ? job.keys : 0;
+      for (int a = 0; a < count && limit < job.keys; ++a)
+        for (int64_t t = job.keys - 1; t >= limit; --t)
+          if (seen[a][t]) {
+            limit = t + 1;
+            break;
+          }
+      const int64_t kv = kvh * job.kv_head;
+      attend_block(qv, seen, count, job.k + kv, job.v + kv, job.key_stride, limit, d, scale, e.data(), out);
+    }
+  });
+}
+
 }  // namespace
 
 // Attention of n query rows over keys/values in float32, a query row's result independent of
@@ -478,7 +536,7 @@ torch::Tensor attention(const torch::Tensor& q_in, const torch::Tensor& k, const
   TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1 && k.strides() == v.strides() && k.sizes() == v.sizes(), "attention: k, v layout");
   const auto q = q_in.to(at::kFloat);
   const int64_t B = q.size(0), heads = q.size(1), n = q.size(2), d = q.size(3);
-  const int64_t kv_heads = k.size(1), keys = k.size(2), group = heads / kv_heads;
+  const int64_t kv_heads = k.size(1), keys = k.size(2);
   TORCH_CHECK(d % kLanes == 0 && heads % kv_heads == 0 && q.stride(3) == 1, "attention: head_dim % 8 and heads % kv_heads");
   torch::Tensor mask;
   if (mask_in.has_value()) {
@@ -486,40 +544,13 @@ torch::Tensor attention(const torch::Tensor& q_in, const torch::Tensor& k, const
     TORCH_CHECK(mask.dim() == 2 && mask.size(0) == n && mask.size(1) == keys, "attention: mask must be (n, keys)");
   }
   auto y = torch::empty({B, n, heads * d}, q.options());
-  const float scale = 1.f / std::sqrt(static_cast<float>(d));
-  const float* qp = q.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
-  const bool* mp = mask.defined() ? mask.data_ptr<bool>() : nullptr;
-  float* yp = y.data_ptr<float>();
-  // A kv head's query vectors: its `group` heads at each of the n rows, vector g = row g / group.
-  const int64_t vectors = group * n, blocks = (vectors + kQueries - 1) / kQueries;
-  at::parallel_for(0, B * kv_heads * blocks, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> e(kQueries * keys);
-    for (int64_t task = t0; task < t1; ++task) {
-      const int64_t b = task / (kv_heads * blocks), kvh = (task / blocks) % kv_heads, g0 = (task % blocks) * kQueries;
-      const float* qv[kQueries];
-      const bool* seen[kQueries];
-      float* out[kQueries];
-      const int count = static_cast<int>(std::min<int64_t>(kQueries, vectors - g0));
-      for (int a = 0; a < count; ++a) {
-        const int64_t i = (g0 + a) / group, h = kvh * group + (g0 + a) % group;
-        qv[a] = qp + b * q.stride(0) + h * q.stride(1) + i * q.stride(2);
-        seen[a] = mp == nullptr ? nullptr : mp + i * keys;
-        out[a] = yp + (b * n + i) * heads * d + h * d;
-      }
-      // Keys after the last one any of these rows sees (a prompt's causal rows) are skipped.
-      int64_t limit = mp == nullptr ? keys : 0;
-      for (int a = 0; a < count && limit < keys; ++a)
-        for (int64_t t = keys - 1; t >= limit; --t)
-          if (seen[a][t]) {
-            limit = t + 1;
-            break;
-          }
-      const int64_t kv = b * k.stride(0) + kvh * k.stride(1);
-      attend_block(qv, seen, count, kp + kv, vp + kv, k.stride(2), limit, d, scale, e.data(), out);
-    }
-  });
+  std::vector<AttendJob> jobs;
+  for (int64_t b = 0; b < B; ++b)
+    jobs.push_back({q.data_ptr<float>() + b * q.stride(0), q.stride(1), q.stride(2), k.data_ptr<float>() + b * k.stride(0),
+                    v.data_ptr<float>() + b * v.stride(0), k.stride(1), k.stride(2),
+                    mask.defined() ? mask.data_ptr<bool>() : nullptr, n, keys, y.data_ptr<float>() + b * n * heads * d,
+                    heads * d});
+  attend_all(jobs, heads, kv_heads, d);
   return y;
 }
 
@@ -553,6 +584,29 @@ torch::Tensor cached_attention(const torch::Tensor& qkv, int64_t heads, int64_t 
   cache_k.slice(2, length, length + n).copy_(k);
   cache_v.slice(2, length, length + n).copy_(v);
   return ::attention(q.to(at::kFloat), cache_k.slice(2, 0, length + n), cache_v.slice(2, 0, length + n), mask);
+}
+
+// The new keys and values of rows [offset, offset + n) of the fused projection `qkv` (rows
+// `row` elements apart: q heads, then k heads, then v heads) into slots [length, length + n)
+// of a layer's float32 cache slices (1, kv_heads, max_len, d): what copy_ does, without
+// its dispatch (two calls a sequence a layer add up in a batched step).
+template <typename T>
+void store_kv(const T* qkv, int64_t row, int64_t offset, int64_t n, int64_t heads, int64_t kv_heads, int64_t d,
+              const torch::Tensor& cache_k, const torch::Tensor& cache_v, int64_t length) {
+  float* k = cache_k.data_ptr<float>();
+  float* v = cache_v.data_ptr<float>();
+  const int64_t head_stride = cache_k.stride(1), key_stride = cache_k.stride(2);
+  for (int64_t i = 0; i < n; ++i) {
+    const T* src = qkv + (offset + i) * row + heads * d;
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      float* kd = k + h * head_stride + (length + i) * key_stride;
+      float* vd = v + h * head_stride + (length + i) * key_stride;
+      for (int64_t j = 0; j < d; ++j) {
+        kd[j] = static_cast<float>(src[h * d + j]);
+        vd[j] = static_cast<float>(src[(kv_heads + h) * d + j]);
+      }
+    }
+  }
 }
 
 // A decoder layer's last part: the output projection and residual, then the MLP (norm,
@@ -593,8 +647,9 @@ torch::Tensor decoder_layer(const torch::Tensor& h, const torch::Tensor& norm1, 
 // of several requests, workers.batched_step): h (1, R, dim), sequence s owning the next
 // rows[s] rows, with masks[s] (rows[s], keys) or an empty tensor (attend to all), its
 // layer's cache slices caches_k[s], caches_v[s] and committed length lengths[s]; cos, sin
-// (R, d). Products run once over all R rows, attention per sequence; a row's result is the
-// one the sequence's own decoder_layer gives it (every kernel computes a row on its own).
+// (R, d). Products run once over all R rows, attention per sequence (all of them in one
+// parallel loop); a row's result is the one the sequence's own decoder_layer gives it
+// (every kernel computes a row on its own).
 torch::Tensor ragged_decoder_layer(const torch::Tensor& h, const torch::Tensor& norm1, const torch::Tensor& qkv_w,
                                    const c10::optional<torch::Tensor>& qkv_b, const torch::Tensor& o_w,
                                    const c10::optional<torch::Tensor>& o_b, const torch::Tensor& norm2,
@@ -608,25 +663,52 @@ torch::Tensor ragged_decoder_layer(const torch::Tensor& h, const torch::Tensor& 
   TORCH_CHECK(h.dim() == 3 && h.size(0) == 1, "ragged_decoder_layer: h (1, rows, dim)");
   TORCH_CHECK(masks.size() == S && caches_k.size() == S && caches_v.size() == S && lengths.size() == S,
               "ragged_decoder_layer: one mask, cache and length per sequence");
+  TORCH_CHECK(d % kLanes == 0 && heads % kv_heads == 0, "ragged_decoder_layer: head_dim % 8 and heads % kv_heads");
+  const int64_t R = h.size(1);
   const auto qkv = projected_qkv(h, norm1, qkv_w, qkv_b, eps, heads, kv_heads, d, cos, sin);
-  std::vector<torch::Tensor> ys;
+  TORCH_CHECK(qkv.is_contiguous(), "ragged_decoder_layer: a contiguous projection");
+  const auto q = qkv.slice(2, 0, heads * d).to(at::kFloat).contiguous();  // (1, R, heads * d)
+  auto y = torch::empty({1, R, heads * d}, q.options());
+  std::vector<torch::Tensor> bool_masks(S);
+  std::vector<AttendJob> jobs;
   int64_t offset = 0;
-  for (size_t s = 0; s < S; ++s) {
-    const c10::optional<torch::Tensor> mask = masks[s].defined() && masks[s].numel() ? c10::optional<torch::Tensor>(masks[s]) : c10::nullopt;
-    ys.push_back(cached_attention(qkv.slice(1, offset, offset + rows[s]), heads, kv_heads, d, mask, caches_k[s], caches_v[s],
-                                  lengths[s]));
-    offset += rows[s];
+  for (size_t s = 0; s < S; ++s) {  // each sequence's new keys and values into its cache; its attention job
+    const int64_t n = rows[s], length = lengths[s], keys = length + n;
+    const auto& ck = caches_k[s];
+    TORCH_CHECK(ck.scalar_type() == at::kFloat && ck.stride(3) == 1 && ck.strides() == caches_v[s].strides() && keys <= ck.size(2),
+                "ragged_decoder_layer: float32 caches with room for the new rows");
+    if (qkv.scalar_type() == at::kBFloat16) {
+      store_kv(qkv.data_ptr<at::BFloat16>(), qkv.stride(1), offset, n, heads, kv_heads, d, ck, caches_v[s], length);
+    } else {
+      TORCH_CHECK(qkv.scalar_type() == at::kFloat, "ragged_decoder_layer: float32 or bfloat16 rows");
+      store_kv(qkv.data_ptr<float>(), qkv.stride(1), offset, n, heads, kv_heads, d, ck, caches_v[s], length);
+    }
+    const bool* mask = nullptr;
+    if (masks[s].defined() && masks[s].numel()) {
+      bool_masks[s] = masks[s].to(at::kBool).contiguous();
+      TORCH_CHECK(bool_masks[s].dim() == 2 && bool_masks[s].size(0) == n && bool_masks[s].size(1) == keys,
+                  "ragged_decoder_layer: a mask must be (rows, keys)");
+      mask = bool_masks[s].data_ptr<bool>();
+    }
+    jobs.push_back({q.data_ptr<float>() + offset * heads * d, d, heads * d, ck.data_ptr<float>(), caches_v[s].data_ptr<float>(),
+                    ck.stride(1), ck.stride(2), mask, n, keys, y.data_ptr<float>() + offset * heads * d, heads * d});
+    offset += n;
   }
-  TORCH_CHECK(offset == h.size(1), "ragged_decoder_layer: the sequences' rows must add up to h's");
-  return attention_out_and_mlp(h, at::cat(ys, 1), o_w, o_b, norm2, gate_up_w, gate_up_b, down_w, down_b, eps);
+  TORCH_CHECK(offset == R, "ragged_decoder_layer: the sequences' rows must add up to h's");
+  attend_all(jobs, heads, kv_heads, d);  // every sequence's attention in one parallel loop
+  return attention_out_and_mlp(h, y, o_w, o_b, norm2, gate_up_w, gate_up_b, down_w, down_b, eps);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("linear", &linear, "y = x @ w.T (+ b): few rows, weights streamed once (AVX2 FMA, or AVX512-BF16)");
+  // Every kernel lets go of the GIL while it computes (they touch no Python object): threads
+  // decoding other requests (workers.batched_step) run their Python between the layers of a pass.
+  const auto no_gil = py::call_guard<py::gil_scoped_release>();
+  m.def("linear", &linear, "y = x @ w.T (+ b): few rows, weights streamed once (AVX2 FMA, or AVX512-BF16)", no_gil);
   m.def("use_avx512_bf16", &use_avx512_bf16, "turn the AVX512-BF16 path of linear on (where the CPU has it) or off");
-  m.def("rms_norm", &rms_norm, "RMSNorm of each row, rounding as the reference does");
-  m.def("rotary_", &rotary_, "rotary embedding in place on the q and k heads of the fused projection");
-  m.def("attention", &attention, "attention in float32, each query row independent of the others");
-  m.def("decoder_layer", &decoder_layer, "one decoder layer, the kernels above and ATen's ops in the model's order");
-  m.def("ragged_decoder_layer", &ragged_decoder_layer, "decoder_layer over the rows of several sequences, each with its own cache");
+  m.def("rms_norm", &rms_norm, "RMSNorm of each row, rounding as the reference does", no_gil);
+  m.def("rotary_", &rotary_, "rotary embedding in place on the q and k heads of the fused projection", no_gil);
+  m.def("attention", &attention, "attention in float32, each query row independent of the others", no_gil);
+  m.def("decoder_layer", &decoder_layer, "one decoder layer, the kernels above and ATen's ops in the model's order", no_gil);
+  m.def("ragged_decoder_layer", &ragged_decoder_layer, "decoder_layer over the rows of several sequences, each with its own cache",
+        no_gil);
 }
