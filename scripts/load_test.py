@@ -53,7 +53,9 @@ async def one_client(host: str, port: int, prompts: list[str], args) -> list[dic
                 last, tokens = now, tokens + len(chunk.token_ids)
             s = stream.stats
             results.append({"ttft": first, "itl": gaps, "latency": last - sent, "tokens": tokens,
-                            "queue": s.queue_seconds, "tau": s.tau, "server_seconds": s.seconds})
+                            "queue": s.queue_seconds, "tau": s.tau, "server_seconds": s.seconds,
+                            "batched_steps": s.batched_steps, "mean_pass_steps": s.mean_pass_steps,
+                            "mean_step_rows": s.mean_step_rows})
     return results
 
 
@@ -77,6 +79,9 @@ async def run(args) -> dict:
         "latency_seconds": percentiles([r["latency"] for r in requests]),
         "queue_seconds": percentiles([r["queue"] for r in requests]),
         "tau": statistics.fmean(r["tau"] for r in requests),
+        # how the server batched the steps (runtime.serving.protocol.Stats): per request, averaged
+        "mean_pass_steps": statistics.fmean(r["mean_pass_steps"] for r in requests),
+        "mean_step_rows": statistics.fmean(r["mean_step_rows"] for r in requests),
         "per_request": requests,
     }
 
@@ -86,7 +91,8 @@ def summary(result: dict) -> str:
     t, i, lat = result["ttft_seconds"], result["itl_seconds"], result["latency_seconds"]
     return (
         f"{result['clients']} clients, {result['requests']} requests x {result['max_new_tokens']} tokens, mode {result['mode']}: "
-        f"{result['tokens_per_second']:.1f} tokens/s total ({result['tokens']} tokens in {result['wall_seconds']:.1f} s), tau {result['tau']:.2f}\n"
+        f"{result['tokens_per_second']:.1f} tokens/s total ({result['tokens']} tokens in {result['wall_seconds']:.1f} s), tau {result['tau']:.2f}, "
+        f"steps a pass {result['mean_pass_steps']:.2f}, rows a step {result['mean_step_rows']:.2f}\n"
         f"  TTFT ms p50 {ms(t, 'p50')} p90 {ms(t, 'p90')} p99 {ms(t, 'p99')} | "
         f"ITL ms p50 {ms(i, 'p50')} p90 {ms(i, 'p90')} p99 {ms(i, 'p99')} | "
         f"latency s p50 {lat['p50']:.2f} p90 {lat['p90']:.2f}"

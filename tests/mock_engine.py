@@ -15,6 +15,7 @@ import time
 from configs.schema import ModelConfig
 from runtime.decoding.steps import Step, clip_step
 from runtime.engine import Engine
+from workers.batched_step import StepBatcher
 from workers.kv_cache import KVCache
 
 STOP = 0
@@ -46,6 +47,7 @@ class MockEngine:
         self.tokenizer = ByteTokenizer()
         self.stop_ids = {STOP}
         self.cache = KVCache(1, 1, 1, max_context)
+        self.lane = StepBatcher(None).lane()  # its seat in a batcher; its steps never use it
         self.step_delay = step_delay  # seconds per step: makes requests overlap in tests
         self.started = threading.Event()  # set when a decode begins
         self.calls: list[dict] = []  # the arguments of every steps() call

@@ -160,6 +160,23 @@ class _Step:
 
 
 @dataclass
+class ReplyBatching:
+    """How one reply's steps ran (the policy's outcome, in the server's Stats): its steps,
+    those that shared their pass with other replies' steps, the steps of those passes in
+    all, and its rows (what its trees cost, pseudo states at their share)."""
+
+    steps: int = 0
+    shared: int = 0
+    pass_steps: int = 0
+    rows: float = 0.0
+
+    def summary(self) -> dict:
+        n = max(self.steps, 1)
+        return {"batched_steps": self.shared, "mean_pass_steps": round(self.pass_steps / n, 2),
+                "mean_step_rows": round(self.rows / n, 2)}
+
+
+@dataclass
 class BatchStats:
     passes: int = 0
     steps: int = 0
@@ -185,19 +202,20 @@ class Lane:
         # (its host work: accepting, drafting, streaming), which the gathering waits for.
         self.returned: float | None = None
         self.gap = 0.0
+        self.reply = ReplyBatching()  # how the reply decoding now (or last) was batched
 
     def decoding(self, steps: Iterator) -> Iterator:
         """A reply's steps, with the reply counted active from its first step to its end."""
         b = self.batcher
-        with b._cond:
-            if self.active:
-                raise RuntimeError("a lane decodes one reply at a time")
+        with b._cond:  # a reply left unfinished before this one (its steps never closed) counts no more
             self.active, self.rows, self.tokens, self.returned = True, 1.0, 1.0, None
+            self.reply = reply = ReplyBatching()
         try:
             yield from steps
         finally:
             with b._cond:
-                self.active = False
+                if self.reply is reply:  # not a reply left unfinished, closed while a later one decodes
+                    self.active = False
                 b._cond.notify_all()  # a pass may be waiting for this reply's step
 
     def forward(self, segment: Segment, expected_tokens: float = 1.0, rows: float | None = None
@@ -305,6 +323,8 @@ class StepBatcher:
             now = time.monotonic()
             for s in batch:
                 s.done, s.lane.returned = True, now
+                r = s.lane.reply
+                r.steps, r.shared, r.pass_steps, r.rows = r.steps + 1, r.shared + (len(batch) > 1), r.pass_steps + len(batch), r.rows + s.lane.rows
             self._running = False
             if len(batch) > 1 and not any(s.error for s in batch):
                 self.pass_cost.observe(1000 * (time.perf_counter() - start), sum(s.lane.rows for s in batch), len(batch))

@@ -112,6 +112,12 @@ class Stats:
     ttft_seconds: float  # from the start of decoding to the first chunk (prefill included)
     seconds: float  # decoding, prefill included
     mode: str = ""
+    # How its steps were batched with other requests' (workers.batched_step.ReplyBatching):
+    # steps that shared a pass, the mean steps of its passes, its mean rows a step (tree
+    # size, which load-aware sizing shrinks under load)
+    batched_steps: int = 0
+    mean_pass_steps: float = 0.0
+    mean_step_rows: float = 0.0
     type: str = "stats"
 
 

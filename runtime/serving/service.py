@@ -243,7 +243,7 @@ class Service:
                     emit(Chunk(job.id, tail, [], 0))
             seconds = time.perf_counter() - start
             emit(Stats(job.id, finish, len(job.prompt_ids), tokens, passes, tokens / max(passes, 1),
-                       queue_seconds, ttft, seconds, job.mode))
+                       queue_seconds, ttft, seconds, job.mode, **engine.lane.reply.summary()))
         except UnknownModeError as e:
             emit(Error(ErrorCode.UNKNOWN_MODE, str(e), job.id))
         except PromptTooLongError as e:
