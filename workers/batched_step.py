@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -259,7 +260,7 @@ class StepBatcher:
         self._cond = threading.Condition()
         self._waiting: list[_Step] = []
         self._running = False
-        self._lanes: list[Lane] = []
+        self._lanes: weakref.WeakSet[Lane] = weakref.WeakSet()  # an engine dropped takes its lane along
         self.stats = BatchStats()
         self.pass_cost = PassCost()
 
@@ -267,7 +268,7 @@ class StepBatcher:
         """A new seat (one per engine)."""
         lane = Lane(self)
         with self._cond:
-            self._lanes.append(lane)
+            self._lanes.add(lane)
         return lane
 
     def _active(self) -> int:
