@@ -200,9 +200,11 @@ class Lane:
         self.active = False
         self.rows, self.tokens = 1.0, 1.0  # of its last step (a plain step until it sends one)
         # When its last step's result came back, and how long it takes to send the next one
-        # (its host work: accepting, drafting, streaming), which the gathering waits for.
+        # (its host work: accepting, drafting, streaming), which the gathering waits for;
+        # also apart for one-row steps and tree steps (`host`: seconds, averaged; None: none seen).
         self.returned: float | None = None
         self.gap = 0.0
+        self.host: dict[bool, float | None] = {False: None, True: None}  # by "is a tree step"
         self.reply = ReplyBatching()  # how the reply decoding now (or last) was batched
 
     def decoding(self, steps: Iterator) -> Iterator:
@@ -249,7 +251,14 @@ class Lane:
                 return Load()
             steps = len(lanes) + 1
             cost = (lambda rows: b.pass_cost(rows, steps)) if b.pass_cost.ready else None
-            return Load(sum(lane.rows for lane in lanes), sum(lane.tokens for lane in lanes), cost)
+            return Load(sum(lane.rows for lane in lanes), sum(lane.tokens for lane in lanes), cost, self.tree_host_ms())
+
+    def tree_host_ms(self) -> float:
+        """How much longer this lane's host work takes after a tree step than after a one-row
+        step (ms; a one-row step not seen yet counts as free): what a tree step costs a
+        shared pass beyond its rows, as the replies' Python runs one at a time."""
+        tree, plain = self.host[True], self.host[False]
+        return 0.0 if tree is None else 1000 * max(tree - (plain or 0.0), 0.0)
 
 
 class StepBatcher:
@@ -282,6 +291,9 @@ class StepBatcher:
             if lane.returned is not None:
                 gap = time.monotonic() - lane.returned
                 lane.gap = gap if lane.gap == 0 else GAP_KEEP * lane.gap + (1 - GAP_KEEP) * gap
+                tree = step.segment.h.shape[1] > 1 or bool(step.segment.rows.join_layers)
+                last = lane.host[tree]
+                lane.host[tree] = gap if last is None else GAP_KEEP * last + (1 - GAP_KEEP) * gap
             self._waiting.append(step)
             self._cond.notify_all()  # a thread gathering a pass may now have every step
             while not step.done:

@@ -41,14 +41,17 @@ from workers.tree import TokenTree
 @dataclass(frozen=True)
 class Load:
     """What other requests' steps add to a batched pass this step joins
-    (workers.batched_step): their rows, the tokens they are expected to commit, and the
-    pass's measured cost by its rows (None: not measured yet; the device's t(n) then). A
-    node is worth its row when it adds more tokens per ms to the whole pass, so trees
-    shrink as the batch grows (load-aware speculation); Load() is a step alone."""
+    (workers.batched_step): their rows, the tokens they are expected to commit, the
+    pass's measured cost by its rows (None: not measured yet; the device's t(n) then), and
+    what this reply's host work adds to the pass when it takes a tree step rather than a
+    one-row one (ms). A node is worth its row when it adds more tokens per ms to the whole
+    pass, so trees shrink as the batch grows, down to one-row steps (load-aware
+    speculation); Load() is a step alone."""
 
     rows: float = 0.0
     tokens: float = 0.0
     cost: Callable[[float], float] | None = None
+    tree_host_ms: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -106,16 +109,18 @@ def envelope(times: dict[int, float]) -> StepCost:
 
 def best_size(probs: list[float], cost: StepCost, extra_rows: float = 0.0, load: Load = Load()) -> int:
     """How many of the drafted nodes to keep: the m maximising (1 + sum of the m largest of
-    `probs` + load.tokens) / cost(1 + m + extra_rows + load.rows), the tokens per ms of the
-    whole pass the step shares with `load`. The smallest such m on ties."""
+    `probs` + load.tokens) / (cost(1 + m + extra_rows + load.rows) + host), the tokens per
+    ms of the whole pass the step shares with `load`; host is load.tree_host_ms unless the
+    step is one row (m = 0 and no extra rows). The smallest such m on ties."""
     ranked = sorted(probs, reverse=True)
     cost = load.cost or cost
-    extra_rows += load.rows
+    host = load.tree_host_ms
     expected = 1.0 + load.tokens
-    best_m, best_rate = 0, expected / cost(1 + extra_rows)
+    best_m, best_rate = 0, expected / (cost(1 + extra_rows + load.rows) + (host if extra_rows else 0.0))
+    extra_rows += load.rows
     for m, p in enumerate(ranked, 1):
         expected += p
-        rate = expected / cost(1 + m + extra_rows)
+        rate = expected / (cost(1 + m + extra_rows) + host)
         if rate > best_rate * (1 + 1e-9):
             best_m, best_rate = m, rate
     return best_m
@@ -261,14 +266,16 @@ class TreeSizer:
         """How deep a step of `rows` tree rows, expected to commit `expected` tokens, should
         draft the next tree. Drafting to depth d adds d * rows_per_depth rows (pseudo states)
         and is worth the tokens accepted per step at depths 1..d (Acceptance.per_step): the d
-        maximising (expected + those tokens + load.tokens) / t(rows + d * rows_per_depth +
-        load.rows); 0: no drafts."""
+        maximising (expected + those tokens + load.tokens) / (t(rows + d * rows_per_depth +
+        load.rows) + host), host being load.tree_host_ms unless the step is one row (a
+        root alone, d = 0); 0: no drafts."""
         t = load.cost or self.cost.at(context)
+        host = load.tree_host_ms
+        best, best_rate = 0, (expected + load.tokens) / (t(rows + load.rows) + (host if rows > 1 else 0.0))
         rows, tokens = rows + load.rows, expected + load.tokens
-        best, best_rate = 0, tokens / t(rows)
         for depth in range(1, max_depth + 1):
             tokens += self.acceptance.per_step.get(depth, depth_prior(depth)).value
-            rate = tokens / t(rows + depth * rows_per_depth)
+            rate = tokens / (t(rows + depth * rows_per_depth) + host)
             if rate > best_rate * (1 + 1e-9):
                 best, best_rate = depth, rate
         return best

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.batched_step import Lane, Segment, batched_forward
+from workers.batched_step import Lane, Segment, batched_forward, one_token
 from workers.drafters.pseudo_forward import LayerSteps, PseudoRows, SameRows, planned_layers, pseudo_mask, pseudo_positions
 from workers.drafters.pseudo_states import PseudoStateDrafter
 from workers.kv_cache import KVCache
@@ -140,6 +140,8 @@ def prepare_tree_step(
     """`tree_step`'s rows, positions, masks and pseudo-state plan, before any layer runs."""
     c, device = len(catch_up), model.device
     groups = list(groups) if drafter is not None else []
+    if c == 0 and len(tree) == 1 and not groups:  # a root alone: a one-token step, without a mask to build
+        return PreparedStep(one_token(model, cache, tree.tokens[0]), tree, choose, index, [], 0)
     prompt = prompt_rows_of(c, index)
     positions = cache.length + torch.cat((torch.arange(c), c + torch.tensor(tree.depths))).to(device)
     node_mask = step_mask(c, tree, device)

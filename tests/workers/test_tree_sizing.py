@@ -11,6 +11,7 @@ from workers.tree import TokenTree, build_dynamic_tree, chain, graft_chain
 from workers.tree_sizing import (
     Acceptance,
     CostCurve,
+    Load,
     Rate,
     StepCost,
     TreeSizer,
@@ -44,6 +45,23 @@ def test_best_size_on_synthetic_curves():
     assert best_size(probs, CPU) == 3
     # Eight pseudo rows: a fixed cost the nodes share, so one more pays (m=3 2.7/37.3, m=4 2.9/39.6, m=5 3.0/41.8).
     assert best_size(probs, CPU, extra_rows=8) == 4
+
+
+def test_trees_shrink_as_the_pass_they_share_grows():
+    """Load-aware sizing: a node pays when it adds tokens per ms to the whole pass, so with
+    other requests' rows and tokens in the pass the tree shrinks, and a tree step's extra
+    host time can make a one-row step the best."""
+    probs = [0.9, 0.8, 0.7, 0.5, 0.4, 0.2]
+    alone = best_size(probs, CPU)
+    loaded = best_size(probs, CPU, load=Load(rows=7, tokens=7))
+    crowded = best_size(probs, CPU, load=Load(rows=15, tokens=15))
+    assert alone > loaded > crowded
+    measured = StepCost((1, 64), (10.0, 73.0))  # the pass as measured (Load.cost): 1 ms a row
+    assert best_size(probs, CPU, load=Load(rows=15, tokens=15, cost=measured)) == 3  # a node pays above ~0.65 tokens a ms
+    assert best_size(probs, CPU, load=Load(rows=15, tokens=15, cost=measured, tree_host_ms=20)) == 0
+    sizer = TreeSizer(CostCurve({128: CPU}))
+    assert sizer.draft_depth(1, 1.0, 2.0, 3, 128) > 0  # alone, drafting pays
+    assert sizer.draft_depth(1, 1.0, 2.0, 3, 128, Load(rows=15, tokens=15, tree_host_ms=20)) == 0
 
 
 def test_keep_most_likely_is_a_tree_in_order():
