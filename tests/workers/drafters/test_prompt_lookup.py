@@ -2,7 +2,9 @@
 
 import torch
 
-from workers.drafters.prompt_lookup import PromptLookupDrafter, lookup
+import random
+
+from workers.drafters.prompt_lookup import NgramIndex, PromptLookupDrafter, lookup
 
 
 def test_lookup_prefers_the_longest_then_latest_match():
@@ -23,3 +25,17 @@ def test_prompt_lookup_drafter_tracks_committed_tokens():
     d.observe(tree, [0, 1], torch.zeros(4, 1, dtype=torch.long))  # 11 and 12 accepted
     assert d.context == [10, 11, 12, 13, 11, 12]
     assert d.propose(99).tokens == [99]  # no match: the root alone
+
+
+def test_the_index_answers_as_the_scan_does():
+    """NgramIndex.after equals lookup over tokens + [root] on random contexts that grow (small
+    vocabularies: many matches, of every length, some running into the root)."""
+    rng = random.Random(0)
+    for vocab, min_n, max_n, depth in [(3, 1, 3, 4), (5, 2, 3, 3), (8, 1, 1, 5), (4, 1, 4, 10)]:
+        index, tokens = NgramIndex(min_n, max_n), []
+        for _ in range(60):
+            grown = [rng.randrange(vocab) for _ in range(rng.randrange(1, 4))]
+            index.extend(grown)
+            tokens += grown
+            for root in range(vocab):
+                assert index.after(root, depth) == lookup(tokens + [root], min_n, max_n, depth)
