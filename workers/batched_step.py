@@ -205,6 +205,7 @@ class Lane:
         self.returned: float | None = None
         self.gap = 0.0
         self.host: dict[bool, float | None] = {False: None, True: None}  # by "is a tree step"
+        self.last_tree = False  # whether its last step was a tree step
         self.reply = ReplyBatching()  # how the reply decoding now (or last) was batched
 
     def decoding(self, steps: Iterator) -> Iterator:
@@ -291,9 +292,11 @@ class StepBatcher:
             if lane.returned is not None:
                 gap = time.monotonic() - lane.returned
                 lane.gap = gap if lane.gap == 0 else GAP_KEEP * lane.gap + (1 - GAP_KEEP) * gap
+                # a tree's host work is before its step (building it) and after (accepting, drafting)
                 tree = step.segment.h.shape[1] > 1 or bool(step.segment.rows.join_layers)
-                last = lane.host[tree]
-                lane.host[tree] = gap if last is None else GAP_KEEP * last + (1 - GAP_KEEP) * gap
+                last = lane.host[tree or lane.last_tree]
+                lane.host[tree or lane.last_tree] = gap if last is None else GAP_KEEP * last + (1 - GAP_KEEP) * gap
+            lane.last_tree = step.segment.h.shape[1] > 1 or bool(step.segment.rows.join_layers)
             self._waiting.append(step)
             self._cond.notify_all()  # a thread gathering a pass may now have every step
             while not step.done:
