@@ -21,7 +21,8 @@ from workers.kernels import reference
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 NAME = "leapfrog_cpu_kernels"
-# -fopenmp: at::parallel_for then runs on torch's OpenMP pool (same libgomp soname, loaded once);
+# -fopenmp: at::get_num_threads reads torch's OpenMP setting (same libgomp soname, loaded once;
+# the loops themselves run on the kernels' own pool, cpu_kernels.cpp);
 # -ffp-contract=off: no fused a*b+c where the reference rounds the product first.
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off"]
 LDFLAGS = ["-fopenmp"]

@@ -6,6 +6,9 @@ a row's result must be bit-identical whether it is computed alone or among other
 
 from __future__ import annotations
 
+import multiprocessing
+import threading
+
 import pytest
 import torch
 
@@ -93,6 +96,53 @@ def test_linear_threads_do_not_change_results(linear_path, dtype):
     one = native.linear(x, w, None)
     torch.set_num_threads(2)
     assert torch.equal(native.linear(x, w, None), one)
+
+
+def in_threads(fn, n: int) -> list:
+    """fn() 20 times in each of n threads started together, each on two torch threads (the
+    kernels' own pool serves threads other than the main one: cpu_kernels.cpp); their
+    results in thread order."""
+    results, start = [None] * n, threading.Barrier(n)
+
+    def run(i: int) -> None:
+        torch.set_num_threads(2)  # the tests' one thread (conftest) would leave the pool unused
+        start.wait()
+        results[i] = [fn() for _ in range(20)]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a kernel call hung"
+    return [r for rs in results for r in rs]
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_kernels_in_other_threads_match_the_main_thread(linear_path, threads):
+    """Other threads' loops run on the kernels' pool (one caller at a time; a second caller
+    meanwhile runs alone): the same numbers as the main thread's OpenMP loops."""
+    x, w = rand(8, 576, dtype=torch.bfloat16), rand(3000, 576, dtype=torch.bfloat16, seed=1)
+    q, k, v = rand(1, 9, 16, 64), rand(1, 3, 300, 64, seed=1), rand(1, 3, 300, 64, seed=2)
+    mask = causal_tree_mask(16, 300)
+    want = native.linear(x, w, None), native.attention(q, k, v, mask)
+    for got in in_threads(lambda: (native.linear(x, w, None), native.attention(q, k, v, mask)), threads):
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_kernels_in_a_forked_child_get_a_pool_of_their_own():
+    """A child forked after the parent's pool started has none of its threads: its own
+    threads' loops must still finish (a pool shared across fork would wait forever)."""
+    x, w = rand(8, 576), rand(3000, 576, seed=1)
+    want = in_threads(lambda: native.linear(x, w, None), 1)[0]  # the parent's pool is up
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        got = pool.apply_async(_linear_in_a_thread, (x, w)).get(timeout=120)
+    assert torch.equal(got, want)
+
+
+def _linear_in_a_thread(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return in_threads(lambda: native.linear(x, w, None), 1)[0]
 
 
 def test_linear_needing_grad_runs_the_reference():
