@@ -228,9 +228,10 @@ class Lane:
         that are ready. What the others read of it (`others`): `expected_tokens`, what the
         step is expected to commit, and `rows`, what it costs in full rows (its pseudo states
         cost less: workers.tree_sizing.pseudo_row_cost), by default its rows."""
-        self.rows, self.tokens = float(segment.h.shape[1]) if rows is None else rows, expected_tokens
-        if segment.prompt_rows:
+        if segment.prompt_rows:  # a prefill runs alone: the others' passes never carry its rows
+            self.rows, self.tokens = 1.0, 1.0  # what they may expect of its next step
             return batched_forward(self.batcher.model, [segment])[0]
+        self.rows, self.tokens = float(segment.h.shape[1]) if rows is None else rows, expected_tokens
         return self.batcher._forward(_Step(self, segment))
 
     def decode(self, model: Transformer, cache: KVCache, token: int) -> torch.Tensor:

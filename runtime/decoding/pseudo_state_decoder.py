@@ -102,6 +102,19 @@ class PseudoStateDecoder:
             self.expected = expected
         return tree, slots
 
+    def first_depth(self, context: int) -> int:
+        """How deep the first step (the prompt, then its last token as a root) drafts: all
+        the way without a sizer; alone, at least one depth (a probe: a depth the last reply
+        gave up on comes back); sharing passes, as deep as pays in the pass the second step
+        joins, which with the load of a busy server is often not at all (its drafts would
+        only grow that step's tree)."""
+        if self.sizer is None:
+            return self.max_depth
+        load = self.lane.others() if self.lane is not None else Load()
+        if load == Load():
+            return max(self.depth, 1)
+        return self.sizer.draft_depth(1, 1.0, self.pseudo_rows(1), self.max_depth, context, load)
+
     def pseudo_rows(self, nodes: int) -> float:
         """Rows (in full rows' cost) that one draft depth adds to a step of `nodes` tree nodes."""
         return min(self.settings.pseudo_nodes, nodes) * self.pseudo_row_cost
@@ -132,7 +145,7 @@ class PseudoStateDecoder:
     @torch.inference_mode()
     def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int], choose: Chooser) -> Iterator[Step]:
         self.cache.truncate(0)
-        self.depth = self.max_depth if self.sizer is None else max(self.depth, 1)  # the first step drafts
+        self.depth = self.first_depth(len(prompt_ids))
         if self.lookup is not None:
             self.lookup.start(prompt_ids[:-1])  # its last token comes back as the first step's root
         outcome = self.step(root_only(prompt_ids[-1]), choose, 0, prompt_ids[:-1])

@@ -161,3 +161,21 @@ def test_a_reply_left_unfinished_counts_no_more_once_the_next_starts():
     assert lane.active
     second.close()
     assert not lane.active
+
+
+def test_a_prefill_is_not_load_on_the_others_passes(model):
+    """A prefill (prompt rows) runs alone, so a lane in its prefill tells the others what
+    its next step will add to their passes (a plain step), not its prompt's rows: counted
+    as load, a long prompt made every other reply's tree look cheap."""
+    batcher = StepBatcher(model)
+    prefilling, other = batcher.lane(), batcher.lane()
+    prompt = list(range(100, 140))
+    cache = decoding_cache(model, 64)
+    held = prefilling.decoding(iter([None]))
+    next(held)  # active
+    step = prepare_tree_step(model, cache, chain(prompt[-1], []), Greedy(), 0, prompt[:-1])
+    assert step.segment.prompt_rows == len(prompt) - 1
+    with torch.inference_mode():
+        prefilling.forward(step.segment, expected_tokens=3.0, rows=50.0)
+    assert other.others() == Load(1.0, 1.0)
+    held.close()

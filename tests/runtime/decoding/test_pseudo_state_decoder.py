@@ -19,6 +19,7 @@ from workers.drafters.pseudo_forward import run_to_end
 from workers.drafters.pseudo_states import PseudoStateConfig
 from workers.sampling import Greedy
 from workers.tree import root_only
+from workers.tree_sizing import Load
 from workers.tree_step import tree_step
 
 PROMPTS = [
@@ -184,3 +185,23 @@ def test_shipped_prior_rescores_the_trees_and_stays_lossless(engine):
     assert decoder.build_tree(28, drafts)[0].tokens != with_prior.tokens
     engine.set_drafter_config("ht", HiddenTransferModeConfig(prior="off", lookup=False))
     assert engine.mode("ht").decoder.prior is None
+
+
+def test_first_step_drafts_as_deep_as_the_pass_pays(engine, tmp_path):
+    """A reply's first step drafts at least one depth alone (a probe), but with other
+    replies in the pass only as deep as pays there: none when a tree step costs the pass
+    more than its drafts are worth."""
+    from tests.runtime.decoding.test_tree_decoder import synthetic_profile
+
+    engine.set_drafter_config("tree_sizing", TreeSizingConfig(cost=synthetic_profile(tmp_path, "cpu", lambda n: 10 + n)))
+    try:
+        decoder = engine.mode("ht").decoder
+        decoder.depth = 0  # the last reply gave drafting up
+        assert decoder.first_depth(100) == 1
+        lane = decoder.lane
+        lane.others = lambda: Load(7.0, 7.0, lambda rows: 10 + rows, 20.0)  # a tree step's host work holds the pass up
+        assert decoder.first_depth(100) == 0
+        lane.others = lambda: Load(7.0, 7.0, lambda rows: 10 + 0.001 * rows)  # rows nearly free, no host work
+        assert decoder.first_depth(100) == decoder.max_depth
+    finally:
+        engine.set_drafter_config("tree_sizing", TreeSizingConfig(cost="off"))
