@@ -156,6 +156,10 @@ class TreeSizingConfig:
     drafters' fixed budgets."""
 
     cost: str = "auto"  # auto: this device's t(n), measured once and cached | off: fixed budgets | a `leapfrog profile` JSON
+    # While other replies share the passes (workers.batched_step): "sized" (trees sized for
+    # the whole pass), "plain" (every step plain), "auto" (plain on a CPU, where trees in
+    # shared passes measured slower than plain steps: docs/serving.md; sized elsewhere)
+    shared: str = "auto"
 
 
 @dataclass
@@ -188,6 +192,8 @@ class DrafterConfigs:
             raise ConfigError(f"[eagle] depth, top_k and budget must be >= 1: {self.eagle}")
         if not self.tree_sizing.cost:
             raise ConfigError('[tree_sizing] cost must be "auto", "off" or a profile file (leapfrog profile --out)')
+        if self.tree_sizing.shared not in ("auto", "sized", "plain"):
+            raise ConfigError(f'[tree_sizing] shared must be "auto", "sized" or "plain", got {self.tree_sizing.shared!r}')
         return self
 
 

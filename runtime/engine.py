@@ -52,6 +52,7 @@ class Engine:
         # the lane is this engine's seat there (workers.batched_step)
         self.batcher = StepBatcher(self.model) if model_of is None else model_of.batcher
         self.lane = self.batcher.lane()
+        self.lane.plain_when_shared = self.plain_when_shared()
         # Set from any thread: a pipelined reply ends at once, even while its workers are
         # still being placed (other modes stop with the caller between steps). The server
         # puts each request's own flag here while it decodes.
@@ -133,10 +134,16 @@ class Engine:
             self._workers = WorkerPool(self)
         return self._workers
 
+    def plain_when_shared(self) -> bool:
+        """Whether tree modes step plain while other replies share the passes ([tree_sizing] shared)."""
+        setting = self.drafters.tree_sizing.shared
+        return setting == "plain" or (setting == "auto" and self.model.device.type == "cpu")
+
     def set_drafter_config(self, name: str, settings) -> None:
         """Replace one field of DrafterConfigs ("ht", "medusa", "pass_", ...); the modes
         that draft are rebuilt on their next use (the hf peers are kept), the workers restart."""
         self.drafters = dataclasses.replace(self.drafters, **{name: settings})
+        self.lane.plain_when_shared = self.plain_when_shared()
         self._cost_curves = {}
         self._modes = {name: mode for name, mode in self._modes.items() if name == "ar" or name.startswith("hf")}
         self.close()

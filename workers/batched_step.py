@@ -20,7 +20,8 @@ batching costs a lone request nothing.
 Each lane also tells the others what its last step cost and was expected to commit
 (`Lane.others`): tree modes size their trees on the rows of the whole pass
 (workers.tree_sizing, load-aware speculation), so a tree shrinks toward a plain step as
-the batch grows.
+the batch grows; where trees in shared passes do not pay at all (a CPU), an engine makes
+its replies step plain while others decode (`Lane.plain_now`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ MAX_GATHER_S = 0.015  # and at most, for replies whose steps come soon by their 
 GAP_KEEP = 0.8  # Lane.gap: an average over the last ~5 steps
 PASS_KEEP = 0.98  # PassCost: a memory of ~50 passes
 PASS_COST_AFTER = 16  # passes of several steps before PassCost is read
+PASS_RIDGE = 1e-3  # PassCost's least squares: a ridge that keeps them solvable
 
 
 @dataclass
@@ -128,7 +130,7 @@ class PassCost:
     request's attention, and the rows' Python), so load-aware sizing reads this instead."""
 
     def __init__(self):
-        self.xtx = torch.eye(3, dtype=torch.float64) * 1e-3  # a little ridge: solvable from the start
+        self.xtx = torch.zeros(3, 3, dtype=torch.float64)
         self.xty = torch.zeros(3, dtype=torch.float64)
         self.passes = 0
         self.coef: torch.Tensor | None = None
@@ -143,7 +145,9 @@ class PassCost:
         self.xty = PASS_KEEP * self.xty + ms * x
         self.passes += 1
         if self.passes >= PASS_COST_AFTER:
-            coef = torch.linalg.solve(self.xtx, self.xty)
+            # A little ridge, never decayed: passes whose rows always equal their steps (every
+            # step one row) leave rows and steps collinear, which alone would be singular.
+            coef = torch.linalg.solve(self.xtx + PASS_RIDGE * torch.eye(3, dtype=torch.float64), self.xty)
             self.coef = coef if coef[1] > 0 else self.coef  # a row never makes a pass cheaper
 
     def __call__(self, rows: float, steps: int) -> float:
@@ -206,6 +210,7 @@ class Lane:
         self.gap = 0.0
         self.host: dict[bool, float | None] = {False: None, True: None}  # by "is a tree step"
         self.last_tree = False  # whether its last step was a tree step
+        self.plain_when_shared = False  # set by its engine ([tree_sizing] shared): see plain_now
         self.reply = ReplyBatching()  # how the reply decoding now (or last) was batched
 
     def decoding(self, steps: Iterator) -> Iterator:
@@ -242,6 +247,16 @@ class Lane:
         _, logits = self.forward(one_token(model, cache, token))
         cache.commit(1)
         return logits[0]
+
+    def plain_now(self) -> bool:
+        """Whether this reply's next step is to be plain (a tree of its root alone, no drafts):
+        when its engine says so while other replies share the passes (on this CPU, trees in
+        shared passes measured slower than plain steps: their Python runs one reply at a
+        time and holds every reply's next pass up)."""
+        if not self.plain_when_shared:
+            return False
+        with self.batcher._cond:
+            return any(lane.active and lane is not self for lane in self.batcher._lanes)
 
     def others(self) -> Load:
         """The rows and expected tokens of the other active replies' last steps, and the cost

@@ -15,6 +15,9 @@ heads, 0 for PaSS look-ahead embeddings).
                committed, and the pseudo logits covering the tokens after it draft the
                next tree
 
+While other replies share the passes and the engine says so (`Lane.plain_now`: on a CPU),
+every step is plain: the root alone, no drafts.
+
 With a TreeSizer (workers.tree_sizing), each tree is first built at the configured
 budget, lookup chain and recycled successors included, and then cut to the nodes whose expected acceptance pays
 for their rows on this device's step cost; and the step drafts only as deep as each
@@ -74,6 +77,9 @@ class PseudoStateDecoder:
     def build_tree(self, root: int, drafts: torch.Tensor | None) -> tuple[TokenTree, dict[int, Hashable]]:
         """The next step's tree, and the slots of its unscored drafts (node -> slot): the
         lookup chain's depths, the recycled successors' rank paths."""
+        if self.lane is not None and self.lane.plain_now():  # other replies share the passes: plain steps
+            self.depth, self.expected = 0, 1.0
+            return root_only(root), {}
         logprobs = None if drafts is None else torch.log_softmax(drafts.float(), dim=-1)
         if logprobs is None:
             tree = root_only(root)
@@ -108,6 +114,8 @@ class PseudoStateDecoder:
         gave up on comes back); sharing passes, as deep as pays in the pass the second step
         joins, which with the load of a busy server is often not at all (its drafts would
         only grow that step's tree)."""
+        if self.lane is not None and self.lane.plain_now():
+            return 0
         if self.sizer is None:
             return self.max_depth
         load = self.lane.others() if self.lane is not None else Load()

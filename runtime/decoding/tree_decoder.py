@@ -14,6 +14,9 @@ probabilities (its sizer ignores scores), so each node is rated by how often the
 accepted its slot (its index in the proposal: the depth in a chain, the entry of a fixed
 tree) after its parent.
 
+While other replies share the passes and the engine says so (`Lane.plain_now`: on a CPU),
+every step is plain: the root alone.
+
 With a `lookup` drafter (mode `eagle-pld`), its prompt-lookup chain is grafted onto every
 proposal, as `ht` grafts it onto hidden-transfer trees: a chain node the drafter also
 proposed keeps its score, a new one is rated by its slot ("lookup", depth).
@@ -33,7 +36,7 @@ from workers.drafters.prompt_lookup import PromptLookupDrafter
 from workers.kv_cache import KVCache
 from workers.model import Transformer
 from workers.sampling import Chooser
-from workers.tree import TokenTree, graft_chain
+from workers.tree import TokenTree, graft_chain, root_only
 from workers.tree_sizing import Load, TreeSizer
 from workers.tree_step import prepare_tree_step, verify
 
@@ -50,6 +53,11 @@ class TreeDecoder:
         """The drafter's tree with the lookup chain grafted on, cut by the sizer; its nodes'
         slots (node -> index in the proposal, or ("lookup", depth) on the chain); the tokens
         it is expected to commit (the sizer's estimate; 1 without one)."""
+        if self.lane is not None and self.lane.plain_now():  # other replies share the passes: a plain step
+            skip = getattr(self.drafter, "skip", None)  # a drafter that catches up on what it did not propose
+            if skip is not None:
+                skip(root)
+            return root_only(root), {}, 1.0
         tree = self.drafter.propose(root)
         slots: dict[int, Hashable] = {node: node for node in range(1, len(tree))}
         if self.lookup is not None:

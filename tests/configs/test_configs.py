@@ -77,6 +77,7 @@ def test_torch_device():
         ('[ht]\ntree = "random"\n', "tree must be one of"),
         ("[ht]\nbudget = 0\n", "budget, top_k and pseudo_nodes must be >= 1"),
         ("[eagle]\ntop_k = 0\n", "eagle.*depth, top_k and budget must be >= 1"),
+        ('[tree_sizing]\nshared = "always"\n', 'shared must be "auto", "sized" or "plain"'),
         ("[server]\nport = 70000\n", "port must be in"),
         ("[server]\nhttp_port = -2\n", "http_port in"),
         ("[server]\nport = 9000\nhttp_port = 9000\n", "both 9000"),

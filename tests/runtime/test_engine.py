@@ -63,6 +63,7 @@ def test_siblings_decoding_at_once_give_each_request_its_own_reply():
 
     config = load_config()
     config.model.device, config.model.dtype, config.model.max_context, config.runtime.threads = "cpu", "float32", 256, 1
+    config.drafters.tree_sizing.shared = "sized"  # trees in shared passes (a CPU's "auto" steps plain there)
     first = Engine.from_config(config)
     engines = [first] + [first.sibling() for _ in range(4)]
     jobs = [("Name three colors.", "ht", None), ("Count from one to ten.", "pld", None),
@@ -85,3 +86,66 @@ def test_siblings_decoding_at_once_give_each_request_its_own_reply():
         t.join()
     assert together == alone
     assert first.batcher.stats.trees_shared > 0  # tree steps ran in passes with other replies' steps
+
+
+def test_shared_passes_step_plain_on_a_cpu_unless_told_to_size_trees(engine):
+    """[tree_sizing] shared: "auto" steps plain on a CPU while other replies decode, "sized"
+    keeps trees, "plain" steps plain anywhere; a reply alone keeps its trees."""
+    import dataclasses
+
+    sizing = engine.drafters.tree_sizing
+    try:
+        assert engine.plain_when_shared() and engine.lane.plain_when_shared  # the default, "auto", on a CPU
+        other = engine.sibling().lane
+        assert not engine.lane.plain_now()  # alone
+        held = other.decoding(iter([None]))
+        next(held)  # another reply decodes
+        assert engine.lane.plain_now()
+        engine.set_drafter_config("tree_sizing", dataclasses.replace(sizing, shared="sized"))
+        assert not engine.lane.plain_now()
+        engine.set_drafter_config("tree_sizing", dataclasses.replace(sizing, shared="plain"))
+        assert engine.lane.plain_now()
+        held.close()
+        assert not engine.lane.plain_now()
+    finally:
+        engine.set_drafter_config("tree_sizing", sizing)
+
+
+def test_replies_stay_lossless_stepping_plain_or_not():
+    """Float32: sibling engines decode at once in the tree modes while each step is plain or
+    not at random (Lane.plain_now); each reply is that prompt's ar reply decoded alone, and
+    a drafter that skipped proposals (EAGLE catches up on them) drafts on."""
+    import random
+    import threading
+
+    from configs.schema import SamplingConfig
+
+    config = load_config()
+    config.model.device, config.model.dtype, config.model.max_context, config.runtime.threads = "cpu", "float32", 256, 1
+    first = Engine.from_config(config)
+    jobs = [("Name three colors.", "ht", None), ("Count from one to ten.", "pld", None),
+            ("Write a haiku about rain.", "eagle-pld", SamplingConfig(0.8, 0, 0.95, seed=3)),
+            ("List two animals.", "eagle", None), ("Say hi twice.", "ht-pld", SamplingConfig(0.7, 0, 0.9, seed=4)),
+            ("Name a fruit.", "token-recycling", None)]
+    engines = [first] + [first.sibling() for _ in jobs[1:]]
+    alone = [[t for s in first.steps(first.encode_chat(p), "ar", 40, sampling) for t in s.tokens] for p, _, sampling in jobs]
+    plain = []
+    for i, e in enumerate(engines):
+        rng = random.Random(i)
+        e.lane.plain_now = lambda rng=rng: plain.append(rng.random() < 0.5) or plain[-1]
+    together: list = [None] * len(jobs)
+    start = threading.Barrier(len(jobs))
+
+    def decode(i: int) -> None:
+        (prompt, mode, sampling), e = jobs[i], engines[i]
+        ids = e.encode_chat(prompt)
+        start.wait()
+        together[i] = [t for s in e.steps(ids, mode, 40, sampling) for t in s.tokens]
+
+    threads = [threading.Thread(target=decode, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert together == alone
+    assert True in plain and False in plain

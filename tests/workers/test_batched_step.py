@@ -179,3 +179,21 @@ def test_a_prefill_is_not_load_on_the_others_passes(model):
         prefilling.forward(step.segment, expected_tokens=3.0, rows=50.0)
     assert other.others() == Load(1.0, 1.0)
     held.close()
+
+
+def test_pass_cost_fits_passes_and_stays_solvable_when_rows_equal_steps():
+    """PassCost fits ms = a + b * rows + c * steps; thousands of passes whose rows always
+    equal their steps (every step plain) leave rows and steps collinear, and it must still
+    solve (a decayed ridge made the solve fail mid-pass and killed every reply in it)."""
+    from workers.batched_step import PassCost
+
+    cost = PassCost()
+    for i in range(3000):
+        n = 2 + i % 7
+        cost.observe(5.0 + 1.5 * n, float(n), n)  # a + (b + c) * n
+    assert cost.ready and cost(4.0, 4) == pytest.approx(11.0, abs=0.05)
+    fitted = PassCost()
+    for i in range(200):
+        rows, steps = 2.0 + i % 9, 2 + i % 4
+        fitted.observe(3.0 + 0.5 * rows + 1.0 * steps, rows, steps)
+    assert fitted(10.0, 3) == pytest.approx(11.0, abs=0.05)

@@ -32,3 +32,6 @@ class Drafter(Protocol):
 #     feed(hidden)   hidden (m, dim): the last layer's hidden states, before the final norm,
 #                    of the positions committed since the last call (the prompt after
 #                    `start`, the accepted path after `observe`)
+#     skip(root)     a plain step committed `root` with no proposal (runtime.decoding.tree_decoder,
+#                    while other replies share the passes): what `feed` and `observe` bring
+#                    next follows it, and the next `propose` catches up on all of it

@@ -118,14 +118,18 @@ class EagleDrafter:
 
     def start(self, prompt_ids: list[int]) -> None:
         self.cache.truncate(0)
-        self.next_tokens = list(prompt_ids[1:])
+        self.hidden, self.next_tokens = None, list(prompt_ids[1:])
 
     def feed(self, hidden: torch.Tensor) -> None:
         """The target's features (m, dim) of the positions committed since the last call."""
-        self.hidden = hidden
+        self.hidden = hidden if self.hidden is None else torch.cat((self.hidden, hidden))
 
     def observe(self, tree: TokenTree, path: list[int], top_tokens: torch.Tensor) -> None:
-        self.next_tokens = [tree.tokens[node] for node in path[1:]]
+        self.next_tokens += [tree.tokens[node] for node in path[1:]]
+
+    def skip(self, root: int) -> None:
+        """A plain step committed `root` unproposed: it follows the features not yet run."""
+        self.next_tokens.append(root)
 
     def log_probs(self, h: torch.Tensor) -> torch.Tensor:
         """Draft log-probabilities (rows, draft vocab) read from predicted features (rows, dim)."""
@@ -147,6 +151,7 @@ class EagleDrafter:
         positions = torch.arange(committed, committed + m, device=self.model.device)
         last = self.rows(self.hidden, self.next_tokens + [root], positions, None)[-1]
         self.cache.commit(m)
+        self.hidden, self.next_tokens = None, []  # run: what comes next is fed and observed anew
         committed += m
         # Drafted nodes (index 0: the root): token, parent, depth, path log-probability, row in the cache.
         tokens, parents, depths, scores, cached_row = [root], [-1], [0], [0.0], [-1]

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from workers.drafters.eagle import EagleConfig, EagleDrafter, EagleModel, best_nodes
 from workers.drafters.loading import DrafterWeightsError
 from workers.model import ModelArgs
+from workers.tree import root_only
 
 
 def random_eagle(model, vocab: int, seed: int = 0) -> EagleModel:
@@ -80,8 +81,22 @@ def test_every_node_is_scored_as_its_own_path_would_be(tiny_models, kind):
     step_feats = torch.randn(2, model.args.dim)
     drafter.feed(step_feats)
     tree = drafter.propose(9)
-    check_tree(drafter, history + [(step_feats[0], child), (step_feats[1], 9)], tree)
+    history += [(step_feats[0], child), (step_feats[1], 9)]
+    check_tree(drafter, history, tree)
     assert drafter.cache.length == 9
+
+    # The root 9 alone was accepted and the target chose 10; then a plain step (other
+    # replies sharing the passes) committed 10 with no proposal, and the target chose 11.
+    drafter.observe(tree, [0], None)
+    f9 = torch.randn(1, model.args.dim)
+    drafter.feed(f9)
+    drafter.skip(10)
+    drafter.observe(root_only(10), [0], None)
+    f10 = torch.randn(1, model.args.dim)
+    drafter.feed(f10)
+    tree = drafter.propose(11)
+    check_tree(drafter, history + [(f9[0], 10), (f10[0], 11)], tree)
+    assert drafter.cache.length == 11
 
 
 def test_budget_keeps_the_best_nodes_with_their_ancestors():
