@@ -53,12 +53,32 @@ def test_siblings_share_the_weights_not_the_cache(engine):
     assert sibling.batcher is engine.batcher  # their ar steps can share a pass (workers.batched_step)
 
 
+def decode_at_once(engines: list[Engine], jobs: list[tuple]) -> list[list[int]]:
+    """Each engine decodes its job (prompt, mode, sampling; 40 tokens) in a thread of its
+    own, all started together; the replies' tokens in job order."""
+    import threading
+
+    together: list = [None] * len(jobs)
+    start = threading.Barrier(len(jobs))
+
+    def decode(i: int) -> None:
+        (prompt, mode, sampling), e = jobs[i], engines[i]
+        ids = e.encode_chat(prompt)
+        start.wait()  # the decodes overlap
+        together[i] = [t for s in e.steps(ids, mode, 40, sampling) for t in s.tokens]
+
+    threads = [threading.Thread(target=decode, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return together
+
+
 def test_siblings_decoding_at_once_give_each_request_its_own_reply():
     """Float32: five siblings decode different prompts in five threads, in different modes
     (tree steps and ar steps share passes, workers.batched_step, with trees sized for the
     pass), greedy and sampled; each reply is that prompt's ar reply decoded alone."""
-    import threading
-
     from configs.schema import SamplingConfig
 
     config = load_config()
@@ -70,21 +90,7 @@ def test_siblings_decoding_at_once_give_each_request_its_own_reply():
             ("Write a haiku about rain.", "eagle-pld", SamplingConfig(0.8, 0, 0.95, seed=3)),
             ("Name a fruit.", "ar", None), ("Say hi twice.", "ar", SamplingConfig(0.7, 0, 0.9, seed=4))]
     alone = [[t for s in first.steps(first.encode_chat(p), "ar", 40, sampling) for t in s.tokens] for p, _, sampling in jobs]
-    together: list = [None] * len(jobs)
-    start = threading.Barrier(len(jobs))
-
-    def decode(i: int) -> None:
-        (prompt, mode, sampling), e = jobs[i], engines[i]
-        ids = e.encode_chat(prompt)
-        start.wait()  # the three decodes overlap
-        together[i] = [t for s in e.steps(ids, mode, 40, sampling) for t in s.tokens]
-
-    threads = [threading.Thread(target=decode, args=(i,)) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert together == alone
+    assert decode_at_once(engines, jobs) == alone
     assert first.batcher.stats.trees_shared > 0  # tree steps ran in passes with other replies' steps
 
 
@@ -116,7 +122,6 @@ def test_replies_stay_lossless_stepping_plain_or_not():
     not at random (Lane.plain_now); each reply is that prompt's ar reply decoded alone, and
     a drafter that skipped proposals (EAGLE catches up on them) drafts on."""
     import random
-    import threading
 
     from configs.schema import SamplingConfig
 
@@ -133,19 +138,5 @@ def test_replies_stay_lossless_stepping_plain_or_not():
     for i, e in enumerate(engines):
         rng = random.Random(i)
         e.lane.plain_now = lambda rng=rng: plain.append(rng.random() < 0.5) or plain[-1]
-    together: list = [None] * len(jobs)
-    start = threading.Barrier(len(jobs))
-
-    def decode(i: int) -> None:
-        (prompt, mode, sampling), e = jobs[i], engines[i]
-        ids = e.encode_chat(prompt)
-        start.wait()
-        together[i] = [t for s in e.steps(ids, mode, 40, sampling) for t in s.tokens]
-
-    threads = [threading.Thread(target=decode, args=(i,)) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert together == alone
+    assert decode_at_once(engines, jobs) == alone
     assert True in plain and False in plain
