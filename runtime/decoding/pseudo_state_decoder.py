@@ -16,7 +16,7 @@ heads, 0 for PaSS look-ahead embeddings).
                next tree
 
 While other replies share the passes and the engine says so (`Lane.plain_now`: on a CPU),
-every step is plain: the root alone, no drafts.
+every step is `ar`'s (`plain_step`): no tree, no drafts.
 
 With a TreeSizer (workers.tree_sizing), each tree is first built at the configured
 budget, lookup chain and recycled successors included, and then cut to the nodes whose expected acceptance pays
@@ -77,9 +77,6 @@ class PseudoStateDecoder:
     def build_tree(self, root: int, drafts: torch.Tensor | None) -> tuple[TokenTree, dict[int, Hashable]]:
         """The next step's tree, and the slots of its unscored drafts (node -> slot): the
         lookup chain's depths, the recycled successors' rank paths."""
-        if self.lane is not None and self.lane.plain_now():  # other replies share the passes: plain steps
-            self.depth, self.expected = 0, 1.0
-            return root_only(root), {}
         logprobs = None if drafts is None else torch.log_softmax(drafts.float(), dim=-1)
         if logprobs is None:
             tree = root_only(root)
@@ -150,6 +147,18 @@ class PseudoStateDecoder:
             self.sizer.observe(tree, outcome.path, slots)
         return outcome
 
+    def plain_step(self, token: int, choose: Chooser, index: int) -> StepOutcome:
+        """`ar`'s step through the lane (reply token `index` after `token`), with no drafts for
+        the next: while other replies share the passes, as little Python as `ar`'s (it runs
+        one reply at a time and holds every reply's next pass up). The lookup chain's index
+        still sees the token."""
+        self.depth, self.expected = 0, 1.0
+        logits = self.lane.decode(self.model, self.cache, token)
+        chosen, margin = choose.choose(logits, index)
+        if self.lookup is not None:
+            self.lookup.observe(root_only(token), [0])
+        return StepOutcome([0], [chosen], [margin], logits[None], None, None)
+
     @torch.inference_mode()
     def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int], choose: Chooser) -> Iterator[Step]:
         self.cache.truncate(0)
@@ -164,5 +173,8 @@ class PseudoStateDecoder:
             yield Step(tokens, margins)
             if done:
                 return
-            tree, slots = self.build_tree(tokens[-1], outcome.drafts)
-            outcome = self.step(tree, choose, produced, slots=slots)
+            if self.lane is not None and self.lane.plain_now():  # other replies share the passes
+                outcome = self.plain_step(tokens[-1], choose, produced)
+            else:
+                tree, slots = self.build_tree(tokens[-1], outcome.drafts)
+                outcome = self.step(tree, choose, produced, slots=slots)
