@@ -45,7 +45,7 @@ class AutoregressiveMode:
     def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingConfig | None = None) -> Iterator[Step]:
         e = self.engine
         steps = generate_ar(e.model, e.cache, prompt_ids, max_new_tokens, e.stop_ids, chooser(sampling, max_new_tokens),
-                            e.lane.decode)  # one pass with the steps of its siblings' replies
+                            e.lane)  # one pass with the steps of its siblings' replies
         return e.lane.decoding(steps)
 
 

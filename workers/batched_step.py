@@ -15,7 +15,8 @@ a reply counts itself active while it decodes (`Lane.decoding`). A thread that f
 pass running waits until every active reply has its step in, or GATHER_S at most (a
 reply may be in its prefill, or held back by a slow reader), then runs every waiting step
 in one pass; the others wait for it and take their results. A reply alone never waits:
-batching costs a lone request nothing.
+batching costs a lone request nothing. A prefill is a step too: its prompt rows share the
+pass, multiplied by the kernels' many-row path with the other prompts' (ragged_prompt_layer).
 
 Each lane also tells the others what its last step cost and was expected to commit
 (`Lane.others`): tree modes size their trees on the rows of the whole pass
@@ -52,8 +53,8 @@ class Segment:
     """One sequence's step in a pass: its embedded rows h (1, n, dim), the rows and context
     each layer runs (a RowPlan: the same at every layer, or pseudo states joining), its
     cache, and the first row the LM head reads (a tree step's catch-up rows are read by no
-    head). Rows with prompt_rows > 0 take the prompt path of the kernels (workers.model.
-    AttentionContext) and run alone."""
+    head). Its first prompt_rows rows take the prompt path of the kernels (workers.model.
+    AttentionContext), in a pass too (ragged_prompt_layer)."""
 
     h: torch.Tensor
     rows: RowPlan
@@ -68,6 +69,15 @@ def one_token(model: Transformer, cache: KVCache, token: int) -> Segment:
     return Segment(model.embed(torch.tensor([[token]], device=model.device)), SameRows(model.context(positions, cache)), cache)
 
 
+def prompt_segment(model: Transformer, cache: KVCache, prompt_ids: list[int]) -> Segment:
+    """The Segment of a prefill: `prompt_ids` after the cache's prefix, every row but the last
+    a prompt row; the head reads the last (runtime.decoding.autoregressive.prefill)."""
+    n = len(prompt_ids)
+    positions = torch.arange(cache.length, cache.length + n, device=model.device)
+    h = model.embed(torch.tensor([prompt_ids], device=model.device))
+    return Segment(h, SameRows(model.context(positions, cache, prompt_rows=n - 1)), cache, head_from=n - 1, prompt_rows=n - 1)
+
+
 def batched_forward(model: Transformer, segments: list[Segment]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Every segment's rows through every layer in one pass; per segment, its final state
     (1, rows, dim) before the norm and the logits (rows - head_from, vocab) of its head rows.
@@ -78,8 +88,6 @@ def batched_forward(model: Transformer, segments: list[Segment]) -> list[tuple[t
         seg = segments[0]
         h = run_to_end(planned_layers(model, seg.h, seg.rows))
         return [(h, model.lm_head(model.norm(h[0, seg.head_from :])))]
-    if any(seg.prompt_rows for seg in segments):
-        raise ValueError("prompt rows run alone: their products take the prompt path of the kernels")
     n_layers = model.args.n_layers
     joins = set().union(*(seg.rows.join_layers for seg in segments))
     parts = [seg.h for seg in segments]
@@ -93,8 +101,12 @@ def batched_forward(model: Transformer, segments: list[Segment]) -> list[tuple[t
             counts = [p.shape[1] for p in parts]
             h = torch.cat(parts, dim=1)
             cos, sin = torch.cat([c.cos for c in ctxs]), torch.cat([c.sin for c in ctxs])
+            order = prompt_rows_first(ctxs, counts, h.device)
         if layer < n_layers:
-            h = ragged_layer(model.layers[layer], h, cos, sin, ctxs, counts)
+            if order is None:
+                h = ragged_layer(model.layers[layer], h, cos, sin, ctxs, counts)
+            else:
+                h = ragged_prompt_layer(model.layers[layer], h, cos, sin, ctxs, counts, order)
     finals = h.split(counts, dim=1)
     heads = torch.cat([f[0, seg.head_from :] for seg, f in zip(segments, finals)])
     logits = model.lm_head(model.norm(heads)).split([c - seg.head_from for seg, c in zip(segments, counts)])
@@ -119,6 +131,35 @@ def ragged_layer(layer: DecoderLayer, h: torch.Tensor, cos: torch.Tensor, sin: t
     y = torch.cat([attn.attend(rows, ctx) for rows, ctx in zip(qkv.split(counts, dim=1), ctxs)], dim=1)
     h = h + attn.o_proj(y.to(h.dtype))
     return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+def prompt_rows_first(ctxs: list[AttentionContext], counts: list[int], device: torch.device
+                      ) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """For a pass with prompt rows (each sequence's first ctx.prompt_rows rows): an order of
+    all rows with every prompt row first, its inverse, and how many prompt rows; None without."""
+    if not any(ctx.prompt_rows for ctx in ctxs):
+        return None
+    starts = torch.tensor([0, *counts[:-1]]).cumsum(0).tolist()
+    prompt = [torch.arange(s, s + ctx.prompt_rows) for s, ctx in zip(starts, ctxs)]
+    rest = [torch.arange(s + ctx.prompt_rows, s + c) for s, c, ctx in zip(starts, counts, ctxs)]
+    order = torch.cat(prompt + rest)
+    return order.to(device), torch.argsort(order).to(device), sum(ctx.prompt_rows for ctx in ctxs)
+
+
+def ragged_prompt_layer(layer: DecoderLayer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        ctxs: list[AttentionContext], counts: list[int], order: tuple[torch.Tensor, torch.Tensor, int]
+                        ) -> torch.Tensor:
+    """ragged_layer for a pass with prompt rows: every product takes the prompt rows of all
+    sequences first (the kernels' many-row path, kernels.prompt_linear, over all of them at
+    once) and the other rows as their one-row steps take them; attention per sequence. A
+    row's numbers are those of its sequence's step alone: each op computes every row on its own."""
+    first, back, n = order
+    attn = layer.self_attn
+    x = layer.input_layernorm(h)[:, first]
+    qkv = attn.qkv(x, cos[first], sin[first], n)[:, back]
+    y = torch.cat([attn.attend(rows, ctx) for rows, ctx in zip(qkv.split(counts, dim=1), ctxs)], dim=1)
+    h = h + attn.o_proj(y.to(h.dtype)[:, first], n)[:, back]
+    return h + layer.mlp(layer.post_attention_layernorm(h)[:, first], n)[:, back]
 
 
 class PassCost:
@@ -189,11 +230,13 @@ class BatchStats:
     largest: int = 0
     by_size: dict[int, int] = field(default_factory=dict)  # passes by their number of steps
     trees_shared: int = 0  # steps of several rows (token trees) that shared their pass with other steps
+    prefills_shared: int = 0  # steps with prompt rows (a prefill, a first tree step) that shared their pass
 
     def summary(self) -> dict:
         p = max(self.passes, 1)
         return {"passes": self.passes, "steps_per_pass": round(self.steps / p, 2), "rows_per_pass": round(self.rows / p, 2),
-                "largest": self.largest, "by_size": dict(sorted(self.by_size.items())), "trees_shared": self.trees_shared}
+                "largest": self.largest, "by_size": dict(sorted(self.by_size.items())), "trees_shared": self.trees_shared,
+                "prefills_shared": self.prefills_shared}
 
 
 class Lane:
@@ -233,10 +276,10 @@ class Lane:
         that are ready. What the others read of it (`others`): `expected_tokens`, what the
         step is expected to commit, and `rows`, what it costs in full rows (its pseudo states
         cost less: workers.tree_sizing.pseudo_row_cost), by default its rows."""
-        if segment.prompt_rows:  # a prefill runs alone: the others' passes never carry its rows
-            self.rows, self.tokens = 1.0, 1.0  # what they may expect of its next step
-            return batched_forward(self.batcher.model, [segment])[0]
-        self.rows, self.tokens = float(segment.h.shape[1]) if rows is None else rows, expected_tokens
+        if segment.prompt_rows:  # a prefill: what the others may expect of this reply is its next step
+            self.rows, self.tokens = 1.0, 1.0
+        else:
+            self.rows, self.tokens = float(segment.h.shape[1]) if rows is None else rows, expected_tokens
         return self.batcher._forward(_Step(self, segment))
 
     def decode(self, model: Transformer, cache: KVCache, token: int) -> torch.Tensor:
@@ -305,14 +348,15 @@ class StepBatcher:
         deadline = None
         with self._cond:
             lane = step.lane
+            # a tree's host work is before its step (building it) and after (accepting, drafting);
+            # a prefill's is a plain step's (its reply's first token)
+            tree = not step.segment.prompt_rows and (step.segment.h.shape[1] > 1 or bool(step.segment.rows.join_layers))
             if lane.returned is not None:
                 gap = time.monotonic() - lane.returned
                 lane.gap = gap if lane.gap == 0 else GAP_KEEP * lane.gap + (1 - GAP_KEEP) * gap
-                # a tree's host work is before its step (building it) and after (accepting, drafting)
-                tree = step.segment.h.shape[1] > 1 or bool(step.segment.rows.join_layers)
                 last = lane.host[tree or lane.last_tree]
                 lane.host[tree or lane.last_tree] = gap if last is None else GAP_KEEP * last + (1 - GAP_KEEP) * gap
-            lane.last_tree = step.segment.h.shape[1] > 1 or bool(step.segment.rows.join_layers)
+            lane.last_tree = tree
             self._waiting.append(step)
             self._cond.notify_all()  # a thread gathering a pass may now have every step
             while not step.done:
@@ -358,11 +402,13 @@ class StepBatcher:
                 r = s.lane.reply
                 r.steps, r.shared, r.pass_steps, r.rows = r.steps + 1, r.shared + (len(batch) > 1), r.pass_steps + len(batch), r.rows + s.lane.rows
             self._running = False
-            if len(batch) > 1 and not any(s.error for s in batch):
+            prompts = sum(bool(s.segment.prompt_rows) for s in batch)
+            if len(batch) > 1 and not prompts and not any(s.error for s in batch):  # prompt rows cost otherwise
                 self.pass_cost.observe(1000 * (time.perf_counter() - start), sum(s.lane.rows for s in batch), len(batch))
             st = self.stats
             st.passes, st.steps, st.largest = st.passes + 1, st.steps + len(batch), max(st.largest, len(batch))
             st.rows += sum(s.segment.h.shape[1] for s in batch)
-            st.trees_shared += sum(s.segment.h.shape[1] > 1 for s in batch) if len(batch) > 1 else 0
+            st.trees_shared += sum(s.segment.h.shape[1] > 1 and not s.segment.prompt_rows for s in batch) if len(batch) > 1 else 0
+            st.prefills_shared += prompts if len(batch) > 1 else 0
             st.by_size[len(batch)] = st.by_size.get(len(batch), 0) + 1
             self._cond.notify_all()

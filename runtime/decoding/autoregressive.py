@@ -3,31 +3,34 @@ functions over the model's parts: prefill, one-token step, the loop."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 
 from runtime.decoding.steps import Step
+from workers.batched_step import Lane, batched_forward, prompt_segment
 from workers.kv_cache import KVCache
 from workers.model import Transformer
 from workers.sampling import Chooser, Greedy
 
 
-def prefill(model: Transformer, cache: KVCache, prompt_ids: list[int]) -> torch.Tensor:
+def prefill(model: Transformer, cache: KVCache, prompt_ids: list[int], lane: Lane | None = None) -> torch.Tensor:
     """Run the prompt through the model into the cache (after what it holds: a prompt
     extended); return the last position's logits (vocab,)."""
-    return model.lm_head(model.norm(prefill_hidden(model, cache, prompt_ids)[-1]))
+    return prefill_hidden(model, cache, prompt_ids, lane)[1]
 
 
-def prefill_hidden(model: Transformer, cache: KVCache, prompt_ids: list[int]) -> torch.Tensor:
+def prefill_hidden(model: Transformer, cache: KVCache, prompt_ids: list[int], lane: Lane | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """`prefill`, returning the last layer's hidden states (prompt length, dim) before the
-    final norm. All rows but the last are prompt rows (workers.model.AttentionContext): the
-    last is the root of the first tree step in the other modes, computed as a one-row step."""
-    tokens = torch.tensor([prompt_ids], device=model.device)
-    positions = torch.arange(cache.length, cache.length + len(prompt_ids), device=model.device)
-    h = model.run_layers(model.embed(tokens), model.context(positions, cache, prompt_rows=len(prompt_ids) - 1))
+    final norm and the last position's logits (vocab,). All rows but the last are prompt
+    rows (workers.model.AttentionContext): the last is the root of the first tree step in
+    the other modes, computed as a one-row step. Through `lane`, the prompt shares a pass
+    with the steps of other replies decoding at once (workers.batched_step)."""
+    segment = prompt_segment(model, cache, prompt_ids)
+    h, logits = lane.forward(segment) if lane is not None else batched_forward(model, [segment])[0]
     cache.commit(len(prompt_ids))
-    return h[0]
+    return h[0], logits[-1]
 
 
 def decode_one(model: Transformer, cache: KVCache, token: int) -> torch.Tensor:
@@ -47,16 +50,16 @@ def generate_ar(
     max_new_tokens: int,
     stop_ids: set[int],
     choose: Chooser | None = None,
-    decode: Callable[[Transformer, KVCache, int], torch.Tensor] | None = None,
+    lane: Lane | None = None,
 ) -> Iterator[Step]:
     """Plain decoding: one forward pass, one token (greedy unless `choose` samples).
-    Stops after a stop token or max_new_tokens. `decode` runs each one-token step:
-    `decode_one`, or a Lane's of a StepBatcher (workers.batched_step), which runs it in one pass
-    with other requests' steps."""
-    decode = decode or decode_one
+    Stops after a stop token or max_new_tokens. Through `lane` (a StepBatcher's seat,
+    workers.batched_step) the prefill and every one-token step run in one pass with the
+    steps of other requests decoding at once."""
+    decode = lane.decode if lane is not None else decode_one
     choose = choose or Greedy()
     cache.truncate(0)
-    logits = prefill(model, cache, prompt_ids)
+    logits = prefill(model, cache, prompt_ids, lane)
     for produced in range(1, max_new_tokens + 1):
         token, margin = choose.choose(logits, produced - 1)
         yield Step([token], [margin])

@@ -78,10 +78,10 @@ class TreeDecoder:
         if self.lookup is not None:
             self.lookup.start(prompt_ids)
         feed = getattr(self.drafter, "feed", None)  # a drafter that reads the target's features (base.Drafter)
-        hidden = prefill_hidden(self.model, self.cache, prompt_ids)
+        hidden, logits = prefill_hidden(self.model, self.cache, prompt_ids, self.lane)
         if feed is not None:
             feed(hidden)
-        token, margin = choose.choose(self.model.lm_head(self.model.norm(hidden[-1])), 0)
+        token, margin = choose.choose(logits, 0)
         produced = 1
         yield Step([token], [margin])
         if token in stop_ids or max_new_tokens == 1:

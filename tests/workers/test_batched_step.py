@@ -10,7 +10,7 @@ import torch
 
 from configs.schema import SamplingConfig
 from runtime.decoding.autoregressive import decode_one, generate_ar, prefill
-from workers.batched_step import StepBatcher, batched_forward, one_token
+from workers.batched_step import StepBatcher, batched_forward, one_token, prompt_segment
 from workers.drafters.loading import load, shipped_weights
 from workers.kernels.choice import NATIVE
 from workers.kv_cache import CacheFullError
@@ -39,12 +39,16 @@ def prefilled(model, prompts):
 
 
 def segments(model, caches):
-    """A one-token step, a token tree, and a tree with hidden-transfer pseudo states, on caches[0..2]."""
+    """On caches[0..2]: a one-token step, a token tree, and a tree with hidden-transfer pseudo
+    states; on caches[3..4], empty: a prefill, and a first hidden-transfer step (its prompt
+    rows caught up, its root and pseudo states)."""
     ht = load(shipped_weights("default", "ht"), model.args)
     tree = TokenTree([12, 40, 41, 50, 51], [-1, 0, 0, 1, 2], [0, 1, 1, 2, 2], [0.0, -0.5, -1.0, -1.2, -2.0])
     trees = [prepare_tree_step(model, caches[1], tree, Greedy(), 3),
              prepare_tree_step(model, caches[2], chain(9, [8, 7]), Greedy(), 1, (), ht.first(2), [0, 1])]
-    return [one_token(model, caches[0], 11)] + [t.segment for t in trees], trees
+    first = prepare_tree_step(model, caches[4], chain(77, []), Greedy(), 0, list(range(300, 309)), ht.first(2), [0])
+    return [one_token(model, caches[0], 11)] + [t.segment for t in trees] + [
+        prompt_segment(model, caches[3], list(range(200, 212))), first.segment], trees
 
 
 @pytest.mark.real_model
@@ -56,16 +60,19 @@ def test_a_batched_pass_is_each_sequence_alone(model, ragged):
     if ragged == "op by op":
         set_kernels(model, dataclasses.replace(NATIVE, ragged_decoder_layer=None))
     try:
-        alone, together = prefilled(model, PROMPTS), prefilled(model, PROMPTS)
+        fresh = lambda: [decoding_cache(model, 64), decoding_cache(model, 64)]  # noqa: E731
+        alone, together = prefilled(model, PROMPTS) + fresh(), prefilled(model, PROMPTS) + fresh()
         with torch.inference_mode():
             expected = [batched_forward(model, [seg])[0] for seg in segments(model, alone)[0]]
             batch, trees = segments(model, together)
             got = batched_forward(model, batch)
         for (h, logits), (h0, logits0) in zip(got, expected):
             assert torch.equal(h, h0) and torch.equal(logits, logits0)
-        assert [h.shape[1] for h, _ in got] == [1, 5, 3 + 2 * 2]  # the pseudo states joined the third
+        # the pseudo states joined the third and the fifth; the prompt rows shared the pass
+        assert [h.shape[1] for h, _ in got] == [1, 5, 3 + 2 * 2, 12, 9 + 1 + 2]
+        assert [seg.prompt_rows for seg in batch] == [0, 0, 0, 11, 9]
         for a, b in zip(alone, together):
-            assert torch.equal(a.k[:, :, :, : a.length + 7], b.k[:, :, :, : b.length + 7])
+            assert torch.equal(a.k[:, :, :, : a.length + 12], b.k[:, :, :, : b.length + 12])
         outcome = trees[1].finish(*got[2])  # a batched step is accepted as one alone is
         assert outcome.drafts is not None and together[2].length == len(PROMPTS[2]) + len(outcome.path)
     finally:
@@ -98,7 +105,7 @@ def test_threads_decoding_at_once_share_passes_and_get_their_own_replies(model):
     samplings = [None, None, SamplingConfig(0.8, 0, 0.95, seed=5), SamplingConfig(1.0, 20, 1.0, seed=6)]
 
     def reply(cache, ids, sampling, lane=None):
-        steps = generate_ar(model, cache, ids, 24, set(), chooser(sampling, 24), lane and lane.decode)
+        steps = generate_ar(model, cache, ids, 24, set(), chooser(sampling, 24), lane)
         return [t for s in (lane.decoding(steps) if lane else steps) for t in s.tokens]
 
     alone = [reply(decoding_cache(model, 64), ids, s) for ids, s in zip(prompts, samplings)]
@@ -117,7 +124,8 @@ def test_threads_decoding_at_once_share_passes_and_get_their_own_replies(model):
         t.join()
     assert together == alone
     st = batcher.stats
-    assert st.steps == 4 * 23 and st.rows == st.steps and st.largest == 4  # one pass gathered all four replies
+    # every step counted, prefills among them; one pass gathered all four replies
+    assert st.steps == 4 * 24 and st.rows == 4 * 23 + sum(map(len, prompts)) and st.largest == 4
 
 
 @pytest.mark.real_model
@@ -140,13 +148,13 @@ def test_a_reply_that_stops_asking_holds_no_one_up(model):
     by GATHER_S at most; they run alone and finish with their own replies."""
     batcher = StepBatcher(model)
     slow, quick = batcher.lane(), batcher.lane()
-    held = slow.decoding(generate_ar(model, decoding_cache(model, 64), PROMPTS[0], 24, set(), None, slow.decode))
+    held = slow.decoding(generate_ar(model, decoding_cache(model, 64), PROMPTS[0], 24, set(), None, slow))
     next(held)  # active from here on, and not asking for a step
     assert quick.others() == Load(1.0, 1.0)  # what a plain step adds to a pass
-    other = generate_ar(model, decoding_cache(model, 64), PROMPTS[1], 12, set(), None, quick.decode)
+    other = generate_ar(model, decoding_cache(model, 64), PROMPTS[1], 12, set(), None, quick)
     alone = generate_ar(model, decoding_cache(model, 64), PROMPTS[1], 12, set())
     assert [s.tokens for s in quick.decoding(other)] == [s.tokens for s in alone]
-    assert batcher.stats.largest == 1 and batcher.stats.passes == 11
+    assert batcher.stats.largest == 1 and batcher.stats.passes == 2 + 11  # two prefills, then quick's steps alone
     held.close()
     assert batcher._active() == 0 and quick.others() == Load()  # closing a reply ends its count
 
@@ -164,9 +172,9 @@ def test_a_reply_left_unfinished_counts_no_more_once_the_next_starts():
 
 
 def test_a_prefill_is_not_load_on_the_others_passes(model):
-    """A prefill (prompt rows) runs alone, so a lane in its prefill tells the others what
-    its next step will add to their passes (a plain step), not its prompt's rows: counted
-    as load, a long prompt made every other reply's tree look cheap."""
+    """A lane in its prefill (prompt rows) tells the others what its next step will add to
+    their passes (a plain step), not its prompt's rows: counted as load, a long prompt made
+    every other reply's tree look cheap."""
     batcher = StepBatcher(model)
     prefilling, other = batcher.lane(), batcher.lane()
     prompt = list(range(100, 140))

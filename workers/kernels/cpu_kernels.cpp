@@ -16,7 +16,9 @@
 // a one-row decode step would.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <immintrin.h>
+#include <omp.h>
 
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -383,6 +385,38 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const c10::
   auto shape = x.sizes().vec();
   shape.back() = m;
   return (float_out ? y : y.to(x.scalar_type())).view(shape);
+}
+
+// prompt_gemm: y = x @ w.T (+ b) for many rows (a prompt's, workers.kernels.native.
+// prompt_linear) by ATen's GEMM (oneDNN's AVX512-BF16 dot products), the output columns
+// split over the kernels' threads (parallel_for) and each part multiplied on one thread.
+// Why: ATen's own threading goes through libgomp, whose team is throttled in any thread but
+// the main one (SpinPool, above): a prompt's products took 1.7x their main-thread time in a
+// server's decoding thread. The split is parallel_for's in every thread, so a thread never
+// changes a result; a row's result does not depend on the other rows of its call (two or
+// more), which tests/workers/kernels checks.
+torch::Tensor prompt_gemm(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "prompt_gemm: CPU tensors only");
+  TORCH_CHECK(w.dim() == 2 && x.dim() >= 1 && x.size(-1) == w.size(1), "prompt_gemm: shapes ", x.sizes(), " and ", w.sizes());
+  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "prompt_gemm: x and w must have one dtype");
+  TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == w.size(0) && bias->scalar_type() == w.scalar_type()),
+              "prompt_gemm: bias must be (out_features,) in w's dtype");
+  const int64_t k = w.size(1), m = w.size(0);
+  const auto rows = x.reshape({-1, k}).contiguous();
+  auto y = torch::empty({rows.size(0), m}, rows.options());
+  const at::ThreadLocalState state;
+  parallel_for(0, m, 64, [&](int64_t j0, int64_t j1) {
+    const int threads = omp_get_max_threads();
+    omp_set_num_threads(1);  // this thread's own OpenMP setting: its part runs on it alone
+    const at::ThreadLocalStateGuard caller_state(state);  // the caller's grad and inference modes, in a pool worker too
+    const auto part_w = w.narrow(0, j0, j1 - j0);
+    const auto part = bias.has_value() ? at::addmm(bias->narrow(0, j0, j1 - j0), rows, part_w.t()) : at::mm(rows, part_w.t());
+    y.narrow(1, j0, j1 - j0).copy_(part);
+    omp_set_num_threads(threads);
+  });
+  auto shape = x.sizes().vec();
+  shape.back() = m;
+  return y.view(shape);
 }
 
 namespace {
@@ -809,6 +843,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // decoding other requests (workers.batched_step) run their Python between the layers of a pass.
   const auto no_gil = py::call_guard<py::gil_scoped_release>();
   m.def("linear", &linear, "y = x @ w.T (+ b): few rows, weights streamed once (AVX2 FMA, or AVX512-BF16)", no_gil);
+  m.def("prompt_gemm", &prompt_gemm, "y = x @ w.T (+ b): many rows, ATen's GEMM over column parts on the kernels' threads",
+        no_gil);
   m.def("use_avx512_bf16", &use_avx512_bf16, "turn the AVX512-BF16 path of linear on (where the CPU has it) or off");
   m.def("rms_norm", &rms_norm, "RMSNorm of each row, rounding as the reference does", no_gil);
   m.def("rotary_", &rotary_, "rotary embedding in place on the q and k heads of the fused projection", no_gil);

@@ -84,6 +84,21 @@ def test_prompt_rows_do_not_depend_on_how_many_share_the_call(out_features, in_f
     torch.testing.assert_close(full.float(), reference.linear(x.float(), w.float()), **TOL[torch.bfloat16])
 
 
+@pytest.mark.parametrize("out_features,in_features", MODEL_SHAPES)
+def test_prompt_rows_do_not_depend_on_the_thread_count(out_features, in_features):
+    """Prompt rows' products split their output columns over the kernels' threads, each part
+    one GEMM on one thread (cpu_kernels.cpp, prompt_gemm): the same bits on 1 and 2 threads,
+    and as one GEMM over every column."""
+    x, w = rand(1, 120, in_features, dtype=torch.bfloat16), rand(out_features, in_features, dtype=torch.bfloat16, seed=1)
+    torch.set_num_threads(2)
+    try:
+        two = native.prompt_linear(x, w, None, 119)
+    finally:
+        torch.set_num_threads(1)
+    assert torch.equal(native.prompt_linear(x, w, None, 119), two)
+    assert torch.equal(two[:, :119], reference.linear(x[:, :119], w))
+
+
 def test_prompt_rows_in_float32_are_the_native_kernels():
     x, w = rand(1, 40, 576), rand(960, 576, seed=1)
     assert torch.equal(native.prompt_linear(x, w, None, 39), native.linear(x, w, None))
@@ -125,9 +140,15 @@ def test_kernels_in_other_threads_match_the_main_thread(linear_path, threads):
     x, w = rand(8, 576, dtype=torch.bfloat16), rand(3000, 576, dtype=torch.bfloat16, seed=1)
     q, k, v = rand(1, 9, 16, 64), rand(1, 3, 300, 64, seed=1), rand(1, 3, 300, 64, seed=2)
     mask = causal_tree_mask(16, 300)
-    want = native.linear(x, w, None), native.attention(q, k, v, mask)
-    for got in in_threads(lambda: (native.linear(x, w, None), native.attention(q, k, v, mask)), threads):
-        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    prompt = rand(1, 90, 576, dtype=torch.bfloat16, seed=3)  # prompt rows: ATen's GEMM in column parts
+    calls = lambda: (native.linear(x, w, None), native.attention(q, k, v, mask), native.prompt_linear(prompt, w, None, 89))  # noqa: E731
+    torch.set_num_threads(2)
+    try:
+        want = calls()
+    finally:
+        torch.set_num_threads(1)
+    for got in in_threads(calls, threads):
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 def test_kernels_in_a_forked_child_get_a_pool_of_their_own():
