@@ -46,6 +46,7 @@ GAP_KEEP = 0.8  # Lane.gap: an average over the last ~5 steps
 PASS_KEEP = 0.98  # PassCost: a memory of ~50 passes
 PASS_COST_AFTER = 16  # passes of several steps before PassCost is read
 PASS_RIDGE = 1e-3  # PassCost's least squares: a ridge that keeps them solvable
+PROMPT_CHUNK = 256  # prompt rows a pass carries at most (Lane.lead_in): a long prompt shares several passes
 
 
 @dataclass
@@ -69,13 +70,22 @@ def one_token(model: Transformer, cache: KVCache, token: int) -> Segment:
     return Segment(model.embed(torch.tensor([[token]], device=model.device)), SameRows(model.context(positions, cache)), cache)
 
 
-def prompt_segment(model: Transformer, cache: KVCache, prompt_ids: list[int]) -> Segment:
-    """The Segment of a prefill: `prompt_ids` after the cache's prefix, every row but the last
-    a prompt row; the head reads the last (runtime.decoding.autoregressive.prefill)."""
+def prompt_segment(model: Transformer, cache: KVCache, prompt_ids: list[int], ends_prompt: bool = True) -> Segment:
+    """The Segment of a prefill: `prompt_ids` after the cache's prefix. When they end the
+    prompt, every row but the last is a prompt row and the head reads the last
+    (runtime.decoding.autoregressive.prefill); otherwise every row is a prompt row and no head reads them."""
     n = len(prompt_ids)
+    prompt = n - 1 if ends_prompt else n
     positions = torch.arange(cache.length, cache.length + n, device=model.device)
     h = model.embed(torch.tensor([prompt_ids], device=model.device))
-    return Segment(h, SameRows(model.context(positions, cache, prompt_rows=n - 1)), cache, head_from=n - 1, prompt_rows=n - 1)
+    return Segment(h, SameRows(model.context(positions, cache, prompt_rows=prompt)), cache, head_from=prompt, prompt_rows=prompt)
+
+
+def head_logits(model: Transformer, rows: torch.Tensor) -> torch.Tensor:
+    """The LM head over final states (rows, dim), before the norm; none for no rows."""
+    if rows.shape[0] == 0:
+        return rows.new_zeros(0, model.args.vocab_size)
+    return model.lm_head(model.norm(rows))
 
 
 def batched_forward(model: Transformer, segments: list[Segment]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -87,7 +97,7 @@ def batched_forward(model: Transformer, segments: list[Segment]) -> list[tuple[t
     if len(segments) == 1:  # alone: the plain forward, whose layers run fused where they can
         seg = segments[0]
         h = run_to_end(planned_layers(model, seg.h, seg.rows))
-        return [(h, model.lm_head(model.norm(h[0, seg.head_from :])))]
+        return [(h, head_logits(model, h[0, seg.head_from :]))]
     n_layers = model.args.n_layers
     joins = set().union(*(seg.rows.join_layers for seg in segments))
     parts = [seg.h for seg in segments]
@@ -109,7 +119,7 @@ def batched_forward(model: Transformer, segments: list[Segment]) -> list[tuple[t
                 h = ragged_prompt_layer(model.layers[layer], h, cos, sin, ctxs, counts, order)
     finals = h.split(counts, dim=1)
     heads = torch.cat([f[0, seg.head_from :] for seg, f in zip(segments, finals)])
-    logits = model.lm_head(model.norm(heads)).split([c - seg.head_from for seg, c in zip(segments, counts)])
+    logits = head_logits(model, heads).split([c - seg.head_from for seg, c in zip(segments, counts)])
     return list(zip(finals, logits))
 
 
@@ -230,13 +240,14 @@ class BatchStats:
     largest: int = 0
     by_size: dict[int, int] = field(default_factory=dict)  # passes by their number of steps
     trees_shared: int = 0  # steps of several rows (token trees) that shared their pass with other steps
-    prefills_shared: int = 0  # steps with prompt rows (a prefill, a first tree step) that shared their pass
+    prompt_steps: int = 0  # steps with prompt rows (a prefill or a part of one, a first tree step)
+    prefills_shared: int = 0  # those that shared their pass
 
     def summary(self) -> dict:
         p = max(self.passes, 1)
         return {"passes": self.passes, "steps_per_pass": round(self.steps / p, 2), "rows_per_pass": round(self.rows / p, 2),
                 "largest": self.largest, "by_size": dict(sorted(self.by_size.items())), "trees_shared": self.trees_shared,
-                "prefills_shared": self.prefills_shared}
+                "prompt_steps": self.prompt_steps, "prefills_shared": self.prefills_shared}
 
 
 class Lane:
@@ -281,6 +292,21 @@ class Lane:
         else:
             self.rows, self.tokens = float(segment.h.shape[1]) if rows is None else rows, expected_tokens
         return self.batcher._forward(_Step(self, segment))
+
+    def lead_in(self, model: Transformer, cache: KVCache, ids: list[int]) -> tuple[torch.Tensor, list[int]]:
+        """Prompt rows `ids` (after the cache's prefix; the prompt's last token not among them,
+        or last), all but the last PROMPT_CHUNK of them run into the cache in passes of
+        PROMPT_CHUNK rows: their final states (rows, dim) and the ids left for the caller's
+        own step. So a long prompt never holds the other replies' passes for long; each
+        prompt row is computed on its own, so its numbers are those of one prefill."""
+        cut = max(len(ids) - PROMPT_CHUNK, 0)
+        states = []
+        for start in range(0, cut, PROMPT_CHUNK):
+            chunk = ids[start : min(start + PROMPT_CHUNK, cut)]
+            h, _ = self.forward(prompt_segment(model, cache, chunk, ends_prompt=False))
+            cache.commit(len(chunk))
+            states.append(h[0])
+        return (torch.cat(states) if states else torch.empty(0, model.args.dim, device=model.device)), ids[cut:]
 
     def decode(self, model: Transformer, cache: KVCache, token: int) -> torch.Tensor:
         """runtime.decoding.autoregressive.decode_one's contract: append `token` to `cache`,
@@ -409,6 +435,6 @@ class StepBatcher:
             st.passes, st.steps, st.largest = st.passes + 1, st.steps + len(batch), max(st.largest, len(batch))
             st.rows += sum(s.segment.h.shape[1] for s in batch)
             st.trees_shared += sum(s.segment.h.shape[1] > 1 and not s.segment.prompt_rows for s in batch) if len(batch) > 1 else 0
-            st.prefills_shared += prompts if len(batch) > 1 else 0
+            st.prompt_steps, st.prefills_shared = st.prompt_steps + prompts, st.prefills_shared + (prompts if len(batch) > 1 else 0)
             st.by_size[len(batch)] = st.by_size.get(len(batch), 0) + 1
             self._cond.notify_all()

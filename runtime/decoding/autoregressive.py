@@ -26,11 +26,16 @@ def prefill_hidden(model: Transformer, cache: KVCache, prompt_ids: list[int], la
     final norm and the last position's logits (vocab,). All rows but the last are prompt
     rows (workers.model.AttentionContext): the last is the root of the first tree step in
     the other modes, computed as a one-row step. Through `lane`, the prompt shares a pass
-    with the steps of other replies decoding at once (workers.batched_step)."""
-    segment = prompt_segment(model, cache, prompt_ids)
-    h, logits = lane.forward(segment) if lane is not None else batched_forward(model, [segment])[0]
-    cache.commit(len(prompt_ids))
-    return h[0], logits[-1]
+    with the steps of other replies decoding at once (workers.batched_step), a long prompt
+    in several (Lane.lead_in)."""
+    if lane is None:
+        lead, rest = None, prompt_ids
+        h, logits = batched_forward(model, [prompt_segment(model, cache, rest)])[0]
+    else:
+        lead, rest = lane.lead_in(model, cache, prompt_ids)
+        h, logits = lane.forward(prompt_segment(model, cache, rest))
+    cache.commit(len(rest))
+    return (h[0] if lead is None else torch.cat((lead.to(h.dtype), h[0]))), logits[-1]
 
 
 def decode_one(model: Transformer, cache: KVCache, token: int) -> torch.Tensor:

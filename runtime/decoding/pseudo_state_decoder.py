@@ -165,7 +165,8 @@ class PseudoStateDecoder:
         self.depth = self.first_depth(len(prompt_ids))
         if self.lookup is not None:
             self.lookup.start(prompt_ids[:-1])  # its last token comes back as the first step's root
-        outcome = self.step(root_only(prompt_ids[-1]), choose, 0, prompt_ids[:-1])
+        catch_up = self.lane.lead_in(self.model, self.cache, prompt_ids[:-1])[1] if self.lane is not None else prompt_ids[:-1]
+        outcome = self.step(root_only(prompt_ids[-1]), choose, 0, catch_up)
         produced = 0
         while True:
             tokens, margins, done = clip_step(outcome.tokens, outcome.margins, produced, max_new_tokens, stop_ids)

@@ -75,11 +75,14 @@ def decode_at_once(engines: list[Engine], jobs: list[tuple]) -> list[list[int]]:
     return together
 
 
-def test_siblings_decoding_at_once_give_each_request_its_own_reply():
+@pytest.mark.parametrize("prompt_chunk", [None, 8])
+def test_siblings_decoding_at_once_give_each_request_its_own_reply(prompt_chunk, monkeypatch):
     """Float32: five siblings decode different prompts in five threads, in different modes
-    (tree steps and ar steps share passes, workers.batched_step, with trees sized for the
-    pass), greedy and sampled; each reply is that prompt's ar reply decoded alone."""
+    (tree steps, ar steps and prefills share passes, workers.batched_step, with trees sized
+    for the pass), greedy and sampled; each reply is that prompt's ar reply decoded alone.
+    With a prompt chunk of 8 rows, every prompt shares several passes (Lane.lead_in)."""
     from configs.schema import SamplingConfig
+    from workers import batched_step
 
     config = load_config()
     config.model.device, config.model.dtype, config.model.max_context, config.runtime.threads = "cpu", "float32", 256, 1
@@ -90,8 +93,15 @@ def test_siblings_decoding_at_once_give_each_request_its_own_reply():
             ("Write a haiku about rain.", "eagle-pld", SamplingConfig(0.8, 0, 0.95, seed=3)),
             ("Name a fruit.", "ar", None), ("Say hi twice.", "ar", SamplingConfig(0.7, 0, 0.9, seed=4))]
     alone = [[t for s in first.steps(first.encode_chat(p), "ar", 40, sampling) for t in s.tokens] for p, _, sampling in jobs]
+    if prompt_chunk:
+        monkeypatch.setattr(batched_step, "PROMPT_CHUNK", prompt_chunk)
+    first.batcher.stats = batched_step.BatchStats()
     assert decode_at_once(engines, jobs) == alone
-    assert first.batcher.stats.trees_shared > 0  # tree steps ran in passes with other replies' steps
+    stats = first.batcher.stats
+    assert stats.trees_shared > 0 and stats.prefills_shared > 0  # they ran in passes with other replies' steps
+    # steps with prompt rows: each prompt's chunks of 8 rows (ht's prompt rows end before its last token)
+    rows = [len(first.encode_chat(p)) - (mode == "ht") for p, mode, _ in jobs]
+    assert stats.prompt_steps == (sum(-(-n // 8) for n in rows) if prompt_chunk else len(jobs))
 
 
 def test_shared_passes_step_plain_on_a_cpu_unless_told_to_size_trees(engine):

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from configs.schema import SamplingConfig
-from runtime.decoding.autoregressive import decode_one, generate_ar, prefill
+from runtime.decoding.autoregressive import decode_one, generate_ar, prefill, prefill_hidden
+from workers import batched_step
 from workers.batched_step import StepBatcher, batched_forward, one_token, prompt_segment
 from workers.drafters.loading import load, shipped_weights
 from workers.kernels.choice import NATIVE
@@ -126,6 +127,21 @@ def test_threads_decoding_at_once_share_passes_and_get_their_own_replies(model):
     st = batcher.stats
     # every step counted, prefills among them; one pass gathered all four replies
     assert st.steps == 4 * 24 and st.rows == 4 * 23 + sum(map(len, prompts)) and st.largest == 4
+
+
+@pytest.mark.real_model
+def test_a_long_prompt_shares_passes_in_chunks_with_one_prefill_s_numbers(model, monkeypatch):
+    """Through a lane, a prompt longer than PROMPT_CHUNK rows runs in passes of that many rows
+    (Lane.lead_in): its final states, last logits and cache are bit for bit one prefill's."""
+    monkeypatch.setattr(batched_step, "PROMPT_CHUNK", 4)
+    prompt, lane = list(range(300, 315)), StepBatcher(model).lane()
+    one, chunked = decoding_cache(model, 64), decoding_cache(model, 64)
+    with torch.inference_mode():
+        h, logits = prefill_hidden(model, one, prompt)
+        h_chunked, logits_chunked = prefill_hidden(model, chunked, prompt, lane)
+    assert torch.equal(h_chunked, h) and torch.equal(logits_chunked, logits)
+    assert chunked.length == one.length == 15 and torch.equal(chunked.k[:, :, :, :15], one.k[:, :, :, :15])
+    assert lane.batcher.stats.passes == 4  # rows 0-3, 4-7, 8-10, then the last 4 with the head
 
 
 @pytest.mark.real_model
