@@ -1,8 +1,9 @@
 """Prefill apart or sharing a pass (issue 18): seven replies' one-token steps and one new
 prompt, either as one pass of the steps and then the prefill on its own (what the batcher
-does: prompt rows run alone, on the bfloat16 GEMM path of the kernels), or as one pass
-with the prompt's rows beside the steps (on the decode kernels). Median ms of each, for
-each prompt length, in the main thread or in another (where a server decodes).
+did before prefills shared passes), or as one pass with the prompt's rows beside the steps
+(what it does now: workers.batched_step.prompt_segment, the prompt rows on the kernels'
+many-row path, the bfloat16 GEMM). Median ms of each, for each prompt length, in the main
+thread or in another (where a server decodes).
 
     python scripts/prefill_sharing.py --lengths 16,32,64,96,128,256 --thread other
 """
@@ -24,8 +25,7 @@ from configs.files import load_config  # noqa: E402
 from runtime.bench.prompts import default_prompts_path, load_prompts  # noqa: E402
 from runtime.decoding.autoregressive import prefill  # noqa: E402
 from runtime.engine import Engine  # noqa: E402
-from workers.batched_step import Segment, batched_forward, one_token  # noqa: E402
-from workers.drafters.pseudo_forward import SameRows  # noqa: E402
+from workers.batched_step import Segment, batched_forward, one_token, prompt_segment  # noqa: E402
 
 
 def median_ms(run, repeats: int = 15) -> float:
@@ -59,8 +59,7 @@ def measure(engine: Engine, lengths: list[int]) -> list[dict]:
 
             def shared() -> None:
                 new.truncate(0)
-                rows = SameRows(model.context(torch.arange(n, device=model.device), new))
-                batched_forward(model, steps() + [Segment(model.embed(torch.tensor([prompt])), rows, new, head_from=n - 1)])
+                batched_forward(model, steps() + [prompt_segment(model, new, prompt)])
 
             results.append({"prompt": n, "steps alone": median_ms(lambda: batched_forward(model, steps())),
                             "apart": median_ms(apart), "shared": median_ms(shared)})
