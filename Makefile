@@ -25,9 +25,11 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 # The pipelined runtime as users run it: two Ray actor workers (one core each) on a local
-# Ray cluster that the command starts and stops; then ht and ar on the same prompt.
+# Ray cluster that the command starts and stops; then, on the same prompt, one worker on
+# one core (ht@1: the same compute a device as the pipeline's workers), one worker on
+# both cores (ht), and plain decoding (ar).
 demo: $(STAMP)
-	$(BIN)/leapfrog generate --mode pipeline --workers 2 --compare ht,ar --dtype bfloat16 --prompt "$(DEMO_PROMPT)"
+	$(BIN)/leapfrog generate --mode pipeline --workers 2 --compare ht@1,ht,ar --dtype bfloat16 --prompt "$(DEMO_PROMPT)"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 import uvloop
 
 from configs.files import load_config
@@ -98,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling(gen)
     gen.add_argument("--prompt", required=True, help="the user message")
     gen.add_argument("--mode", help=f"decoding mode: {', '.join(MODES)} (default: ht, hidden transfer with prompt lookup)")
-    gen.add_argument("--compare", help="comma-separated modes to run on the same prompt afterwards, for speed")
+    gen.add_argument("--compare", help="comma-separated modes to run on the same prompt afterwards, for speed; "
+                     "MODE@N runs a single-worker mode on N torch threads (one worker on N cores)")
     add_common(gen)
 
     bench = sub.add_parser("bench", help="run decoding modes side by side on a prompt file")
@@ -261,18 +263,58 @@ def resolve_config(args) -> LeapfrogConfig:
     return config.validate()
 
 
+def compare_runs(text: str | None, mode: str, config: LeapfrogConfig) -> list[tuple[str, int | None]]:
+    """--compare's runs: (mode, torch threads, or None for the configured ones) from items
+    MODE or MODE@N; the generated run itself is left out."""
+    runs: list[tuple[str, int | None]] = []
+    for item in (x.strip() for x in (text or "").split(",")):
+        name, _, threads = item.partition("@")
+        if not name:
+            continue
+        check_mode(name)
+        n = None
+        if threads:
+            if not threads.isdigit() or int(threads) < 1:
+                raise ConfigError(f"--compare {item}: the threads after @ must be a whole number >= 1")
+            if name in PIPELINED_MODES:
+                raise ConfigError(f"--compare {item}: a pipelined mode's workers take [pipeline] threads, not @N")
+            n = None if int(threads) == config.runtime.threads else int(threads)
+        if (name, n) != (mode, None) and (name, n) not in runs:
+            runs.append((name, n))
+    return runs
+
+
+class ThreadsEngines:
+    """The engine at its configured threads, and a sibling for each other thread count
+    (built and run with torch on that many threads: its modes size their trees for them)."""
+
+    def __init__(self, engine: Engine):
+        self.engine, self.siblings = engine, {}
+
+    def run(self, mode: str, threads: int | None, prompt_ids: list[int], max_new: int, sampling) -> dict:
+        if threads is None:
+            return run_once(self.engine, mode, prompt_ids, max_new, sampling)
+        own = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            engine = self.siblings.setdefault(threads, self.engine.sibling())
+            return run_once(engine, mode, prompt_ids, max_new, sampling)
+        finally:
+            torch.set_num_threads(own)
+
+
 def cmd_generate(args, config: LeapfrogConfig) -> int:
     mode, max_new = config.generation.mode, config.generation.max_new_tokens
-    compare = [m.strip() for m in (args.compare or "").split(",") if m.strip() and m.strip() != mode]
-    for name in [mode, *compare]:
-        check_mode(name)
+    check_mode(mode)
+    compare = compare_runs(args.compare, mode, config)
     engine = Engine.from_config(config)
     prompt_ids = engine.encode_chat(args.prompt)
     engine.check_fits(prompt_ids, max_new)
     sampling = config.sampling
+    engines = ThreadsEngines(engine)
     if compare:  # build and warm every compared mode, untimed, so no run pays first-call costs
-        for m in [mode, *compare]:
-            run_once(engine, m, prompt_ids, min(WARMUP_TOKENS, max_new), sampling)
+        for m, threads in [(mode, None), *compare]:
+            engines.run(m, threads, prompt_ids, min(WARMUP_TOKENS, max_new), sampling)
     tokens: list[int] = []
     margins: list[float] = []
     passes = 0
@@ -287,15 +329,17 @@ def cmd_generate(args, config: LeapfrogConfig) -> int:
     print(text.flush())
     report = f"{config.model.dtype}, {describe_threads(mode, config)}, {describe_sampling(sampling)}"
     print(f"[{mode}] {speed_line(len(tokens), seconds, passes)} ({report})", file=sys.stderr)
-    for other in compare:  # same prompt, same process, measured right after
-        run = run_once(engine, other, prompt_ids, max_new, sampling)
+    for other, threads in compare:  # same prompt, same process, measured right after
+        run = engines.run(other, threads, prompt_ids, max_new, sampling)
         line = speed_line(len(run["tokens"]), run["seconds"], run["forward_passes"])
         if compared_with_ar(engine.mode(other), sampling):
             same = describe_difference(tokens, margins, run["tokens"], config.model.dtype)
         else:
             why = "its own sampler" if getattr(engine.mode(other), "exact", True) else "its own arithmetic"
             same = f"not comparable token by token ({why})"
-        print(f"[{other}] {line} ({describe_threads(other, config)}); output vs [{mode}]: {same}", file=sys.stderr)
+        label, where = (other, describe_threads(other, config)) if threads is None else (
+            f"{other}@{threads}", f"{threads} thread{'s' * (threads != 1)}")
+        print(f"[{label}] {line} ({where}); output vs [{mode}]: {same}", file=sys.stderr)
     engine.close()
     return 0
 

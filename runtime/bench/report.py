@@ -58,7 +58,8 @@ def describe_threads(mode: str, config: LeapfrogConfig) -> str:
     p = config.pipeline
     if mode in PIPELINED_MODES:
         return f"{p.workers} workers x {p.threads} thread{'s' * (p.threads > 1)} ({p.transport})"
-    return f"{config.runtime.threads} threads"
+    n = config.runtime.threads
+    return f"{n} thread{'s' * (n != 1)}"
 
 
 def describe_sampling(sampling: SamplingConfig) -> str:

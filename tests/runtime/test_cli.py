@@ -220,7 +220,7 @@ def test_generate_smoke(capsys, real_model):
     assert stats, err
     n = int(stats.group(1))
     assert 1 <= n <= 8
-    assert "float32" in err and "1 threads" in err
+    assert "float32" in err and "1 thread," in err
 
     # The streamed text is exactly the greedy reply of the same model, decoded plainly.
     model, tokenizer, _ = real_model
@@ -252,6 +252,25 @@ def test_generate_ht_compare_ar(capsys):
     assert re.search(r"\[ht\] \d+ tokens in [\d.]+s: [\d.]+ tokens/s, [\d.]+ tokens per forward pass", err), err
     assert re.search(r"\[ar\] \d+ tokens .*; output vs \[ht\]: identical", err), err
     assert err.count("[ht]") == 2  # ht itself is not run again by --compare
+
+
+@pytest.mark.real_model
+def test_generate_compares_one_worker_on_other_thread_counts(capsys):
+    """MODE@N runs a compared mode on N torch threads (the demo: one worker on one core and
+    on both), its own label and thread count printed, its output checked like the others."""
+    rc, out, err = run(capsys, "generate", "--prompt", "Name three fruits.", "--mode", "ht", "--compare", "ht@2,ar@1,ar",
+                       "--max-new-tokens", "12", *T1)
+    assert rc == 0, err
+    assert re.search(r"\[ht@2\] \d+ tokens .* \(2 threads\); output vs \[ht\]: identical", err), err
+    assert re.search(r"\[ar\] \d+ tokens .* \(1 thread\); output vs \[ht\]: identical", err), err
+    assert "[ar@1]" not in err  # @ the configured threads is the plain run, run once
+    assert torch.get_num_threads() == 1  # set back after the 2-thread run
+
+
+@pytest.mark.parametrize("item", ["ht@0", "ht@x", "pipeline@2"])
+def test_generate_compare_bad_threads(capsys, item):
+    rc, out, err = run(capsys, "generate", "--prompt", "hi", "--compare", item, *T1)
+    assert rc == EXIT_USAGE and item in err and out == ""
 
 
 def test_generate_compare_unknown_mode(capsys):
