@@ -136,7 +136,7 @@ def run_sweep(sweep: Sweep, out: str | Path, progress: bool = True) -> Path:
         engine.set_pipeline_config(config.pipeline)
         result = run_bench(engine, prompts, sweep.references + sweep.modes, config.generation.max_new_tokens,
                            NEAR_TIE_TOL[dtype], config.runtime.threads, progress=False, sampling=config.sampling)
-        result["point"], result["settings"] = point, settings(config)
+        result["point"], result["settings"], result["layers"] = point, settings(config), engine.model.args.n_layers
         results.append(result)
         rows += csv_rows(index, settings(config), result, engine.cost_curve(config.pipeline.threads))
     for engine in engines.values():
@@ -156,11 +156,25 @@ def settings(config: LeapfrogConfig) -> dict:
     return {axis: getattr(config.drafters.ht if s == "ht" else getattr(config, s), key) for axis, (s, key) in AXES.items()}
 
 
+def decode_stats(workers: dict, point: dict, result: dict, own: CostCurve | None = None) -> DecodeStats | None:
+    """The latency model's inputs from a point's pipelined run (None without one); with
+    `own`, the measuring device's curve, the steps' host work beyond it too."""
+    if not workers:
+        return None
+    layer, layers = point.get("predict_layer", 0), result.get("layers")
+    if layer and not layers:
+        raise ConfigError("this sweep predates the layer count its predict_layer needs: run it again")
+    stats = DecodeStats.from_summary(workers, point["workers"], point["policy"], layer / layers if layer else 0.0)
+    if stats is None or own is None:
+        return stats
+    return DecodeStats.from_summary(workers, point["workers"], point["policy"], stats.predict_fraction, own.at(stats.context))
+
+
 def csv_rows(index: int, point: dict, result: dict, curve: CostCurve | None = None) -> list[dict]:
     rows = []
     for mode, m in result["modes"].items():
         workers = m.get("workers") or {}
-        stats = DecodeStats.from_summary(workers, point["workers"], point["policy"]) if workers else None
+        stats = decode_stats(workers, point, result, curve)
         model = predict(stats, curve.at(stats.context)) if stats and curve else None
         rows.append({
             "point": index, **point, "mode": mode,
@@ -196,8 +210,7 @@ def project_sweep(measured: str | Path, profile: str | Path, out: str | Path, wo
     for index, result in enumerate(results):
         point = result["settings"]
         for mode, m in result["modes"].items():
-            w = m.get("workers") or {}
-            stats = DecodeStats.from_summary(w, point["workers"], point["policy"]) if w else None
+            stats = decode_stats(m.get("workers") or {}, point, result)
             if stats is None:
                 continue
             cost = curve.at(stats.context)

@@ -14,14 +14,32 @@ step chained after it is wasted. Per cycle, with N workers:
              them holds) = min((N - 1) h, 0.99); hits = a / (1 - a),
              wasted = (N - 2) hits + (N - 1)
     tokens   = tau_root + hits * tau_hit
-    work     = T(root rows) + (hits + wasted) * T(spawned rows),   T(n) = t(n) + overhead
 
-All N workers are busy all the time (the coordinator launches on every free worker while a
-prediction is pending, which with drafts-based predictions is always), so
+A step computes for C(n) = t(n) + host (its host work: building, accepting, drafting,
+beyond the forward that t(n) times) and takes T(n) = C(n) + overhead (transport and
+coordinator) of a worker's time line. Latency follows the cycle's critical path. Step 0 (the root) starts at 0; step k, spawned
+on step k - 1's prediction, starts when that prediction is out (a fraction f of the
+parent's step: f = predict_layer / layers, 0 for drafts read at launch; plus the overhead)
+and a worker is free: the one that ran step k - N (chain: workers take turns), or for
+fanout the N - 1 that ran level k - 2's step and level k - 1's wrong alternatives:
 
-    worker-seconds per token = work / tokens        latency per token = work / (N tokens)
+    start(k) = max(end(k - back), start(k - 1) + f T(k - 1) + overhead),  back = N (chain), 2 (fanout)
 
-and one worker alone, whose steps of rows1 commit tau1 tokens, has latency T(rows1) / tau1.
+A cycle with m hits ends when step m does (its end shows step m + 1's prediction wrong),
+so with p = h (chain) or a (fanout), P(m) = (1 - p) p^m and
+
+    latency per token = E[end(m)] / E[tau_root + m tau_hit]
+
+while wasted steps run beside the chain on the other workers. They run to their end: a
+miss's abort reaches a worker after the step it would cut (measured: with predictions
+after 20 of 30 layers, ~700 aborted steps a run took as long as completed ones). Compute:
+
+    worker-seconds per token = (C(root rows) + (hits + wasted) C(spawned rows)) / tokens
+
+(Taking every worker busy all the time, latency = work / (N tokens) read 23-32% low once
+steps got faster than the transport and launch delays around them, and t(n) alone without
+the steps' host work: docs/results.md.)
+One worker alone, whose steps of rows1 commit tau1 tokens, has latency T(rows1) / tau1.
 A second worker pays for itself when latency(N) < latency(1): on this CPU each launch
 carries a trunk and its continuation (more rows than a single-worker tree), so it needs a
 hit rate `needed_hit_rate` finds. `DecodeStats.from_summary` reads the inputs from a
@@ -50,28 +68,37 @@ class DecodeStats:
     tau_root: float  # tokens a root step commits
     tau_hit: float  # tokens a spawned step commits when its prediction holds
     hit_rate: float
-    overhead_ms: float  # per step: transport and coordinator, beyond the worker's forward
+    overhead_ms: float  # per step: transport and coordinator, beyond the worker's compute
     context: int  # committed tokens at a decode step, on average (which t(n) of a profile applies)
+    predict_fraction: float = 0.0  # how far into a step its prediction is out (predict_layer / layers)
+    host_ms: float = 0.0  # per step: the workers' compute beyond t(n) (0: unknown)
     # What the run measured in its decode phase (None when not from a run):
     latency_ms: float | None = None
     worker_ms: float | None = None
 
     @classmethod
-    def from_summary(cls, workers: dict, n_workers: int, policy: str) -> DecodeStats | None:
+    def from_summary(cls, workers: dict, n_workers: int, policy: str, predict_fraction: float = 0.0,
+                     own_cost: StepCost | None = None) -> DecodeStats | None:
         """From the benchmark's summed pipelined metrics (runtime.bench.harness.worker_summary);
-        None when the run has no decode steps of both kinds to read."""
+        None when the run has no decode steps of both kinds to read. With `own_cost`, the
+        measuring device's t(n), the steps' host work is their measured compute beyond it."""
         w = workers
         if not w.get("root_steps") or not w.get("spawned_steps") or not w.get("spawned"):
             return None
         decode_tokens = w["tokens"] - w["first_tokens"]
         completed = w["root_steps"] + w["spawned_steps"]
+        root_rows, spawned_rows = w["root_rows"] / w["root_steps"], w["spawned_rows"] / w["spawned_steps"]
+        host = 0.0
+        if own_cost is not None:  # measured compute a step, less what t(n) says of its rows
+            forward = own_cost(root_rows) * w["root_steps"] + own_cost(spawned_rows) * w["spawned_steps"]
+            host = max(1000 * (w["root_step_s"] + w["spawned_step_s"]) - forward, 0.0) / completed
         overhead = (w["round_trip_s"] - w["step_s"]) / max(w["steps"], 1) + w["coordinator_s"] / max(completed, 1)
         return cls(
             workers=n_workers, policy=policy,
-            root_rows=w["root_rows"] / w["root_steps"], spawned_rows=w["spawned_rows"] / w["spawned_steps"],
+            root_rows=root_rows, spawned_rows=spawned_rows,
             tau_root=w["root_tokens"] / w["root_steps"], tau_hit=w["spawned_tokens"] / max(w["hits"], 1),
             hit_rate=w["hits"] / w["spawned"], overhead_ms=1000 * max(overhead, 0.0),
-            context=round(w["decode_context"] / completed),
+            context=round(w["decode_context"] / completed), predict_fraction=predict_fraction, host_ms=host,
             latency_ms=1000 * (w["wall_s"] - w["first_s"]) / max(decode_tokens, 1),
             worker_ms=1000 * (w["step_s"] - w["first_step_s"]) / max(decode_tokens, 1),
         )
@@ -91,22 +118,51 @@ def predict(stats: DecodeStats, cost: StepCost, workers: int | None = None, hit_
     n = workers or stats.workers
     h = min(max(stats.hit_rate if hit_rate is None else hit_rate, 0.0), MAX_ANY_HIT)
     if n < 2:
-        return single_worker(cost, stats.root_rows, stats.tau_root)  # in-process: no transport
+        return single_worker(cost, stats.root_rows, stats.tau_root, host_ms=stats.host_ms)  # in-process: no transport
     if stats.policy == "fanout":
-        any_hit = min((n - 1) * h, MAX_ANY_HIT)
-        hits = any_hit / (1 - any_hit)
+        go_on = min((n - 1) * h, MAX_ANY_HIT)
+        hits = go_on / (1 - go_on)
         wasted = (n - 2) * hits + (n - 1)
     else:
+        go_on = h
         hits, wasted = h / (1 - h), n - 1
-    step = lambda rows: cost(rows) + stats.overhead_ms  # noqa: E731
-    tokens = stats.tau_root + hits * stats.tau_hit
-    work = step(stats.root_rows) + (hits + wasted) * step(stats.spawned_rows)
-    return Projection(work / (n * tokens), work / tokens, hits, wasted)
+    wall, tokens, compute = cycle_path(cost(stats.root_rows) + stats.host_ms, cost(stats.spawned_rows) + stats.host_ms,
+                                       stats, n, go_on)
+    return Projection(wall / tokens, compute / tokens, hits, wasted)
 
 
-def single_worker(cost: StepCost, rows: float, tau: float, overhead_ms: float = 0.0) -> Projection:
+def cycle_path(root_ms: float, spawned_ms: float, stats: DecodeStats, n: int, go_on: float) -> tuple[float, float, float]:
+    """E[a cycle's wall time], E[tokens it commits] and E[its steps' compute] (the module's
+    docstring), for steps computing root_ms and spawned_ms; step k of the cycle goes on to
+    step k + 1 with probability `go_on`."""
+    fanout, o, f = stats.policy == "fanout", stats.overhead_ms, stats.predict_fraction
+    back = 2 if fanout else n
+    alternatives = n - 1 if fanout else 1  # steps launched on one parent's prediction
+    starts, ends = [0.0], [root_ms + o]
+    wall = tokens = compute = 0.0
+    done = root_ms  # compute of the cycle's steps that committed, up to step m
+    reach = 1.0  # P(the cycle reaches step m)
+    m = 0
+    while True:
+        start = max(ends[m + 1 - back] if m + 1 >= back else 0.0, starts[m] + f * (ends[m] - starts[m]) + o)
+        # the miss: step m + 1's launches (fanout: all its alternatives; chain: it and the N - 2 chained on it)
+        wasted = (alternatives if fanout else n - 1) * spawned_ms
+        ends_here = reach * (1 - go_on)
+        wall += ends_here * ends[m]
+        tokens += ends_here * (stats.tau_root + m * stats.tau_hit)
+        compute += ends_here * (done + wasted)
+        reach *= go_on
+        if reach < 1e-9:
+            return wall + reach * ends[m], tokens + reach * (stats.tau_root + m * stats.tau_hit), compute + reach * done
+        done += alternatives * spawned_ms  # the hit, and fanout's wrong alternatives beside it
+        starts.append(start)
+        ends.append(start + spawned_ms + o)
+        m += 1
+
+
+def single_worker(cost: StepCost, rows: float, tau: float, overhead_ms: float = 0.0, host_ms: float = 0.0) -> Projection:
     """One worker: steps of `rows` rows that commit `tau` tokens each."""
-    per_token = (cost(rows) + overhead_ms) / tau
+    per_token = (cost(rows) + host_ms + overhead_ms) / tau
     return Projection(per_token, per_token, 0.0, 0.0)
 
 

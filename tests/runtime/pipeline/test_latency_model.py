@@ -14,11 +14,35 @@ RUN = DecodeStats(workers=2, policy="chain", root_rows=5.0, spawned_rows=9.0, ta
 
 
 def test_a_chain_cycle_by_hand():
-    # h = 0.5: one hit and one wasted step per cycle; T(5) = 28 + 2, T(9) = 36 + 2.
+    # h = 0.5: one hit and one wasted step per cycle; C(5) = 28, C(9) = 36 (the overhead is not compute).
     p = predict(RUN, CPU)
     assert (p.hits_per_cycle, p.wasted_per_cycle) == (1.0, 1.0)
-    work, tokens = 30.0 + 2 * 38.0, 1.6 + 1.5
-    assert p.worker_ms == pytest.approx(work / tokens) and p.latency_ms == pytest.approx(work / (2 * tokens))
+    assert p.worker_ms == pytest.approx((28.0 + 2 * 36.0) / (1.6 + 1.5))
+
+
+TEN = StepCost((1, 64), (10.0, 10.0))
+EVEN = DecodeStats(workers=2, policy="chain", root_rows=1.0, spawned_rows=1.0, tau_root=1.0, tau_hit=1.0,
+                   hit_rate=0.5, overhead_ms=0.0, context=100)
+
+
+def test_latency_follows_the_critical_path():
+    """Two workers, steps of 10 ms launched at once on their parent's prediction: they finish
+    in pairs at 10, 10, 20, 20, ... ms. A cycle with m hits ends at 10 (m // 2 + 1) ms."""
+    # h = 0.5: E[end] = sum 0.5^(m+1) 10 (m // 2 + 1) = 7.5 / 0.75^2; E[tokens] = 1 + 1
+    assert predict(EVEN, TEN).latency_ms == pytest.approx(7.5 / 0.75**2 / 2)
+    assert predict(EVEN, TEN, hit_rate=0.0).latency_ms == pytest.approx(10.0)  # every cycle a root alone
+    assert predict(EVEN, TEN, hit_rate=0.99).latency_ms == pytest.approx(5.0, rel=0.02)  # two steps every 10 ms
+    late = DecodeStats(**{**EVEN.__dict__, "predict_fraction": 0.5})  # predictions halfway through the parent
+    assert predict(late, TEN, hit_rate=0.99).latency_ms == pytest.approx(5.0, rel=0.02)  # still two a step's time
+    later = DecodeStats(**{**EVEN.__dict__, "predict_fraction": 0.8, "overhead_ms": 1.0})
+    assert predict(later, TEN, hit_rate=0.99).latency_ms == pytest.approx(0.8 * 11 + 1, rel=0.03)  # the launch delay rules
+
+
+def test_host_work_adds_to_every_step():
+    busy = DecodeStats(**{**EVEN.__dict__, "host_ms": 5.0})
+    assert predict(busy, TEN, hit_rate=0.0).latency_ms == pytest.approx(15.0)
+    assert predict(busy, TEN, workers=1).latency_ms == pytest.approx(15.0)
+    assert predict(busy, TEN).worker_ms == pytest.approx(1.5 * predict(EVEN, TEN).worker_ms)
 
 
 def test_one_worker_runs_root_steps_in_process():
@@ -58,3 +82,7 @@ def test_stats_from_a_runs_metrics():
     assert stats.overhead_ms == pytest.approx(1000 * (0.3 / 90 + 0.05 / 85)) and stats.context == 200
     assert stats.latency_ms == pytest.approx(1000 * 1.7 / 128) and stats.worker_ms == pytest.approx(1000 * 2.45 / 128)
     assert DecodeStats.from_summary({**summary, "spawned_steps": 0}, 2, "chain") is None
+    # with the measuring device's t(n): the steps' compute beyond it is their host work
+    timed = DecodeStats.from_summary({**summary, "root_step_s": 1.35, "spawned_step_s": 1.6}, 2, "chain", 0.5, CPU)
+    forward = CPU(5.0) * 45 + CPU(9.0) * 40  # 28 and 36 ms
+    assert timed.host_ms == pytest.approx((2950.0 - forward) / 85) and timed.predict_fraction == 0.5
