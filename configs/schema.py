@@ -101,6 +101,7 @@ class PseudoStateModeConfig:
     lookup: bool = False  # graft the prompt-lookup chain ([pld]) onto every tree
     recycling: bool = False  # graft token recycling's successors ([token_recycling] top_k) under every drafted node
     prior: str = "off"  # "off", "default" (the shipped successor prior, where one ships) or a .safetensors path
+    head: str = "off"  # the conditional head on the prior: "off", "default" (shipped, where one ships) or a path
 
 
 @dataclass

@@ -26,7 +26,8 @@ from runtime.decoding.tree_decoder import TreeDecoder
 from runtime.pipeline.coordinator import MODES as PIPELINED_MODES  # noqa: F401 - the modes on several workers, named here too
 from workers.drafters.eagle import EagleDrafter, EagleModel
 from workers.drafters.early_exit import EarlyExitDrafter
-from workers.drafters.loading import DrafterWeightsError, load, load_prior, weights_file
+from workers.drafters.conditional_head import ConditionedHead
+from workers.drafters.loading import DrafterWeightsError, load, load_head, load_prior, weights_file
 from workers.drafters.prompt_lookup import PromptLookupDrafter
 from workers.drafters.token_recycling import TokenRecyclingDrafter
 from workers.sampling import chooser
@@ -79,8 +80,12 @@ class PseudoStateMode:
         lookup = prompt_lookup_drafter(e) if with_lookup else None
         recycling = token_recycling_drafter(e) if with_recycling else None
         prior = load_prior(e.config.checkpoint, self.kind, settings.prior, e.model.args.vocab_size)
+        head = load_head(e.config.checkpoint, self.kind, settings.head, e.model.args)
+        if head is not None and prior is None:
+            raise DrafterWeightsError(f"[{self.settings_field}] head needs a successor prior under it: set `prior`")
+        conditioned = ConditionedHead(head, e.model.lm_head.weight, prior) if head is not None else None
         self.decoder = PseudoStateDecoder(e.model, drafter.to(e.model.device), e.cache, settings, lookup, e.tree_sizer(),
-                                          recycling, prior, e.lane)
+                                          recycling, prior, e.lane, conditioned)
         trained = drafter.training_summary
         self.drafter_info = {"parameters": drafter.parameter_count(), "training_s": trained.get("time_s"),
                              "training_steps": trained.get("steps")}

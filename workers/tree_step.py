@@ -51,6 +51,7 @@ class StepOutcome:
     logits: torch.Tensor  # (n, vocab) the target's after every node
     hidden: torch.Tensor  # (n, dim) the last layer's hidden state at every node, before the final norm
     drafts: torch.Tensor | None  # (depth, vocab) pseudo logits for the next tree; None: none cover it
+    draft_states: torch.Tensor | None = None  # (depth, dim) the pseudo states behind `drafts`, before the final norm
 
 
 def step_mask(catch_up: int, tree: TokenTree, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -123,8 +124,11 @@ class PreparedStep:
         path, tokens, margins = accept(tree, logits[:n], self.choose, self.index)
         self.segment.cache.keep(list(range(c)) + [c + node for node in path])
         groups = self.groups
-        drafts = next_drafts(tree, path, groups, logits[n:].reshape(len(groups), self.k, -1)) if groups else None
-        return StepOutcome(path, tokens, margins, logits[:n], h[0, c : c + n], drafts)
+        if not groups:
+            return StepOutcome(path, tokens, margins, logits[:n], h[0, c : c + n], None)
+        drafts = next_drafts(tree, path, groups, logits[n:].reshape(len(groups), self.k, -1))
+        states = next_drafts(tree, path, groups, h[0, c + n :].reshape(len(groups), self.k, -1))
+        return StepOutcome(path, tokens, margins, logits[:n], h[0, c : c + n], drafts, states)
 
 
 def prepare_tree_step(

@@ -7,7 +7,7 @@ heads, 0 for PaSS look-ahead embeddings).
                pseudo states at the root: the first token and the first drafts
   each step    a tree from the drafts (best paths by draft confidence, each node's
                children rescored under its own token by the successor prior when
-               there is one, or a fixed template), the prompt-lookup chain grafted
+               there is one, and shifted by the conditional head on it, or a fixed template), the prompt-lookup chain grafted
                on (`ht-pld`), each node's
                recycled successors grafted under it (token recycling's table: drafts
                that depend on the node's own token); pseudo states
@@ -34,6 +34,7 @@ import torch
 from configs.schema import PseudoStateModeConfig
 from runtime.decoding.steps import Step, clip_step
 from workers.batched_step import Lane
+from workers.drafters.conditional_head import ConditionedHead
 from workers.drafters.prompt_lookup import PromptLookupDrafter
 from workers.drafters.pseudo_states import PseudoStateDrafter
 from workers.drafters.successor_prior import SuccessorPrior
@@ -58,11 +59,13 @@ class PseudoStateDecoder:
         recycling: TokenRecyclingDrafter | None = None,
         prior: SuccessorPrior | None = None,
         lane: Lane | None = None,
+        head: ConditionedHead | None = None,
     ):
         """`settings` size each step's tree and the drafter's depth; `lookup`, when given,
         grafts its prompt-lookup chain onto every tree (mode ht-pld); `recycling`, when
         given, grafts its table's successors under every drafted node; `prior`, when
-        given, rescores each node's children under its own token (dynamic trees);
+        given, rescores each node's children under its own token (dynamic trees), and
+        `head` (a conditional head on that prior) shifts them by the node's pseudo state;
         `sizer`, when given, cuts every tree to what pays on this device (settings.budget
         is then the most), in the pass it shares with other replies' steps when a `lane`
         (workers.batched_step) runs them together."""
@@ -70,20 +73,26 @@ class PseudoStateDecoder:
         self.drafters = {d: drafter.first(d) for d in range(1, self.max_depth + 1)}  # by draft depth
         self.model, self.cache, self.settings = model, cache, settings
         self.lookup, self.sizer, self.recycling, self.prior, self.lane = lookup, sizer, recycling, prior, lane
+        self.head = head
         self.pseudo_row_cost = pseudo_row_cost(model.args, drafter.config.layer)
         self.depth = self.max_depth  # of the drafts the next step makes (the sizer may change it per step)
         self.expected = 1.0  # tokens the next step is expected to commit (the sizer's estimate; 1 without one)
 
-    def build_tree(self, root: int, drafts: torch.Tensor | None) -> tuple[TokenTree, dict[int, Hashable]]:
+    def build_tree(self, root: int, drafts: torch.Tensor | None,
+                   states: torch.Tensor | None = None) -> tuple[TokenTree, dict[int, Hashable]]:
         """The next step's tree, and the slots of its unscored drafts (node -> slot): the
-        lookup chain's depths, the recycled successors' rank paths."""
+        lookup chain's depths, the recycled successors' rank paths. `states`: the pseudo
+        states behind `drafts`, before the final norm (for the conditional head)."""
         logprobs = None if drafts is None else torch.log_softmax(drafts.float(), dim=-1)
         if logprobs is None:
             tree = root_only(root)
         elif self.settings.tree == "template":
             tree = build_template_tree(root, logprobs, DEFAULT_TEMPLATE[: self.settings.budget - 1])
         else:
-            tree = build_dynamic_tree(root, logprobs, self.settings.budget, self.settings.top_k, self.prior)
+            rescore = self.prior
+            if self.head is not None and states is not None:
+                rescore = self.head.for_step(self.model.norm(states))
+            tree = build_dynamic_tree(root, logprobs, self.settings.budget, self.settings.top_k, rescore)
         drafted, slots = len(tree), {}
         if self.lookup is not None:
             tokens = self.lookup.drafts(root)
@@ -177,5 +186,5 @@ class PseudoStateDecoder:
             if self.lane is not None and self.lane.plain_now():  # other replies share the passes
                 outcome = self.plain_step(tokens[-1], choose, produced)
             else:
-                tree, slots = self.build_tree(tokens[-1], outcome.drafts)
+                tree, slots = self.build_tree(tokens[-1], outcome.drafts, outcome.draft_states)
                 outcome = self.step(tree, choose, produced, slots=slots)

@@ -114,7 +114,15 @@ def encode_packed(model: Transformer, seqs: list[list[int]], layer: int, refine_
 def draft_logits(
     model: Transformer, ht: PseudoStateDrafter, enc: Encoded, ts: torch.Tensor, firsts: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Draft logits (S, k, vocab), float32, for the anchor rows `ts` (S,); grad flows into ht.
+    """Draft logits (S, k, vocab), float32, for the anchor rows `ts` (S,): the LM head on `draft_states`."""
+    states = draft_states(model, ht, enc, ts, firsts)
+    return model.lm_head(states.reshape(-1, states.shape[-1])).float().reshape(*states.shape[:2], -1)
+
+
+def draft_states(
+    model: Transformer, ht: PseudoStateDrafter, enc: Encoded, ts: torch.Tensor, firsts: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The pseudo states after the final norm (S, k, dim), for the anchor rows `ts` (S,); grad flows into ht.
 
     `firsts` (S,): the row where each anchor's sequence begins (None: all at row 0, one
     sequence). The pseudo-state forward (workers.drafters.pseudo_forward) from the
@@ -133,7 +141,7 @@ def draft_logits(
     empty = torch.zeros(1, 0, model.args.dim, dtype=model.dtype, device=device)
     steps = pseudo_state_layers(model, ht, empty, None, ctx, lambda layer, h: enc.anchors[layer][ts], start=config.layer)
     h = run_to_end(steps)
-    return model.lm_head(model.norm(h[0])).float().reshape(S, k, -1)
+    return model.norm(h[0]).reshape(S, k, -1)
 
 
 @torch.no_grad()

@@ -187,6 +187,36 @@ def test_shipped_prior_rescores_the_trees_and_stays_lossless(engine):
     assert engine.mode("ht").decoder.prior is None
 
 
+def test_a_conditional_head_changes_the_trees_and_stays_lossless(engine, tmp_path):
+    """[ht] head = a file: each node's children shifted by the head under its token (other
+    trees than the prior's alone), the same tokens as `ar`, greedy and sampled; a head
+    needs a prior under it."""
+    from workers.drafters.conditional_head import ConditionalHead, ConditionalHeadConfig
+
+    torch.manual_seed(0)
+    head = ConditionalHead(engine.model.args, ConditionalHeadConfig(hidden=32, depths=4, candidates=16))
+    torch.nn.init.normal_(head.w_out.weight, std=0.5)
+    head.save(tmp_path / "head.safetensors")
+    engine.set_drafter_config("ht", HiddenTransferModeConfig(head=str(tmp_path / "head.safetensors")))
+    try:
+        decoder = engine.mode("ht").decoder
+        assert decoder.head is not None
+        sampling = SamplingConfig(temperature=0.8, seed=5)
+        for prompt in PROMPTS:
+            assert greedy_tokens(engine, "ht", prompt, 48) == greedy_tokens(engine, "ar", prompt, 48)
+            ids = engine.encode_chat(prompt)
+            sampled = [[t for s in engine.steps(ids, mode, 32, sampling) for t in s.tokens] for mode in ("ht", "ar")]
+            assert sampled[0] == sampled[1]
+        drafts = torch.randn(decoder.max_depth, engine.model.args.vocab_size, generator=torch.Generator().manual_seed(1))
+        states = torch.randn(decoder.max_depth, engine.model.args.dim, generator=torch.Generator().manual_seed(2))
+        assert decoder.build_tree(28, drafts, states)[0].tokens != decoder.build_tree(28, drafts)[0].tokens
+        engine.set_drafter_config("ht", HiddenTransferModeConfig(prior="off", head=str(tmp_path / "head.safetensors")))
+        with pytest.raises(DrafterWeightsError, match="needs a successor prior"):
+            engine.mode("ht")
+    finally:
+        engine.set_drafter_config("ht", HiddenTransferModeConfig())
+
+
 def test_first_step_drafts_as_deep_as_the_pass_pays(engine, tmp_path):
     """A reply's first step drafts at least one depth alone (a probe), but with other
     replies in the pass only as deep as pays there: none when a tree step costs the pass
