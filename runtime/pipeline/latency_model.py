@@ -30,11 +30,13 @@ so with p = h (chain) or a (fanout), P(m) = (1 - p) p^m and
 
     latency per token = E[end(m)] / E[tau_root + m tau_hit]
 
-while wasted steps run beside the chain on the other workers. They run to their end: a
-miss's abort reaches a worker after the step it would cut (measured: with predictions
-after 20 of 30 layers, ~700 aborted steps a run took as long as completed ones). Compute:
+while wasted steps run beside the chain on the other workers. A wasted step computes a
+fraction w of a whole step, read from the run (1 when it is not known): an abort lands
+between layers if the worker reads it in time, and otherwise after the step it would cut
+(measured: w = 0.53-0.62 with predictions read at launch, 0.89-0.92 with predictions
+after 20 of 30 layers, whose misses are known late). Compute:
 
-    worker-seconds per token = (C(root rows) + (hits + wasted) C(spawned rows)) / tokens
+    worker-seconds per token = (C(root rows) + hits C(spawned rows) + wasted w C(spawned rows)) / tokens
 
 (Taking every worker busy all the time, latency = work / (N tokens) read 23-32% low once
 steps got faster than the transport and launch delays around them, and t(n) alone without
@@ -72,6 +74,7 @@ class DecodeStats:
     context: int  # committed tokens at a decode step, on average (which t(n) of a profile applies)
     predict_fraction: float = 0.0  # how far into a step its prediction is out (predict_layer / layers)
     host_ms: float = 0.0  # per step: the workers' compute beyond t(n) (0: unknown)
+    wasted_fraction: float = 1.0  # a wasted step's compute against a completed spawned step's (1: unknown)
     # What the run measured in its decode phase (None when not from a run):
     latency_ms: float | None = None
     worker_ms: float | None = None
@@ -93,12 +96,17 @@ class DecodeStats:
             forward = own_cost(root_rows) * w["root_steps"] + own_cost(spawned_rows) * w["spawned_steps"]
             host = max(1000 * (w["root_step_s"] + w["spawned_step_s"]) - forward, 0.0) / completed
         overhead = (w["round_trip_s"] - w["step_s"]) / max(w["steps"], 1) + w["coordinator_s"] / max(completed, 1)
+        wasted_fraction = 1.0
+        if w.get("wasted_steps") and w.get("spawned_step_s"):  # the steps' compute not in the first or a completed step
+            wasted_s = w["step_s"] - w["first_step_s"] - w["root_step_s"] - w["spawned_step_s"]
+            wasted_fraction = max(wasted_s / w["wasted_steps"], 0.0) / (w["spawned_step_s"] / w["spawned_steps"])
         return cls(
             workers=n_workers, policy=policy,
             root_rows=root_rows, spawned_rows=spawned_rows,
             tau_root=w["root_tokens"] / w["root_steps"], tau_hit=w["spawned_tokens"] / max(w["hits"], 1),
             hit_rate=w["hits"] / w["spawned"], overhead_ms=1000 * max(overhead, 0.0),
             context=round(w["decode_context"] / completed), predict_fraction=predict_fraction, host_ms=host,
+            wasted_fraction=wasted_fraction,
             latency_ms=1000 * (w["wall_s"] - w["first_s"]) / max(decode_tokens, 1),
             worker_ms=1000 * (w["step_s"] - w["first_step_s"]) / max(decode_tokens, 1),
         )
@@ -138,6 +146,7 @@ def cycle_path(root_ms: float, spawned_ms: float, stats: DecodeStats, n: int, go
     fanout, o, f = stats.policy == "fanout", stats.overhead_ms, stats.predict_fraction
     back = 2 if fanout else n
     alternatives = n - 1 if fanout else 1  # steps launched on one parent's prediction
+    wasted_ms = stats.wasted_fraction * spawned_ms
     starts, ends = [0.0], [root_ms + o]
     wall = tokens = compute = 0.0
     done = root_ms  # compute of the cycle's steps that committed, up to step m
@@ -146,7 +155,7 @@ def cycle_path(root_ms: float, spawned_ms: float, stats: DecodeStats, n: int, go
     while True:
         start = max(ends[m + 1 - back] if m + 1 >= back else 0.0, starts[m] + f * (ends[m] - starts[m]) + o)
         # the miss: step m + 1's launches (fanout: all its alternatives; chain: it and the N - 2 chained on it)
-        wasted = (alternatives if fanout else n - 1) * spawned_ms
+        wasted = (alternatives if fanout else n - 1) * wasted_ms
         ends_here = reach * (1 - go_on)
         wall += ends_here * ends[m]
         tokens += ends_here * (stats.tau_root + m * stats.tau_hit)
@@ -154,7 +163,7 @@ def cycle_path(root_ms: float, spawned_ms: float, stats: DecodeStats, n: int, go
         reach *= go_on
         if reach < 1e-9:
             return wall + reach * ends[m], tokens + reach * (stats.tau_root + m * stats.tau_hit), compute + reach * done
-        done += alternatives * spawned_ms  # the hit, and fanout's wrong alternatives beside it
+        done += spawned_ms + (alternatives - 1) * wasted_ms  # the hit, and fanout's wrong alternatives beside it
         starts.append(start)
         ends.append(start + spawned_ms + o)
         m += 1

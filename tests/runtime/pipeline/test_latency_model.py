@@ -18,6 +18,12 @@ def test_a_chain_cycle_by_hand():
     p = predict(RUN, CPU)
     assert (p.hits_per_cycle, p.wasted_per_cycle) == (1.0, 1.0)
     assert p.worker_ms == pytest.approx((28.0 + 2 * 36.0) / (1.6 + 1.5))
+    # wasted steps cut halfway: the hit costs its whole step, the wasted one half of it
+    cut = predict(DecodeStats(**{**RUN.__dict__, "wasted_fraction": 0.5}), CPU)
+    assert cut.worker_ms == pytest.approx((28.0 + 36.0 + 0.5 * 36.0) / (1.6 + 1.5)) and cut.latency_ms == p.latency_ms
+    fanout = DecodeStats(**{**RUN.__dict__, "policy": "fanout", "hit_rate": 0.3})
+    cut_fanout = DecodeStats(**{**fanout.__dict__, "wasted_fraction": 0.5})
+    assert predict(cut_fanout, CPU, workers=3).worker_ms < predict(fanout, CPU, workers=3).worker_ms
 
 
 TEN = StepCost((1, 64), (10.0, 10.0))
@@ -86,3 +92,7 @@ def test_stats_from_a_runs_metrics():
     timed = DecodeStats.from_summary({**summary, "root_step_s": 1.35, "spawned_step_s": 1.6}, 2, "chain", 0.5, CPU)
     forward = CPU(5.0) * 45 + CPU(9.0) * 40  # 28 and 36 ms
     assert timed.host_ms == pytest.approx((2950.0 - forward) / 85) and timed.predict_fraction == 0.5
+    assert timed.wasted_fraction == 1.0  # no wasted steps counted: taken as run to their end
+    # 10 wasted steps computed 3.4 - 0.25 - 1.35 - 1.6 = 0.2 s: 20 ms each, half a spawned step's 40 ms
+    wasting = {**summary, "root_step_s": 1.35, "spawned_step_s": 1.6, "step_s": 3.4, "wasted_steps": 10}
+    assert DecodeStats.from_summary(wasting, 2, "chain").wasted_fraction == pytest.approx(0.5)

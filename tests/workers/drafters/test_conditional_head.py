@@ -108,3 +108,13 @@ def test_file_round_trip_and_a_wrong_model(tmp_path):
         ConditionalHead.load(tmp_path / "head.safetensors", other)
     with pytest.raises(DrafterWeightsError, match="do not exist"):
         ConditionalHead.load(tmp_path / "none.safetensors", ARGS)
+
+
+def test_a_bfloat16_lm_head_is_read_in_place_with_its_values():
+    E = embeddings().to(torch.bfloat16)
+    in_place, widened = ConditionedHead(head(), E, prior()), ConditionedHead(head(), E.float(), prior())
+    tokens = np.array([0, 3, 7, 3])
+    assert np.array_equal(in_place.rows(tokens), widened.rows(tokens)) and in_place.rows(5).shape == (DIM,)
+    lp, top = drafts()
+    states = torch.randn(2, DIM)
+    assert in_place.for_step(states).children(lp, top, 2, 1, 3) == widened.for_step(states).children(lp, top, 2, 1, 3)
