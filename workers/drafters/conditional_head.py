@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.drafters.loading import DrafterWeightsError, read_weights
+from workers.drafters.loading import DrafterWeightsError, read_model_weights
 from workers.drafters.pseudo_states import model_signature
 from workers.drafters.successor_prior import SuccessorPrior
 from workers.model import ModelArgs
@@ -83,9 +83,8 @@ class ConditionalHead(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path, args: ModelArgs) -> ConditionalHead:
-        meta, tensors = read_weights(path, METADATA_KEY, "conditional head", "python scripts/build_conditional_head.py")
-        if meta["model"] != model_signature(args):
-            raise DrafterWeightsError(f"{path} was trained for a model {meta['model']}, not {model_signature(args)}")
+        meta, tensors = read_model_weights(path, METADATA_KEY, "conditional head", "python scripts/build_conditional_head.py",
+                                           model_signature(args))
         head = cls(args, ConditionalHeadConfig(**meta["config"]))
         shapes = {k: tuple(v.shape) for k, v in head.state_dict().items()}
         if shapes != {k: tuple(v.shape) for k, v in tensors.items()}:

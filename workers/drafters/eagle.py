@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.drafters.loading import DrafterWeightsError, read_weights
+from workers.drafters.loading import DrafterWeightsError, read_model_weights
 from workers.kv_cache import KVCache
 from workers.model import AttentionContext, DecoderLayer, Linear, ModelArgs, Transformer, set_kernels
 from workers.tree import TokenTree
@@ -73,9 +73,7 @@ class EagleModel(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path, args: ModelArgs) -> EagleModel:
-        meta, tensors = read_weights(path, METADATA_KEY, "eagle", "leapfrog train --drafter eagle")
-        if meta["model"] != signature(args):
-            raise DrafterWeightsError(f"{path} was trained for a model {meta['model']}, not {signature(args)}")
+        meta, tensors = read_model_weights(path, METADATA_KEY, "eagle", "leapfrog train --drafter eagle", signature(args))
         module = cls(args, EagleConfig(**meta["config"]))
         try:
             module.load_state_dict({name: t.to(torch.float32) if t.is_floating_point() else t for name, t in tensors.items()})

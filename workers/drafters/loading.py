@@ -90,6 +90,16 @@ def read_weights(path: str | Path, metadata_key: str, what: str, train: str) -> 
         raise DrafterWeightsError(f"{path} is not a Leapfrog {what} file ({e})") from None
 
 
+def read_model_weights(path: str | Path, metadata_key: str, what: str, train: str,
+                       signature: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+    """`read_weights`, and a DrafterWeightsError when the file was trained for a model other
+    than `signature` (the loaded model's shape, as the file's kind records it)."""
+    meta, tensors = read_weights(path, metadata_key, what, train)
+    if meta["model"] != signature:
+        raise DrafterWeightsError(f"{path} was trained for a model {meta['model']}, not {signature}")
+    return meta, tensors
+
+
 def load(path: str | Path, args: ModelArgs) -> PseudoStateDrafter:
     """Weights saved by PseudoStateDrafter.save, checked against the loaded model."""
     meta, tensors = read_weights(path, METADATA_KEY, "drafter", "leapfrog train")
