@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from configs.schema import DrafterConfigs, ModelConfig  # noqa: E402
 from runtime.bench.sweep import decode_stats  # noqa: E402
 from runtime.engine import Engine  # noqa: E402
-from runtime.pipeline.latency_model import predict  # noqa: E402
+from runtime.pipeline.latency_model import needed_hit_rate, predict  # noqa: E402
 
 
 def points(path: str, bench_workers: int) -> list[tuple[dict, dict]]:
@@ -37,11 +37,16 @@ def points(path: str, bench_workers: int) -> list[tuple[dict, dict]]:
     return [({"workers": bench_workers, "policy": "chain", "predict_layer": 0, "run": Path(path).name}, data)]
 
 
+def fmt(rate: float | None) -> str:
+    return "none below 0.99" if rate is None else f"{rate:.0%}"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", help="sweep.json or bench JSON files with a pipelined mode")
     p.add_argument("--threads", type=int, default=1, help="the workers' torch threads (the curve to read)")
     p.add_argument("--bench-workers", type=int, default=2, help="the workers of a `leapfrog bench` JSON's pipelined run")
+    p.add_argument("--single", default="ht", help="the single-worker mode of the same run to compare against")
     args = p.parse_args()
     engine = Engine(ModelConfig(dtype="bfloat16", device="cpu"), DrafterConfigs())
     curve = engine.cost_curve(args.threads)
@@ -51,10 +56,20 @@ def main() -> None:
             cost = curve.at(stats.context)
             now, whole = predict(stats, cost), predict(dataclasses.replace(stats, wasted_fraction=1.0), cost)
             err = lambda model, measured: f"{100 * (model / measured - 1):+.1f}%"  # noqa: E731
-            print(f"{point}: wasted fraction {stats.wasted_fraction:.2f}; latency {stats.latency_ms:.2f} ms a token, "
-                  f"model {now.latency_ms:.2f} ({err(now.latency_ms, stats.latency_ms)}); compute {stats.worker_ms:.2f}, "
-                  f"model {now.worker_ms:.2f} ({err(now.worker_ms, stats.worker_ms)}), whole-step charge "
-                  f"{whole.worker_ms:.2f} ({err(whole.worker_ms, stats.worker_ms)})")
+            print(f"{point}: launch rate {stats.launch_rate:.2f}, hit rate {stats.hit_rate:.2f}, wasted fraction "
+                  f"{stats.wasted_fraction:.2f}; latency {stats.latency_ms:.2f} ms a token, model {now.latency_ms:.2f} "
+                  f"({err(now.latency_ms, stats.latency_ms)}); compute {stats.worker_ms:.2f}, model {now.worker_ms:.2f} "
+                  f"({err(now.worker_ms, stats.worker_ms)}), whole-step charge {whole.worker_ms:.2f} "
+                  f"({err(whole.worker_ms, stats.worker_ms)})")
+            one = result["modes"].get(args.single)
+            if one is None:
+                continue
+            one_ms = 1000 * one["latency_per_token_s"]
+            for s in (stats.launch_rate, 1.0):  # as measured, and a launch on every step
+                at = dataclasses.replace(stats, launch_rate=s)
+                need = [needed_hit_rate(at, cost, one_ms / gain) for gain in (1.0, 1.2)]
+                print(f"    launch rate {s:.2f}: hit rate needed to match `{args.single}` ({one_ms:.2f} ms a token) "
+                      f"{fmt(need[0])}, to be 1.2x faster {fmt(need[1])}")
 
 
 if __name__ == "__main__":

@@ -3,16 +3,18 @@ step cost t(n), the drafts' acceptance and the predictions' hit rate (PPD's late
 for our coordinator: runtime.pipeline.coordinator).
 
 The decode phase of a reply (after the prompt's step) is a run of cycles. A cycle starts
-with a root step, launched on no prediction, from the committed tokens; every other
-worker is then busy with a step spawned on the prediction of a step in flight. A spawned
-step whose prediction holds (probability h, the hit rate) commits tau_hit tokens and keeps
-the chain going; the first one whose prediction fails ends the cycle, and with it every
-step chained after it is wasted. Per cycle, with N workers:
+with a root step, launched on no prediction, from the committed tokens; a step in flight
+launches a child on its prediction, on another worker, with probability s (the launch
+rate: it launches none when no draft is confident enough). A spawned step whose
+prediction holds (probability h, the hit rate) commits tau_hit tokens and keeps the chain
+going; a step that launches nothing ends the cycle, and so does the first launch whose
+prediction fails, wasting it and every step chained after it. Per cycle, with N workers
+and p = h (chain) or, fanout, p = P(one of the N - 1 alternatives spawned on one parent
+holds) = min((N - 1) h, 0.99):
 
-    chain:   hits = h / (1 - h)            wasted = N - 1
-    fanout:  the N - 1 steps spawned on one parent are its alternatives: a = P(one of
-             them holds) = min((N - 1) h, 0.99); hits = a / (1 - a),
-             wasted = (N - 2) hits + (N - 1)
+    hits = s p / (1 - s p)      miss = s (1 - p) / (1 - s p)   (the cycles that end on a miss)
+    chain:   wasted = (N - 1) miss
+    fanout:  wasted = (N - 2) hits + (N - 1) miss
     tokens   = tau_root + hits * tau_hit
 
 A step computes for C(n) = t(n) + host (its host work: building, accepting, drafting,
@@ -25,18 +27,22 @@ fanout the N - 1 that ran level k - 2's step and level k - 1's wrong alternative
 
     start(k) = max(end(k - back), start(k - 1) + f T(k - 1) + overhead),  back = N (chain), 2 (fanout)
 
-A cycle with m hits ends when step m does (its end shows step m + 1's prediction wrong),
-so with p = h (chain) or a (fanout), P(m) = (1 - p) p^m and
+A cycle with m hits ends when step m does (it launched nothing, or its end shows step
+m + 1's prediction wrong), so P(m) = (1 - s p) (s p)^m and
 
     latency per token = E[end(m)] / E[tau_root + m tau_hit]
 
-while wasted steps run beside the chain on the other workers. A wasted step computes a
-fraction w of a whole step, read from the run (1 when it is not known): an abort lands
-between layers if the worker reads it in time, and otherwise after the step it would cut
-(measured: w = 0.53-0.62 with predictions read at launch, 0.89-0.92 with predictions
-after 20 of 30 layers, whose misses are known late). Compute:
+while wasted steps run beside the chain on the other workers and compute a fraction w of
+a whole step (an abort that lands in time cuts a step between layers; one that lands late
+finds it done). Compute:
 
     worker-seconds per token = (C(root rows) + hits C(spawned rows) + wasted w C(spawned rows)) / tokens
+
+s and w come from the run (`DecodeStats.from_summary`: s = launches per step that
+committed, a launch being the N - 1 alternatives under fanout; w = the compute of all but
+the first, root and hit steps, per wasted step, against a returned spawned step's); 1 where
+unknown. Measured on this CPU: s = 0.60-0.73 with predictions read at launch and 0.94 with
+predictions after 20 of 30 layers; w = 0.91-1.06 (wasted steps cost about a whole step).
 
 (Taking every worker busy all the time, latency = work / (N tokens) read 23-32% low once
 steps got faster than the transport and launch delays around them, and t(n) alone without
@@ -75,6 +81,7 @@ class DecodeStats:
     predict_fraction: float = 0.0  # how far into a step its prediction is out (predict_layer / layers)
     host_ms: float = 0.0  # per step: the workers' compute beyond t(n) (0: unknown)
     wasted_fraction: float = 1.0  # a wasted step's compute against a completed spawned step's (1: unknown)
+    launch_rate: float = 1.0  # of the steps that commit, the share that launched a child on a prediction (1: unknown)
     # What the run measured in its decode phase (None when not from a run):
     latency_ms: float | None = None
     worker_ms: float | None = None
@@ -97,16 +104,22 @@ class DecodeStats:
             host = max(1000 * (w["root_step_s"] + w["spawned_step_s"]) - forward, 0.0) / completed
         overhead = (w["round_trip_s"] - w["step_s"]) / max(w["steps"], 1) + w["coordinator_s"] / max(completed, 1)
         wasted_fraction = 1.0
-        if w.get("wasted_steps") and w.get("spawned_step_s"):  # the steps' compute not in the first or a completed step
-            wasted_s = w["step_s"] - w["first_step_s"] - w["root_step_s"] - w["spawned_step_s"]
-            wasted_fraction = max(wasted_s / w["wasted_steps"], 0.0) / (w["spawned_step_s"] / w["spawned_steps"])
+        if w.get("wasted_steps") and w.get("spawned_step_s"):
+            # A wasted step that ran to its end is among the spawned steps that returned tokens;
+            # one aborted in time returned none. Their compute: all but the first step's, the
+            # root steps' and the hits' (at a returned spawned step's mean).
+            spawned_ms = w["spawned_step_s"] / w["spawned_steps"]
+            wasted_s = w["step_s"] - w["first_step_s"] - w["root_step_s"] - w["hits"] * spawned_ms
+            wasted_fraction = max(wasted_s / w["wasted_steps"], 0.0) / spawned_ms
+        alternatives = n_workers - 1 if policy == "fanout" else 1  # steps spawned on one prediction
+        launch_rate = min(w["spawned"] / alternatives / (w["root_steps"] + w["hits"]), 1.0)
         return cls(
             workers=n_workers, policy=policy,
             root_rows=root_rows, spawned_rows=spawned_rows,
             tau_root=w["root_tokens"] / w["root_steps"], tau_hit=w["spawned_tokens"] / max(w["hits"], 1),
             hit_rate=w["hits"] / w["spawned"], overhead_ms=1000 * max(overhead, 0.0),
             context=round(w["decode_context"] / completed), predict_fraction=predict_fraction, host_ms=host,
-            wasted_fraction=wasted_fraction,
+            wasted_fraction=wasted_fraction, launch_rate=launch_rate,
             latency_ms=1000 * (w["wall_s"] - w["first_s"]) / max(decode_tokens, 1),
             worker_ms=1000 * (w["step_s"] - w["first_step_s"]) / max(decode_tokens, 1),
         )
@@ -127,26 +140,27 @@ def predict(stats: DecodeStats, cost: StepCost, workers: int | None = None, hit_
     h = min(max(stats.hit_rate if hit_rate is None else hit_rate, 0.0), MAX_ANY_HIT)
     if n < 2:
         return single_worker(cost, stats.root_rows, stats.tau_root, host_ms=stats.host_ms)  # in-process: no transport
-    if stats.policy == "fanout":
-        go_on = min((n - 1) * h, MAX_ANY_HIT)
-        hits = go_on / (1 - go_on)
-        wasted = (n - 2) * hits + (n - 1)
-    else:
-        go_on = h
-        hits, wasted = h / (1 - h), n - 1
+    holds = min((n - 1) * h, MAX_ANY_HIT) if stats.policy == "fanout" else h  # a launch's prediction holds
+    go_on = stats.launch_rate * holds
+    hits = go_on / (1 - go_on)
+    on_a_miss = stats.launch_rate * (1 - holds) / (1 - go_on)  # of the cycles, those that end on a miss
+    wasted = (n - 2) * hits + (n - 1) * on_a_miss if stats.policy == "fanout" else (n - 1) * on_a_miss
     wall, tokens, compute = cycle_path(cost(stats.root_rows) + stats.host_ms, cost(stats.spawned_rows) + stats.host_ms,
-                                       stats, n, go_on)
+                                       stats, n, holds)
     return Projection(wall / tokens, compute / tokens, hits, wasted)
 
 
-def cycle_path(root_ms: float, spawned_ms: float, stats: DecodeStats, n: int, go_on: float) -> tuple[float, float, float]:
+def cycle_path(root_ms: float, spawned_ms: float, stats: DecodeStats, n: int, holds: float) -> tuple[float, float, float]:
     """E[a cycle's wall time], E[tokens it commits] and E[its steps' compute] (the module's
-    docstring), for steps computing root_ms and spawned_ms; step k of the cycle goes on to
-    step k + 1 with probability `go_on`."""
+    docstring), for steps computing root_ms and spawned_ms; step k of the cycle launches a
+    child with probability stats.launch_rate, whose prediction holds with probability
+    `holds` (the cycle goes on) or not (its launches are wasted)."""
     fanout, o, f = stats.policy == "fanout", stats.overhead_ms, stats.predict_fraction
     back = 2 if fanout else n
     alternatives = n - 1 if fanout else 1  # steps launched on one parent's prediction
     wasted_ms = stats.wasted_fraction * spawned_ms
+    launch = stats.launch_rate
+    go_on = launch * holds
     starts, ends = [0.0], [root_ms + o]
     wall = tokens = compute = 0.0
     done = root_ms  # compute of the cycle's steps that committed, up to step m
@@ -159,7 +173,7 @@ def cycle_path(root_ms: float, spawned_ms: float, stats: DecodeStats, n: int, go
         ends_here = reach * (1 - go_on)
         wall += ends_here * ends[m]
         tokens += ends_here * (stats.tau_root + m * stats.tau_hit)
-        compute += ends_here * (done + wasted)
+        compute += ends_here * done + reach * launch * (1 - holds) * wasted
         reach *= go_on
         if reach < 1e-9:
             return wall + reach * ends[m], tokens + reach * (stats.tau_root + m * stats.tau_hit), compute + reach * done

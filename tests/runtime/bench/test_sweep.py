@@ -85,9 +85,10 @@ def test_bad_sweep_configs_are_refused(tmp_path, sweep, match):
 def test_a_measured_sweep_is_projected_onto_another_devices_curve(tmp_path, capsys):
     """`leapfrog sweep --measured sweep.json --project PROFILE`: each pipelined run's
     acceptance and hit rate on another t(n), at every worker count asked for."""
+    # every step that committed launched a child: 28 roots and 12 hits, 40 launches
     workers = dict(tokens=130, first_tokens=2, steps=90, spawned=40, hits=12, round_trip_s=2.75, step_s=2.7,
-                   coordinator_s=0.05, wall_s=2.0, first_s=0.3, first_step_s=0.25, root_steps=45, root_rows=225.0,
-                   root_tokens=80, spawned_steps=40, spawned_rows=360.0, spawned_tokens=46, decode_context=17000)
+                   coordinator_s=0.05, wall_s=2.0, first_s=0.3, first_step_s=0.25, root_steps=28, root_rows=140.0,
+                   root_tokens=50, spawned_steps=40, spawned_rows=360.0, spawned_tokens=46, decode_context=17000)
     result = {"point": {"workers": 2}, "settings": {"workers": 2, "policy": "chain"},
               "modes": {"ar": {"workers": None}, "pipeline": {"workers": workers}}}
     (tmp_path / "sweep.json").write_text(json.dumps({"grid": {"workers": [2]}, "results": [result]}))

@@ -26,6 +26,17 @@ def test_a_chain_cycle_by_hand():
     assert predict(cut_fanout, CPU, workers=3).worker_ms < predict(fanout, CPU, workers=3).worker_ms
 
 
+def test_steps_that_launch_nothing_end_the_cycle_and_waste_nothing():
+    # s = 0.5, h = 0.5: a step goes on with 0.25; hits = 0.25 / 0.75, and of the cycles a
+    # third end on a miss (0.5 * 0.5 / 0.75), the rest on a step that launched nothing.
+    sparse = DecodeStats(**{**RUN.__dict__, "launch_rate": 0.5})
+    p = predict(sparse, CPU)
+    assert p.hits_per_cycle == pytest.approx(1 / 3) and p.wasted_per_cycle == pytest.approx(1 / 3)
+    assert p.worker_ms == pytest.approx((28.0 + 36.0 / 3 + 36.0 / 3) / (1.6 + 1.5 / 3))
+    assert predict(RUN, CPU).latency_ms < p.latency_ms < predict(RUN, CPU, hit_rate=0.0).latency_ms
+    assert predict(DecodeStats(**{**RUN.__dict__, "launch_rate": 0.0}), CPU).latency_ms == predict(RUN, CPU, hit_rate=0.0).latency_ms
+
+
 TEN = StepCost((1, 64), (10.0, 10.0))
 EVEN = DecodeStats(workers=2, policy="chain", root_rows=1.0, spawned_rows=1.0, tau_root=1.0, tau_hit=1.0,
                    hit_rate=0.5, overhead_ms=0.0, context=100)
@@ -93,6 +104,9 @@ def test_stats_from_a_runs_metrics():
     forward = CPU(5.0) * 45 + CPU(9.0) * 40  # 28 and 36 ms
     assert timed.host_ms == pytest.approx((2950.0 - forward) / 85) and timed.predict_fraction == 0.5
     assert timed.wasted_fraction == 1.0  # no wasted steps counted: taken as run to their end
-    # 10 wasted steps computed 3.4 - 0.25 - 1.35 - 1.6 = 0.2 s: 20 ms each, half a spawned step's 40 ms
-    wasting = {**summary, "root_step_s": 1.35, "spawned_step_s": 1.6, "step_s": 3.4, "wasted_steps": 10}
+    assert timed.launch_rate == pytest.approx(40 / (45 + 12))  # launches per step that committed
+    # 10 wasted steps: all compute but the first step's (0.25 s), the roots' (1.35 s) and
+    # the 12 hits' at a returned spawned step's 40 ms (0.48 s): 0.2 s, half a spawned step each
+    wasting = {**summary, "root_step_s": 1.35, "spawned_step_s": 1.6, "step_s": 2.28, "wasted_steps": 10}
     assert DecodeStats.from_summary(wasting, 2, "chain").wasted_fraction == pytest.approx(0.5)
+    assert DecodeStats.from_summary(wasting, 3, "fanout").launch_rate == pytest.approx(40 / 2 / 57)
