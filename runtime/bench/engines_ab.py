@@ -5,7 +5,8 @@ For each prompt, `ar` and then every mode on each engine, one after the other, s
 machine's noise falls on all of them alike (the harness's rule, across engines). Each row
 is one (mode, engine): tokens/s relative to that engine's own `ar` (the mean of per-prompt
 ratios), tokens per step (tau) and how many prompts gave `ar`'s tokens.
-Used by scripts/engines_ab.py (tree sizing on/off, the conditional head on/off); any other one-setting A/B is a dict of engines away.
+Used by scripts/engines_ab.py (tree sizing on/off, the conditional head on/off, two `ht` weights files);
+any other one-setting A/B is a dict of engines away.
 """
 
 from __future__ import annotations

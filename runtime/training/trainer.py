@@ -37,17 +37,20 @@ from workers.model import Transformer
 def drafter_config(cfg: TrainConfig, n_layers: int) -> PseudoStateConfig:
     """The drafter to train: ht at --layer (default half the layers), medusa at N, pass at 0."""
     layer = {"medusa": n_layers, "pass": 0}.get(cfg.drafter, cfg.layer if cfg.layer is not None else n_layers // 2)
+    adapters = tuple(range(layer + 1, n_layers + 1)) if cfg.adapter_rank else ()  # before each later layer and the norm
     config = PseudoStateConfig(layer=layer, k=cfg.k, pseudo_attention=cfg.pseudo_attention, kind=cfg.drafter,
-                               refine_layers=tuple(cfg.refine_layers))
+                               refine_layers=tuple(cfg.refine_layers), adapter_layers=adapters,
+                               adapter_rank=cfg.adapter_rank)
     problem = check_layer(config, n_layers)
     if problem:
         raise TrainError(problem)
     return config
 
 
-def start_from(ht: PseudoStateDrafter, path: str, args, log) -> None:
+def start_from(ht: PseudoStateDrafter, path: str, args, log) -> list[str]:
     """Copy the parameters of the drafter in `path` into `ht` (same kind, layer, k and
-    pseudo attention); parameters it lacks (refine maps) keep their fresh start."""
+    pseudo attention); parameters it lacks (refine maps, adapters) keep their fresh start.
+    Returns the names of those copied."""
     init = load(path, args)
     a, b = init.config, ht.config
     if (a.kind, a.layer, a.k, a.pseudo_attention) != (b.kind, b.layer, b.k, b.pseudo_attention):
@@ -58,6 +61,7 @@ def start_from(ht: PseudoStateDrafter, path: str, args, log) -> None:
             p.data.copy_(source[name].data)
             copied.append(name)
     log(f"[train] started from {path} ({', '.join(copied)})")
+    return copied
 
 
 def weights_paths(out: str | Path) -> tuple[Path, Path, Path]:
@@ -124,9 +128,15 @@ def train(
     model.requires_grad_(False)
     torch.manual_seed(cfg.seed)
     ht = build(ht_config, args.dim).to(model.device)  # float32 whatever the backbone dtype
-    if cfg.init and not (cfg.resume and ckpt_path.is_file()):  # a checkpoint to resume replaces the start
-        start_from(ht, cfg.init, args, log)
-    opt = torch.optim.AdamW(ht.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    inherited = start_from(ht, cfg.init, args, log) if cfg.init else []  # a checkpoint to resume replaces them
+    frozen = inherited if cfg.freeze_init else []
+    for name, p in ht.named_parameters():
+        p.requires_grad_(name not in frozen)
+    if frozen:
+        if len(frozen) == len(list(ht.parameters())):
+            raise TrainError(f"--freeze-init: {cfg.init} holds every parameter of this drafter; nothing would learn")
+        log(f"[train] kept fixed: {', '.join(frozen)}")
+    opt = torch.optim.AdamW([p for p in ht.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
     sampler = SequenceOrder(len(train_examples), generator)
     step, elapsed, history, val_history = 0, 0.0, [], []
@@ -139,6 +149,8 @@ def train(
                 f"{ckpt_path} was saved for {state['ht_config']} on {state['model']}; "
                 f"this run is {dataclasses.asdict(ht_config)} on {model_signature(args)}"
             )
+        if state.get("frozen", []) != frozen:
+            raise TrainError(f"{ckpt_path} was saved with {state.get('frozen', [])} kept fixed; this run keeps {frozen}")
         if state["data"] != fingerprint:
             log(f"[train] warning: the training examples differ from those of {ckpt_path}")
         ht.load_state_dict(state["drafter"])
@@ -168,6 +180,7 @@ def train(
                 "ht_config": dataclasses.asdict(ht_config),
                 "model": model_signature(args),
                 "data": fingerprint,
+                "frozen": frozen,
             },
         )
 
@@ -232,6 +245,7 @@ def train(
         "dtype": cfg.dtype,
         "distill_dtype": cfg.distill_dtype or cfg.dtype,
         "parameters": ht.parameter_count(),
+        "frozen": frozen,  # the --init parameters kept fixed (--freeze-init)
         "steps": step,
         "time_s": round(elapsed, 1),
         "examples": {

@@ -4,10 +4,14 @@ drafts of pseudo states, and the whole step against its parts on a tiny model.""
 import pytest
 import torch
 
+from workers.drafters.loading import load, shipped_weights
 from workers.drafters.pseudo_forward import pseudo_mask, run_to_end
+from workers.loading import load_model
 from workers.sampling import Greedy
 from workers.tree import TokenTree, root_only
 from workers.tree_step import TREE_HEADROOM, accept, decoding_cache, next_drafts, step_mask, tree_step
+
+from adapted import with_adapters
 
 
 def accept_greedy(tree, targets):
@@ -108,3 +112,29 @@ def test_bfloat16_prompt_positions_get_the_same_bits_in_prefill_and_in_catch_up(
     end = ar.length
     assert torch.equal(worker.k[:, :, :, :end], ar.k[:, :, :, :end]) and torch.equal(worker.v[:, :, :, :end], ar.v[:, :, :, :end])
     assert torch.equal(out.logits[0], third_logits)
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_adapters_change_the_drafts_and_leave_the_real_rows_bit_identical(dtype, chat_prompt_ids):
+    """Issue 15, item 2: adapters act on the pseudo states only. A step whose drafter has
+    adapters before every layer after its own (and before the final norm) gives every real
+    row (the catch-up tokens and the tree's nodes) the same bits as the drafter without
+    them: its logits, final states and cache. Its drafts are different."""
+    model, _ = load_model("default", getattr(torch, dtype), "cpu")
+    plain = load(shipped_weights("default", "ht"), model.args)
+    adapted = with_adapters(plain, range(plain.config.layer + 1, model.args.n_layers + 1), 16)
+    prompt = chat_prompt_ids
+    tree = TokenTree.from_parents([prompt[-1], 40, 41, 50, 51], [-1, 0, 0, 1, 2])
+    outcomes, caches = [], []
+    for drafter in (plain, adapted):
+        cache = decoding_cache(model, 128)
+        with torch.inference_mode():
+            outcomes.append(run_to_end(tree_step(model, cache, tree, Greedy(), 0, prompt[:-1], drafter, [0, 1, 3])))
+        caches.append(cache)
+    (a, b), (ca, cb) = outcomes, caches
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.hidden, b.hidden)
+    assert a.path == b.path and a.tokens == b.tokens and ca.length == cb.length
+    assert torch.equal(ca.k[:, :, :, : ca.length], cb.k[:, :, :, : cb.length])
+    assert torch.equal(ca.v[:, :, :, : ca.length], cb.v[:, :, :, : cb.length])
+    assert not torch.equal(a.drafts, b.drafts)

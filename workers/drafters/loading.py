@@ -107,7 +107,8 @@ def load(path: str | Path, args: ModelArgs) -> PseudoStateDrafter:
         raise DrafterWeightsError(
             f"{path} was trained for a model {meta['model']}, but the loaded model is {model_signature(args)}"
         )
-    config = PseudoStateConfig(**{**meta["config"], "refine_layers": tuple(meta["config"].get("refine_layers", ()))})
+    # JSON has lists where the config holds tuples (refine and adapter layers)
+    config = PseudoStateConfig(**{key: tuple(v) if isinstance(v, list) else v for key, v in meta["config"].items()})
     problem = check_layer(config, args.n_layers)
     module = build(config, args.dim) if problem is None else None
     shapes = {name: tuple(p.shape) for name, p in module.named_parameters()} if module else {}
