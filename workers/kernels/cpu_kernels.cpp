@@ -259,7 +259,7 @@ void linear_impl(const float* x, int64_t n, const W* w, int64_t k, float* y, int
 // order (32 weights at a time in ascending order, a masked last chunk, then
 // _mm512_reduce_add_ps), whatever the rows around it: a row's result does not depend on
 // which rows share the call. The sums differ in rounding from the AVX2 path's, so one
-// engine takes one path for every call (use_avx512_bf16).
+// engine takes one path for every call (use_avx512).
 //
 // rest_rows_bf16 and columns_bf16 repeat rest_rows and columns: code compiled for
 // AVX512 cannot be shared with the path that runs on CPUs without it (GCC inlines a
@@ -350,17 +350,9 @@ bool avx512_bf16_enabled = __builtin_cpu_supports("avx512bf16");
 
 }  // namespace
 
-// Whether bfloat16 rows against bfloat16 weights take the AVX512-BF16 path; `enable` false
-// turns it off (tests of the AVX2 path on a CPU that has both), true turns it on where the
-// CPU has it. Returns the setting now in force.
-bool use_avx512_bf16(bool enable) {
-  avx512_bf16_enabled = enable && __builtin_cpu_supports("avx512bf16");
-  return avx512_bf16_enabled;
-}
-
 // x (..., k) float32 or bfloat16; w (m, k) bfloat16 or float32, contiguous; bias (m,) or
 // None. Returns y (..., m) in x's dtype, or float32 with `float_out`, computed in float32.
-// bfloat16 x and w take the AVX512-BF16 path where it is enabled (use_avx512_bf16).
+// bfloat16 x and w take the AVX512-BF16 path where it is enabled (use_avx512).
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias, bool float_out) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "linear: CPU tensors only");
   TORCH_CHECK(w.dim() == 2 && x.size(-1) == w.size(1), "linear: shapes ", x.sizes(), " and ", w.sizes());
@@ -515,9 +507,145 @@ inline __m256 exp_nonpositive(__m256 x) {
 // read once for all of them.
 constexpr int kQueries = 4;
 
+// scores_avx2 and scores_avx512 write es[a][t] = (q_a . k_t) * scale for the keys 0..keys-1,
+// each dot product in a fixed order whatever the other query vectors (a missing one repeats
+// the first; its scores are dropped). Which of the two an engine runs is fixed
+// (use_avx512): their sums round differently.
+//
+// AVX2: 8 lanes over d in ascending order, then hsum; each key read once for all queries.
+void scores_avx2(const float* const* qa, float* const* es, const float* k, int64_t key_stride, int64_t keys,
+                 int64_t d, float scale) {
+  for (int64_t t = 0; t < keys; ++t) {
+    const float* kt = k + t * key_stride;
+    __m256 acc[kQueries];
+    for (int a = 0; a < kQueries; ++a) acc[a] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < d; i += kLanes) {
+      const __m256 kv = _mm256_loadu_ps(kt + i);
+#pragma GCC unroll 4
+      for (int a = 0; a < kQueries; ++a) acc[a] = _mm256_fmadd_ps(_mm256_loadu_ps(qa[a] + i), kv, acc[a]);
+    }
+#pragma GCC unroll 4
+    for (int a = 0; a < kQueries; ++a) es[a][t] = hsum(acc[a]) * scale;
+  }
+}
+
+// The weighted sums of values, 16 dims at a time: kQueries x 2 accumulators, each value
+// vector read once for all query vectors; out[a] = (sum_t es[a][t] v_t) / total[a], each
+// element's sum in ascending key order (the AVX-512 version's numbers exactly).
+void weighted_values_avx2(const float* const* es, const float* total, int count, const float* v, int64_t key_stride,
+                          int64_t keys, int64_t d, float* const* out) {
+  for (int64_t i0 = 0; i0 < d; i0 += 2 * kLanes) {
+    const bool two = i0 + kLanes < d;
+    __m256 acc[kQueries][2];
+    for (int a = 0; a < kQueries; ++a) acc[a][0] = acc[a][1] = _mm256_setzero_ps();
+    for (int64_t t = 0; t < keys; ++t) {
+      const float* vt = v + t * key_stride + i0;
+      const __m256 v0 = _mm256_loadu_ps(vt), v1 = two ? _mm256_loadu_ps(vt + kLanes) : v0;
+#pragma GCC unroll 4
+      for (int a = 0; a < kQueries; ++a) {
+        const __m256 w = _mm256_set1_ps(es[a][t]);
+        acc[a][0] = _mm256_fmadd_ps(w, v0, acc[a][0]);
+        acc[a][1] = _mm256_fmadd_ps(w, v1, acc[a][1]);
+      }
+    }
+    for (int a = 0; a < count; ++a) {
+      const __m256 s = _mm256_set1_ps(1.f / total[a]);
+      _mm256_storeu_ps(out[a] + i0, _mm256_mul_ps(acc[a][0], s));
+      if (two) _mm256_storeu_ps(out[a] + i0 + kLanes, _mm256_mul_ps(acc[a][1], s));
+    }
+  }
+}
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512dq")
+
+// 16 vectors of 16 partial sums -> one vector whose lane t is the total of a[t]'s lanes, by a
+// fixed tree: lanes j + j+8, then j + j+4, then j + j+2, then j + j+1 (four levels, each
+// adding two vectors' halves side by side).
+inline __m512 totals16(const __m512* a) {
+  __m512 b[8], c[4], e[2];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i)  // [a[2i] lanes j + j+8 | a[2i+1] alike], j < 8
+    b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i)  // quarter r: vector 4i + r's four partial sums
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i)  // quarter r: two partial sums of vectors 8i + r and 8i + 4 + r
+    e[i] = _mm512_add_ps(_mm512_shuffle_ps(c[2 * i], c[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(c[2 * i], c[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  // lane 4r + s: the total of vector 4s + r; put vector t in lane t
+  const __m512 totals = _mm512_add_ps(_mm512_shuffle_ps(e[0], e[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                      _mm512_shuffle_ps(e[0], e[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm512_permutexvar_ps(order, totals);
+}
+
+// AVX-512 (d a multiple of 16): 16 keys at a time for one query vector, 16 accumulators of 16
+// lanes over d in ascending order, then totals16. A block's keys (16 x d floats) stay in L1
+// for all the query vectors.
+void scores_avx512(const float* const* qa, float* const* es, const float* k, int64_t key_stride, int64_t keys,
+                   int64_t d, float scale) {
+  const __m512 scale16 = _mm512_set1_ps(scale);
+  for (int64_t t0 = 0; t0 < keys; t0 += 16) {
+    const int nk = static_cast<int>(std::min<int64_t>(16, keys - t0));
+    const float* kt[16];
+    for (int t = 0; t < 16; ++t) kt[t] = k + (t0 + std::min(t, nk - 1)) * key_stride;  // past the end: the last key again
+    for (int a = 0; a < kQueries; ++a) {
+      __m512 acc[16];
+      const __m512 q0 = _mm512_loadu_ps(qa[a]);
+#pragma GCC unroll 16
+      for (int t = 0; t < 16; ++t) acc[t] = _mm512_mul_ps(q0, _mm512_loadu_ps(kt[t]));
+      for (int64_t i = 16; i < d; i += 16) {
+        const __m512 qi = _mm512_loadu_ps(qa[a] + i);
+#pragma GCC unroll 16
+        for (int t = 0; t < 16; ++t) acc[t] = _mm512_fmadd_ps(qi, _mm512_loadu_ps(kt[t] + i), acc[t]);
+      }
+      _mm512_mask_storeu_ps(es[a] + t0, static_cast<__mmask16>((1u << nk) - 1), _mm512_mul_ps(totals16(acc), scale16));
+    }
+  }
+}
+
+// weighted_values_avx2 with 64 dims at a time: the same sums (each element's, in ascending
+// key order), with a quarter of the passes over the values.
+void weighted_values_avx512(const float* const* es, const float* total, int count, const float* v, int64_t key_stride,
+                            int64_t keys, int64_t d, float* const* out) {
+  for (int64_t i0 = 0; i0 < d; i0 += 64) {
+    const int chunks = static_cast<int>(std::min<int64_t>(4, (d - i0) / 16));
+    __m512 acc[kQueries][4];
+    for (int a = 0; a < kQueries; ++a)
+      for (int c = 0; c < 4; ++c) acc[a][c] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < keys; ++t) {
+      const float* vt = v + t * key_stride + i0;
+      __m512 vc[4];
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) vc[c] = c < chunks ? _mm512_loadu_ps(vt + 16 * c) : _mm512_setzero_ps();
+#pragma GCC unroll 4
+      for (int a = 0; a < kQueries; ++a) {
+        const __m512 w = _mm512_set1_ps(es[a][t]);
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; ++c) acc[a][c] = _mm512_fmadd_ps(w, vc[c], acc[a][c]);
+      }
+    }
+    for (int a = 0; a < count; ++a) {
+      const __m512 s = _mm512_set1_ps(1.f / total[a]);
+      for (int c = 0; c < chunks; ++c) _mm512_storeu_ps(out[a] + i0 + 16 * c, _mm512_mul_ps(acc[a][c], s));
+    }
+  }
+}
+
+#pragma GCC pop_options
+
+bool avx512_attention_available() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+}
+bool avx512_attention_enabled = avx512_attention_available();
+
 // Up to kQueries query vectors (each with the mask row of its query row, nullptr: all
 // keys) over one kv head's keys 0..keys-1 (every key each of them sees). For each query vector alone, whatever the
-// others: its scores (the same 8-lane dot product for every key), their maximum over the
+// others: its scores (the same dot product for every key), their maximum over the
 // keys it sees, e = exp(score - max) for those keys and exactly 0 for the others, their
 // sum in ascending key order, and the e-weighted sum of values in ascending key order
 // (a masked key adds 0 * v, which leaves the sum as it is). A query row's result is
@@ -531,17 +659,11 @@ void attend_block(const float* const* q, const bool* const* seen, int count, con
     qa[a] = q[a < count ? a : 0];
     es[a] = e + a * keys;
   }
-  for (int64_t t = 0; t < keys; ++t) {  // scores: each key read once for all query vectors
-    const float* kt = k + t * key_stride;
-    __m256 acc[kQueries];
-    for (int a = 0; a < kQueries; ++a) acc[a] = _mm256_setzero_ps();
-    for (int64_t i = 0; i < d; i += kLanes) {
-      const __m256 kv = _mm256_loadu_ps(kt + i);
-#pragma GCC unroll 4
-      for (int a = 0; a < kQueries; ++a) acc[a] = _mm256_fmadd_ps(_mm256_loadu_ps(qa[a] + i), kv, acc[a]);
-    }
-#pragma GCC unroll 4
-    for (int a = 0; a < kQueries; ++a) es[a][t] = hsum(acc[a]) * scale;
+  const bool wide = avx512_attention_enabled && d % 16 == 0;
+  if (wide) {
+    scores_avx512(qa, es, k, key_stride, keys, d, scale);
+  } else {
+    scores_avx2(qa, es, k, key_stride, keys, d, scale);
   }
   const int64_t k8 = keys - keys % kLanes;
   const __m256 neg_inf = _mm256_set1_ps(-INFINITY);
@@ -582,27 +704,10 @@ void attend_block(const float* const* q, const bool* const* seen, int count, con
   for (int64_t t = 0; t < keys; ++t)
 #pragma GCC unroll 4
     for (int a = 0; a < kQueries; ++a) total[a] += es[a][t];
-  // Weighted values, 16 dims at a time: kQueries x 2 accumulators, each value vector read
-  // once for all query vectors.
-  for (int64_t i0 = 0; i0 < d; i0 += 2 * kLanes) {
-    const bool two = i0 + kLanes < d;
-    __m256 acc[kQueries][2];
-    for (int a = 0; a < kQueries; ++a) acc[a][0] = acc[a][1] = _mm256_setzero_ps();
-    for (int64_t t = 0; t < keys; ++t) {
-      const float* vt = v + t * key_stride + i0;
-      const __m256 v0 = _mm256_loadu_ps(vt), v1 = two ? _mm256_loadu_ps(vt + kLanes) : v0;
-#pragma GCC unroll 4
-      for (int a = 0; a < kQueries; ++a) {
-        const __m256 w = _mm256_set1_ps(es[a][t]);
-        acc[a][0] = _mm256_fmadd_ps(w, v0, acc[a][0]);
-        acc[a][1] = _mm256_fmadd_ps(w, v1, acc[a][1]);
-      }
-    }
-    for (int a = 0; a < count; ++a) {
-      const __m256 s = _mm256_set1_ps(1.f / total[a]);
-      _mm256_storeu_ps(out[a] + i0, _mm256_mul_ps(acc[a][0], s));
-      if (two) _mm256_storeu_ps(out[a] + i0 + kLanes, _mm256_mul_ps(acc[a][1], s));
-    }
+  if (wide) {
+    weighted_values_avx512(es, total, count, v, key_stride, keys, d, out);
+  } else {
+    weighted_values_avx2(es, total, count, v, key_stride, keys, d, out);
   }
 }
 
@@ -664,6 +769,17 @@ void attend_all(const std::vector<AttendJob>& jobs, int64_t heads, int64_t kv_he
 }
 
 }  // namespace
+
+// Whether the kernels take their AVX-512 paths where the CPU has them: bfloat16 rows against
+// bfloat16 weights in linear (AVX512-BF16 dot products) and attention's scores and weighted
+// values (16 lanes). `enable` false turns them off (tests of the AVX2 paths on a CPU that has
+// both), true turns them on where the CPU has them. Their sums round otherwise than the AVX2
+// paths', so a process keeps one setting while it decodes. Returns whether any is on.
+bool use_avx512(bool enable) {
+  avx512_bf16_enabled = enable && __builtin_cpu_supports("avx512bf16");
+  avx512_attention_enabled = enable && avx512_attention_available();
+  return avx512_bf16_enabled || avx512_attention_enabled;
+}
 
 // Attention of n query rows over keys/values in float32, a query row's result independent of
 // the other rows (attend_block): a token tree's row gets the numbers a one-row step over the
@@ -845,7 +961,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "y = x @ w.T (+ b): few rows, weights streamed once (AVX2 FMA, or AVX512-BF16)", no_gil);
   m.def("prompt_gemm", &prompt_gemm, "y = x @ w.T (+ b): many rows, ATen's GEMM over column parts on the kernels' threads",
         no_gil);
-  m.def("use_avx512_bf16", &use_avx512_bf16, "turn the AVX512-BF16 path of linear on (where the CPU has it) or off");
+  m.def("use_avx512", &use_avx512, "turn the AVX-512 paths of linear and attention on (where the CPU has them) or off");
   m.def("rms_norm", &rms_norm, "RMSNorm of each row, rounding as the reference does", no_gil);
   m.def("rotary_", &rotary_, "rotary embedding in place on the q and k heads of the fused projection", no_gil);
   m.def("attention", &attention, "attention in float32, each query row independent of the others", no_gil);

@@ -59,18 +59,19 @@ def needs_grad(*tensors: torch.Tensor | None) -> bool:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, float_out: bool = False) -> torch.Tensor:
     """x (..., in) @ weight (out, in).T (+ bias), in float32; the result in x's dtype, or in
     float32 with `float_out` (the LM head's logits: workers.model.LogitsHead). bfloat16 x and
-    weight take the AVX512-BF16 dot products where the CPU has them (use_avx512_bf16)."""
+    weight take the AVX512-BF16 dot products where the CPU has them (use_avx512)."""
     if needs_grad(x, weight, bias):
         out = reference.linear(x, weight, bias)
         return out.float() if float_out else out
     return extension().linear(x, weight, bias, float_out)
 
 
-def use_avx512_bf16(enable: bool) -> bool:
-    """Turn the AVX512-BF16 path of `linear` on (where the CPU has it; the default) or off;
-    returns whether it is on. Its sums round otherwise than the AVX2 path's, so a process
-    keeps one setting while it decodes: tests switch it to cover both paths."""
-    return extension().use_avx512_bf16(enable)
+def use_avx512(enable: bool) -> bool:
+    """Turn the AVX-512 paths on (where the CPU has them; the default) or off: `linear`'s
+    AVX512-BF16 dot products and `attention`'s 16-lane scores and weighted values. Their sums
+    round otherwise than the AVX2 paths', so a process keeps one setting while it decodes:
+    tests switch it to cover both paths. Returns whether any is on."""
+    return extension().use_avx512(enable)
 
 
 def prompt_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:

@@ -26,15 +26,15 @@ LINEAR_SHAPES = [(1, 576, 960), (2, 64, 7), (4, 100, 33), (5, 576, 1536), (13, 3
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-5), torch.bfloat16: dict(atol=0.05, rtol=0.02)}
 
 
-@pytest.fixture(params=["avx512-bf16", "avx2"])
-def linear_path(request):
-    """bfloat16 products on each path of native.linear: the AVX512-BF16 dot products (where
-    the CPU has them, the default) and the AVX2 FMAs on widened values."""
-    on = native.use_avx512_bf16(request.param == "avx512-bf16")
-    if request.param == "avx512-bf16" and not on:
-        pytest.skip("this CPU has no AVX512-BF16")
+@pytest.fixture(params=["avx512", "avx2"])
+def vector_path(request):
+    """Each path of the kernels: the AVX-512 ones where the CPU has them (the default:
+    bfloat16 products by AVX512-BF16 dot products, attention in 16 lanes) and the AVX2 ones."""
+    on = native.use_avx512(request.param == "avx512")
+    if request.param == "avx512" and not on:
+        pytest.skip("this CPU has no AVX-512")
     yield request.param
-    native.use_avx512_bf16(True)
+    native.use_avx512(True)
 
 
 def rand(*shape, dtype=torch.float32, seed=0):
@@ -43,7 +43,7 @@ def rand(*shape, dtype=torch.float32, seed=0):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows,k,m", LINEAR_SHAPES)
-def test_linear_matches_reference(linear_path, dtype, rows, k, m):
+def test_linear_matches_reference(vector_path, dtype, rows, k, m):
     x, w, b = rand(1, rows, k, dtype=dtype), rand(m, k, dtype=dtype, seed=1), rand(m, dtype=dtype, seed=2)
     for bias in (None, b):
         got = native.linear(x, w, bias)
@@ -56,7 +56,7 @@ def test_linear_matches_reference(linear_path, dtype, rows, k, m):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_linear_rows_are_independent(linear_path, dtype):
+def test_linear_rows_are_independent(vector_path, dtype):
     x, w = rand(64, 576, dtype=dtype), rand(1000, 576, dtype=dtype, seed=1)
     together = native.linear(x, w, None)
     for r in (0, 3, 4, 5, 37, 63):  # in a block of rows, in the remainder, alone
@@ -105,7 +105,7 @@ def test_prompt_rows_in_float32_are_the_native_kernels():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_linear_threads_do_not_change_results(linear_path, dtype):
+def test_linear_threads_do_not_change_results(vector_path, dtype):
     x, w = rand(8, 576, dtype=dtype), rand(3000, 576, dtype=dtype, seed=1)
     torch.set_num_threads(1)
     one = native.linear(x, w, None)
@@ -134,7 +134,7 @@ def in_threads(fn, n: int) -> list:
 
 
 @pytest.mark.parametrize("threads", [1, 3])
-def test_kernels_in_other_threads_match_the_main_thread(linear_path, threads):
+def test_kernels_in_other_threads_match_the_main_thread(vector_path, threads):
     """Other threads' loops run on the kernels' pool (one caller at a time; a second caller
     meanwhile runs alone): the same numbers as the main thread's OpenMP loops."""
     x, w = rand(8, 576, dtype=torch.bfloat16), rand(3000, 576, dtype=torch.bfloat16, seed=1)
@@ -206,16 +206,18 @@ def causal_tree_mask(n: int, keys: int) -> torch.Tensor:
     return mask
 
 
-@pytest.mark.parametrize("n,keys", [(1, 1), (1, 200), (4, 9), (16, 300)])
-def test_attention_matches_reference(n, keys):
-    q, k, v = rand(1, 9, n, 64), rand(1, 3, keys, 64, seed=1), rand(1, 3, keys, 64, seed=2)
+# Head sizes: 64 (the model's), 48 and 80 (the 16-lane path's partial passes over d), 72 (no
+# multiple of 16: the AVX2 path on either setting).
+@pytest.mark.parametrize("n,keys,d", [(1, 1, 64), (1, 200, 64), (4, 9, 64), (16, 300, 64), (3, 37, 48), (5, 70, 80), (2, 33, 72)])
+def test_attention_matches_reference(vector_path, n, keys, d):
+    q, k, v = rand(1, 9, n, d), rand(1, 3, keys, d, seed=1), rand(1, 3, keys, d, seed=2)
     mask = causal_tree_mask(n, keys) if n > 1 else None
     got = native.attention(q, k, v, mask)
-    assert got.shape == (1, n, 9 * 64)
+    assert got.shape == (1, n, 9 * d)
     torch.testing.assert_close(got, reference.attention(q, k, v, mask), atol=1e-5, rtol=1e-5)
 
 
-def test_attention_row_equals_that_row_alone_over_its_keys():
+def test_attention_row_equals_that_row_alone_over_its_keys(vector_path):
     n, keys = 16, 300
     q, k, v = rand(1, 9, n, 64), rand(1, 3, keys, 64, seed=1), rand(1, 3, keys, 64, seed=2)
     mask = causal_tree_mask(n, keys)
@@ -226,7 +228,7 @@ def test_attention_row_equals_that_row_alone_over_its_keys():
         assert torch.equal(alone[0, 0], together[0, i])
 
 
-def test_attention_reads_cache_views():
+def test_attention_reads_cache_views(vector_path):
     cache = rand(2, 1, 3, 50, 64)  # (layers, B, kv_heads, max_len, d): a layer's prefix is a strided view
     k, v = cache[0, :, :, :20], cache[1, :, :, :20]
     q = rand(1, 9, 2, 64)
