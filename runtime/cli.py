@@ -30,6 +30,7 @@ from runtime.text.stream import TextStream
 from runtime.training.sharegpt import ShareGPTError
 from runtime.training.trainer import run as run_training
 from workers.cost_curve import CONTEXTS, ROWS, cost_curve
+from workers.cpu_info import describe_cpu
 from workers.drafters.loading import DrafterWeightsError
 from workers.loading import ModelLoadError
 
@@ -380,6 +381,7 @@ def cmd_profile(args, config: LeapfrogConfig) -> int:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     print(f"t(n) in ms ({profile['dtype']}, {profile['device']}, {profile['threads']} threads; median of {args.repeats})")
+    print(f"cpu {describe_cpu()}")
     print(f"{'rows':>6}" + "".join(f"{f'c={c}':>10}" for c in args.contexts))
     for n in args.rows:
         print(f"{n:>6}" + "".join(f"{profile['ms_median'][c][n]:>10.2f}" for c in args.contexts))

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -31,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from workers.cache_dir import cache_dir
+from workers.cpu_info import cpu_info
 from workers.drafters.pseudo_forward import run_to_end
 from workers.kernels import native
 from workers.sampling import Greedy
@@ -84,8 +84,8 @@ def cost_curve(engine, rows: list[int] = ROWS, contexts: list[int] = CONTEXTS, r
     bar.close()
     return {
         "model": engine.config.checkpoint, "dtype": engine.config.dtype, "device": str(engine.model.device),
-        "graphs": engine.model.graphs is not None, "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "repeats": repeats,
+        "cpu": cpu_info(), "graphs": engine.model.graphs is not None, "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "repeats": repeats,
         "what": "ms of one tree step (forward, LM head, accept, KV keep) over a chain of n rows after c cached positions",
         "rows": rows, "contexts": contexts, "ms_median": ms, "ms_min": ms_min,
     }
@@ -96,11 +96,8 @@ def device_name(device) -> str:
         import torch.cuda
 
         return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
+    info = cpu_info()
+    return f"{info['model']} ({info['class']})"
 
 
 def profile_key(engine) -> dict:
@@ -112,7 +109,7 @@ def profile_key(engine) -> dict:
         kernels = f"native {native.build_dir().name}"
     return {"model": asdict(model.args), "dtype": engine.config.dtype, "kernels": kernels,
             "graphs": model.graphs is not None, "threads": torch.get_num_threads(),
-            "device": device_name(model.device), "torch": torch.__version__}
+            "device": device_name(model.device), "cpu_flags": cpu_info()["flags"], "torch": torch.__version__}
 
 
 def device_profile(engine, progress: bool = True) -> dict:

@@ -25,6 +25,7 @@ from configs.schema import SamplingConfig
 from runtime.bench.prompts import Prompt
 from runtime.decoding.steps import Step
 from runtime.pipeline.metrics import Metrics
+from workers.cpu_info import cpu_info
 
 REFERENCE = "ar"
 WARMUP_TOKENS = 8
@@ -157,6 +158,7 @@ def summarize(engine, prompts, modes, runs, max_new_tokens, near_tie_tol, thread
         "checkpoint_folder": str(engine.folder),
         "dtype": engine.config.dtype,
         "device": str(engine.model.device),
+        "cpu": cpu_info(),
         "threads": threads,
         "max_new_tokens": max_new_tokens,
         "prompts": len(prompts),

@@ -19,6 +19,7 @@ def format_table(result: dict) -> str:
     lines = [
         f"model {result['model']}  dtype {result['dtype']}  device {result['device']}  threads {result['threads']}  "
         f"prompts {result['prompts']}  max_new_tokens {result['max_new_tokens']}  {how}",
+        *([f"cpu {result['cpu']['model']} ({result['cpu']['class']}: {' '.join(result['cpu']['flags'])})"] if result.get("cpu") else []),
         head,
         "-" * len(head),
     ]

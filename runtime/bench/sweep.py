@@ -39,6 +39,7 @@ from runtime.engine import Engine
 from runtime.modes import UnknownModeError, check_mode
 from runtime.pipeline.cluster import ensure_ray
 from runtime.pipeline.latency_model import DecodeStats, needed_hit_rate, predict
+from workers.cpu_info import cpu_info
 from workers.tree_sizing import CostCurve
 
 AXES = {  # grid axis -> (section of LeapfrogConfig, field)
@@ -146,7 +147,7 @@ def run_sweep(sweep: Sweep, out: str | Path, progress: bool = True) -> Path:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
-    (out / "sweep.json").write_text(json.dumps({"grid": sweep.grid, "results": results}, indent=1))
+    (out / "sweep.json").write_text(json.dumps({"cpu": cpu_info(), "grid": sweep.grid, "results": results}, indent=1))
     pareto_chart(rows, out / "sweep.png", title=chart_title(results[0]))
     return out
 

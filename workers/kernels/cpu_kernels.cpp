@@ -20,6 +20,8 @@
 #include <immintrin.h>
 #include <omp.h>
 
+#include "amx_gemm.h"
+
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -347,6 +349,8 @@ void linear_bf16(const at::BFloat16* x, int64_t n, const at::BFloat16* w, int64_
 }
 
 bool avx512_bf16_enabled = __builtin_cpu_supports("avx512bf16");
+const bool amx_available = amx::request();
+bool amx_enabled = amx_available;
 
 }  // namespace
 
@@ -379,36 +383,32 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const c10::
   return (float_out ? y : y.to(x.scalar_type())).view(shape);
 }
 
-// prompt_gemm: y = x @ w.T (+ b) for many rows (a prompt's, workers.kernels.native.
-// prompt_linear) by ATen's GEMM (oneDNN's AVX512-BF16 dot products), the output columns
-// split over the kernels' threads (parallel_for) and each part multiplied on one thread.
-// Why: ATen's own threading goes through libgomp, whose team is throttled in any thread but
-// the main one (SpinPool, above): a prompt's products took 1.7x their main-thread time in a
-// server's decoding thread. The split is parallel_for's in every thread, so a thread never
-// changes a result; a row's result does not depend on the other rows of its call (two or
-// more), which tests/workers/kernels checks.
-torch::Tensor prompt_gemm(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias) {
-  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "prompt_gemm: CPU tensors only");
-  TORCH_CHECK(w.dim() == 2 && x.dim() >= 1 && x.size(-1) == w.size(1), "prompt_gemm: shapes ", x.sizes(), " and ", w.sizes());
-  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "prompt_gemm: x and w must have one dtype");
-  TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == w.size(0) && bias->scalar_type() == w.scalar_type()),
-              "prompt_gemm: bias must be (out_features,) in w's dtype");
+// prompt_linear: y = x @ w.T (+ b) for many rows (a prompt's, workers.kernels.native.
+// prompt_linear). bfloat16 rows on CPUs with AMX take the tiles (amx_gemm.h: every output one
+// fixed sum, whatever the rows around it or the thread count); everything else takes linear
+// above, whose rows are independent too. Never a library's GEMM: which kernel oneDNN picks
+// depends on the row count and the CPU, and with it the rounding (issue 36).
+torch::Tensor prompt_linear(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "prompt_linear: CPU tensors only");
+  TORCH_CHECK(w.dim() == 2 && x.dim() >= 1 && x.size(-1) == w.size(1), "prompt_linear: shapes ", x.sizes(), " and ", w.sizes());
+  TORCH_CHECK(w.is_contiguous(), "prompt_linear: the weight must be contiguous (out_features, in_features)");
+  if (!(amx_enabled && x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16)) return linear(x, w, bias, false);
   const int64_t k = w.size(1), m = w.size(0);
   const auto rows = x.reshape({-1, k}).contiguous();
-  auto y = torch::empty({rows.size(0), m}, rows.options());
-  const at::ThreadLocalState state;
-  parallel_for(0, m, 64, [&](int64_t j0, int64_t j1) {
-    const int threads = omp_get_max_threads();
-    omp_set_num_threads(1);  // this thread's own OpenMP setting: its part runs on it alone
-    const at::ThreadLocalStateGuard caller_state(state);  // the caller's grad and inference modes, in a pool worker too
-    const auto part_w = w.narrow(0, j0, j1 - j0);
-    const auto part = bias.has_value() ? at::addmm(bias->narrow(0, j0, j1 - j0), rows, part_w.t()) : at::mm(rows, part_w.t());
-    y.narrow(1, j0, j1 - j0).copy_(part);
-    omp_set_num_threads(threads);
-  });
+  auto y = torch::empty({rows.size(0), m}, rows.options().dtype(at::kFloat));
+  amx::gemm_bf16(reinterpret_cast<const uint16_t*>(rows.data_ptr<at::BFloat16>()), rows.size(0),
+                 reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), k, y.data_ptr<float>(), m, parallel_for);
+  if (bias.has_value()) y.add_(bias->to(at::kFloat));
   auto shape = x.sizes().vec();
   shape.back() = m;
-  return y.view(shape);
+  return y.to(x.scalar_type()).view(shape);
+}
+
+// Turn the AMX path of prompt_linear on (where the CPU and the OS allow it; the default) or
+// off (tests cover both paths); returns whether it is on.
+bool use_amx(bool enable) {
+  amx_enabled = enable && amx_available;
+  return amx_enabled;
 }
 
 namespace {
@@ -959,8 +959,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // decoding other requests (workers.batched_step) run their Python between the layers of a pass.
   const auto no_gil = py::call_guard<py::gil_scoped_release>();
   m.def("linear", &linear, "y = x @ w.T (+ b): few rows, weights streamed once (AVX2 FMA, or AVX512-BF16)", no_gil);
-  m.def("prompt_gemm", &prompt_gemm, "y = x @ w.T (+ b): many rows, ATen's GEMM over column parts on the kernels' threads",
+  m.def("prompt_linear", &prompt_linear, "y = x @ w.T (+ b): many rows, on AMX tiles where the CPU has them, else linear",
         no_gil);
+  m.def("use_amx", &use_amx, "turn prompt_linear's AMX path on (where the CPU and OS allow it) or off");
   m.def("use_avx512", &use_avx512, "turn the AVX-512 paths of linear and attention on (where the CPU has them) or off");
   m.def("rms_norm", &rms_norm, "RMSNorm of each row, rounding as the reference does", no_gil);
   m.def("rotary_", &rotary_, "rotary embedding in place on the q and k heads of the fused projection", no_gil);

@@ -20,6 +20,7 @@ from workers.cache_dir import cache_dir
 from workers.kernels import reference
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+HEADERS = [Path(__file__).with_name("amx_gemm.h")]
 NAME = "leapfrog_cpu_kernels"
 # -fopenmp: at::get_num_threads reads torch's OpenMP setting (same libgomp soname, loaded once;
 # the loops themselves run on the kernels' own pool, cpu_kernels.cpp);
@@ -31,7 +32,7 @@ LDFLAGS = ["-fopenmp"]
 def build_dir() -> Path:
     """One folder per torch, Python, source and flags: two checkouts of different kernels
     each keep their own build instead of rebuilding over each other."""
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS + LDFLAGS).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in [SOURCE, *HEADERS]) + " ".join(CFLAGS + LDFLAGS).encode()).hexdigest()[:12]
     return cache_dir() / "kernels" / f"torch-{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}-{digest}"
 
 
@@ -75,22 +76,25 @@ def use_avx512(enable: bool) -> bool:
 
 
 def prompt_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
-    """linear, with the first n rows (dim -2: prompt rows, workers.model.AttentionContext) computed
-    by PyTorch's GEMM in bfloat16. oneDNN's bfloat16 dot products multiply hundreds of rows
-    ~3x faster than these kernels (gate/up at 769 rows: 7.1 against 20.5 ms), and a row's
-    result does not depend on how many rows (two or more) share its call, which
-    tests/workers/kernels checks; one prompt row is computed as two. Float32 keeps these
-    kernels: PyTorch's float32 GEMM is no faster here."""
+    """linear, with the first n rows (dim -2: prompt rows, workers.model.AttentionContext) on
+    the many-row path: AMX tiles for bfloat16 on CPUs that have them (cpu_kernels.cpp,
+    prompt_linear; use_amx), else linear itself. Either way each row's bits are its own,
+    whatever other rows share the call and however many threads run it; never a library's
+    GEMM, whose choice of kernel (and rounding) varies with the row count and the CPU."""
     n = min(n, x.shape[-2])
     if x.dtype != torch.bfloat16 or n <= 0 or needs_grad(x, weight, bias):
         return linear(x, weight, bias)
-    head = x[..., :n, :]
-    if n == 1:
-        head = torch.cat((head, head), dim=-2)
-    out = extension().prompt_gemm(head, weight, bias)[..., :n, :]
+    out = extension().prompt_linear(x[..., :n, :], weight, bias)
     if n == x.shape[-2]:
         return out
     return torch.cat((out, linear(x[..., n:, :], weight, bias)), dim=-2)
+
+
+def use_amx(enable: bool) -> bool:
+    """Turn prompt_linear's AMX tiles on (where the CPU has AMX and Linux grants the tile
+    state: the default) or off; returns whether they are on. Tiles round otherwise than
+    linear, so a process keeps one setting while it decodes: tests switch it to cover both."""
+    return extension().use_amx(enable)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing
 import threading
+import warnings
 
 import pytest
 import torch
@@ -65,30 +66,45 @@ def test_linear_rows_are_independent(vector_path, dtype):
         assert torch.equal(native.linear(x[:n], w, None), together[:n]), n
 
 
-# The model's product shapes (SmolLM2-135M: qkv, o, gate/up, down), (out, in).
+# The model's product shapes (SmolLM2-135M: qkv, o, gate/up, down), (out, in), and odd ones:
+# in_features not a multiple of 32 (a tile row) or even of 2 (a bfloat16 pair), out_features
+# not a multiple of 16 (a tile's rows).
 MODEL_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
+ODD_SHAPES = [(33, 100), (50, 37), (577, 64), (7, 1)]
 
 
-@pytest.mark.parametrize("out_features,in_features", MODEL_SHAPES)
-def test_prompt_rows_do_not_depend_on_how_many_share_the_call(out_features, in_features):
-    """Prompt rows (bfloat16: PyTorch's GEMM) give each row the same bits whether 1, 2 or
-    hundreds of prompt rows share the call, and wherever the row sits; the rows after them
-    are the one-row kernels' bits. Every mode computes a prompt position the same way only
-    if this holds on the machine's oneDNN."""
+@pytest.fixture(params=["amx", "rows"])
+def prompt_path(request):
+    """Each path of prompt rows in bfloat16: AMX tiles where the CPU (and Linux) allow them,
+    else the few-row kernels (linear), which CPUs without AMX take."""
+    on = native.use_amx(request.param == "amx")
+    if request.param == "amx" and not on:
+        pytest.skip("this CPU has no AMX (or Linux does not grant its tile state)")
+    yield request.param
+    native.use_amx(True)
+
+
+@pytest.mark.parametrize("out_features,in_features", MODEL_SHAPES + ODD_SHAPES)
+def test_prompt_rows_do_not_depend_on_how_many_share_the_call(prompt_path, out_features, in_features):
+    """Prompt rows (bfloat16) give each row the same bits whether 1, 2 or hundreds of prompt
+    rows share the call, and wherever the row sits; the rows after them are the one-row
+    kernels' bits. Every mode computes a prompt position the same way only if this holds."""
     x, w = rand(1, 300, in_features, dtype=torch.bfloat16), rand(out_features, in_features, dtype=torch.bfloat16, seed=1)
-    full = native.prompt_linear(x, w, None, 299)
-    for start, m in [(0, 1), (0, 2), (5, 3), (0, 17), (40, 64), (0, 150), (100, 199), (0, 299)]:
-        part = native.prompt_linear(x[:, start : start + m], w, None, m)
-        assert torch.equal(part, full[:, start : start + m]), (start, m)
-    assert torch.equal(full[:, 299:], native.linear(x[:, 299:], w, None))  # the last row: native
-    torch.testing.assert_close(full.float(), reference.linear(x.float(), w.float()), **TOL[torch.bfloat16])
+    b = rand(out_features, dtype=torch.bfloat16, seed=2)
+    for bias in (None, b):
+        full = native.prompt_linear(x, w, bias, 299)
+        for start, m in [(0, 1), (0, 2), (5, 3), (0, 17), (40, 64), (3, 33), (0, 150), (100, 199), (0, 299)]:
+            part = native.prompt_linear(x[:, start : start + m], w, bias, m)
+            assert torch.equal(part, full[:, start : start + m]), (start, m)
+        assert torch.equal(full[:, 299:], native.linear(x[:, 299:], w, bias))  # the last row: the one-row kernels
+        want = reference.linear(x.float(), w.float(), None if bias is None else bias.float())
+        torch.testing.assert_close(full.float(), want, **TOL[torch.bfloat16])
 
 
-@pytest.mark.parametrize("out_features,in_features", MODEL_SHAPES)
-def test_prompt_rows_do_not_depend_on_the_thread_count(out_features, in_features):
-    """Prompt rows' products split their output columns over the kernels' threads, each part
-    one GEMM on one thread (cpu_kernels.cpp, prompt_gemm): the same bits on 1 and 2 threads,
-    and as one GEMM over every column."""
+@pytest.mark.parametrize("out_features,in_features", MODEL_SHAPES + ODD_SHAPES[:1])
+def test_prompt_rows_do_not_depend_on_the_thread_count(prompt_path, out_features, in_features):
+    """Prompt rows' products split their output columns over the kernels' threads: the same
+    bits on 1 and 2 threads, on the main thread and in another (the kernels' own pool)."""
     x, w = rand(1, 120, in_features, dtype=torch.bfloat16), rand(out_features, in_features, dtype=torch.bfloat16, seed=1)
     torch.set_num_threads(2)
     try:
@@ -96,12 +112,35 @@ def test_prompt_rows_do_not_depend_on_the_thread_count(out_features, in_features
     finally:
         torch.set_num_threads(1)
     assert torch.equal(native.prompt_linear(x, w, None, 119), two)
-    assert torch.equal(two[:, :119], reference.linear(x[:, :119], w))
+    assert all(torch.equal(got, two) for got in in_threads(lambda: native.prompt_linear(x, w, None, 119), 2)[::10])
+
+
+def test_prompt_rows_do_not_depend_on_a_library_s_kernel_choice(prompt_path):
+    """Prompt rows are our kernels' own sums, never a library GEMM: turning PyTorch's oneDNN
+    off (which changes the kernel, and the rounding, of its own bfloat16 GEMM: on an AMX CPU
+    both its choice by row count and this switch did) changes no bit of them."""
+    x, w = rand(1, 120, 576, dtype=torch.bfloat16), rand(960, 576, dtype=torch.bfloat16, seed=1)
+    with_onednn = native.prompt_linear(x, w, None, 120)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns that oneDNN's TF32 is for Intel GPUs
+        with torch.backends.mkldnn.flags(enabled=False):
+            without = native.prompt_linear(x, w, None, 120)
+    assert torch.equal(with_onednn, without)
 
 
 def test_prompt_rows_in_float32_are_the_native_kernels():
     x, w = rand(1, 40, 576), rand(960, 576, seed=1)
     assert torch.equal(native.prompt_linear(x, w, None, 39), native.linear(x, w, None))
+
+
+def test_prompt_rows_without_amx_are_the_one_row_kernels(vector_path):
+    """CPUs without AMX (or with it turned off) multiply prompt rows with linear itself."""
+    x, w = rand(1, 40, 576, dtype=torch.bfloat16), rand(960, 576, dtype=torch.bfloat16, seed=1)
+    native.use_amx(False)
+    try:
+        assert torch.equal(native.prompt_linear(x, w, None, 39), native.linear(x, w, None))
+    finally:
+        native.use_amx(True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
