@@ -2,7 +2,8 @@
 figures from different machines are never compared as if they were one (issue 36).
 
 The class is the best path the native kernels have on it: "AMX" (AMX-BF16 tiles for prompt
-rows, AVX512-BF16 for the rest), "AVX512-BF16", "AVX2", or "other" (the PyTorch kernels)."""
+rows, AVX512-BF16 for the rest), "AVX512-BF16", "AVX512" (without BF16), "AVX2", or "other"
+(the PyTorch kernels)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ def cpu_class(flags: set[str]) -> str:
         return "AMX"
     if {"avx512f", "avx512_bf16"} <= flags:
         return "AVX512-BF16"
+    if "avx512f" in flags:  # attention in 16 lanes; the bfloat16 products on AVX2
+        return "AVX512"
     if {"avx2", "fma"} <= flags:
         return "AVX2"
     return "other"

@@ -11,6 +11,7 @@ from runtime.cli import EXIT_USAGE, main
 from runtime.engine import Engine
 from workers import cost_curve as cost_curve_module
 from workers.cost_curve import cost_curve, device_profile
+from workers.cpu_info import cpu_info
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +26,7 @@ def test_every_shape_is_timed_and_the_cache_is_left_empty(engine):
         assert set(profile["ms_median"][c]) == {1, 3, 8}
         assert all(0 < profile["ms_min"][c][n] <= profile["ms_median"][c][n] for n in (1, 3, 8))
     assert engine.cache.length == 0
+    assert profile["cpu"] == cpu_info()  # which CPU ran it, with its flags
     with pytest.raises(ValueError, match="exceed max_context 64"):
         cost_curve(engine, rows=[32], contexts=[40], progress=False)
 

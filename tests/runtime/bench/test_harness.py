@@ -12,6 +12,7 @@ from runtime.bench.harness import first_divergence, summarize
 from runtime.bench.prompts import BenchInputError, Prompt, default_prompts_path, load_prompts
 from runtime.bench.report import format_table
 from runtime.cli import main
+from workers.cpu_info import cpu_info
 
 MODE_KEYS = {
     "tokens",
@@ -230,6 +231,8 @@ def test_summarize_header():
     assert result["dtype"] == "float32" and result["device"] == "cpu"
     assert result["threads"] == 3 and result["max_new_tokens"] == 4 and result["prompts"] == 3
     assert result["near_tie_tol"] == TOL
+    assert result["cpu"] == cpu_info() and result["cpu"]["class"] in ("AMX", "AVX512-BF16", "AVX2", "other")
+    assert f"cpu {result['cpu']['model']} ({result['cpu']['class']}" in format_table(result)
 
 
 def test_summarize_near_ties():
