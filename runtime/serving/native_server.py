@@ -147,9 +147,10 @@ class Connection:
     async def _dispatch(self, message: Message) -> None:
         if isinstance(message, Request):
             if self.request is not None:
+                # The message names the running request: built before _detach forgets its id.
+                error = f"request {message.id} came while request {self.request_id} runs on this connection; open another one"
                 if message.id == self.request_id:  # an error about this id ends that request
                     self._detach()
-                error = f"request {message.id} came while request {self.request_id} runs on this connection; open another one"
                 await self.send_quietly(Error(ErrorCode.REQUEST_IN_PROGRESS, error, message.id))
                 return
             if len(self.pending) >= self.config.max_pending_per_connection:

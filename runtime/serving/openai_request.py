@@ -98,6 +98,10 @@ def to_request(body, chat: bool, request_id: int) -> tuple[Request, HttpOptions]
             raise bad(f"{name!r} is supported only as its default ({defaults[-1]!r})")
         body.pop(name, None)
     fields = {"type": "request", "id": request_id}
+    limits = {name: body[name] for name in RENAMED if body.get(name) is not None}
+    if len(set(map(repr, limits.values()))) > 1:  # both given, differently: neither silently wins
+        raise bad(f"'max_tokens' ({limits['max_tokens']!r:.40}) and 'max_completion_tokens' "
+                  f"({limits['max_completion_tokens']!r:.40}) disagree; send one of them")
     for name in [n for n in body if n in RENAMED]:
         if body[name] is not None:
             fields[RENAMED[name]] = body[name]

@@ -142,6 +142,7 @@ async def test_the_same_request_id_twice_ends_that_request():
         writer.write(frame(request(id=1, prompt="again")))
         frames = await receive_until_end(reader)
         assert frames[-1].type == "error" and frames[-1].id == 1 and frames[-1].code == ErrorCode.REQUEST_IN_PROGRESS
+        assert "request 1 came while request 1 runs" in frames[-1].message  # the running request, named before it ends
         # Its error was its end: nothing more about request 1, and the connection goes on.
         writer.write(frame(request(id=2, prompt="next", max_new_tokens=8)))
         after = await receive_until_end(reader)

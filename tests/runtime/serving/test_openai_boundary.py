@@ -68,6 +68,19 @@ async def test_malformed_requests_get_a_typed_4xx(name):
         await assert_healthy(server, engines)
 
 
+@pytest.mark.parametrize("limits", [{"max_tokens": 3, "max_completion_tokens": 10}, {"max_completion_tokens": 10, "max_tokens": 3}])
+async def test_conflicting_token_limits_are_refused_naming_both(limits):
+    body = {"model": "m", "messages": MESSAGES, **limits}
+    async with running_server(http=True) as (server, engines):
+        status, payload = await post(server, body)
+        assert status == 400 and payload["error"]["code"] == "invalid_field", payload
+        assert "max_tokens" in payload["error"]["message"] and "max_completion_tokens" in payload["error"]["message"]
+        assert not engines[0].calls
+        # The same value twice is no conflict.
+        status, payload = await post(server, {**body, "max_tokens": 3, "max_completion_tokens": 3})
+        assert status == 200 and payload["usage"]["completion_tokens"] == 3, payload
+
+
 async def test_unknown_paths_are_404_in_openai_shape():
     async with running_server(http=True) as (server, engines):
         status, payload = await post(server, CHAT, path="/v1/embeddings")
