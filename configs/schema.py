@@ -257,15 +257,18 @@ class ServerConfig:
     max_connections: int = 256  # open native connections; more are refused ("too_many_connections")
     max_http_connections: int = 256  # open HTTP connections; more get a 429 and are closed
     max_connections_per_peer: int = 32  # open connections from one address, on each endpoint
+    max_connections_per_range: int = 64  # open connections from one address range (IPv4 /24, IPv6 /48), on each endpoint
     max_pending_per_connection: int = 2  # a connection's requests not yet finished (detached ones too)
     max_frame_bytes: int = 1 << 20  # largest frame (or HTTP body) a client may send
     max_prompt_bytes: int = 65536  # prompt text in UTF-8 bytes (messages summed), checked before tokenizing
     max_new_tokens: int = 2048  # upper limit on a request's max_new_tokens
     idle_timeout: float = 60.0  # seconds a connection may sit with no request running and none sent
+    request_timeout: float = 10.0  # seconds for a request (HTTP headers and body, a native frame) to arrive once begun
     write_timeout: float = 30.0  # seconds a client may leave a reply unread before its connection is closed
     allowed_modes: list = field(default_factory=list)  # modes requests may name; empty: the server's and the single-worker lossless ones
     api_key: str = ""  # required of clients when set ("" here: $LEAPFROG_API_KEY, if set)
     insecure: bool = False  # allow listening beyond the loopback without an API key
+    fresh_seed: bool = True  # a request without a seed samples with a fresh random one (reported back); false: [sampling] seed
 
 
 @dataclass
@@ -309,7 +312,11 @@ class LeapfrogConfig:
         if min(limits) < 1:
             raise ConfigError(f"[server] max_http_connections, max_connections_per_peer, max_pending_per_connection, "
                               f"max_prompt_bytes must be >= 1: {s}")
+        if s.max_connections_per_range < 1:
+            raise ConfigError(f"[server] max_connections_per_range must be >= 1, got {s.max_connections_per_range}")
         if not s.idle_timeout > 0 or not s.write_timeout > 0:
             raise ConfigError(f"[server] idle_timeout and write_timeout must be > 0 seconds: {s}")
+        if not s.request_timeout > 0:
+            raise ConfigError(f"[server] request_timeout must be > 0 seconds, got {s.request_timeout}")
         if not all(isinstance(m, str) for m in s.allowed_modes):
             raise ConfigError(f"[server] allowed_modes must be a list of mode names, got {s.allowed_modes!r}")

@@ -133,7 +133,7 @@ class OpenAIApi:
         body = parse_body(await self._body(http), http.headers.get("Content-Type", ""))
         request, options = to_request(body, chat, next(self._ids))
         job = await self.service.prepare(request, raw_prompt=not chat)
-        reply = CompletionBuilder(chat, self.model_name, options.include_usage, options.stops)
+        reply = CompletionBuilder(chat, self.model_name, options.include_usage, options.stops, job.sampling.seed)
         cancel = Cancellation()
         async with contextlib.aclosing(self.service.run(job, cancel)) as items:
             first = await anext(items)  # overloaded raises here: still a plain HTTP error

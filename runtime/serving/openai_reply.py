@@ -12,8 +12,11 @@ from runtime.text.stop import StopText
 
 
 class CompletionBuilder:
-    def __init__(self, chat: bool, model: str, include_usage: bool = False, stops: list[str] | None = None):
+    def __init__(self, chat: bool, model: str, include_usage: bool = False, stops: list[str] | None = None, seed: int = 0):
         self.chat, self.model, self.include_usage = chat, model, include_usage
+        # The sampling seed, known before the first token: every object reports it as its
+        # system_fingerprint (what the openai package shows), and `leapfrog.seed` at the end.
+        self.seed = seed
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
         self.text: list[str] = []
@@ -42,7 +45,7 @@ class CompletionBuilder:
     def _leapfrog(self) -> dict:
         s = self.stats
         return {"mode": s.mode, "forward_passes": s.forward_passes, "tau": s.tau, "seconds": s.seconds,
-                "ttft_seconds": s.ttft_seconds, "queue_seconds": s.queue_seconds}
+                "ttft_seconds": s.ttft_seconds, "queue_seconds": s.queue_seconds, "seed": s.seed}
 
     def _finish(self) -> str:
         return "length" if self.stats.finish_reason == "length" and not self.stopped else "stop"
@@ -54,7 +57,8 @@ class CompletionBuilder:
         else:
             choice = {"index": 0, "text": text, "finish_reason": self._finish(), "logprobs": None}
         return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion", "created": self.created,
-                "model": self.model, "choices": [choice], "usage": self._usage(), "leapfrog": self._leapfrog()}
+                "model": self.model, "system_fingerprint": f"seed-{self.seed}", "choices": [choice], "usage": self._usage(),
+                "leapfrog": self._leapfrog()}
 
     def _chunk(self, text: str | None, finish: str | None, role: bool = False) -> dict:
         if self.chat:
@@ -63,7 +67,7 @@ class CompletionBuilder:
         else:
             choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
         chunk = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
-                 "created": self.created, "model": self.model, "choices": [choice]}
+                 "created": self.created, "model": self.model, "system_fingerprint": f"seed-{self.seed}", "choices": [choice]}
         if self.include_usage:
             chunk["usage"] = None  # as OpenAI: every chunk has it, null until the last one
         return chunk

@@ -45,6 +45,7 @@ class ErrorCode:
     OVERLOADED = "overloaded"  # the wait queue is full
     TOO_MANY_CONNECTIONS = "too_many_connections"
     IDLE_TIMEOUT = "idle_timeout"
+    REQUEST_TIMEOUT = "request_timeout"  # a request begun (or a connection opened) and not complete in time; closed
     UNAUTHORIZED = "unauthorized"  # no API key, or the wrong one; the connection is closed
     NOT_FOUND = "not_found"  # HTTP only: no such path
     PAYLOAD_TOO_LARGE = "payload_too_large"  # HTTP only: a body over max_frame_bytes
@@ -118,6 +119,7 @@ class Stats:
     batched_steps: int = 0
     mean_pass_steps: float = 0.0
     mean_step_rows: float = 0.0
+    seed: int = 0  # the sampling seed it used: the request's, or a fresh one when it sent none (send it back to reproduce)
     type: str = "stats"
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -36,6 +37,9 @@ from runtime.text.stream import TextStream
 log = logging.getLogger("leapfrog.serve")
 INTERNAL_MESSAGE = "internal error; the server log has the details"
 CHUNKS_AHEAD = 64  # chunks a decode may emit that its reader has not taken yet
+# A fresh seed is below 2**53, so that it is exact in a JSON number (a double) in every
+# client's hands: one sent back must be the one that was used.
+FRESH_SEED_LIMIT = 2**53
 
 
 @dataclass
@@ -142,10 +146,17 @@ class Service:
                 temperature=float(pick(r.temperature, d.temperature)),
                 top_k=pick(r.top_k, d.top_k),
                 top_p=float(pick(r.top_p, d.top_p)),
-                seed=pick(r.seed, d.seed),
+                seed=pick(r.seed, self._unseeded()),
             )
         except ConfigError as e:
             raise ProtocolError(ErrorCode.INVALID_SAMPLING, str(e)) from None
+
+    def _unseeded(self) -> int:
+        """The seed of a request that sent none: fresh entropy ([server] fresh_seed; clients
+        expect a new sample each time), else the [sampling] seed. Stats reports it either way."""
+        if self.config.server.fresh_seed:
+            return secrets.randbelow(FRESH_SEED_LIMIT)
+        return self.config.sampling.seed
 
     def _encode(self, prompt, raw: bool) -> list[int]:
         if raw:
@@ -166,7 +177,8 @@ class Service:
         queued = time.perf_counter()
         engine = await self._acquire(cancel)
         if engine is None:  # cancelled while waiting
-            yield Stats(job.id, "cancelled", len(job.prompt_ids), 0, 0, 0.0, time.perf_counter() - queued, 0.0, 0.0, job.mode)
+            yield Stats(job.id, "cancelled", len(job.prompt_ids), 0, 0, 0.0, time.perf_counter() - queued, 0.0, 0.0, job.mode,
+                        seed=job.sampling.seed)
             return
         loop = asyncio.get_running_loop()
         items: asyncio.Queue = asyncio.Queue()
@@ -243,7 +255,7 @@ class Service:
                     emit(Chunk(job.id, tail, [], 0))
             seconds = time.perf_counter() - start
             emit(Stats(job.id, finish, len(job.prompt_ids), tokens, passes, tokens / max(passes, 1),
-                       queue_seconds, ttft, seconds, job.mode, **engine.lane.reply.summary()))
+                       queue_seconds, ttft, seconds, job.mode, **engine.lane.reply.summary(), seed=job.sampling.seed))
         except UnknownModeError as e:
             emit(Error(ErrorCode.UNKNOWN_MODE, str(e), job.id))
         except PromptTooLongError as e:

@@ -82,6 +82,21 @@ async def test_sampling_parameters_reach_the_engine(engine):
     assert engine.cache.length == 0
 
 
+async def test_an_unseeded_reply_is_reproduced_by_its_reported_seed(engine):
+    """Two unseeded sampled requests differ (issue 40: the default seed 0 made them equal);
+    each reports its seed, and that seed gives the same tokens again, in ar and in a
+    lossless speculative mode."""
+    options = dict(max_new_tokens=MAX_NEW, temperature=1.0)
+    async with serving(engine) as (native, _), Client(*native) as client:
+        first = await client.generate("Tell me a story.", mode="pld", **options)
+        second = await client.generate("Tell me a story.", mode="pld", **options)
+        ar = await client.generate("Tell me a story.", mode="ar", seed=first.stats.seed, **options)
+        ht = await client.generate("Tell me a story.", mode="ht-pld", seed=first.stats.seed, **options)
+    assert first.stats.seed != second.stats.seed and first.token_ids != second.token_ids
+    assert ar.token_ids == first.token_ids == ht.token_ids
+    assert engine.cache.length == 0
+
+
 async def test_a_tiny_temperature_serves_the_greedy_tokens(engine):
     """temperature 1e-40 overflowed float32 into NaN (garbage text, issue 17): it must give
     exactly the greedy tokens, over both protocols, in ar and in tree modes."""
