@@ -8,8 +8,11 @@ whose body is never read, it is closed). What one client may hold is bounded
 ([server] limits, docs/serving.md): connections in all and per peer address; a
 connection's unfinished requests (ones it abandoned with a broken frame included); time
 without a request (idle_timeout: only a request resets the clock, so neither cancels nor
-garbage keep a connection open); time a written frame may sit unread (write_timeout).
-With an API key, the first frame must be a Hello carrying it.
+garbage keep a connection open); time for a frame to arrive once begun, and for a new
+connection's first frame (request_timeout); time a written frame may sit unread
+(write_timeout). With an API key, the first frame must be a Hello carrying it. An error
+that ends the connection is delivered before it closes (runtime.serving.closing), and a
+client's mistakes are logged one line each (limits.log_client_mistake).
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import logging
 import time
 
 from configs.schema import ServerConfig
-from runtime.serving.limits import ConnectionLimits, key_matches, peer_address
+from runtime.serving.closing import linger_then_close
+from runtime.serving.limits import ConnectionLimits, key_matches, log_client_mistake, peer_address
 from runtime.serving.protocol import (
     Cancel,
     Error,
@@ -44,7 +48,7 @@ class NativeServer:
         self.service = service
         self.config = config
         self.connections: set[Connection] = set()
-        self.limits = ConnectionLimits(config.max_connections, config.max_connections_per_peer)
+        self.limits = ConnectionLimits(config.max_connections, config.max_connections_per_peer, config.max_connections_per_range)
         self._server: asyncio.Server | None = None
 
     async def start(self) -> tuple[str, int]:
@@ -72,11 +76,11 @@ class NativeServer:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = Connection(self, reader, writer)
-        peer = peer_address(writer.get_extra_info("peername"))
+        peer = conn.peer
         refusal = self.limits.admit(peer)
         if refusal is not None:
-            await conn.send_quietly(Error(ErrorCode.TOO_MANY_CONNECTIONS, refusal))
-            conn.close()
+            log_client_mistake("native", peer, f"connection refused: {refusal}")
+            await conn.end_with(Error(ErrorCode.TOO_MANY_CONNECTIONS, refusal))
             return
         self.connections.add(conn)
         conn.task = asyncio.current_task()
@@ -91,6 +95,7 @@ class Connection:
     def __init__(self, server: NativeServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self.server, self.reader, self.writer = server, reader, writer
         self.config = server.config
+        self.peer = peer_address(writer.get_extra_info("peername"))
         self.authenticated = not self.config.api_key
         self.last_request = time.monotonic()  # the idle clock: the last request's start or end
         self.task: asyncio.Task | None = None  # the one running this connection
@@ -109,20 +114,38 @@ class Connection:
             self._detach()  # the client left (or broke the protocol) mid-request
             self.close()
 
+    async def _next_frame(self, first: bool) -> bytes | None:
+        """The next frame's body: whole within request_timeout of its first byte, and a new
+        connection's first frame within request_timeout of connecting (between requests the
+        idle clock rules)."""
+        limit, timeout = self.config.max_frame_bytes, self.config.request_timeout
+        if first:
+            return await asyncio.wait_for(read_frame(self.reader, limit), timeout)
+        return await read_frame(self.reader, limit, timeout)
+
     async def _read_loop(self) -> None:
+        first = True
         while True:
             try:
-                body = await read_frame(self.reader, self.config.max_frame_bytes)
+                body = await self._next_frame(first)
             except ProtocolError as e:  # over the size limit: the stream cannot be trusted after it
-                await self.send_quietly(Error(e.code, e.message, self.request_id))
+                log_client_mistake("native", self.peer, f"{e.code}: {e.message}; closing")
+                await self.end_with(Error(e.code, e.message, self.request_id))
+                return
+            except asyncio.TimeoutError:
+                timeout = self.config.request_timeout
+                log_client_mistake("native", self.peer, f"no whole frame within request_timeout ({timeout:g} s); closing")
+                await self.end_with(Error(ErrorCode.REQUEST_TIMEOUT, f"the frame did not arrive within {timeout:g} seconds"))
                 return
             except (asyncio.IncompleteReadError, ConnectionError):
                 return
+            first = False
             if body is None:
                 return
             try:
                 message = decode(body)
             except ProtocolError as e:
+                log_client_mistake("native", self.peer, f"{e.code}: {e.message}")
                 # A broken frame while a request runs ends that request: the client waits for
                 # an answer about it, and this error is the answer. The request is cancelled
                 # and detached at once, so the connection can take the next one.
@@ -131,14 +154,14 @@ class Connection:
                     self._detach()
                 if not self.authenticated:
                     e.code, e.message, e.request_id = ErrorCode.UNAUTHORIZED, "the first frame must be a hello with the API key", None
-                await self.send_quietly(Error(e.code, e.message, e.request_id))
-                if not self.authenticated:
+                    await self.end_with(Error(e.code, e.message, e.request_id))
                     return
+                await self.send_quietly(Error(e.code, e.message, e.request_id))
                 continue
             if not self.authenticated:
                 if not (isinstance(message, Hello) and key_matches(self.config.api_key, message.api_key)):
-                    log.info("native connection from %s: missing or wrong API key", self.writer.get_extra_info("peername"))
-                    await self.send_quietly(Error(ErrorCode.UNAUTHORIZED, "missing or wrong API key"))
+                    log_client_mistake("native", self.peer, "missing or wrong API key; closing")
+                    await self.end_with(Error(ErrorCode.UNAUTHORIZED, "missing or wrong API key"))
                     return
                 self.authenticated = True
                 continue
@@ -181,6 +204,7 @@ class Connection:
                         self._end_request(cancel)  # the client may send its next request right away
                     await self.send(item)
         except ProtocolError as e:
+            log_client_mistake("native", self.peer, f"request {request.id}: {e.code}: {e.message}")
             if self.cancel is cancel:
                 self._end_request(cancel)
                 await self.send_quietly(Error(e.code, e.message, request.id))
@@ -221,6 +245,13 @@ class Connection:
         with contextlib.suppress(ConnectionError, asyncio.TimeoutError):
             await self.send(message)
 
+    async def end_with(self, message: Message) -> None:
+        """Send a last frame and close so that it arrives: what the client still sends is
+        read and dropped until it closes (a close with its bytes unread would reset the
+        connection, and the client would never read the frame)."""
+        await self.send_quietly(message)
+        await linger_then_close(self.reader, self.writer)
+
     async def _close_when_idle(self) -> None:
         timeout = self.config.idle_timeout
         while True:
@@ -229,7 +260,7 @@ class Connection:
             await asyncio.sleep(timeout if self.request is not None else max(0.01, left))
             if self.request is None and time.monotonic() - self.last_request >= timeout:
                 await self.send_quietly(Error(ErrorCode.IDLE_TIMEOUT, f"no request for {timeout:g} seconds; closing"))
-                self.close()
+                self.close()  # the read loop may be reading: it sees the end (a linger here would race it)
                 return
 
     def close(self, abort: bool = False) -> None:

@@ -7,11 +7,13 @@ through the same checks and queue as native ones. Leapfrog's own options ride al
 extra fields: "mode" and "top_k" (the openai package sends them with extra_body). Every
 error has OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with the native
 error code as "code": 400 for a malformed request, 401 without the API key, 404 for an
-unknown path, 413 for a body over max_frame_bytes, 415 for a body that is not JSON, 422
-for a mode the server does not offer, 429 when overloaded or over the connection limits,
-500 only for a fault of the server itself (its details go to the log, never to the client).
-Every write to a client has write_timeout seconds; one that does not read loses its
-connection (and its decode is cancelled).
+unknown path, 408 for a request not in within request_timeout, 413 for a body over
+max_frame_bytes, 415 for a body that is not JSON, 422 for a mode the server does not
+offer, 429 when overloaded or over the connection limits, 500 only for a fault of the
+server itself (its details go to the log, never to the client). Every write to a client
+has write_timeout seconds; one that does not read loses its connection (and its decode is
+cancelled). runtime.serving.http_guard guards the connections: limits, the request
+deadline, malformed HTTP messages.
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ import json
 import logging
 
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
 
 from configs.schema import ServerConfig
-from runtime.serving.limits import ConnectionLimits, key_matches, peer_address
+from runtime.serving.http_guard import GuardedServer, error_body
+from runtime.serving.limits import ConnectionLimits, key_matches, log_client_mistake
 from runtime.serving.openai_reply import CompletionBuilder
 from runtime.serving.openai_request import parse_body, to_request
 from runtime.serving.protocol import Error, ErrorCode, ProtocolError, Stats
@@ -34,41 +36,10 @@ from runtime.serving.service import INTERNAL_MESSAGE, Cancellation, Service
 
 log = logging.getLogger("leapfrog.serve")
 STATUS = {
-    ErrorCode.UNAUTHORIZED: 401, ErrorCode.NOT_FOUND: 404, ErrorCode.PAYLOAD_TOO_LARGE: 413,
+    ErrorCode.UNAUTHORIZED: 401, ErrorCode.NOT_FOUND: 404, ErrorCode.REQUEST_TIMEOUT: 408, ErrorCode.PAYLOAD_TOO_LARGE: 413,
     ErrorCode.UNSUPPORTED_MEDIA_TYPE: 415, ErrorCode.MODE_NOT_ALLOWED: 422, ErrorCode.OVERLOADED: 429,
     ErrorCode.TOO_MANY_CONNECTIONS: 429, ErrorCode.INTERNAL: 500,
 }  # anything else: 400
-
-
-def error_body(code: str, message: str) -> dict:
-    kind = "server_error" if code == ErrorCode.INTERNAL else "invalid_request_error"
-    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
-
-
-class CappedServer(web.Server):
-    """aiohttp's server with ConnectionLimits: a connection over them gets a 429 and is closed."""
-
-    def __init__(self, handler, limits: ConnectionLimits, **kwargs):
-        super().__init__(handler, **kwargs)
-        self.limits = limits
-        self._peers: dict[RequestHandler, str] = {}
-
-    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
-        peer = peer_address(transport.get_extra_info("peername"))
-        refusal = self.limits.admit(peer)
-        if refusal is not None:
-            body = json.dumps(error_body(ErrorCode.TOO_MANY_CONNECTIONS, refusal)).encode()
-            transport.write(b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\n"
-                            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-            transport.close()
-            return
-        self._peers[handler] = peer
-        super().connection_made(handler, transport)
-
-    def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
-        if handler in self._peers:
-            self.limits.release(self._peers.pop(handler))
-        super().connection_lost(handler, exc)
 
 
 class OpenAIApi:
@@ -87,8 +58,10 @@ class OpenAIApi:
     async def start(self, host: str, port: int) -> tuple[str, int]:
         # handler_cancellation: a client that hangs up cancels its handler, which closes
         # the request's stream and so stops its decode (non-streaming requests too).
-        limits = ConnectionLimits(self.config.max_http_connections, self.config.max_connections_per_peer)
-        server = CappedServer(self._guarded, limits, handler_cancellation=True, keepalive_timeout=self.config.idle_timeout)
+        c = self.config
+        limits = ConnectionLimits(c.max_http_connections, c.max_connections_per_peer, c.max_connections_per_range)
+        server = GuardedServer(self._guarded, limits, c.request_timeout, handler_cancellation=True,
+                               keepalive_timeout=c.idle_timeout)
         self._runner = web.ServerRunner(server, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
@@ -110,6 +83,7 @@ class OpenAIApi:
         try:
             return await route(http)
         except ProtocolError as e:
+            log_client_mistake("HTTP", http.remote, f"{http.method} {http.path[:80]}: {e.code}: {e.message}")
             return await self._send_error(http, e.code, e.message)
 
     async def models(self, http: web.BaseRequest) -> web.StreamResponse:
@@ -118,16 +92,26 @@ class OpenAIApi:
 
     async def _body(self, http: web.BaseRequest) -> bytes:
         """The request body, refused with 413 once it passes max_frame_bytes (before reading
-        it at all when Content-Length says so)."""
+        it at all when Content-Length says so), and with 408 when it is not in by the
+        request's deadline (http_guard: request_timeout from the request's first byte)."""
         limit = self.config.max_frame_bytes
         if http.content_length is not None and http.content_length > limit:
             raise ProtocolError(ErrorCode.PAYLOAD_TOO_LARGE, f"the body is {http.content_length} bytes; the limit is {limit}")
+        loop = asyncio.get_running_loop()
+        deadline = getattr(http.protocol, "deadline", None) or loop.time() + self.config.request_timeout
         body = bytearray()
-        while chunk := await http.content.read(65536):
+        while chunk := await self._within(deadline, http.content.read(65536)):
             body += chunk
             if len(body) > limit:
                 raise ProtocolError(ErrorCode.PAYLOAD_TOO_LARGE, f"the body is over the limit of {limit} bytes")
         return bytes(body)
+
+    async def _within(self, deadline: float, reading):
+        try:
+            return await asyncio.wait_for(reading, max(0.0, deadline - asyncio.get_running_loop().time()))
+        except asyncio.TimeoutError:
+            message = f"the request did not arrive within {self.config.request_timeout:g} seconds"
+            raise ProtocolError(ErrorCode.REQUEST_TIMEOUT, message) from None
 
     async def _complete(self, http: web.BaseRequest, chat: bool) -> web.StreamResponse:
         body = parse_body(await self._body(http), http.headers.get("Content-Type", ""))
@@ -185,6 +169,8 @@ class OpenAIApi:
 
     async def _send_json(self, http: web.BaseRequest, data: dict, status: int = 200) -> web.StreamResponse:
         response = web.json_response(data, status=status)
+        if status == 408:
+            response.force_close()  # the rest of the request is not coming in time: the connection ends
         with contextlib.suppress(ConnectionError, asyncio.TimeoutError):
             await self._write(http, response.prepare(http))
             await self._write(http, response.write_eof())

@@ -219,16 +219,19 @@ def from_dict(data) -> Message:
     return cls(**data)
 
 
-async def read_frame(reader: asyncio.StreamReader, max_bytes: int) -> bytes | None:
+async def read_frame(reader: asyncio.StreamReader, max_bytes: int, timeout: float | None = None) -> bytes | None:
     """The next frame's body; None at a clean end of stream (between frames). A frame
-    longer than max_bytes raises FRAME_TOO_LARGE before any of its body is read."""
-    try:
-        header = await reader.readexactly(HEADER.size)
-    except asyncio.IncompleteReadError as e:
-        if not e.partial:
-            return None
-        raise
-    (length,) = HEADER.unpack(header)
-    if length > max_bytes:
-        raise ProtocolError(ErrorCode.FRAME_TOO_LARGE, f"frame of {length} bytes; the limit is {max_bytes}")
-    return await reader.readexactly(length)
+    longer than max_bytes raises FRAME_TOO_LARGE before any of its body is read. With a
+    `timeout`, the frame must be whole within that many seconds of its first byte
+    (asyncio.TimeoutError); waiting for the first byte has no limit here."""
+    first = await reader.read(1)
+    if not first:
+        return None
+
+    async def rest() -> bytes:
+        (length,) = HEADER.unpack(first + await reader.readexactly(HEADER.size - 1))
+        if length > max_bytes:
+            raise ProtocolError(ErrorCode.FRAME_TOO_LARGE, f"frame of {length} bytes; the limit is {max_bytes}")
+        return await reader.readexactly(length)
+
+    return await asyncio.wait_for(rest(), timeout)
