@@ -8,17 +8,23 @@ Clients, all at once: native streaming clients sampling (a seed each) in several
 an OpenAI streaming client; cancellers (a stream closed after its first chunks);
 disconnecters (a socket closed mid-reply); slow readers (a socket that reads nothing for
 seconds, then closes; cut by write_timeout if its reply outgrows the socket buffers);
-garbage (broken frames and bodies).
+garbage (broken frames and bodies); slow senders (issue 40: connections from four
+addresses of another loopback range that send their request a byte a second, on both
+endpoints, more of them than one range may hold: each is refused or cut at
+request_timeout, and opens again).
 Afterwards: requests served, errors by code (of well-formed requests; what the garbage
 got is counted apart), engines leaked (an engine out of the pool or a KV cache not empty: must
 be 0), tokens changed (each sampled reply of a speculative mode against `ar` with the
-same seed, asked again after the load: must be 0), TTFT and inter-token latency p50/p99.
+same seed, asked again after the load: must be 0), what the slow senders got, by code
+(every one a refusal or a request_timeout), TTFT and inter-token latency p50/p99.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import functools
 import json
 import random
 import socket
@@ -47,6 +53,7 @@ PROMPTS = ["Name three colours.", "Write a haiku about rivers.", "What is 12 tim
 GARBAGE = [b"\xc1", b"", b"\x91" * 5000, msgpack.packb({"type": "request", "id": 1, "prompt": 5}),
            msgpack.packb({"type": "request", "id": 1, "prompt": "x", "temperature": float("nan")}),
            msgpack.packb({"type": "request", "id": 1, "prompt": "x", "mode": "pipeline"})]
+SLOW_HOSTS = [f"127.0.1.{i}" for i in range(2, 6)]  # another /24 than the clients' 127.0.0.1
 HTTP_GARBAGE = [(b"[" * 100_000, "application/json"), (b'{"messages": [}', "application/json"),
                 (b'{"model": "m", "messages": [{"role": "wizard", "content": "x"}]}', "application/json"),
                 (b'{"model": "m", "messages": []}', "text/plain"), (b'{"max_tokens": ' + b"9" * 5000 + b"}", "application/json")]
@@ -59,6 +66,7 @@ class Soak:
         self.served = Counter()  # completed replies by client kind
         self.errors = Counter()  # errors that well-formed requests got, by code (or HTTP status)
         self.refusals = Counter()  # what the garbage got, by HTTP status and code: every one should be a 4xx
+        self.slow = Counter()  # what the slow senders got, by endpoint and code
         self.ttft: list[float] = []
         self.itl: list[float] = []
         self.sampled: list[dict] = []  # replies of speculative modes, to compare with ar
@@ -155,6 +163,38 @@ class Soak:
                     self.refusals[f"http {response.status} {code}"] += 1
                 await asyncio.sleep(0.2)
 
+    async def slow_sender(self, rng: random.Random, http: bool) -> None:
+        """A connection that sends its request a byte a second until answered (a refusal,
+        or request_timeout), then another, from one of SLOW_HOSTS."""
+        host = rng.choice(SLOW_HOSTS)
+        body = json.dumps({"messages": [{"role": "user", "content": "slow"}]}).encode()
+        data = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body)) if http else HEADER.pack(len(body)) + body
+        while self.running():
+            reader, writer = await asyncio.open_connection(*(self.http if http else self.native), local_addr=(host, 0))
+
+            async def trickle() -> None:
+                with contextlib.suppress(ConnectionError):
+                    for i in range(len(data)):
+                        writer.write(data[i : i + 1])
+                        await writer.drain()
+                        await asyncio.sleep(1.0)
+
+            sender = asyncio.create_task(trickle())
+            try:
+                answer = await asyncio.wait_for(reader.read(), 120)
+                if http:
+                    head, _, payload = answer.partition(b"\r\n\r\n")
+                    code = f"http {head.split()[1].decode()} {json.loads(payload)['error']['code']}"
+                else:
+                    code = "native " + msgpack.unpackb(answer[HEADER.size : HEADER.size + HEADER.unpack(answer[:4])[0]])["code"]
+            except (ConnectionError, asyncio.TimeoutError, ValueError, IndexError, KeyError) as e:
+                code = f"{'http' if http else 'native'} no answer: {type(e).__name__}"  # must not happen
+            self.slow[code] += 1
+            sender.cancel()
+            writer.close()
+            await asyncio.sleep(rng.uniform(0, 0.5))
+
     async def compare_with_ar(self) -> tuple[int, int]:
         """(replies compared, replies whose tokens differ from ar's with the same seed)."""
         changed, compared = 0, self.sampled[: self.args.compare]
@@ -173,8 +213,9 @@ async def drive(args, service: Service, native, http, engines) -> dict:
     soak = Soak(args, native, http)
     kinds = [soak.streamer] * args.streamers + [soak.openai_streamer, soak.canceller, soak.disconnecter,
                                                 soak.slow_reader, soak.garbage]
+    slow = [functools.partial(soak.slow_sender, http=http) for http in (False, True) for _ in range(args.slow_senders)]
     start = time.monotonic()
-    await asyncio.gather(*(kind(random.Random(i)) for i, kind in enumerate(kinds)))
+    await asyncio.gather(*(kind(random.Random(i)) for i, kind in enumerate(kinds + slow)))
     load_seconds = time.monotonic() - start
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not (service.free_engines == len(engines) and service.waiting == 0):
@@ -186,6 +227,7 @@ async def drive(args, service: Service, native, http, engines) -> dict:
         "seconds": round(load_seconds, 1), "modes": args.modes, "max_new_tokens": args.max_new_tokens,
         "requests_served": dict(soak.served), "requests_served_total": sum(soak.served.values()),
         "errors_by_code": dict(sorted(soak.errors.items())), "garbage_refused_by_code": dict(sorted(soak.refusals.items())),
+        "slow_senders_by_code": dict(sorted(soak.slow.items())), "request_timeout": service.config.server.request_timeout,
         "engines_leaked": leaked,
         "replies_compared_with_ar": compared, "tokens_changed": changed,
         "ttft_ms": {"p50": ms(soak.ttft, 50), "p99": ms(soak.ttft, 99)},
@@ -203,6 +245,8 @@ def main() -> int:
     parser.add_argument("--streamers", type=int, default=3, help="native streaming clients")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--compare", type=int, default=20, help="sampled replies compared with ar afterwards")
+    parser.add_argument("--slow-senders", type=int, default=80, help="slow-sending connections at a time, per endpoint")
+    parser.add_argument("--request-timeout", type=float, default=3.0, help="[server] request_timeout for the soak")
     parser.add_argument("--out", help="write the figures as JSON here")
     args = parser.parse_args()
     args.modes = [m for m in args.modes.split(",") if m]
@@ -210,6 +254,7 @@ def main() -> int:
     config.model.checkpoint, config.model.dtype, config.runtime.threads = args.checkpoint, args.dtype, args.threads
     s = config.server
     s.port, s.http_port, s.write_timeout, s.max_connections_per_peer = 0, 0, 2.0, 64
+    s.request_timeout = args.request_timeout
     config.validate()
     engine = Engine.from_config(config)
     for mode in args.modes:
@@ -234,7 +279,8 @@ def main() -> int:
     print(json.dumps(result, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    return 0 if result.get("engines_leaked") == 0 and result.get("tokens_changed") == 0 else 1
+    unanswered = [code for code in result.get("slow_senders_by_code", {}) if "no answer" in code]  # a refusal lost
+    return 0 if result.get("engines_leaked") == 0 and result.get("tokens_changed") == 0 and not unanswered else 1
 
 
 if __name__ == "__main__":
