@@ -72,6 +72,7 @@ async def test_a_slow_native_frame_is_cut_at_its_deadline():
         assert error.code == ErrorCode.REQUEST_TIMEOUT and time.monotonic() - start < 3
         assert await receive(reader) is None  # closed
         sender.cancel()
+        writer.close()
         await assert_healthy(server, engines)
 
 
