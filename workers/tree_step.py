@@ -52,6 +52,7 @@ class StepOutcome:
     hidden: torch.Tensor  # (n, dim) the last layer's hidden state at every node, before the final norm
     drafts: torch.Tensor | None  # (depth, vocab) pseudo logits for the next tree; None: none cover it
     draft_states: torch.Tensor | None = None  # (depth, dim) the pseudo states behind `drafts`, before the final norm
+    catch_up_hidden: torch.Tensor | None = None  # (c, dim) the catch-up rows' last-layer states; None without catch-up
 
 
 def step_mask(catch_up: int, tree: TokenTree, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -123,12 +124,12 @@ class PreparedStep:
         c, n, tree = self.segment.head_from, len(self.tree), self.tree
         path, tokens, margins = accept(tree, logits[:n], self.choose, self.index)
         self.segment.cache.keep(list(range(c)) + [c + node for node in path])
-        groups = self.groups
+        groups, catch_up = self.groups, h[0, :c] if c else None
         if not groups:
-            return StepOutcome(path, tokens, margins, logits[:n], h[0, c : c + n], None)
+            return StepOutcome(path, tokens, margins, logits[:n], h[0, c : c + n], None, None, catch_up)
         drafts = next_drafts(tree, path, groups, logits[n:].reshape(len(groups), self.k, -1))
         states = next_drafts(tree, path, groups, h[0, c + n :].reshape(len(groups), self.k, -1))
-        return StepOutcome(path, tokens, margins, logits[:n], h[0, c : c + n], drafts, states)
+        return StepOutcome(path, tokens, margins, logits[:n], h[0, c : c + n], drafts, states, catch_up)
 
 
 def prepare_tree_step(

@@ -37,7 +37,7 @@ def test_modes_are_built_once_and_rebuilt_after_new_settings(engine):
     assert engine.mode("ar") is ar and engine.mode("ht") is ht
     engine.set_drafter_config("ht", PseudoStateModeConfig(budget=4))
     assert engine.mode("ar") is ar and engine.mode("ht") is not ht  # drafting modes rebuilt, ar kept
-    assert engine.mode("ht").decoder.settings.budget == 4
+    assert engine.mode("ht").decoder.pseudo.settings.budget == 4
     with pytest.raises(UnknownModeError, match="unknown mode 'warp'"):
         engine.mode("warp")
 

@@ -367,7 +367,8 @@ def test_refine_layers_train_from_init_and_decode_losslessly(tiny_folder, model,
     """FIRP-style ht: a second transfer at a later layer, started from plain ht weights
     (refine maps at zero: the same drafts), trained, then lossless in decoding."""
     from configs.schema import PseudoStateModeConfig
-    from runtime.decoding.pseudo_state_decoder import PseudoStateDecoder
+    from runtime.decoding.speculative import SpeculativeDecoder
+    from workers.drafters.pseudo_proposer import PseudoStateProposer
     from workers.sampling import Greedy
 
     train_ex, val_ex = examples
@@ -386,7 +387,8 @@ def test_refine_layers_train_from_init_and_decode_losslessly(tiny_folder, model,
     cache = model.new_cache(256)
     prompt = train_ex[0]["prompt_ids"]
     ar = [t for s in generate_ar(model, cache, prompt, 16, set()) for t in s.tokens]
-    decoder = PseudoStateDecoder(model, trained, cache, PseudoStateModeConfig(budget=6, top_k=3, pseudo_nodes=3))
+    proposer = PseudoStateProposer(trained, PseudoStateModeConfig(budget=6, top_k=3, pseudo_nodes=3), model.args)
+    decoder = SpeculativeDecoder(model, cache, [proposer])
     assert [t for s in decoder.generate(prompt, 16, set(), Greedy()) for t in s.tokens] == ar
     with pytest.raises(TrainError, match="refine layers must increase"):
         train(model, train_ex, val_ex, TrainConfig(layer=2, refine_layers=(2,), out=str(firp)), log=lambda *_: None)
@@ -397,7 +399,8 @@ def test_adapters_train_from_init_and_decode_losslessly(tiny_folder, model, exam
     maps at zero: the same drafts), trained with the maps or alone (--freeze-init), saved
     and loaded, then lossless in decoding; impossible settings are refused."""
     from configs.schema import PseudoStateModeConfig
-    from runtime.decoding.pseudo_state_decoder import PseudoStateDecoder
+    from runtime.decoding.speculative import SpeculativeDecoder
+    from workers.drafters.pseudo_proposer import PseudoStateProposer
 
     train_ex, val_ex = examples
     base = tmp_path / "base.safetensors"
@@ -416,7 +419,8 @@ def test_adapters_train_from_init_and_decode_losslessly(tiny_folder, model, exam
     cache = model.new_cache(256)
     prompt = train_ex[0]["prompt_ids"]
     ar = [t for s in generate_ar(model, cache, prompt, 16, set()) for t in s.tokens]
-    decoder = PseudoStateDecoder(model, loaded, cache, PseudoStateModeConfig(budget=6, top_k=3, pseudo_nodes=3))
+    proposer = PseudoStateProposer(loaded, PseudoStateModeConfig(budget=6, top_k=3, pseudo_nodes=3), model.args)
+    decoder = SpeculativeDecoder(model, cache, [proposer])
     assert [t for s in decoder.generate(prompt, 16, set(), Greedy()) for t in s.tokens] == ar
     # --freeze-init: the maps stay the base's, the adapters learn; a resume must keep the same ones fixed
     cfg.freeze_init, cfg.out = True, str(tmp_path / "frozen.safetensors")
