@@ -197,12 +197,9 @@ def add_train(sub) -> None:
     p.add_argument("--layer", type=positive_int, help="ht: layers before the transfer (default: half the layers)")
     p.add_argument("--refine-layers", type=layer_list, default=(),
                    help="ht: later layers that transfer again, comma-separated (FIRP style), e.g. 26")
-    p.add_argument("--adapter-rank", type=non_negative_int, default=0,
-                   help="ht: adapters of this rank on the pseudo states before every layer after --layer and before "
-                   "the final norm (the real rows never see them; default 0: none)")
     p.add_argument("--init", help="start from these drafter weights (same kind, layer and k); new maps start at zero")
     p.add_argument("--freeze-init", action="store_true",
-                   help="keep the --init weights fixed: only the parameters they lack learn (adapters, refine maps)")
+                   help="keep the --init weights fixed: only the parameters they lack learn (refine maps)")
     p.add_argument("--k", type=positive_int, default=d.k, help=f"pseudo positions (draft depth) (default {d.k})")
     p.add_argument("--no-pseudo-attention", action="store_true", help="pseudo states do not attend to each other")
     p.add_argument("--data", choices=("self", "sharegpt"), default=d.data,
@@ -445,7 +442,6 @@ def cmd_train(args, config: LeapfrogConfig) -> int:
         drafter=args.drafter,
         layer=args.layer,
         refine_layers=args.refine_layers,
-        adapter_rank=args.adapter_rank,
         init=args.init,
         freeze_init=args.freeze_init,
         k=args.k,

@@ -37,10 +37,8 @@ from workers.model import Transformer
 def drafter_config(cfg: TrainConfig, n_layers: int) -> PseudoStateConfig:
     """The drafter to train: ht at --layer (default half the layers), medusa at N, pass at 0."""
     layer = {"medusa": n_layers, "pass": 0}.get(cfg.drafter, cfg.layer if cfg.layer is not None else n_layers // 2)
-    adapters = tuple(range(layer + 1, n_layers + 1)) if cfg.adapter_rank else ()  # before each later layer and the norm
     config = PseudoStateConfig(layer=layer, k=cfg.k, pseudo_attention=cfg.pseudo_attention, kind=cfg.drafter,
-                               refine_layers=tuple(cfg.refine_layers), adapter_layers=adapters,
-                               adapter_rank=cfg.adapter_rank)
+                               refine_layers=tuple(cfg.refine_layers))
     problem = check_layer(config, n_layers)
     if problem:
         raise TrainError(problem)
@@ -49,7 +47,7 @@ def drafter_config(cfg: TrainConfig, n_layers: int) -> PseudoStateConfig:
 
 def start_from(ht: PseudoStateDrafter, path: str, args, log) -> list[str]:
     """Copy the parameters of the drafter in `path` into `ht` (same kind, layer, k and
-    pseudo attention); parameters it lacks (refine maps, adapters) keep their fresh start.
+    pseudo attention); parameters it lacks (refine maps) keep their fresh start.
     Returns the names of those copied."""
     init = load(path, args)
     a, b = init.config, ht.config

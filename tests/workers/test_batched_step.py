@@ -22,7 +22,7 @@ from workers.tree import TokenTree, chain
 from workers.tree_sizing import Load
 from workers.tree_step import decoding_cache, prepare_tree_step
 
-from adapted import with_adapters
+from refined import with_refinement
 
 PROMPTS = [[1, 9, 400, 33], [7, 7, 7, 7, 7, 7, 7, 7, 7, 12], [2, 5000]]  # different lengths: different positions
 
@@ -43,11 +43,11 @@ def prefilled(model, prompts):
 
 def segments(model, caches):
     """On caches[0..2]: a one-token step, a token tree, and a tree with hidden-transfer pseudo
-    states (with adapters: their rows change from layer to layer); on caches[3..4], empty: a
+    states (refined: their rows change from layer to layer); on caches[3..4], empty: a
     prefill, and a first hidden-transfer step (its prompt rows caught up, its root and pseudo
     states)."""
     ht = load(shipped_weights("default", "ht"), model.args)
-    adapted = with_adapters(ht.first(2), (25, 28, model.args.n_layers), 8)
+    adapted = with_refinement(ht.first(2), (25, 28))
     tree = TokenTree([12, 40, 41, 50, 51], [-1, 0, 0, 1, 2], [0, 1, 1, 2, 2], [0.0, -0.5, -1.0, -1.2, -2.0])
     trees = [prepare_tree_step(model, caches[1], tree, Greedy(), 3),
              prepare_tree_step(model, caches[2], chain(9, [8, 7]), Greedy(), 1, (), adapted, [0, 1])]

@@ -88,8 +88,11 @@ def load(path: str | Path, args: ModelArgs) -> PseudoStateDrafter:
         raise DrafterWeightsError(
             f"{path} was trained for a model {meta['model']}, but the loaded model is {model_signature(args)}"
         )
-    # JSON has lists where the config holds tuples (refine and adapter layers)
-    config = PseudoStateConfig(**{key: tuple(v) if isinstance(v, list) else v for key, v in meta["config"].items()})
+    # JSON has lists where the config holds tuples (refine layers)
+    fields = {key: tuple(v) if isinstance(v, list) else v for key, v in meta["config"].items()}
+    if fields.pop("adapter_layers", ()) or fields.pop("adapter_rank", 0):  # written by versions that had adapters
+        raise DrafterWeightsError(f"{path} holds adapters, which this version does not run (they measured no gain)")
+    config = PseudoStateConfig(**fields)
     problem = check_layer(config, args.n_layers)
     module = build(config, args.dim) if problem is None else None
     shapes = {name: tuple(p.shape) for name, p in module.named_parameters()} if module else {}
