@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.batched_step import Lane, Segment, batched_forward, one_token
+from workers.batched_step import Segment, SharedPass, batched_forward, one_token
 from workers.drafters.pseudo_forward import LayerSteps, PseudoRows, SameRows, planned_layers, pseudo_mask, pseudo_positions
 from workers.drafters.pseudo_states import PseudoStateDrafter
 from workers.kv_cache import KVCache
@@ -110,7 +110,7 @@ def prompt_rows_of(catch_up: int, index: int) -> int:
 class PreparedStep:
     """A tree step ready to run: its rows as a Segment (workers.batched_step), and what
     `finish` needs to accept its tree once the forward has run, alone (`tree_step`) or in a
-    pass with other sequences' rows (workers.batched_step.StepBatcher)."""
+    pass with other sequences' rows (runtime.batching.step_batcher.StepBatcher)."""
 
     segment: Segment
     tree: TokenTree
@@ -187,10 +187,10 @@ def tree_step(
     return step.finish(h, logits)
 
 
-def verify(model: Transformer, step: PreparedStep, lane: Lane | None = None, expected_tokens: float = 1.0,
+def verify(model: Transformer, step: PreparedStep, lane: SharedPass | None = None, expected_tokens: float = 1.0,
            rows: float | None = None) -> StepOutcome:
     """Run a prepared step and accept its tree: alone, or through `lane` in one pass with the
-    steps of other replies decoding at once (workers.batched_step; `expected_tokens` and
+    steps of other replies decoding at once (runtime.batching; `expected_tokens` and
     `rows` tell them what it adds to the pass). The same outcome either way."""
     if lane is None:
         h, logits = batched_forward(model, [step.segment])[0]

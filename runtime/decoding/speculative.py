@@ -14,7 +14,7 @@
                  stream   the committed tokens, clipped at max_new_tokens and stop tokens
 
 While other replies share the passes and the engine says so (`Lane.plain_now`: on a CPU),
-a step is plain: the root alone, no drafts. Through a `lane` (workers.batched_step) each
+a step is plain: the root alone, no drafts. Through a `lane` (runtime.batching) each
 step runs in one pass with the steps of the other replies decoding at once, its tree sized
 for that pass. Whatever the proposers propose, the tokens are the target's: every mode is
 `ar`'s reply.
@@ -28,7 +28,7 @@ from dataclasses import replace
 import torch
 
 from runtime.decoding.steps import Step, clip_step
-from workers.batched_step import Lane
+from runtime.batching.step_batcher import Lane
 from workers.drafters.base import Proposal, Proposer
 from workers.drafters.pseudo_proposer import PseudoStateProposer
 from workers.kv_cache import KVCache
