@@ -170,7 +170,6 @@ def add_train(sub) -> None:
     d = TrainConfig()
     p = sub.add_parser(
         "train",
-        aliases=["train-ht"],  # its name before it trained medusa and pass too
         help="train a drafter (ht, medusa, pass, or the eagle peer) by distillation on ShareGPT",
         description="Build the training data (ShareGPT training prompts with the model's greedy replies, or with "
         "ShareGPT's own replies under --data sharegpt; cached), then train "
@@ -482,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sweep":  # its config file carries a [sweep] section
             return cmd_sweep(args)
         config = resolve_config(args)
-        commands = {"generate": cmd_generate, "bench": cmd_bench, "train": cmd_train, "train-ht": cmd_train,
+        commands = {"generate": cmd_generate, "bench": cmd_bench, "train": cmd_train,
                     "serve": cmd_serve, "profile": cmd_profile}
         return commands[args.command](args, config)
     except (

@@ -240,7 +240,7 @@ def test_bfloat16_backbone(tiny_folder, examples, tmp_path):
     torch.testing.assert_close(ours, theirs.float(), atol=0.1, rtol=0.05)
 
 
-@pytest.mark.parametrize("command", ["train", "train-ht"])  # train-ht: the name it had before it trained medusa and pass
+@pytest.mark.parametrize("command", ["train"])
 def test_cli_train(tiny_folder, examples, tmp_path, command):
     """`leapfrog train` end to end, from an already distilled data cache."""
     from runtime.cli import main
