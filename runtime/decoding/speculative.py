@@ -110,6 +110,20 @@ class SpeculativeDecoder:
             self.sizer.observe(root_only(root), outcome.path)
         return outcome
 
+    def plain(self, root: int, choose: Chooser, index: int) -> StepOutcome:
+        """A plain step while other replies share the passes: `ar`'s own step through the lane
+        (as little Python as `ar`'s, which every reply of the pass waits for) unless a
+        proposer reads the target's features, which only a tree step returns."""
+        self.depth = 0
+        if any(getattr(p, "feed", None) is not None for p in self.proposers):
+            return self.unproposed(root, choose, index)
+        logits = self.lane.decode(self.model, self.cache, root)
+        token, margin = choose.choose(logits, index)
+        outcome = StepOutcome([0], [token], [margin], logits[None], None, None)
+        for proposer in self.proposers:
+            proposer.skip(root, outcome)
+        return outcome
+
     def proposed(self, root: int, choose: Chooser, index: int) -> StepOutcome:
         tree, slots = self.propose(root)
         outcome = self.verify(tree, choose, index)
@@ -137,7 +151,6 @@ class SpeculativeDecoder:
             if done:
                 return
             if self.lane is not None and self.lane.plain_now():  # other replies share the passes
-                self.depth = 0
-                outcome = self.unproposed(tokens[-1], choose, produced)
+                outcome = self.plain(tokens[-1], choose, produced)
             else:
                 outcome = self.proposed(tokens[-1], choose, produced)
