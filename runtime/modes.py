@@ -91,10 +91,6 @@ class AsyncDraftMode(PipelineMode):
     name = "async"
 
 
-def _hf(prompt_lookup: bool) -> Callable:
-    return lambda engine: HfGenerateMode(engine, prompt_lookup=prompt_lookup)
-
-
 # The speculative modes: each a preset of proposers, the first starting every tree
 # (runtime.decoding.proposers has them; `spec` takes the [speculation] list).
 PRESETS: dict[str, tuple[str, ...]] = {
