@@ -1,13 +1,19 @@
-"""`leapfrog train`: its flags (each a field of configs.training.TrainConfig) and the command."""
+"""`leapfrog train`: its flags (each a field of configs.training.TrainConfig), and the run:
+the model loaded, the data distilled (cached), the drafter trained and saved."""
 
 from __future__ import annotations
 
 from dataclasses import fields
 
-from configs.schema import KERNELS, LeapfrogConfig
+import torch
+
+from configs.schema import DTYPES, KERNELS, LeapfrogConfig, torch_device
 from configs.training import TRAIN_DRAFTERS, TRAIN_DTYPES, TrainConfig
 from runtime.arg_types import layer_list, non_negative_int, positive_float, positive_int
-from runtime.training.trainer import run as run_training
+from runtime.training.distill import DistillSettings, distill
+from runtime.training.eagle_trainer import train_eagle
+from runtime.training.trainer import drafter_config, train
+from workers.loading import load_model
 
 
 def add_train(sub) -> None:
@@ -91,5 +97,33 @@ def train_config(args, config: LeapfrogConfig) -> TrainConfig:
 
 
 def cmd_train(args, config: LeapfrogConfig) -> int:
-    run_training(train_config(args, config))
+    run(train_config(args, config))
     return 0
+
+
+def run(cfg: TrainConfig, log=print) -> dict:
+    """`leapfrog train`: load the model, distil the data (cached), train, save."""
+    cfg.validate()
+    torch.set_num_threads(cfg.threads)
+    device = torch_device(cfg.device)
+    model, folder = load_model(cfg.checkpoint, DTYPES[cfg.dtype], device, cuda_graphs=False)  # gradients flow
+    if cfg.drafter != "eagle":
+        drafter_config(cfg, model.args.n_layers)  # fail before distilling
+    common = dict(data_dir=cfg.data_dir, batch_size=cfg.distill_batch, device=device, progress=cfg.progress)
+    generator_dtype = cfg.distill_dtype or cfg.dtype
+    train_settings = DistillSettings(cfg.max_prompt_tokens, cfg.max_new_tokens, generator_dtype, cfg.data)
+    val_settings = DistillSettings(cfg.max_prompt_tokens, cfg.val_max_new_tokens, generator_dtype, "self")
+    train_examples = distill(folder, cfg.examples, "train", settings=train_settings, **common)
+    val_examples = distill(folder, cfg.n_val(), "val", settings=val_settings, **common) if cfg.n_val() else []
+    if len(train_examples) < cfg.examples:
+        log(f"[train] only {len(train_examples)} training prompts fit; using them all")
+    sizes = {"train": len(train_examples), "val": len(val_examples),
+             "train_reply_tokens": sum(len(e["reply_ids"]) for e in train_examples)}
+    log(f"[train] data ({cfg.data}): {sizes['train']} training sequences, {sizes['train_reply_tokens']:,} reply tokens; "
+        f"{sizes['val']} validation sequences (the model's own replies)")
+    if cfg.data_only:
+        return {"examples": sizes}
+    if cfg.drafter == "eagle":
+        return train_eagle(model, train_examples, val_examples, cfg, log=log)
+    _, summary = train(model, train_examples, val_examples, cfg, log=log)
+    return summary

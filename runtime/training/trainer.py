@@ -24,13 +24,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from configs.schema import DTYPES, torch_device
 from configs.training import TrainConfig, TrainError
-from runtime.training.distill import DistillSettings, distill
 from runtime.training.objective import evaluate, format_eval, pack_loss, usable
 from workers.drafters.loading import build, load
 from workers.drafters.pseudo_states import PseudoStateConfig, PseudoStateDrafter, check_layer, model_signature
-from workers.loading import load_model
 from workers.model import Transformer
 
 
@@ -268,32 +265,3 @@ def train(
     summary_path.write_text(json.dumps(summary, indent=1))
     log(f"[train] wrote {out} and {summary_path} (resumable checkpoint: {ckpt_path})")
     return ht, summary
-
-
-def run(cfg: TrainConfig, log=print) -> dict:
-    from runtime.training.eagle_trainer import train_eagle  # it imports this module
-    """`leapfrog train`: load the model, distil the data (cached), train, save."""
-    cfg.validate()
-    torch.set_num_threads(cfg.threads)
-    device = torch_device(cfg.device)
-    model, folder = load_model(cfg.checkpoint, DTYPES[cfg.dtype], device, cuda_graphs=False)  # gradients flow
-    if cfg.drafter != "eagle":
-        drafter_config(cfg, model.args.n_layers)  # fail before distilling
-    common = dict(data_dir=cfg.data_dir, batch_size=cfg.distill_batch, device=device, progress=cfg.progress)
-    generator_dtype = cfg.distill_dtype or cfg.dtype
-    train_settings = DistillSettings(cfg.max_prompt_tokens, cfg.max_new_tokens, generator_dtype, cfg.data)
-    val_settings = DistillSettings(cfg.max_prompt_tokens, cfg.val_max_new_tokens, generator_dtype, "self")
-    train_examples = distill(folder, cfg.examples, "train", settings=train_settings, **common)
-    val_examples = distill(folder, cfg.n_val(), "val", settings=val_settings, **common) if cfg.n_val() else []
-    if len(train_examples) < cfg.examples:
-        log(f"[train] only {len(train_examples)} training prompts fit; using them all")
-    sizes = {"train": len(train_examples), "val": len(val_examples),
-             "train_reply_tokens": sum(len(e["reply_ids"]) for e in train_examples)}
-    log(f"[train] data ({cfg.data}): {sizes['train']} training sequences, {sizes['train_reply_tokens']:,} reply tokens; "
-        f"{sizes['val']} validation sequences (the model's own replies)")
-    if cfg.data_only:
-        return {"examples": sizes}
-    if cfg.drafter == "eagle":
-        return train_eagle(model, train_examples, val_examples, cfg, log=log)
-    _, summary = train(model, train_examples, val_examples, cfg, log=log)
-    return summary
