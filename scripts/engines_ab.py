@@ -6,7 +6,7 @@ per step and identical replies, written as JSON.
     --setting weights  [ht] weights = each of --weights A,B (default B: the shipped weights)
 
     python scripts/engines_ab.py --setting sizing --modes ht,ht-pld,pld,token-recycling,medusa \
-        --per-category 1 --dtype bfloat16 --threads 1 --out docs/bench/issue15-sizing-bf16-t1.json
+        --per-category 1 --dtype bfloat16 --threads 1 --out docs/history/bench/issue15-sizing-bf16-t1.json
     python scripts/engines_ab.py --setting weights --weights out/ht/mine.safetensors \
         --modes ht,ht-alone --per-category 2 --out out/weights-ab.json
 """
