@@ -35,7 +35,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/leapfrog bench --per-category 2 --modes ar,hf,hf-pld,ht,ht-pld,medusa,pass,early-exit,pld,token-recycling --dtype bfloat16 --out out/bench.json --chart out/bench.png
+	$(BIN)/leapfrog bench --per-category 2 --modes ar,hf,hf-pld,ht,ht-alone,medusa,pass,eagle,early-exit,pld,token-recycling --dtype bfloat16 --out out/bench.json --chart out/bench.png
 
 # Optional: the llama.cpp peers of the benchmark (modes llama.cpp, llama.cpp-bf16,
 # llama.cpp-f32). pip compiles llama.cpp for this CPU: a few minutes. `make test` needs none of it.

@@ -13,7 +13,9 @@ import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-TREE_KINDS = ("dynamic", "template")
+# Everything that drafts (runtime.decoding.proposers); the first six start a tree, "pld" also grafts onto one.
+PROPOSERS = ("ht", "medusa", "pass", "eagle", "early-exit", "token-recycling", "pld")
+TREE_STARTERS = PROPOSERS[:6]
 DRAFTER_KINDS = ("ht", "medusa", "pass")  # the pseudo-state drafters (workers.drafters.pseudo_states)
 KERNELS = ("auto", "native", "torch")  # matrix-product kernels of the model (workers.kernels)
 
@@ -89,28 +91,43 @@ class SamplingConfig:
 
 @dataclass
 class PseudoStateModeConfig:
-    """The [ht], [medusa] and [pass] sections: a pseudo-state drafter mode's trained
-    weights (workers.drafters.pseudo_states) and the token tree of each step."""
+    """The [ht], [medusa] and [pass] sections: a pseudo-state drafter's trained weights
+    (workers.drafters.pseudo_states) and the token tree it drafts each step."""
 
     weights: str = "default"  # "default" (shipped for the default model) or a .safetensors path
-    tree: str = "dynamic"  # dynamic (best paths by draft confidence) | template (workers.tree.DEFAULT_TEMPLATE)
     budget: int = 8  # tree nodes per step, root included
     top_k: int = 8  # candidates per draft depth
     depth: int = 0  # draft depth used; 0 = every pseudo position of the weights
     pseudo_nodes: int = 2  # tree nodes (highest-scoring) that get pseudo states
-    lookup: bool = False  # graft the prompt-lookup chain ([pld]) onto every tree
-    recycling: bool = False  # graft token recycling's successors ([token_recycling] top_k) under every drafted node
     prior: str = "off"  # "off", "default" (the shipped successor prior, where one ships) or a .safetensors path
-    head: str = "off"  # the conditional head on the prior: "off", "default" (shipped, where one ships) or a path
 
 
 @dataclass
 class HiddenTransferModeConfig(PseudoStateModeConfig):
-    """The [ht] section: mode `ht` is hidden-transfer trees with the prompt-lookup chain
-    grafted on, each node's children rescored under its own token (the successor prior)."""
+    """The [ht] section: hidden-transfer trees, each node's children rescored under its own
+    token (the successor prior)."""
 
-    lookup: bool = True
     prior: str = "default"
+
+
+@dataclass
+class SpeculationConfig:
+    """The [speculation] section: the proposers of mode `spec`, in the order they build a
+    tree (the first starts it; pseudo-state drafts and EAGLE can only start it). The
+    named modes are presets of the same (runtime.modes.PRESETS)."""
+
+    proposers: list[str] = field(default_factory=lambda: ["ht", "pld"])
+
+    def checked(self) -> tuple[str, ...]:
+        names = tuple(self.proposers)
+        unknown = [n for n in names if n not in PROPOSERS]
+        if not names or unknown:
+            raise ConfigError(f"[speculation] proposers must name some of {', '.join(PROPOSERS)}, got {list(names)}")
+        if any(n in TREE_STARTERS for n in names[1:]):
+            raise ConfigError(f"[speculation] proposers: {', '.join(TREE_STARTERS)} can only come first, got {list(names)}")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"[speculation] proposers: each at most once, got {list(names)}")
+        return names
 
 
 @dataclass
@@ -175,13 +192,12 @@ class DrafterConfigs:
     early_exit: EarlyExitConfig = field(default_factory=EarlyExitConfig)
     eagle: EagleModeConfig = field(default_factory=EagleModeConfig)
     tree_sizing: TreeSizingConfig = field(default_factory=TreeSizingConfig)
+    speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
 
     def validate(self) -> DrafterConfigs:
         for name, tree in (("ht", self.ht), ("medusa", self.medusa), ("pass", self.pass_)):
             if min(tree.budget, tree.top_k, tree.pseudo_nodes) < 1 or tree.depth < 0:
                 raise ConfigError(f"[{name}] budget, top_k and pseudo_nodes must be >= 1 and depth >= 0: {tree}")
-            if tree.tree not in TREE_KINDS:
-                raise ConfigError(f"[{name}] tree must be one of {', '.join(TREE_KINDS)}, got {tree.tree!r}")
         pld = self.pld
         if not 1 <= pld.min_ngram <= pld.max_ngram or pld.depth < 1:
             raise ConfigError(f"[pld] needs 1 <= min_ngram <= max_ngram and depth >= 1: {pld}")
@@ -193,6 +209,7 @@ class DrafterConfigs:
             raise ConfigError(f"[eagle] depth, top_k and budget must be >= 1: {self.eagle}")
         if not self.tree_sizing.cost:
             raise ConfigError('[tree_sizing] cost must be "auto", "off" or a profile file (leapfrog profile --out)')
+        self.speculation.checked()
         if self.tree_sizing.shared not in ("auto", "sized", "plain"):
             raise ConfigError(f'[tree_sizing] shared must be "auto", "sized" or "plain", got {self.tree_sizing.shared!r}')
         return self

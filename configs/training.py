@@ -24,7 +24,6 @@ class TrainConfig:
     drafter: str = "ht"  # ht | medusa | pass (workers.drafters.pseudo_states) | eagle (workers.drafters.eagle)
     layer: int | None = None  # ht only; None: half the layers
     refine_layers: tuple[int, ...] = ()  # ht only: later layers that transfer again (FIRP style)
-    adapter_rank: int = 0  # ht only: adapters of this rank on the pseudo states before every layer after --layer
     init: str | None = None  # start from these weights (same kind, layer and k); new parameters start fresh
     freeze_init: bool = False  # the --init weights stay fixed: only the parameters they lack learn
     k: int = 3
@@ -66,8 +65,6 @@ class TrainConfig:
             raise TrainError("--k, --refine-layers and --pack are for the pseudo-state drafters, not eagle")
         if self.freeze_init and not self.init:
             raise TrainError("--freeze-init needs --init: the weights to keep fixed")
-        if self.adapter_rank and self.drafter != "ht":
-            raise TrainError(f"--adapter-rank is for ht only, not {self.drafter}")
         if self.unroll not in (1, 2) or (self.unroll != 1 and self.drafter != "eagle"):
             raise TrainError(f"--unroll is 1 or 2, for eagle only; got {self.unroll} for {self.drafter}")
         if self.vocab < 1:

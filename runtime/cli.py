@@ -15,8 +15,9 @@ import torch
 import uvloop
 
 from configs.files import load_config
-from configs.schema import DRAFTER_KINDS, DTYPES, KERNELS, ConfigError, LeapfrogConfig
-from configs.training import TRAIN_DRAFTERS, TRAIN_DTYPES, TrainConfig, TrainError
+from configs.schema import DTYPES, KERNELS, ConfigError, LeapfrogConfig
+from configs.training import TrainError
+from runtime.arg_types import int_list, non_negative_int, number_type, positive_int
 from runtime.bench.charts import speedup_chart
 from runtime.bench.harness import NEAR_TIE_TOL, WARMUP_TOKENS, compared_with_ar, run_bench, run_once
 from runtime.bench.prompts import BenchInputError, default_prompts_path, load_prompts
@@ -27,50 +28,14 @@ from runtime.modes import MODES, PIPELINED_MODES, UnknownModeError, check_mode
 from runtime.pipeline.cluster import ensure_ray
 from runtime.serving.servers import engine_pool, run_servers, secure
 from runtime.text.stream import TextStream
+from runtime.training.command import add_train, cmd_train
 from runtime.training.sharegpt import ShareGPTError
-from runtime.training.trainer import run as run_training
 from workers.cost_curve import CONTEXTS, ROWS, cost_curve
 from workers.cpu_info import describe_cpu
 from workers.drafters.loading import DrafterWeightsError
 from workers.loading import ModelLoadError
 
 EXIT_USAGE = 2
-
-
-def number_type(cast, ok, what: str):
-    """An argparse type: `cast` the text and check it with `ok`, else say `what` was expected."""
-
-    def parse(text: str):
-        try:
-            value = cast(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
-        return value
-
-    return parse
-
-
-positive_int = number_type(int, lambda v: v >= 1, "a positive integer")
-non_negative_int = number_type(int, lambda v: v >= 0, "an integer >= 0")
-positive_float = number_type(float, lambda v: v > 0, "a positive number")
-
-
-def layer_list(text: str) -> tuple[int, ...]:
-    """'24,27' -> (24, 27)."""
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers, got {text!r}") from None
-
-
-def int_list(text: str) -> list[int]:
-    """'1,8,64' -> [1, 8, 64], each a positive integer."""
-    values = [positive_int(x.strip()) for x in text.split(",") if x.strip()]
-    if not values:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
-    return values
 
 
 def add_model(p: argparse.ArgumentParser) -> None:
@@ -164,78 +129,6 @@ def add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=number_type(float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
                    help="sample from the smallest set reaching this probability (1 = off)")
     p.add_argument("--seed", type=non_negative_int, help="sampling seed: the same seed gives the same reply in every mode")
-
-
-def add_train(sub) -> None:
-    d = TrainConfig()
-    p = sub.add_parser(
-        "train",
-        aliases=["train-ht"],  # its name before it trained medusa and pass too
-        help="train a drafter (ht, medusa, pass, or the eagle peer) by distillation on ShareGPT",
-        description="Build the training data (ShareGPT training prompts with the model's greedy replies, or with "
-        "ShareGPT's own replies under --data sharegpt; cached), then train "
-        "the drafter (hidden-transfer maps, Medusa heads or PaSS look-ahead embeddings) with the backbone frozen. Writes OUT (weights), OUT with .json (summary) "
-        "and .ckpt.pt (resumable checkpoint).",
-    )
-    p.add_argument("--config", help="TOML config file (default: configs/default.toml)")
-    p.add_argument("--checkpoint", help="'default', a .gguf file or a Hugging Face checkpoint folder")
-    p.add_argument("--dtype", choices=TRAIN_DTYPES, help="backbone dtype (the transfer trains in float32)")
-    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--kernels", choices=KERNELS, help="matrix-product kernels: auto (native where it runs) | native | torch")
-    p.add_argument("--threads", type=positive_int, help="torch CPU threads")
-    p.add_argument("--distill-dtype", choices=TRAIN_DTYPES,
-                   help="dtype of the model that generates --data self replies (default: --dtype); float32 training on "
-                   "a CPU without AVX-512 BF16 is several times faster than bfloat16, whose backward has no fast kernel there")
-    p.add_argument("--drafter", choices=TRAIN_DRAFTERS, default=d.drafter,
-                   help="ht: hidden transfer at --layer; medusa: heads after the last layer; pass: look-ahead embeddings; "
-                   "eagle: the EAGLE peer (one draft layer over the target's features)")
-    p.add_argument("--vocab", type=positive_int, default=d.vocab,
-                   help=f"eagle: draft vocabulary, the most frequent reply tokens (default {d.vocab})")
-    p.add_argument("--unroll", type=positive_int, default=d.unroll,
-                   help="eagle: 2 also trains depth 2 on the draft model's own predicted features "
-                   "(EAGLE-3's training-time test, one step; twice the cost a step)")
-    p.add_argument("--layer", type=positive_int, help="ht: layers before the transfer (default: half the layers)")
-    p.add_argument("--refine-layers", type=layer_list, default=(),
-                   help="ht: later layers that transfer again, comma-separated (FIRP style), e.g. 26")
-    p.add_argument("--adapter-rank", type=non_negative_int, default=0,
-                   help="ht: adapters of this rank on the pseudo states before every layer after --layer and before "
-                   "the final norm (the real rows never see them; default 0: none)")
-    p.add_argument("--init", help="start from these drafter weights (same kind, layer and k); new maps start at zero")
-    p.add_argument("--freeze-init", action="store_true",
-                   help="keep the --init weights fixed: only the parameters they lack learn (adapters, refine maps)")
-    p.add_argument("--k", type=positive_int, default=d.k, help=f"pseudo positions (draft depth) (default {d.k})")
-    p.add_argument("--no-pseudo-attention", action="store_true", help="pseudo states do not attend to each other")
-    p.add_argument("--data", choices=("self", "sharegpt"), default=d.data,
-                   help="training replies: self = the model's own greedy replies (slow to make), "
-                   "sharegpt = ShareGPT's replies, teacher-forced (validation always uses the model's own)")
-    p.add_argument("--examples", type=positive_int, default=d.examples,
-                   help=f"training examples (default {d.examples})")
-    p.add_argument("--val-examples", type=non_negative_int, help="validation examples (default: 5%% of --examples)")
-    p.add_argument("--max-new-tokens", type=positive_int, help="reply length of the training examples (default 128)")
-    p.add_argument("--val-max-new-tokens", type=positive_int, default=d.val_max_new_tokens,
-                   help=f"reply length of the validation examples (default {d.val_max_new_tokens})")
-    p.add_argument("--max-prompt-tokens", type=positive_int, default=d.max_prompt_tokens,
-                   help=f"skip longer prompts (default {d.max_prompt_tokens})")
-    p.add_argument("--steps", type=non_negative_int, default=d.steps, help=f"optimizer steps (default {d.steps})")
-    p.add_argument("--lr", type=positive_float, default=d.lr, help=f"AdamW learning rate (default {d.lr})")
-    p.add_argument("--schedule", choices=("cosine", "constant"), default=d.schedule, help="learning-rate schedule")
-    p.add_argument("--positions-per-seq", type=positive_int, default=d.positions_per_seq,
-                   help=f"positions drafted per sequence and step (default {d.positions_per_seq})")
-    p.add_argument("--batch", type=positive_int, default=d.batch, help=f"sequences per step (default {d.batch})")
-    p.add_argument("--pack", type=positive_int, default=d.pack,
-                   help=f"sequences packed into one forward, at most --batch (default {d.pack}; more for a GPU)")
-    p.add_argument("--out", default=d.out, help=f"weights file (default {d.out})")
-    p.add_argument("--data-dir", help="cache of training examples (default: $LEAPFROG_CACHE/distill)")
-    p.add_argument("--distill-batch", type=positive_int, default=d.distill_batch, help="generation batch size")
-    p.add_argument("--resume", action="store_true", help="continue from OUT's .ckpt.pt checkpoint")
-    p.add_argument("--data-only", action="store_true",
-                   help="build (or extend) the cached training data and stop; a later run resumes it")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--log-every", type=positive_int, default=d.log_every, help="print the mean loss every N steps")
-    p.add_argument("--eval-every", type=non_negative_int, default=d.eval_every,
-                   help="validate every N steps (0: at the end only)")
-    p.add_argument("--checkpoint-every", type=positive_int, default=d.checkpoint_every, help="save the checkpoint every N steps")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
 def resolve_config(args) -> LeapfrogConfig:
@@ -435,50 +328,6 @@ def cmd_serve(args, config: LeapfrogConfig) -> int:
     return 0
 
 
-def cmd_train(args, config: LeapfrogConfig) -> int:
-    cfg = TrainConfig(
-        checkpoint=config.model.checkpoint,
-        dtype=config.model.dtype,
-        distill_dtype=args.distill_dtype,
-        device=config.model.device,
-        threads=config.runtime.threads,
-        drafter=args.drafter,
-        layer=args.layer,
-        refine_layers=args.refine_layers,
-        adapter_rank=args.adapter_rank,
-        init=args.init,
-        freeze_init=args.freeze_init,
-        k=args.k,
-        pseudo_attention=not args.no_pseudo_attention,
-        data=args.data,
-        examples=args.examples,
-        val_examples=args.val_examples,
-        max_new_tokens=config.generation.max_new_tokens,
-        val_max_new_tokens=args.val_max_new_tokens,
-        max_prompt_tokens=args.max_prompt_tokens,
-        steps=args.steps,
-        lr=args.lr,
-        schedule=args.schedule,
-        positions_per_seq=args.positions_per_seq,
-        batch=args.batch,
-        pack=args.pack,
-        out=args.out,
-        data_dir=args.data_dir,
-        resume=args.resume,
-        seed=args.seed,
-        log_every=args.log_every,
-        eval_every=args.eval_every,
-        checkpoint_every=args.checkpoint_every,
-        distill_batch=args.distill_batch,
-        progress=not args.no_progress,
-        data_only=args.data_only,
-        vocab=args.vocab,
-        unroll=args.unroll,
-    )
-    run_training(cfg)
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -486,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sweep":  # its config file carries a [sweep] section
             return cmd_sweep(args)
         config = resolve_config(args)
-        commands = {"generate": cmd_generate, "bench": cmd_bench, "train": cmd_train, "train-ht": cmd_train,
+        commands = {"generate": cmd_generate, "bench": cmd_bench, "train": cmd_train,
                     "serve": cmd_serve, "profile": cmd_profile}
         return commands[args.command](args, config)
     except (

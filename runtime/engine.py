@@ -16,7 +16,7 @@ from runtime.decoding.steps import Step
 from runtime.modes import build_mode
 from runtime.pipeline.worker_pool import WorkerPool
 from runtime.text.chat import encode_chat, stop_ids
-from workers.batched_step import StepBatcher
+from runtime.batching.step_batcher import StepBatcher
 from workers.cost_curve import device_profile
 from workers.loading import load_model, load_tokenizer
 from workers.tree_sizing import CostCurve, TreeSizer
@@ -49,7 +49,7 @@ class Engine:
         # [tree_sizing] cost by torch threads, read on first use; one device, so siblings share them
         self._cost_curves: dict[int, CostCurve] = {} if model_of is None else model_of._cost_curves
         # The steps of this engine's and its siblings' replies decoding at once run in one pass;
-        # the lane is this engine's seat there (workers.batched_step)
+        # the lane is this engine's seat there (runtime.batching.step_batcher)
         self.batcher = StepBatcher(self.model) if model_of is None else model_of.batcher
         self.lane = self.batcher.lane()
         self.lane.plain_when_shared = self.plain_when_shared()

@@ -6,7 +6,7 @@ validation replies, and write it:
     python scripts/build_successor_prior.py --out prior.safetensors --ht-weights W
 
 The data is the training set `leapfrog train --data self --max-new-tokens 384` caches
-(scripts/gpu_train.py or scripts/train_shipped_ht.sh make it). The weight of depth j is
+(a one-off GPU script (git history: scripts/gpu_train.py) or scripts/train_shipped_ht.sh make it). The weight of depth j is
 the one (of a grid) under which a greedy chain most often gets depths 1..j right, the
 weights of depths 1..j-1 already chosen; each draft's parent is the true token before it,
 as it is along every accepted path. It prints top-1 by depth and the drafts a greedy chain accepts, before and after.
@@ -94,7 +94,7 @@ def main() -> None:
     train = distill.read_cache(distill.cache_file(distill.default_data_dir(), folder, data_settings, "train"))
     if not train:
         raise SystemExit(f"no cached training replies of {args.max_new_tokens} tokens: make them first "
-                         "(scripts/train_shipped_ht.sh, or scripts/gpu_train.py on a GPU)")
+                         "(scripts/train_shipped_ht.sh, or a one-off GPU script (git history: scripts/gpu_train.py) on a GPU)")
     val = distill.distill(folder, 60, "val", settings=distill.DistillSettings(256, 128, "bfloat16", "self"))
     prior = SuccessorPrior.count([e["prompt_ids"] + e["reply_ids"] for e in train], model.args.vocab_size,
                                  [0.0] * ht.config.k, args.max_successors, args.alpha)

@@ -3,14 +3,12 @@ engines on the same weights, each mode's tokens/s relative to its engine's `ar`,
 per step and identical replies, written as JSON.
 
     --setting sizing   [tree_sizing] cost = "auto" (this device's t(n)) against "off" (the fixed budgets)
-    --setting head     [ht] head = --head (default: the shipped conditional head) against "off"
     --setting weights  [ht] weights = each of --weights A,B (default B: the shipped weights)
 
     python scripts/engines_ab.py --setting sizing --modes ht,ht-pld,pld,token-recycling,medusa \
-        --per-category 1 --dtype bfloat16 --threads 1 --out docs/bench/issue15-sizing-bf16-t1.json
-    python scripts/engines_ab.py --setting head --modes ht --per-category 2 --out docs/bench/issue15-head-bf16.json
-    python scripts/engines_ab.py --setting weights --weights out/adapters/r64.safetensors,out/adapters/control.safetensors \
-        --modes ht,ht-alone --per-category 2 --out docs/bench/issue15-adapters-bf16.json
+        --per-category 1 --dtype bfloat16 --threads 1 --out docs/history/bench/issue15-sizing-bf16-t1.json
+    python scripts/engines_ab.py --setting weights --weights out/ht/mine.safetensors \
+        --modes ht,ht-alone --per-category 2 --out out/weights-ab.json
 """
 
 from __future__ import annotations
@@ -27,22 +25,19 @@ from runtime.bench.prompts import default_prompts_path, load_prompts
 from runtime.engine import Engine
 
 
-def drafter_configs(setting: str, head: str, weights: str) -> dict[str, DrafterConfigs]:
+def drafter_configs(setting: str, weights: str) -> dict[str, DrafterConfigs]:
     """The two engines' drafter settings, by the name each row carries."""
     if setting == "sizing":
         return {how: DrafterConfigs(tree_sizing=TreeSizingConfig(cost=how)) for how in ("auto", "off")}
-    if setting == "weights":
-        files = weights.split(",") if "," in weights else [weights, "default"]
-        if len(files) != 2:
-            raise SystemExit(f"--weights takes one or two files, got {weights!r}")
-        return {f"weights {w}": DrafterConfigs(ht=HiddenTransferModeConfig(weights=w)) for w in files}
-    return {f"head {how}": DrafterConfigs(ht=HiddenTransferModeConfig(head=how)) for how in (head, "off")}
+    files = weights.split(",") if "," in weights else [weights, "default"]
+    if len(files) != 2:
+        raise SystemExit(f"--weights takes one or two files, got {weights!r}")
+    return {f"weights {w}": DrafterConfigs(ht=HiddenTransferModeConfig(weights=w)) for w in files}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--setting", choices=("sizing", "head", "weights"), required=True)
-    p.add_argument("--head", default="default", help="with --setting head: default (shipped) or a .safetensors path")
+    p.add_argument("--setting", choices=("sizing", "weights"), required=True)
     p.add_argument("--weights", default="default", help="with --setting weights: A or A,B (.safetensors paths or default)")
     p.add_argument("--modes", default="ht")
     p.add_argument("--per-category", type=int, default=1)
@@ -54,7 +49,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     engines = {name: Engine(ModelConfig(dtype=args.dtype, device="cpu"), drafters)
-               for name, drafters in drafter_configs(args.setting, args.head, args.weights).items()}
+               for name, drafters in drafter_configs(args.setting, args.weights).items()}
     prompts = load_prompts(default_prompts_path(), per_category=args.per_category)
     rows = compare_engines(engines, args.modes.split(","), prompts, args.max_new_tokens)
     report = {"setting": args.setting, "dtype": args.dtype, "threads": args.threads, "max_new_tokens": args.max_new_tokens,
@@ -62,7 +57,7 @@ def main() -> None:
     if args.setting == "sizing":
         report["cost_curve_ms"] = {c: dict(zip(s.rows, s.ms)) for c, s in engines["auto"].cost_curve().by_context.items()}
     else:
-        report[args.setting] = getattr(args, args.setting)
+        report["weights"] = args.weights
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
 

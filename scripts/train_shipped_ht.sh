@@ -7,7 +7,7 @@
 #      384 tokens (2.6M reply tokens);
 #   4. 331 more on 10,240 of them (2.9M tokens) at half that learning rate;
 # and then the successor prior over those replies, weighted for these weights (scripts/build_successor_prior.py, ~2 min).
-# Stages 3 and 4 ran on an H200 (scripts/gpu_train.py: 13 minutes with the data made there). On 2 CPU
+# Stages 3 and 4 ran on an H200 (a one-off GPU script (git history: scripts/gpu_train.py): 13 minutes with the data made there). On 2 CPU
 # cores they take about 12 hours (4.4 hours to generate the replies at ~184 tokens/s, then 27 s a step,
 # measured), so run them with DEVICE=cuda where there is a GPU. A CPU packs 4 replies a forward (as
 # fast as 1 there, and a pack of 16 would need over 16 GB); a GPU packs all 16. Each stage caches its data and resumes from its checkpoint

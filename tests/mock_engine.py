@@ -15,7 +15,7 @@ import time
 from configs.schema import ModelConfig
 from runtime.decoding.steps import Step, clip_step
 from runtime.engine import Engine
-from workers.batched_step import StepBatcher
+from runtime.batching.step_batcher import StepBatcher
 from workers.kv_cache import KVCache
 
 STOP = 0

@@ -142,33 +142,13 @@ def build_dynamic_tree(root: int, draft_logprobs: torch.Tensor, budget: int, top
     return tree
 
 
-# A fixed tree of candidate-rank paths (see build_template_tree), ordered so that every
-# prefix of the list is itself a valid template: a budget of n nodes takes the first n - 1.
+# A fixed tree of candidate-rank paths (token recycling's, workers.drafters.token_recycling:
+# path (0, 1) is the best candidate's second-best successor), ordered so that every prefix
+# of the list is itself a valid template: a budget of n nodes takes the first n - 1.
 DEFAULT_TEMPLATE: list[tuple[int, ...]] = [
     (0,), (0, 0), (1,), (0, 0, 0), (0, 1), (2,), (1, 0), (0, 0, 0, 0), (0, 0, 1), (0, 1, 0), (3,),
     (0, 2), (2, 0), (1, 1), (0, 0, 0, 1), (0, 0, 2), (1, 0, 0), (0, 0, 1, 0), (4,), (0, 3), (0, 1, 1),
 ]
-
-
-def build_template_tree(root: int, draft_logprobs: torch.Tensor, template: list[tuple[int, ...]]) -> TokenTree:
-    """A fixed tree: each template entry is a path of candidate ranks, e.g. (0, 1) = the
-    best depth-1 draft, then the second-best depth-2 draft. Paths deeper than the drafts
-    are dropped; every prefix of a kept path must itself be in the template."""
-    depth_limit = draft_logprobs.shape[0]
-    k = 1 + max((max(p) for p in template if p), default=0)
-    top = torch.topk(draft_logprobs.float(), min(k, draft_logprobs.shape[-1]), dim=-1)
-    cand_lp, cand_tok = top.values.tolist(), top.indices.tolist()
-    tree, index = root_only(root), {(): 0}
-    for path in sorted((p for p in template if 0 < len(p) <= depth_limit), key=len):
-        if path[:-1] not in index:
-            raise ValueError(f"template path {path} has no parent {path[:-1]} in the template")
-        parent, depth, rank = index[path[:-1]], len(path), path[-1]
-        index[path] = len(tree)
-        tree.tokens.append(cand_tok[depth - 1][rank])
-        tree.parents.append(parent)
-        tree.depths.append(depth)
-        tree.scores.append(tree.scores[parent] + cand_lp[depth - 1][rank])
-    return tree
 
 
 def graft_chain(tree: TokenTree, tokens: list[int], draft_logprobs: torch.Tensor | None, at: int = 0) -> TokenTree:

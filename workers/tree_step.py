@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.batched_step import Lane, Segment, batched_forward, one_token
+from workers.batched_step import Segment, SharedPass, batched_forward, one_token
 from workers.drafters.pseudo_forward import LayerSteps, PseudoRows, SameRows, planned_layers, pseudo_mask, pseudo_positions
 from workers.drafters.pseudo_states import PseudoStateDrafter
 from workers.kv_cache import KVCache
@@ -52,6 +52,7 @@ class StepOutcome:
     hidden: torch.Tensor  # (n, dim) the last layer's hidden state at every node, before the final norm
     drafts: torch.Tensor | None  # (depth, vocab) pseudo logits for the next tree; None: none cover it
     draft_states: torch.Tensor | None = None  # (depth, dim) the pseudo states behind `drafts`, before the final norm
+    catch_up_hidden: torch.Tensor | None = None  # (c, dim) the catch-up rows' last-layer states; None without catch-up
 
 
 def step_mask(catch_up: int, tree: TokenTree, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -109,7 +110,7 @@ def prompt_rows_of(catch_up: int, index: int) -> int:
 class PreparedStep:
     """A tree step ready to run: its rows as a Segment (workers.batched_step), and what
     `finish` needs to accept its tree once the forward has run, alone (`tree_step`) or in a
-    pass with other sequences' rows (workers.batched_step.StepBatcher)."""
+    pass with other sequences' rows (runtime.batching.step_batcher.StepBatcher)."""
 
     segment: Segment
     tree: TokenTree
@@ -123,12 +124,12 @@ class PreparedStep:
         c, n, tree = self.segment.head_from, len(self.tree), self.tree
         path, tokens, margins = accept(tree, logits[:n], self.choose, self.index)
         self.segment.cache.keep(list(range(c)) + [c + node for node in path])
-        groups = self.groups
+        groups, catch_up = self.groups, h[0, :c] if c else None
         if not groups:
-            return StepOutcome(path, tokens, margins, logits[:n], h[0, c : c + n], None)
+            return StepOutcome(path, tokens, margins, logits[:n], h[0, c : c + n], None, None, catch_up)
         drafts = next_drafts(tree, path, groups, logits[n:].reshape(len(groups), self.k, -1))
         states = next_drafts(tree, path, groups, h[0, c + n :].reshape(len(groups), self.k, -1))
-        return StepOutcome(path, tokens, margins, logits[:n], h[0, c : c + n], drafts, states)
+        return StepOutcome(path, tokens, margins, logits[:n], h[0, c : c + n], drafts, states, catch_up)
 
 
 def prepare_tree_step(
@@ -186,10 +187,10 @@ def tree_step(
     return step.finish(h, logits)
 
 
-def verify(model: Transformer, step: PreparedStep, lane: Lane | None = None, expected_tokens: float = 1.0,
+def verify(model: Transformer, step: PreparedStep, lane: SharedPass | None = None, expected_tokens: float = 1.0,
            rows: float | None = None) -> StepOutcome:
     """Run a prepared step and accept its tree: alone, or through `lane` in one pass with the
-    steps of other replies decoding at once (workers.batched_step; `expected_tokens` and
+    steps of other replies decoding at once (runtime.batching; `expected_tokens` and
     `rows` tell them what it adds to the pass). The same outcome either way."""
     if lane is None:
         h, logits = batched_forward(model, [step.segment])[0]

@@ -8,7 +8,8 @@ from collections.abc import Iterator
 import torch
 
 from runtime.decoding.steps import Step
-from workers.batched_step import Lane, batched_forward, prompt_segment
+from runtime.batching.step_batcher import Lane
+from workers.batched_step import batched_forward, prompt_segment
 from workers.kv_cache import KVCache
 from workers.model import Transformer
 from workers.sampling import Chooser, Greedy
@@ -26,7 +27,7 @@ def prefill_hidden(model: Transformer, cache: KVCache, prompt_ids: list[int], la
     final norm and the last position's logits (vocab,). All rows but the last are prompt
     rows (workers.model.AttentionContext): the last is the root of the first tree step in
     the other modes, computed as a one-row step. Through `lane`, the prompt shares a pass
-    with the steps of other replies decoding at once (workers.batched_step), a long prompt
+    with the steps of other replies decoding at once (runtime.batching), a long prompt
     in several (Lane.lead_in)."""
     if lane is None:
         lead, rest = None, prompt_ids

@@ -43,7 +43,7 @@ from configs.schema import DrafterConfigs, PipelineConfig, SamplingConfig
 from runtime.decoding.steps import Step, clip_step
 from runtime.pipeline.launch_trees import Drafts, LaunchSizer, build_launch_tree, predict_from_drafts
 from runtime.pipeline.metrics import Metrics
-from runtime.pipeline.reply_state import Launch, ReplyState, WorkerCache, can_extend, hypotheses, subtree_paths
+from runtime.pipeline.reply_state import Launch, ReplyState, WorkerCache, can_extend, hypotheses, next_trunk, subtree_paths
 from runtime.pipeline.transport import Transport, WorkerFailed
 from workers.decode_worker import OBSERVED_TOP_K
 from workers.drafters.token_recycling import TokenRecyclingDrafter
@@ -252,7 +252,7 @@ class Coordinator:
         for worker in self.verifiers:
             if not self._free(worker):
                 continue
-            trunk, alternatives, parent = self._next_trunk(req)
+            trunk, alternatives, parent = next_trunk(req, self.config.policy == "fanout", self.config.alternatives)
             if trunk is None:
                 break
             self._launch(req, worker, trunk, alternatives, parent)
@@ -265,27 +265,6 @@ class Coordinator:
 
     def _free(self, worker: int) -> bool:
         return worker not in self.busy and worker not in self.down
-
-    def _next_trunk(self, req: ReplyState) -> tuple[list[int] | None, list[int], Launch | None]:
-        """What the next launch should assume: (trunk, alternatives, the launch it extends);
-        trunk None = nothing worth launching yet."""
-        if not req.launches:
-            return [], [], None
-        fanout = self.config.policy == "fanout"
-        width = 1 + self.config.alternatives if fanout else 1
-        best: tuple[int, Launch, list[int]] | None = None
-        for launch in req.launches.values():
-            for hypothesis in launch.hypotheses[launch.seeded : width]:
-                predicted = launch.base + hypothesis
-                if predicted[: len(req.seq)] == req.seq and len(predicted) > len(req.seq):
-                    if best is None or len(predicted) > best[0]:
-                        best = (len(predicted), launch, predicted[len(req.seq) :])
-                break  # hypotheses are seeded in order
-        if best is None:
-            return None, [], None
-        _, launch, trunk = best
-        alternatives = [] if fanout else [h[-1] for h in launch.hypotheses[1:]]
-        return trunk, alternatives, launch
 
     def _launch(self, req: ReplyState, worker: int, trunk: list[int], alternatives: list[int], parent: Launch | None) -> None:
         c = self.config

@@ -13,7 +13,7 @@ from workers.decode_worker import DecodeWorker, advance
 from workers.messages import DraftRequest, DraftResult, Prediction, StepRequest, StepResult
 
 
-class Lane:
+class CallThread:
     """A daemon thread that runs submitted calls in order (a hung call strands only it)."""
 
     def __init__(self, name: str):
@@ -43,7 +43,7 @@ class Lane:
 
 class LocalHandle:
     def __init__(self, worker: DecodeWorker, name: str):
-        self.worker, self.lane = worker, Lane(name)
+        self.worker, self.lane = worker, CallThread(name)
 
     async def step(self, request: StepRequest) -> AsyncIterator[Prediction | StepResult | None]:
         steps = self.worker.step(request)

@@ -105,3 +105,26 @@ def subtree_paths(launch: Launch, seq: list[int]) -> list[list[int]]:
     children = tree.children()
     leaves = [n for n in range(len(tree)) if not children[n] and top in tree.path_to(n) and n != top]
     return [[tree.tokens[i] for i in tree.path_to(n)[tree.path_to(n).index(top) + 1 :]] for n in leaves]
+
+
+def next_trunk(req: ReplyState, fanout: bool, alternatives: int) -> tuple[list[int] | None, list[int], Launch | None]:
+    """What the next launch should assume: (trunk, alternatives, the launch it extends);
+    trunk None = nothing worth launching yet. The longest prediction of a step in flight
+    that extends the committed tokens and seeded no launch yet; with `fanout`, each of its
+    first 1 + `alternatives` hypotheses seeds a launch of its own, else the others ride as
+    leaves of the first's."""
+    if not req.launches:
+        return [], [], None
+    width = 1 + alternatives if fanout else 1
+    best: tuple[int, Launch, list[int]] | None = None
+    for launch in req.launches.values():
+        for hypothesis in launch.hypotheses[launch.seeded : width]:
+            predicted = launch.base + hypothesis
+            if predicted[: len(req.seq)] == req.seq and len(predicted) > len(req.seq):
+                if best is None or len(predicted) > best[0]:
+                    best = (len(predicted), launch, predicted[len(req.seq) :])
+            break  # hypotheses are seeded in order
+    if best is None:
+        return None, [], None
+    _, launch, trunk = best
+    return trunk, [] if fanout else [h[-1] for h in launch.hypotheses[1:]], launch

@@ -113,7 +113,7 @@ class Stats:
     ttft_seconds: float  # from the start of decoding to the first chunk (prefill included)
     seconds: float  # decoding, prefill included
     mode: str = ""
-    # How its steps were batched with other requests' (workers.batched_step.ReplyBatching):
+    # How its steps were batched with other requests' (runtime.batching.step_batcher.ReplyBatching):
     # steps that shared a pass, the mean steps of its passes, its mean rows a step (tree
     # size, which load-aware sizing shrinks under load)
     batched_steps: int = 0

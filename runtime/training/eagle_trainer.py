@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from configs.training import TrainConfig, TrainError
-from runtime.decoding.autoregressive import prefill_hidden
 from runtime.training.objective import PrefixKV
 from runtime.training.trainer import SequenceOrder, data_fingerprint, learning_rate, save_checkpoint, weights_paths
 from workers.drafters.eagle import EagleConfig, EagleModel, draft_head, signature

@@ -24,23 +24,18 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from configs.schema import DTYPES, torch_device
 from configs.training import TrainConfig, TrainError
-from runtime.training.distill import DistillSettings, distill
 from runtime.training.objective import evaluate, format_eval, pack_loss, usable
 from workers.drafters.loading import build, load
 from workers.drafters.pseudo_states import PseudoStateConfig, PseudoStateDrafter, check_layer, model_signature
-from workers.loading import load_model
 from workers.model import Transformer
 
 
 def drafter_config(cfg: TrainConfig, n_layers: int) -> PseudoStateConfig:
     """The drafter to train: ht at --layer (default half the layers), medusa at N, pass at 0."""
     layer = {"medusa": n_layers, "pass": 0}.get(cfg.drafter, cfg.layer if cfg.layer is not None else n_layers // 2)
-    adapters = tuple(range(layer + 1, n_layers + 1)) if cfg.adapter_rank else ()  # before each later layer and the norm
     config = PseudoStateConfig(layer=layer, k=cfg.k, pseudo_attention=cfg.pseudo_attention, kind=cfg.drafter,
-                               refine_layers=tuple(cfg.refine_layers), adapter_layers=adapters,
-                               adapter_rank=cfg.adapter_rank)
+                               refine_layers=tuple(cfg.refine_layers))
     problem = check_layer(config, n_layers)
     if problem:
         raise TrainError(problem)
@@ -49,7 +44,7 @@ def drafter_config(cfg: TrainConfig, n_layers: int) -> PseudoStateConfig:
 
 def start_from(ht: PseudoStateDrafter, path: str, args, log) -> list[str]:
     """Copy the parameters of the drafter in `path` into `ht` (same kind, layer, k and
-    pseudo attention); parameters it lacks (refine maps, adapters) keep their fresh start.
+    pseudo attention); parameters it lacks (refine maps) keep their fresh start.
     Returns the names of those copied."""
     init = load(path, args)
     a, b = init.config, ht.config
@@ -270,32 +265,3 @@ def train(
     summary_path.write_text(json.dumps(summary, indent=1))
     log(f"[train] wrote {out} and {summary_path} (resumable checkpoint: {ckpt_path})")
     return ht, summary
-
-
-def run(cfg: TrainConfig, log=print) -> dict:
-    from runtime.training.eagle_trainer import train_eagle  # it imports this module
-    """`leapfrog train`: load the model, distil the data (cached), train, save."""
-    cfg.validate()
-    torch.set_num_threads(cfg.threads)
-    device = torch_device(cfg.device)
-    model, folder = load_model(cfg.checkpoint, DTYPES[cfg.dtype], device, cuda_graphs=False)  # gradients flow
-    if cfg.drafter != "eagle":
-        drafter_config(cfg, model.args.n_layers)  # fail before distilling
-    common = dict(data_dir=cfg.data_dir, batch_size=cfg.distill_batch, device=device, progress=cfg.progress)
-    generator_dtype = cfg.distill_dtype or cfg.dtype
-    train_settings = DistillSettings(cfg.max_prompt_tokens, cfg.max_new_tokens, generator_dtype, cfg.data)
-    val_settings = DistillSettings(cfg.max_prompt_tokens, cfg.val_max_new_tokens, generator_dtype, "self")
-    train_examples = distill(folder, cfg.examples, "train", settings=train_settings, **common)
-    val_examples = distill(folder, cfg.n_val(), "val", settings=val_settings, **common) if cfg.n_val() else []
-    if len(train_examples) < cfg.examples:
-        log(f"[train] only {len(train_examples)} training prompts fit; using them all")
-    sizes = {"train": len(train_examples), "val": len(val_examples),
-             "train_reply_tokens": sum(len(e["reply_ids"]) for e in train_examples)}
-    log(f"[train] data ({cfg.data}): {sizes['train']} training sequences, {sizes['train_reply_tokens']:,} reply tokens; "
-        f"{sizes['val']} validation sequences (the model's own replies)")
-    if cfg.data_only:
-        return {"examples": sizes}
-    if cfg.drafter == "eagle":
-        return train_eagle(model, train_examples, val_examples, cfg, log=log)
-    _, summary = train(model, train_examples, val_examples, cfg, log=log)
-    return summary

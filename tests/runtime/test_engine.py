@@ -37,7 +37,7 @@ def test_modes_are_built_once_and_rebuilt_after_new_settings(engine):
     assert engine.mode("ar") is ar and engine.mode("ht") is ht
     engine.set_drafter_config("ht", PseudoStateModeConfig(budget=4))
     assert engine.mode("ar") is ar and engine.mode("ht") is not ht  # drafting modes rebuilt, ar kept
-    assert engine.mode("ht").decoder.settings.budget == 4
+    assert engine.mode("ht").decoder.pseudo.settings.budget == 4
     with pytest.raises(UnknownModeError, match="unknown mode 'warp'"):
         engine.mode("warp")
 
@@ -82,7 +82,7 @@ def test_siblings_decoding_at_once_give_each_request_its_own_reply(prompt_chunk,
     for the pass), greedy and sampled; each reply is that prompt's ar reply decoded alone.
     With a prompt chunk of 8 rows, every prompt shares several passes (Lane.lead_in)."""
     from configs.schema import SamplingConfig
-    from workers import batched_step
+    from runtime.batching import step_batcher
 
     config = load_config()
     config.model.device, config.model.dtype, config.model.max_context, config.runtime.threads = "cpu", "float32", 256, 1
@@ -94,8 +94,8 @@ def test_siblings_decoding_at_once_give_each_request_its_own_reply(prompt_chunk,
             ("Name a fruit.", "ar", None), ("Say hi twice.", "ar", SamplingConfig(0.7, 0, 0.9, seed=4))]
     alone = [[t for s in first.steps(first.encode_chat(p), "ar", 40, sampling) for t in s.tokens] for p, _, sampling in jobs]
     if prompt_chunk:
-        monkeypatch.setattr(batched_step, "PROMPT_CHUNK", prompt_chunk)
-    first.batcher.stats = batched_step.BatchStats()
+        monkeypatch.setattr(step_batcher, "PROMPT_CHUNK", prompt_chunk)
+    first.batcher.stats = step_batcher.BatchStats()
     assert decode_at_once(engines, jobs) == alone
     stats = first.batcher.stats
     assert stats.trees_shared > 0 and stats.prefills_shared > 0  # they ran in passes with other replies' steps

@@ -10,8 +10,9 @@ import torch
 
 from configs.schema import SamplingConfig
 from runtime.decoding.autoregressive import decode_one, generate_ar, prefill, prefill_hidden
-from workers import batched_step
-from workers.batched_step import StepBatcher, batched_forward, one_token, prompt_segment
+from runtime.batching import step_batcher
+from runtime.batching.step_batcher import StepBatcher
+from workers.batched_step import batched_forward, one_token, prompt_segment
 from workers.drafters.loading import load, shipped_weights
 from workers.kernels.choice import NATIVE
 from workers.kv_cache import CacheFullError
@@ -22,7 +23,7 @@ from workers.tree import TokenTree, chain
 from workers.tree_sizing import Load
 from workers.tree_step import decoding_cache, prepare_tree_step
 
-from adapted import with_adapters
+from refined import with_refinement
 
 PROMPTS = [[1, 9, 400, 33], [7, 7, 7, 7, 7, 7, 7, 7, 7, 12], [2, 5000]]  # different lengths: different positions
 
@@ -43,11 +44,11 @@ def prefilled(model, prompts):
 
 def segments(model, caches):
     """On caches[0..2]: a one-token step, a token tree, and a tree with hidden-transfer pseudo
-    states (with adapters: their rows change from layer to layer); on caches[3..4], empty: a
+    states (refined: their rows change from layer to layer); on caches[3..4], empty: a
     prefill, and a first hidden-transfer step (its prompt rows caught up, its root and pseudo
     states)."""
     ht = load(shipped_weights("default", "ht"), model.args)
-    adapted = with_adapters(ht.first(2), (25, 28, model.args.n_layers), 8)
+    adapted = with_refinement(ht.first(2), (25, 28))
     tree = TokenTree([12, 40, 41, 50, 51], [-1, 0, 0, 1, 2], [0, 1, 1, 2, 2], [0.0, -0.5, -1.0, -1.2, -2.0])
     trees = [prepare_tree_step(model, caches[1], tree, Greedy(), 3),
              prepare_tree_step(model, caches[2], chain(9, [8, 7]), Greedy(), 1, (), adapted, [0, 1])]
@@ -137,7 +138,7 @@ def test_threads_decoding_at_once_share_passes_and_get_their_own_replies(model):
 def test_a_long_prompt_shares_passes_in_chunks_with_one_prefill_s_numbers(model, monkeypatch):
     """Through a lane, a prompt longer than PROMPT_CHUNK rows runs in passes of that many rows
     (Lane.lead_in): its final states, last logits and cache are bit for bit one prefill's."""
-    monkeypatch.setattr(batched_step, "PROMPT_CHUNK", 4)
+    monkeypatch.setattr(step_batcher, "PROMPT_CHUNK", 4)
     prompt, lane = list(range(300, 315)), StepBatcher(model).lane()
     one, chunked = decoding_cache(model, 64), decoding_cache(model, 64)
     with torch.inference_mode():
@@ -213,7 +214,7 @@ def test_pass_cost_fits_passes_and_stays_solvable_when_rows_equal_steps():
     """PassCost fits ms = a + b * rows + c * steps; thousands of passes whose rows always
     equal their steps (every step plain) leave rows and steps collinear, and it must still
     solve (a decayed ridge made the solve fail mid-pass and killed every reply in it)."""
-    from workers.batched_step import PassCost
+    from runtime.batching.pass_cost import PassCost
 
     cost = PassCost()
     for i in range(3000):

@@ -159,10 +159,11 @@ def test_walking_a_deep_tree_samples_the_target_distribution():
 
 def test_modes_draw_ar_tokens_on_a_tiny_model(tiny_models):
     from configs.schema import PseudoStateModeConfig
-    from runtime.decoding.pseudo_state_decoder import PseudoStateDecoder
-    from runtime.decoding.tree_decoder import TreeDecoder
+    from runtime.decoding.speculative import SpeculativeDecoder
+    from workers.drafters.base import LookupChain, TreeProposer
     from workers.drafters.hidden_transfer import HiddenTransfer
     from workers.drafters.prompt_lookup import PromptLookupDrafter
+    from workers.drafters.pseudo_proposer import PseudoStateProposer
     from workers.drafters.pseudo_states import PseudoStateConfig
     from workers.drafters.token_recycling import TokenRecyclingDrafter
 
@@ -172,9 +173,9 @@ def test_modes_draw_ar_tokens_on_a_tiny_model(tiny_models):
     ht = HiddenTransfer(PseudoStateConfig(layer=1, k=3), model.args.dim)
     ht.transfer.data += 0.05 * torch.randn_like(ht.transfer)
     decoders = {
-        "pld": TreeDecoder(model, cache, PromptLookupDrafter(1, 3, 6)),
-        "token-recycling": TreeDecoder(model, cache, TokenRecyclingDrafter(model.args.vocab_size, 8, 12)),
-        "ht": PseudoStateDecoder(model, ht, cache, PseudoStateModeConfig(budget=10, top_k=4)),
+        "pld": SpeculativeDecoder(model, cache, [LookupChain(PromptLookupDrafter(1, 3, 6))]),
+        "token-recycling": SpeculativeDecoder(model, cache, [TreeProposer(TokenRecyclingDrafter(model.args.vocab_size, 8, 12))]),
+        "ht": SpeculativeDecoder(model, cache, [PseudoStateProposer(ht, PseudoStateModeConfig(budget=10, top_k=4), model.args)]),
     }
     prompt, n = [5, 17, 42, 8, 5, 17], 24
     multi = {name: 0 for name in decoders}

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from workers.tree import TokenTree, build_dynamic_tree, build_template_tree, chain, graft_chain, root_only
+from workers.tree import TokenTree, build_dynamic_tree, chain, graft_chain, root_only
 
 
 def logprobs(rows):
@@ -58,15 +58,6 @@ def test_dynamic_tree_respects_depth_and_budget():
     assert len(build_dynamic_tree(0, lp, budget=1, top_k=2)) == 1
 
 
-def test_template_tree():
-    lp = logprobs([{3: 0.6, 4: 0.3}, {5: 0.7, 6: 0.2}, {8: 0.5}])
-    tree = build_template_tree(9, lp, [(0,), (1,), (0, 0), (0, 1), (0, 0, 0), (1, 0, 0, 0)])
-    assert tree.tokens == [9, 3, 4, 5, 6, 8]
-    assert tree.parents == [-1, 0, 0, 1, 1, 3]
-    with pytest.raises(ValueError):
-        build_template_tree(9, lp, [(0, 0)])
-
-
 def test_ancestor_mask():
     tree = TokenTree([0, 1, 2, 3, 4], [-1, 0, 0, 1, 3], [0, 1, 1, 2, 3], [0.0] * 5)
     mask = tree.ancestor_mask()
@@ -75,16 +66,6 @@ def test_ancestor_mask():
     )
     assert torch.equal(mask, expected)
     assert tree.path_to(4) == [0, 1, 3, 4]
-
-
-def test_every_prefix_of_the_default_template_is_a_valid_tree():
-    from workers.tree import DEFAULT_TEMPLATE
-
-    lp = torch.log_softmax(torch.randn(4, 50), dim=-1)
-    for n in range(len(DEFAULT_TEMPLATE) + 1):
-        tree = build_template_tree(7, lp, DEFAULT_TEMPLATE[:n])
-        assert len(tree) == 1 + sum(len(p) <= 4 for p in DEFAULT_TEMPLATE[:n])
-        assert all(tree.parents[i] < i for i in range(1, len(tree)))
 
 
 def test_graft_chain_reuses_matching_nodes_and_scores_new_ones():

@@ -11,7 +11,7 @@ from workers.sampling import Greedy
 from workers.tree import TokenTree, root_only
 from workers.tree_step import TREE_HEADROOM, accept, decoding_cache, next_drafts, step_mask, tree_step
 
-from adapted import with_adapters
+from refined import with_refinement
 
 
 def accept_greedy(tree, targets):
@@ -116,14 +116,14 @@ def test_bfloat16_prompt_positions_get_the_same_bits_in_prefill_and_in_catch_up(
 
 @pytest.mark.real_model
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_adapters_change_the_drafts_and_leave_the_real_rows_bit_identical(dtype, chat_prompt_ids):
-    """Issue 15, item 2: adapters act on the pseudo states only. A step whose drafter has
-    adapters before every layer after its own (and before the final norm) gives every real
-    row (the catch-up tokens and the tree's nodes) the same bits as the drafter without
-    them: its logits, final states and cache. Its drafts are different."""
+def test_pseudo_states_change_the_drafts_and_leave_the_real_rows_bit_identical(dtype, chat_prompt_ids):
+    """What the pseudo states do between the layers is theirs alone. A step whose drafter
+    refines them at every later layer gives every real row (the catch-up tokens and the
+    tree's nodes) the same bits as the drafter without: its logits, final states and cache.
+    Its drafts are different."""
     model, _ = load_model("default", getattr(torch, dtype), "cpu")
     plain = load(shipped_weights("default", "ht"), model.args)
-    adapted = with_adapters(plain, range(plain.config.layer + 1, model.args.n_layers + 1), 16)
+    adapted = with_refinement(plain, range(plain.config.layer + 1, model.args.n_layers))
     prompt = chat_prompt_ids
     tree = TokenTree.from_parents([prompt[-1], 40, 41, 50, 51], [-1, 0, 0, 1, 2])
     outcomes, caches = [], []

@@ -6,9 +6,6 @@ They join the sequence there and run through the remaining layers with the real 
 the LM head then reads from pseudo state j a draft of the token at t+j+1
 (workers.drafters.pseudo_states describes the family; workers.drafters.pseudo_forward runs it).
 With `refine_layers`, maps U_ij at each later layer R_i add U_ij h_(R_i) to pseudo state j.
-With `adapter_layers` A_i and `adapter_rank` r, before layer A_i pseudo state j, x, gets
-up_ij SiLU(down_ij rms(x)) added (down (r, dim), up (dim, r)): capacity for the pseudo
-states inside the frozen layers, which the real rows never see (issue 15, item 2).
 """
 
 from __future__ import annotations
@@ -27,11 +24,6 @@ class HiddenTransfer(PseudoStateDrafter):
         if config.refine_layers:
             # (k, refine layers, dim, dim); zero start: refinement begins as a no-op.
             self.refine_maps = nn.Parameter(torch.zeros(config.k, len(config.refine_layers), dim, dim))
-        if config.adapter_layers:
-            # (k, adapter layers, r, dim) and (k, adapter layers, dim, r); up starts at zero: a no-op.
-            shape = (config.k, len(config.adapter_layers))
-            self.adapter_down = nn.Parameter(torch.randn(*shape, config.adapter_rank, dim) * dim**-0.5)
-            self.adapter_up = nn.Parameter(torch.zeros(*shape, dim, config.adapter_rank))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return torch.einsum("...d,ked->...ke", h.to(self.transfer.dtype), self.transfer)
@@ -39,9 +31,3 @@ class HiddenTransfer(PseudoStateDrafter):
     def refine(self, i: int, h: torch.Tensor) -> torch.Tensor:
         """h (..., dim) at refine layer i -> the additions to the pseudo states (..., k, dim)."""
         return torch.einsum("...d,ked->...ke", h.to(self.refine_maps.dtype), self.refine_maps[:, i])
-
-    def adapt(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        """x (m, k, dim), the pseudo states before adapter layer i -> their additions (m, k, dim)."""
-        x = nn.functional.rms_norm(x.transpose(0, 1).to(self.adapter_down.dtype), x.shape[-1:], eps=1e-6)  # (k, m, dim)
-        inner = nn.functional.silu(torch.bmm(x, self.adapter_down[:, i].transpose(1, 2)))  # (k, m, r)
-        return torch.bmm(inner, self.adapter_up[:, i].transpose(1, 2)).transpose(0, 1)

@@ -1,14 +1,11 @@
 """Pseudo-state drafter weights: a fresh drafter of each kind, the files that hold trained
 ones (saved by PseudoStateDrafter.save), the files shipped for the default model, and
-the successor priors and conditional heads beside them (workers.drafters.successor_prior,
-workers.drafters.conditional_head)."""
+the successor priors beside them (workers.drafters.successor_prior)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import torch
 
 from workers.drafters.hidden_transfer import HiddenTransfer
@@ -17,9 +14,6 @@ from workers.drafters.medusa import MedusaHeads
 from workers.drafters.successor_prior import SuccessorPrior
 from workers.drafters.pseudo_states import METADATA_KEY, PseudoStateConfig, PseudoStateDrafter, check_layer, model_signature
 from workers.model import ModelArgs
-
-if TYPE_CHECKING:
-    from workers.drafters.conditional_head import ConditionalHead
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"  # shipped for the default model
 DRAFTERS = {"ht": HiddenTransfer, "medusa": MedusaHeads, "pass": LookaheadEmbeddings}
@@ -55,19 +49,6 @@ def load_prior(checkpoint: str, kind: str, prior: str, vocab_size: int) -> Succe
             return None
         return SuccessorPrior.load(path, vocab_size)
     return SuccessorPrior.load(prior, vocab_size)
-
-
-def load_head(checkpoint: str, kind: str, head: str, args: ModelArgs) -> ConditionalHead | None:
-    """The conditional head (workers.drafters.conditional_head) a [kind] section's `head`
-    names: None for "off", and for "default" where none ships."""
-    from workers.drafters.conditional_head import ConditionalHead  # it reads its files with read_weights
-
-    if head == "off":
-        return None
-    path = WEIGHTS_DIR / f"smollm2-135m-{kind}-head.safetensors" if head == "default" else Path(head)
-    if head == "default" and (checkpoint != "default" or not path.is_file()):
-        return None
-    return ConditionalHead.load(path, args)
 
 
 def build(config: PseudoStateConfig, dim: int) -> PseudoStateDrafter:
@@ -107,8 +88,11 @@ def load(path: str | Path, args: ModelArgs) -> PseudoStateDrafter:
         raise DrafterWeightsError(
             f"{path} was trained for a model {meta['model']}, but the loaded model is {model_signature(args)}"
         )
-    # JSON has lists where the config holds tuples (refine and adapter layers)
-    config = PseudoStateConfig(**{key: tuple(v) if isinstance(v, list) else v for key, v in meta["config"].items()})
+    # JSON has lists where the config holds tuples (refine layers)
+    fields = {key: tuple(v) if isinstance(v, list) else v for key, v in meta["config"].items()}
+    if fields.pop("adapter_layers", ()) or fields.pop("adapter_rank", 0):  # written by versions that had adapters
+        raise DrafterWeightsError(f"{path} holds adapters, which this version does not run (they measured no gain)")
+    config = PseudoStateConfig(**fields)
     problem = check_layer(config, args.n_layers)
     module = build(config, args.dim) if problem is None else None
     shapes = {name: tuple(p.shape) for name, p in module.named_parameters()} if module else {}

@@ -16,7 +16,6 @@ With n real rows h (1, n, dim) and m drafting rows ("anchors"):
   layer L             the drafter maps the anchors' states (m, dim) to m*k pseudo states,
                       appended after the n rows; from here every row runs with `joined_ctx`
   layer R_i           (refine layers) each pseudo state gets drafter.refine(i, anchors)
-  layer A_i           (adapter layers) each pseudo state x gets drafter.adapt(i, x)
   layers [L, N)       the n rows and the m*k pseudo states together
 
 `anchors(layer, h)` gives the anchors' states at `layer`: rows of h during decoding,
@@ -75,15 +74,13 @@ class SameRows:
 class PseudoRows:
     """The rows of the pseudo-state forward (the module's docstring): before the drafter's layer
     L the n real rows with `node_ctx`; there the m*k pseudo states join and every row runs
-    with `joined_ctx`; before each refine layer the pseudo states get their refinement, and
-    before each adapter layer their adapter (after the refinement where a layer has both)."""
+    with `joined_ctx`; before each refine layer the pseudo states get their refinement."""
 
     def __init__(self, drafter: PseudoStateDrafter, node_ctx: AttentionContext | None, joined_ctx: AttentionContext,
                  anchors: Anchors, n: int):
         self.drafter, self.node_ctx, self.joined_ctx, self.anchors, self.n = drafter, node_ctx, joined_ctx, anchors, n
         self.refine = {r: i for i, r in enumerate(drafter.config.refine_layers)}
-        self.adapt = {a: i for i, a in enumerate(drafter.config.adapter_layers)}
-        self.join_layers = frozenset({drafter.config.layer, *self.refine, *self.adapt})
+        self.join_layers = frozenset({drafter.config.layer, *self.refine})
 
     def before(self, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, AttentionContext]:
         """h (1, rows, dim), the state after `layer` layers -> the rows layer `layer` runs, and its context."""
@@ -92,10 +89,6 @@ class PseudoRows:
             h = torch.cat((h, pseudo.to(h.dtype)), dim=1)
         if layer in self.refine:  # a later transfer (FIRP style) from the anchors' states here
             extra = self.drafter.refine(self.refine[layer], self.anchors(layer, h)).reshape(1, -1, h.shape[-1])
-            h = torch.cat((h[:, : self.n], h[:, self.n :] + extra.to(h.dtype)), dim=1)
-        if layer in self.adapt:  # the pseudo states' own adapter; the real rows are left as they are
-            dim, k = h.shape[-1], self.drafter.config.k
-            extra = self.drafter.adapt(self.adapt[layer], h[0, self.n :].reshape(-1, k, dim)).reshape(1, -1, dim)
             h = torch.cat((h[:, : self.n], h[:, self.n :] + extra.to(h.dtype)), dim=1)
         return h, self.joined_ctx if layer >= self.drafter.config.layer else self.node_ctx
 

@@ -14,17 +14,13 @@ norm and the frozen LM head read from pseudo state j a draft of the token at t+j
 Medusa's heads sit after the last layer, so nothing follows them but the norm and LM
 head; PaSS's embeddings enter before the first, so they see the whole model. One
 forward (workers.drafters.pseudo_forward) serves all three: the decoder
-(runtime.decoding.pseudo_state_decoder), the pipeline's worker (workers.decode_worker)
+(runtime.decoding.speculative), the pipeline's worker (workers.decode_worker)
 and training (runtime.training).
 
 Hidden transfer may also transfer again at later layers (FIRP style, `refine_layers`
 R_1 < R_2 < ...): at R_i each pseudo state gets U_ij h_(R_i) added, the drafting token's
 hidden state at that layer through one more learned map per position, so the drafts
-see the real token's deeper features too. It may also carry adapters (`adapter_layers`,
-`adapter_rank`): before each of those layers a pseudo state j gets a small residual
-B_ij SiLU(A_ij rms(x)) of its own state x, so the upper layers act on pseudo states with
-more capacity than the frozen target has for them, while the real rows never see an
-adapter and stay exactly the target's.
+see the real token's deeper features too.
 
 Weights are safetensors with the config and the target model's shape in the metadata,
 so a file for another model, or of another kind, is caught on load
@@ -53,8 +49,6 @@ class PseudoStateConfig:
     pseudo_attention: bool = True  # pseudo state j attends to pseudo states < j
     kind: str = "ht"
     refine_layers: tuple[int, ...] = ()  # ht only: later layers that transfer again (FIRP style)
-    adapter_layers: tuple[int, ...] = ()  # ht only: layers (L, N] before which pseudo states get an adapter
-    adapter_rank: int = 0  # the adapters' inner width (0 with no adapter layers)
 
 
 def check_layer(config: PseudoStateConfig, n_layers: int) -> str | None:
@@ -71,13 +65,6 @@ def check_layer(config: PseudoStateConfig, n_layers: int) -> str | None:
         return f"refine layers are for ht only, not {config.kind}"
     if list(refine) != sorted(set(refine)) or any(not config.layer < r < n_layers for r in refine):
         return f"refine layers must increase strictly within {config.layer + 1}..{n_layers - 1}, got {list(refine)}"
-    adapters, rank = config.adapter_layers, config.adapter_rank
-    if adapters and config.kind != "ht":
-        return f"adapters are for ht only, not {config.kind}"
-    if list(adapters) != sorted(set(adapters)) or any(not config.layer < a <= n_layers for a in adapters):
-        return f"adapter layers must increase strictly within {config.layer + 1}..{n_layers}, got {list(adapters)}"
-    if (rank >= 1) != bool(adapters) or rank < 0:
-        return f"adapters need both layers and a rank >= 1, got layers {list(adapters)} and rank {rank}"
     return None
 
 

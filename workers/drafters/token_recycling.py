@@ -6,21 +6,13 @@ tokens from the target's top-k after them, accepted or not (their outputs are "r
 A tree is grown breadth-first from the root along a fixed template of candidate ranks:
 path (0, 1) is adjacency[root][0], then adjacency[that][1]. The table is kept across
 requests, so it improves with use.
-
-`graft_successors` puts the same kind of drafts under the nodes of another drafter's tree
-(hidden transfer's, in workers' callers): each node's recycled successors depend on the
-token that node holds, which the hidden-transfer drafts of the next depth do not.
 """
 
 from __future__ import annotations
 
 import torch
 
-from workers.tree import DEFAULT_TEMPLATE, TokenTree, graft_chain, root_only
-
-# Under each node of another tree: the best recycled successor, the second best, and the
-# best successor of the best (candidate-rank paths, as in the template).
-SUCCESSOR_TEMPLATE: tuple[tuple[int, ...], ...] = ((0,), (1,), (0, 0))
+from workers.tree import DEFAULT_TEMPLATE, TokenTree, root_only
 
 
 class TokenRecyclingDrafter:
@@ -54,26 +46,6 @@ class TokenRecyclingDrafter:
             tree.depths.append(len(path))
             tree.scores.append(-float(sum(path)))  # no probabilities: better ranks score higher
         return tree
-
-    def graft_successors(self, tree: TokenTree, under: list[int],
-                         template: tuple[tuple[int, ...], ...] = SUCCESSOR_TEMPLATE) -> dict[int, tuple]:
-        """Add the recycled successors of each node in `under` to `tree`, in place, along
-        `template` (rank paths below that node); a new node scores -inf (no draft
-        probability). Returns the slot of every node a template path reaches, new or
-        already there: ("recycled", rank path), for the tree sizer's per-slot rates."""
-        slots: dict[int, tuple] = {}
-        for base in under:
-            for path in template:
-                tokens = []
-                for rank in path:
-                    successor = int(self.adjacency[tokens[-1] if tokens else tree.tokens[base], rank])
-                    if successor < 0:  # never observed
-                        break
-                    tokens.append(successor)
-                if len(tokens) == len(path):
-                    graft_chain(tree, tokens, None, at=base)
-                    slots.setdefault(tree.walk(tokens, base), ("recycled", path))
-        return slots
 
     def observe(self, tree: TokenTree, path: list[int], top_tokens: torch.Tensor) -> None:
         self.adjacency[torch.tensor(tree.tokens)] = top_tokens[:, : self.observed_top_k].to(self.adjacency.device)

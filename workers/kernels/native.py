@@ -20,7 +20,7 @@ from workers.cache_dir import cache_dir
 from workers.kernels import reference
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
-HEADERS = [Path(__file__).with_name("amx_gemm.h")]
+HEADERS = sorted(Path(__file__).parent.glob("*.h"))  # its parts (cpu_kernels.cpp includes them)
 NAME = "leapfrog_cpu_kernels"
 # -fopenmp: at::get_num_threads reads torch's OpenMP setting (same libgomp soname, loaded once;
 # the loops themselves run on the kernels' own pool, cpu_kernels.cpp);

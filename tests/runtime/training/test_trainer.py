@@ -29,7 +29,7 @@ from runtime.training.trainer import train, weights_paths
 from workers.drafters.hidden_transfer import HiddenTransfer
 from workers.drafters.loading import build, load
 from workers.drafters.pseudo_forward import run_to_end
-from workers.drafters.pseudo_states import PseudoStateConfig, check_layer
+from workers.drafters.pseudo_states import PseudoStateConfig
 from workers.loading import load_model
 from workers.sampling import Greedy
 from workers.tree import root_only
@@ -38,9 +38,9 @@ from workers.tree_step import tree_step
 from tiny_training import REPLY, examples, model, tiny_folder  # noqa: F401 - fixtures
 
 
-def perturbed(model, layer, k, pseudo_attention, seed=0, kind="ht", refine_layers=(), adapter_layers=()):
+def perturbed(model, layer, k, pseudo_attention, seed=0, kind="ht", refine_layers=()):
     torch.manual_seed(seed)
-    config = PseudoStateConfig(layer, k, pseudo_attention, kind, refine_layers, adapter_layers, 4 if adapter_layers else 0)
+    config = PseudoStateConfig(layer, k, pseudo_attention, kind, refine_layers)
     ht = build(config, model.args.dim)
     for p in ht.parameters():
         p.data += 0.1 * torch.randn_like(p)
@@ -63,17 +63,13 @@ def config(tmp_path, **kw):
 
 
 @pytest.mark.parametrize(
-    "kind,layer,refine_layers,adapter_layers,pseudo_attention",
-    [("ht", 2, (), (), True), ("ht", 2, (), (), False), ("ht", 1, (2, 3), (), True), ("ht", 1, (3,), (2, 3, 4), True),
-     ("medusa", 4, (), (), True), ("pass", 0, (), (), True)],
+    "kind,layer,refine_layers,pseudo_attention",
+    [("ht", 2, (), True), ("ht", 2, (), False), ("ht", 1, (2, 3), True), ("medusa", 4, (), True), ("pass", 0, (), True)],
 )
-def test_training_drafts_equal_inference_drafts(model, examples, kind, layer, refine_layers, adapter_layers,
-                                                pseudo_attention):
+def test_training_drafts_equal_inference_drafts(model, examples, kind, layer, refine_layers, pseudo_attention):
     """The read-only prefix path of training computes exactly the drafts of decoding
-    (workers.tree_step), for every pseudo-state kind, with FIRP-style refine layers, and
-    with adapters (one sharing a layer with a refinement, one before the final norm)."""
-    ht = perturbed(model, layer, 3, pseudo_attention, kind=kind, refine_layers=refine_layers,
-                   adapter_layers=adapter_layers)
+    (workers.tree_step), for every pseudo-state kind and with FIRP-style refine layers."""
+    ht = perturbed(model, layer, 3, pseudo_attention, kind=kind, refine_layers=refine_layers)
     e = examples[0][0]
     ids = e["prompt_ids"] + e["reply_ids"]
     P = len(e["prompt_ids"])
@@ -195,8 +191,7 @@ def test_save_load_and_resume(model, examples, tmp_path):
     assert out.is_file() and summary_path.is_file() and ckpt.is_file()
     summary = json.loads(summary_path.read_text())
     assert summary["steps"] == 10
-    assert summary["config"] == {"layer": 2, "k": 3, "pseudo_attention": True, "kind": "ht", "refine_layers": [],
-                                 "adapter_layers": [], "adapter_rank": 0}
+    assert summary["config"] == {"layer": 2, "k": 3, "pseudo_attention": True, "kind": "ht", "refine_layers": []}
     assert {"time_s", "examples", "val"} <= set(summary) and len(summary["val"]["top1"]) == 3
 
     messages = []
@@ -245,7 +240,7 @@ def test_bfloat16_backbone(tiny_folder, examples, tmp_path):
     torch.testing.assert_close(ours, theirs.float(), atol=0.1, rtol=0.05)
 
 
-@pytest.mark.parametrize("command", ["train", "train-ht"])  # train-ht: the name it had before it trained medusa and pass
+@pytest.mark.parametrize("command", ["train"])
 def test_cli_train(tiny_folder, examples, tmp_path, command):
     """`leapfrog train` end to end, from an already distilled data cache."""
     from runtime.cli import main
@@ -267,8 +262,7 @@ def test_cli_train(tiny_folder, examples, tmp_path, command):
     assert main(argv) == 0
     summary = json.loads(out.with_suffix(".json").read_text())
     assert summary["steps"] == 3 and summary["examples"]["train"] == 8 and summary["examples"]["val"] == 2
-    assert summary["config"] == {"layer": 3, "k": 2, "pseudo_attention": False, "kind": "ht", "refine_layers": [],
-                                 "adapter_layers": [], "adapter_rank": 0}
+    assert summary["config"] == {"layer": 3, "k": 2, "pseudo_attention": False, "kind": "ht", "refine_layers": []}
     assert summary["parameters"] == 2 * 64 * 64
     # leapfrog-style usage errors, not tracebacks
     assert main(argv + ["--layer", "4"]) == 2
@@ -279,8 +273,7 @@ def test_cli_train(tiny_folder, examples, tmp_path, command):
     for kind, layer, parameters in (("medusa", 4, 2 * (64 * 64 + 64)), ("pass", 0, 2 * 64)):
         assert main(layer_free + ["--drafter", kind]) == 0
         summary = json.loads(out.with_suffix(".json").read_text())
-        assert summary["config"] == {"layer": layer, "k": 2, "pseudo_attention": False, "kind": kind, "refine_layers": [],
-                                     "adapter_layers": [], "adapter_rank": 0}
+        assert summary["config"] == {"layer": layer, "k": 2, "pseudo_attention": False, "kind": kind, "refine_layers": []}
         assert summary["parameters"] == parameters
         assert load(out, load_model(str(tiny_folder), torch.float32, "cpu")[0].args).config.kind == kind
 
@@ -367,7 +360,8 @@ def test_refine_layers_train_from_init_and_decode_losslessly(tiny_folder, model,
     """FIRP-style ht: a second transfer at a later layer, started from plain ht weights
     (refine maps at zero: the same drafts), trained, then lossless in decoding."""
     from configs.schema import PseudoStateModeConfig
-    from runtime.decoding.pseudo_state_decoder import PseudoStateDecoder
+    from runtime.decoding.speculative import SpeculativeDecoder
+    from workers.drafters.pseudo_proposer import PseudoStateProposer
     from workers.sampling import Greedy
 
     train_ex, val_ex = examples
@@ -386,54 +380,8 @@ def test_refine_layers_train_from_init_and_decode_losslessly(tiny_folder, model,
     cache = model.new_cache(256)
     prompt = train_ex[0]["prompt_ids"]
     ar = [t for s in generate_ar(model, cache, prompt, 16, set()) for t in s.tokens]
-    decoder = PseudoStateDecoder(model, trained, cache, PseudoStateModeConfig(budget=6, top_k=3, pseudo_nodes=3))
+    proposer = PseudoStateProposer(trained, PseudoStateModeConfig(budget=6, top_k=3, pseudo_nodes=3), model.args)
+    decoder = SpeculativeDecoder(model, cache, [proposer])
     assert [t for s in decoder.generate(prompt, 16, set(), Greedy()) for t in s.tokens] == ar
     with pytest.raises(TrainError, match="refine layers must increase"):
         train(model, train_ex, val_ex, TrainConfig(layer=2, refine_layers=(2,), out=str(firp)), log=lambda *_: None)
-
-
-def test_adapters_train_from_init_and_decode_losslessly(tiny_folder, model, examples, tmp_path):
-    """Adapters on the pseudo states (issue 15, item 2), started from plain ht weights (up
-    maps at zero: the same drafts), trained with the maps or alone (--freeze-init), saved
-    and loaded, then lossless in decoding; impossible settings are refused."""
-    from configs.schema import PseudoStateModeConfig
-    from runtime.decoding.pseudo_state_decoder import PseudoStateDecoder
-
-    train_ex, val_ex = examples
-    base = tmp_path / "base.safetensors"
-    quiet = dict(batch=2, positions_per_seq=4, eval_every=0, progress=False)
-    train(model, train_ex, val_ex, TrainConfig(layer=1, k=2, steps=2, out=str(base), **quiet), log=lambda *_: None)
-    adapted = tmp_path / "adapted.safetensors"
-    cfg = TrainConfig(layer=1, k=2, adapter_rank=4, init=str(base), steps=0, out=str(adapted), **quiet)
-    _, summary = train(model, train_ex, val_ex, cfg, log=lambda *_: None)
-    assert summary["val"]["top1"] == evaluate(model, load(base, model.args), val_ex)["top1"]
-    assert summary["config"]["adapter_layers"] == (2, 3, 4) and summary["config"]["adapter_rank"] == 4
-    cfg.steps = 4
-    trained, _ = train(model, train_ex, val_ex, cfg, log=lambda *_: None)
-    assert trained.adapter_up.abs().sum() > 0
-    loaded = load(adapted, model.args)
-    assert loaded.config.adapter_layers == (2, 3, 4) and torch.equal(loaded.adapter_up, trained.adapter_up.detach())
-    cache = model.new_cache(256)
-    prompt = train_ex[0]["prompt_ids"]
-    ar = [t for s in generate_ar(model, cache, prompt, 16, set()) for t in s.tokens]
-    decoder = PseudoStateDecoder(model, loaded, cache, PseudoStateModeConfig(budget=6, top_k=3, pseudo_nodes=3))
-    assert [t for s in decoder.generate(prompt, 16, set(), Greedy()) for t in s.tokens] == ar
-    # --freeze-init: the maps stay the base's, the adapters learn; a resume must keep the same ones fixed
-    cfg.freeze_init, cfg.out = True, str(tmp_path / "frozen.safetensors")
-    frozen, summary = train(model, train_ex, val_ex, cfg, log=lambda *_: None)
-    assert summary["frozen"] == ["transfer"] and frozen.adapter_up.abs().sum() > 0
-    assert torch.equal(frozen.transfer.detach(), load(base, model.args).transfer)
-    cfg.freeze_init, cfg.resume, cfg.steps = False, True, 6
-    with pytest.raises(TrainError, match="kept fixed"):
-        train(model, train_ex, val_ex, cfg, log=lambda *_: None)
-    everything = TrainConfig(layer=1, k=2, init=str(base), freeze_init=True, out=str(tmp_path / "x.safetensors"), **quiet)
-    with pytest.raises(TrainError, match="nothing would learn"):
-        train(model, train_ex, val_ex, everything, log=lambda *_: None)
-    with pytest.raises(TrainError, match="--freeze-init needs --init"):
-        TrainConfig(freeze_init=True).validate()
-    with pytest.raises(TrainError, match="--adapter-rank is for ht only"):
-        TrainConfig(drafter="medusa", adapter_rank=4).validate()
-    for layers, rank, why in [((1,), 4, "adapter layers must increase"), ((3, 2), 4, "adapter layers must increase"),
-                              ((5,), 4, "adapter layers must increase"), ((2,), 0, "need both layers and a rank")]:
-        assert why in check_layer(PseudoStateConfig(1, 2, adapter_layers=layers, adapter_rank=rank), 4)
-    assert check_layer(PseudoStateConfig(4, 2, kind="medusa", adapter_layers=(4,), adapter_rank=2), 4).startswith("adapters are")

@@ -1,5 +1,6 @@
-"""Pseudo-state decoding (runtime.decoding.pseudo_state_decoder: ht, medusa, pass) is
-lossless: identical tokens to `ar` whatever the weights and the tree, greedy and sampled."""
+"""The speculative loop with pseudo-state drafts (workers.drafters.pseudo_proposer: ht,
+medusa, pass) is lossless: identical tokens to `ar` whatever the weights and the tree,
+greedy and sampled."""
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from runtime.engine import Engine
 from workers.drafters.hidden_transfer import HiddenTransfer
 from workers.drafters.loading import DrafterWeightsError, build, load, shipped_weights
 from workers.drafters.pseudo_forward import run_to_end
+from workers.drafters.base import Proposal
 from workers.drafters.pseudo_states import PseudoStateConfig
 from workers.sampling import Greedy
 from workers.tree import root_only
@@ -38,7 +40,7 @@ def perturbed_transfer(args, layer, k, pseudo_attention, seed):
 
 @pytest.fixture(scope="module")
 def engine():
-    # The trees as configured (cut by a sizer: test_sized_trees_identical_to_ar in test_tree_decoder.py).
+    # The trees as configured (cut by a sizer: test_sized_trees_identical_to_ar in test_speculative.py).
     return Engine(ModelConfig(dtype="float32", device="cpu", max_context=1024), DrafterConfigs(tree_sizing=TreeSizingConfig(cost="off")))
 
 
@@ -47,19 +49,19 @@ def greedy_tokens(engine, mode, prompt, n):
 
 
 @pytest.mark.parametrize(
-    "layer,k,pseudo_attention,tree,budget,top_k,pseudo_nodes,depth",
+    "layer,k,pseudo_attention,budget,top_k,pseudo_nodes,depth",
     [
-        (15, 3, True, "dynamic", 16, 8, 8, 0),
-        (24, 4, False, "dynamic", 24, 4, 24, 0),
-        (6, 2, True, "dynamic", 5, 2, 1, 0),
-        (15, 4, True, "template", 12, 8, 3, 0),
-        (10, 4, True, "dynamic", 10, 4, 4, 2),  # only the first 2 of 4 maps
+        (15, 3, True, 16, 8, 8, 0),
+        (24, 4, False, 24, 4, 24, 0),
+        (6, 2, True, 5, 2, 1, 0),
+        (15, 4, True, 12, 8, 3, 0),
+        (10, 4, True, 10, 4, 4, 2),  # only the first 2 of 4 maps
     ],
 )
-def test_ht_identical_to_ar(engine, tmp_path, layer, k, pseudo_attention, tree, budget, top_k, pseudo_nodes, depth):
+def test_ht_identical_to_ar(engine, tmp_path, layer, k, pseudo_attention, budget, top_k, pseudo_nodes, depth):
     weights = tmp_path / "ht.safetensors"
     perturbed_transfer(engine.model.args, layer, k, pseudo_attention, seed=layer).save(weights, engine.model.args)
-    engine.set_drafter_config("ht", PseudoStateModeConfig(weights=str(weights), tree=tree, budget=budget, top_k=top_k,
+    engine.set_drafter_config("ht", PseudoStateModeConfig(weights=str(weights), budget=budget, top_k=top_k,
                                   pseudo_nodes=pseudo_nodes, depth=depth))
     accepted = 0
     for prompt in PROMPTS:
@@ -172,56 +174,33 @@ def test_shipped_weights_are_trained_and_lossless(engine, kind):
     assert len(steps) < 48  # the trained drafts are accepted: fewer steps than tokens
 
 
+def tree_from(proposer, root, drafts):
+    proposer.drafts, proposal = drafts, Proposal(root_only(root))
+    proposer.propose(proposal)
+    return proposal.tree
+
+
 def test_shipped_prior_rescores_the_trees_and_stays_lossless(engine):
     """[ht] prior = "default" loads the shipped successor prior: other trees, the same tokens."""
-    engine.set_drafter_config("ht", HiddenTransferModeConfig(lookup=False))
-    decoder = engine.mode("ht").decoder
-    assert decoder.prior is not None and len(decoder.prior.weights) == decoder.drafters[decoder.max_depth].config.k
+    engine.set_drafter_config("ht", HiddenTransferModeConfig())
+    proposer = engine.mode("ht-alone").decoder.pseudo
+    assert proposer.prior is not None and len(proposer.prior.weights) == proposer.by_depth[proposer.max_depth].config.k
     for prompt in PROMPTS:
-        assert greedy_tokens(engine, "ht", prompt, 48) == greedy_tokens(engine, "ar", prompt, 48)
-    drafts = torch.zeros(decoder.max_depth, engine.model.args.vocab_size)  # flat drafts: the prior decides
-    with_prior, _ = decoder.build_tree(28, drafts)
-    decoder.prior = None
-    assert decoder.build_tree(28, drafts)[0].tokens != with_prior.tokens
-    engine.set_drafter_config("ht", HiddenTransferModeConfig(prior="off", lookup=False))
-    assert engine.mode("ht").decoder.prior is None
-
-
-def test_a_conditional_head_changes_the_trees_and_stays_lossless(engine, tmp_path):
-    """[ht] head = a file: each node's children shifted by the head under its token (other
-    trees than the prior's alone), the same tokens as `ar`, greedy and sampled; a head
-    needs a prior under it."""
-    from workers.drafters.conditional_head import ConditionalHead, ConditionalHeadConfig
-
-    torch.manual_seed(0)
-    head = ConditionalHead(engine.model.args, ConditionalHeadConfig(hidden=32, depths=4, candidates=16))
-    torch.nn.init.normal_(head.w_out.weight, std=0.5)
-    head.save(tmp_path / "head.safetensors")
-    engine.set_drafter_config("ht", HiddenTransferModeConfig(head=str(tmp_path / "head.safetensors")))
-    try:
-        decoder = engine.mode("ht").decoder
-        assert decoder.head is not None
-        sampling = SamplingConfig(temperature=0.8, seed=5)
-        for prompt in PROMPTS:
-            assert greedy_tokens(engine, "ht", prompt, 48) == greedy_tokens(engine, "ar", prompt, 48)
-            ids = engine.encode_chat(prompt)
-            sampled = [[t for s in engine.steps(ids, mode, 32, sampling) for t in s.tokens] for mode in ("ht", "ar")]
-            assert sampled[0] == sampled[1]
-        drafts = torch.randn(decoder.max_depth, engine.model.args.vocab_size, generator=torch.Generator().manual_seed(1))
-        states = torch.randn(decoder.max_depth, engine.model.args.dim, generator=torch.Generator().manual_seed(2))
-        assert decoder.build_tree(28, drafts, states)[0].tokens != decoder.build_tree(28, drafts)[0].tokens
-        engine.set_drafter_config("ht", HiddenTransferModeConfig(prior="off", head=str(tmp_path / "head.safetensors")))
-        with pytest.raises(DrafterWeightsError, match="needs a successor prior"):
-            engine.mode("ht")
-    finally:
-        engine.set_drafter_config("ht", HiddenTransferModeConfig())
+        assert greedy_tokens(engine, "ht-alone", prompt, 48) == greedy_tokens(engine, "ar", prompt, 48)
+    drafts = torch.zeros(proposer.max_depth, engine.model.args.vocab_size)  # flat drafts: the prior decides
+    with_prior = tree_from(proposer, 28, drafts)
+    proposer.prior = None
+    assert tree_from(proposer, 28, drafts).tokens != with_prior.tokens
+    engine.set_drafter_config("ht", HiddenTransferModeConfig(prior="off"))
+    assert engine.mode("ht-alone").decoder.pseudo.prior is None
+    engine.set_drafter_config("ht", HiddenTransferModeConfig())
 
 
 def test_first_step_drafts_as_deep_as_the_pass_pays(engine, tmp_path):
     """A reply's first step drafts at least one depth alone (a probe), but with other
     replies in the pass only as deep as pays there: none when a tree step costs the pass
     more than its drafts are worth."""
-    from tests.runtime.decoding.test_tree_decoder import synthetic_profile
+    from tests.runtime.decoding.test_speculative import synthetic_profile
 
     engine.set_drafter_config("tree_sizing", TreeSizingConfig(cost=synthetic_profile(tmp_path, "cpu", lambda n: 10 + n)))
     try:
@@ -232,6 +211,6 @@ def test_first_step_drafts_as_deep_as_the_pass_pays(engine, tmp_path):
         lane.others = lambda: Load(7.0, 7.0, lambda rows: 10 + rows, 20.0)  # a tree step's host work holds the pass up
         assert decoder.first_depth(100) == 0
         lane.others = lambda: Load(7.0, 7.0, lambda rows: 10 + 0.001 * rows)  # rows nearly free, no host work
-        assert decoder.first_depth(100) == decoder.max_depth
+        assert decoder.first_depth(100) == decoder.pseudo.max_depth
     finally:
         engine.set_drafter_config("tree_sizing", TreeSizingConfig(cost="off"))

@@ -1,26 +1,28 @@
-"""Tree decoding of drafters that propose from outside the model (runtime.decoding.tree_decoder:
-prompt lookup, token recycling, early exit, the EAGLE peer), and `ht-pld` and `eagle-pld`, the
-prompt-lookup chain on hidden-transfer and EAGLE trees: lossless on the real model, greedy and
-sampled; with their trees as the drafters propose them, and cut by a tree sizer (workers.tree_sizing)."""
+"""The speculative loop (runtime.decoding.speculative) with proposers from outside the
+model (prompt lookup, token recycling, early exit, the EAGLE peer), and the prompt-lookup
+chain grafted on hidden-transfer and EAGLE trees (`ht`, `eagle-pld`), and any composition
+of [speculation] proposers (`spec`): lossless on the real model, greedy and sampled; with
+their trees as proposed, and cut by a tree sizer (workers.tree_sizing)."""
 
 import json
 
 import pytest
 
 from configs.schema import (
+    ConfigError,
     DrafterConfigs,
     EarlyExitConfig,
     ModelConfig,
     PldConfig,
-    PseudoStateModeConfig,
     SamplingConfig,
+    SpeculationConfig,
     TokenRecyclingConfig,
     TreeSizingConfig,
 )
-from runtime.decoding.tree_decoder import TreeDecoder
 from runtime.engine import Engine
+from workers.drafters.base import LookupChain, Proposal, TreeProposer
 from workers.drafters.prompt_lookup import PromptLookupDrafter
-from workers.tree import TokenTree
+from workers.tree import TokenTree, root_only
 
 PROMPTS = [
     "Repeat this list exactly: apple, banana, cherry, apple, banana, cherry.",
@@ -37,7 +39,7 @@ def engine():
     return Engine(ModelConfig(dtype="float32", device="cpu", max_context=1024), drafters)
 
 
-@pytest.mark.parametrize("mode", ["pld", "token-recycling", "ht-pld", "eagle", "eagle-pld"])
+@pytest.mark.parametrize("mode", ["pld", "token-recycling", "ht", "eagle", "eagle-pld"])
 def test_drafters_identical_to_ar(engine, mode):
     accepted_more_than_one = False
     for prompt in PROMPTS:
@@ -50,7 +52,7 @@ def test_drafters_identical_to_ar(engine, mode):
     assert accepted_more_than_one  # the drafts were used, not just the bonus token
 
 
-@pytest.mark.parametrize("mode", ["ht", "pld", "token-recycling", "ht-pld", "eagle", "eagle-pld"])
+@pytest.mark.parametrize("mode", ["ht", "pld", "token-recycling", "eagle", "eagle-pld"])
 def test_sampled_drafters_draw_ar_tokens(engine, mode):
     """Same seed, same tokens as ar's sampling (workers.sampling), with top-k and top-p."""
     accepted_more_than_one = False
@@ -64,7 +66,7 @@ def test_sampled_drafters_draw_ar_tokens(engine, mode):
     assert accepted_more_than_one
 
 
-@pytest.mark.parametrize("mode", ["pld", "token-recycling", "ht-pld", "eagle", "eagle-pld"])
+@pytest.mark.parametrize("mode", ["pld", "token-recycling", "ht", "eagle", "eagle-pld"])
 def test_drafters_respect_max_new_tokens(engine, mode):
     ids = engine.encode_chat(PROMPTS[0])
     for n in (1, 2, 5):
@@ -93,7 +95,7 @@ def synthetic_profile(tmp_path, name: str, ms) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("mode", ["ht", "pld", "token-recycling", "ht-pld", "eagle", "eagle-pld"])
+@pytest.mark.parametrize("mode", ["ht", "pld", "token-recycling", "eagle", "eagle-pld"])
 def test_sized_trees_identical_to_ar(engine, tmp_path, mode):
     """Free rows keep every proposal; rows that each cost four times the step before keep
     none (only the bonus token each step, even beside ht's pseudo rows); either way, and on
@@ -116,24 +118,32 @@ def test_sized_trees_identical_to_ar(engine, tmp_path, mode):
     assert tokens_per_step["cpu"] > 1.0
 
 
-@pytest.mark.parametrize("cost", ["off", "cpu"])
-def test_ht_with_recycled_successors_identical_to_ar(engine, tmp_path, cost):
-    """`ht` with both retrieval drafts ([ht] lookup and recycling): the prompt-lookup chain
-    and token recycling's successors under every drafted node, as proposed and cut by a
-    sizer; greedy and sampled, the tokens are ar's, and the successors were offered."""
-    if cost == "cpu":
-        engine.set_drafter_config("tree_sizing", TreeSizingConfig(cost=synthetic_profile(tmp_path, cost, lambda n: 10 + n)))
-    engine.set_drafter_config("ht", PseudoStateModeConfig(lookup=True, recycling=True))
-    for prompt, sampling in zip(PROMPTS, [None, SamplingConfig(0.7, 0, 0.9, seed=1), None]):
-        ids = engine.encode_chat(prompt)
-        ar = [t for s in engine.steps(ids, "ar", 40, sampling) for t in s.tokens]
-        assert [t for s in engine.steps(ids, "ht", 40, sampling) for t in s.tokens] == ar
-    decoder = engine.mode("ht").decoder
-    assert decoder.lookup is not None and (decoder.recycling.adjacency >= 0).any()  # the table was filled and used
-    tree, slots = decoder.build_tree(ids[-1], None)
-    assert any(isinstance(slot, tuple) for slot in slots.values())  # recycled successors in the tree
-    engine.set_drafter_config("ht", PseudoStateModeConfig())
-    engine.set_drafter_config("tree_sizing", TreeSizingConfig(cost="off"))
+@pytest.mark.parametrize("proposers", [["token-recycling", "pld"], ["early-exit", "pld"], ["medusa", "pld"]])
+def test_any_composition_of_proposers_is_lossless(engine, proposers):
+    """Mode `spec` decodes with the [speculation] proposers: compositions no preset names,
+    greedy and sampled, give ar's tokens, and the chain grafted after the first proposer's
+    tree is used."""
+    engine.set_drafter_config("speculation", SpeculationConfig(proposers))
+    try:
+        for prompt, sampling in zip(PROMPTS, [None, SamplingConfig(0.7, 0, 0.9, seed=1)]):
+            ids = engine.encode_chat(prompt)
+            ar = [t for s in engine.steps(ids, "ar", 40, sampling) for t in s.tokens]
+            assert [t for s in engine.steps(ids, "spec", 40, sampling) for t in s.tokens] == ar
+        assert [type(p).__name__ for p in engine.mode("spec").decoder.proposers][-1] == "LookupChain"
+    finally:
+        engine.set_drafter_config("speculation", SpeculationConfig())
+
+
+@pytest.mark.parametrize("proposers,message", [
+    ([], "must name some of"),
+    (["ht", "warp"], "must name some of"),
+    (["pld", "eagle"], "can only come first"),
+    (["ht", "medusa"], "can only come first"),
+    (["pld", "pld"], "each at most once"),
+])
+def test_bad_compositions_are_refused(proposers, message):
+    with pytest.raises(ConfigError, match=message):
+        DrafterConfigs(speculation=SpeculationConfig(proposers)).validate()
 
 
 class FixedTree:
@@ -150,12 +160,17 @@ def test_the_lookup_chain_is_grafted_onto_a_drafters_tree():
     """eagle-pld's proposal: the drafter's nodes keep their scores; the chain (8 5 6 after
     ... 5 6 7 | 8 5 6) reuses the drafter's 8 and adds 5 and 6 under it, unscored, each
     with its lookup slot; no lookup, no chain."""
-    lookup = PromptLookupDrafter(min_ngram=1, max_ngram=3, depth=3)
-    decoder = TreeDecoder(None, None, FixedTree(), None, lookup)
+    lookup = LookupChain(PromptLookupDrafter(min_ngram=1, max_ngram=3, depth=3))
     lookup.start([5, 6, 7, 8, 5, 6])
-    tree, slots, _ = decoder.propose(7)
+    proposal = Proposal(root_only(7))
+    for proposer in (TreeProposer(FixedTree()), lookup):
+        proposer.propose(proposal)
+    tree, slots = proposal.tree, proposal.slots
     assert tree.tokens == [7, 8, 9, 5, 6] and tree.parents == [-1, 0, 0, 1, 3]
     assert tree.scores[:3] == [0.0, -0.1, -2.0] and tree.scores[3:] == [float("-inf")] * 2
     assert slots == {1: ("lookup", 1), 2: 2, 3: ("lookup", 2), 4: ("lookup", 3)}
-    tree, slots, _ = TreeDecoder(None, None, FixedTree()).propose(7)
-    assert tree.tokens == [7, 8, 9] and slots == {1: 1, 2: 2}
+    alone = Proposal(root_only(7))
+    TreeProposer(FixedTree()).propose(alone)
+    assert alone.tree.tokens == [7, 8, 9] and alone.slots == {1: 1, 2: 2}
+    with pytest.raises(ValueError, match="must be the first proposer"):
+        TreeProposer(FixedTree()).propose(proposal)

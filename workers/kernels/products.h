@@ -1,0 +1,296 @@
+// Matrix products (part of cpu_kernels.cpp: included there, in order).
+//
+// linear: y = x @ w.T (+ b) for the decode and tree-step shapes: few rows of x (1-64) against a
+// weight matrix w (out_features, in_features) that is streamed from memory once.
+//
+// Why: PyTorch's CPU matrix products read bfloat16 weights at a third of this machine's
+// memory bandwidth, and on CPUs without AVX512-BF16 their cost grows with every row of x.
+// Here a block of weight rows is loaded from memory once, widened to float32 in
+// registers, and multiplied against every row of x while it sits in L1.
+//
+// Every output element y[r, j] is one dot product with a fixed summation order (8 float32
+// lanes over in_features in ascending order, then a fixed horizontal sum), whatever the
+// number of rows, their grouping or the thread count. A row's result therefore does not
+// depend on which other rows share the call: a token tree's rows get exactly the numbers
+// a one-row decode step would.
+#pragma once
+
+namespace {
+
+constexpr int kLanes = 8;
+// Software prefetch this far ahead in each weight row: the hardware prefetcher alone keeps
+// two cores at ~2/3 of the DRAM bandwidth on the 56 MB LM head (measured, docs/results.md).
+constexpr int kPrefetchBytes = 2048;
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+
+inline __m256 load8(const at::BFloat16* p) {
+  // bfloat16 is the upper half of a float32: widen to 32 bits and shift into place.
+  __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+
+inline float hsum(__m256 v) {
+  // Fixed order: (lanes 0-3 + lanes 4-7), then pairs, then the last two.
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+inline float to_float(float v) { return v; }
+inline float to_float(at::BFloat16 v) { return static_cast<float>(v); }
+
+// R rows of x against C weight rows: R * C accumulators stay in registers.
+template <int R, int C, typename W>
+inline void block(const float* x, int64_t ldx, const W* w, int64_t k, float* y, int64_t ldy) {
+  __m256 acc[R][C];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
+  const int64_t k8 = k - k % kLanes;
+  for (int64_t i = 0; i < k8; i += kLanes) {
+    __m256 wv[C];
+#pragma GCC unroll 16
+    for (int c = 0; c < C; ++c) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + c * k + i) + kPrefetchBytes, _MM_HINT_T0);
+      wv[c] = load8(w + c * k + i);
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const __m256 xv = load8(x + r * ldx + i);
+#pragma GCC unroll 16
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm256_fmadd_ps(xv, wv[c], acc[r][c]);
+    }
+  }
+  float sums[R][C];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+    for (int c = 0; c < C; ++c) sums[r][c] = hsum(acc[r][c]);
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) {
+      float s = sums[r][c];
+      for (int64_t i = k8; i < k; ++i) s += x[r * ldx + i] * to_float(w[c * k + i]);
+      y[r * ldy + c] = s;
+    }
+}
+
+// Weight rows [j0, j1) against all n rows of x, in tiles of kRowTile rows: a tile of x
+// stays in L2 while the weight rows pass by (a 300-token prompt's x would not), and each
+// block of C weight rows stays in L1 while every row of the tile meets it.
+constexpr int64_t kRowTile = 64;
+
+// The last rows of a tile (fewer than R) together: their dot products are independent
+// chains of FMAs that overlap (one row at a time waits on each FMA's latency).
+template <int C, int Rest, typename W>
+inline void rest_rows(const float* x, int64_t rows, const W* w, int64_t k, float* y, int64_t m) {
+  if constexpr (Rest > 0) {
+    if (rows == Rest) return block<Rest, C>(x, k, w, k, y, m);
+    rest_rows<C, Rest - 1>(x, rows, w, k, y, m);
+  }
+}
+
+template <int R, int C, typename W>
+void columns(const float* x, int64_t n, const W* w, int64_t k, float* y, int64_t m, int64_t j0, int64_t j1) {
+  for (int64_t r0 = 0; r0 < n; r0 += kRowTile) {
+    const int64_t r1 = std::min(n, r0 + kRowTile);
+    for (int64_t j = j0; j < j1; j += C) {
+      const W* wj = w + j * k;
+      int64_t r = r0;
+      if (j + C <= j1) {
+        for (; r + R <= r1; r += R) block<R, C>(x + r * k, k, wj, k, y + r * m + j, m);
+        rest_rows<C, R - 1>(x + r * k, r1 - r, wj, k, y + r * m + j, m);
+      } else {  // the last few weight rows, one at a time
+        for (int64_t jj = j; jj < j1; ++jj)
+          for (int64_t rr = r0; rr < r1; ++rr) block<1, 1>(x + rr * k, k, w + jj * k, k, y + rr * m + jj, m);
+      }
+    }
+  }
+}
+
+template <int R, int C, typename W>
+void linear_blocks(const float* x, int64_t n, const W* w, int64_t k, float* y, int64_t m) {
+  // Threads split the weight rows (parallel_for: the kernels' own pool). Grain: enough rows
+  // per task that scheduling costs little.
+  const int64_t grain = std::max<int64_t>(64, (int64_t(1) << 16) / std::max<int64_t>(k, 1)) / C * C;
+  parallel_for(0, m, grain, [&](int64_t j0, int64_t j1) { columns<R, C>(x, n, w, k, y, m, j0, j1); });
+}
+
+template <typename W>
+void linear_impl(const float* x, int64_t n, const W* w, int64_t k, float* y, int64_t m) {
+  // 1-4 rows (a decode step, a small tree) are memory-bound: one weight row at a time
+  // keeps the fewest streams open, which the prefetchers follow best (all 121 products of a
+  // bfloat16 decode step from DRAM: 11-13 ms against 17 ms with 3 rows at a time), and the
+  // rows it meets share each weight vector once loaded (a whole step's products at a
+  // 200-token context, two threads: 2 rows 16.5-19.6 -> 13.4-13.7 ms, 4 rows 18.4-19.8 ->
+  // 14.9-15.3 against two weight rows at a time). 5-6 rows: two weight rows at a time. From
+  // 7 rows on it is compute-bound: 4 rows x 3 weight rows = 12 accumulators + 3 weight
+  // vectors of the 16 AVX2 registers. Either way each output is the same dot product,
+  // summed in the same order.
+  if (n <= 4) {
+    linear_blocks<4, 1>(x, n, w, k, y, m);
+  } else if (n <= 6) {
+    linear_blocks<6, 2>(x, n, w, k, y, m);
+  } else {
+    linear_blocks<4, 3>(x, n, w, k, y, m);
+  }
+}
+
+// bfloat16 rows against bfloat16 weights on CPUs with AVX512-BF16 (vdpbf16ps): each
+// instruction multiplies 32 bfloat16 pairs exactly and adds them, two by two, into 16
+// float32 lanes, 4x the multiply-adds of an AVX2 FMA on widened values, so a tree step's
+// 8-64 rows stop being compute-bound. Each output is again one dot product in a fixed
+// order (32 weights at a time in ascending order, a masked last chunk, then
+// _mm512_reduce_add_ps), whatever the rows around it: a row's result does not depend on
+// which rows share the call. The sums differ in rounding from the AVX2 path's, so one
+// engine takes one path for every call (use_avx512).
+//
+// rest_rows_bf16 and columns_bf16 repeat rest_rows and columns: code compiled for
+// AVX512 cannot be shared with the path that runs on CPUs without it (GCC inlines a
+// target-specific intrinsic only into a function compiled for that target).
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16")
+
+template <int R, int C>
+inline void block_bf16(const at::BFloat16* x, int64_t ldx, const at::BFloat16* w, int64_t k, float* y, int64_t ldy) {
+  __m512 acc[R][C];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < k; i += 32) {
+    // The last chunk of a row whose length is not a multiple of 32 is read with a mask
+    // (zeros beyond: 0 * 0 adds nothing).
+    const __mmask32 mask = k - i >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((uint64_t(1) << (k - i)) - 1);
+    __m512bh wv[C];
+#pragma GCC unroll 16
+    for (int c = 0; c < C; ++c) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + c * k + i) + kPrefetchBytes, _MM_HINT_T0);
+      wv[c] = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + c * k + i);
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + r * ldx + i);
+#pragma GCC unroll 16
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], xv, wv[c]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+    for (int c = 0; c < C; ++c) y[r * ldy + c] = _mm512_reduce_add_ps(acc[r][c]);
+}
+
+template <int C, int Rest>
+inline void rest_rows_bf16(const at::BFloat16* x, int64_t rows, const at::BFloat16* w, int64_t k, float* y, int64_t m) {
+  if constexpr (Rest > 0) {
+    if (rows == Rest) return block_bf16<Rest, C>(x, k, w, k, y, m);
+    rest_rows_bf16<C, Rest - 1>(x, rows, w, k, y, m);
+  }
+}
+
+template <int R, int C>
+void columns_bf16(const at::BFloat16* x, int64_t n, const at::BFloat16* w, int64_t k, float* y, int64_t m, int64_t j0, int64_t j1) {
+  for (int64_t r0 = 0; r0 < n; r0 += kRowTile) {
+    const int64_t r1 = std::min(n, r0 + kRowTile);
+    for (int64_t j = j0; j < j1; j += C) {
+      const at::BFloat16* wj = w + j * k;
+      int64_t r = r0;
+      if (j + C <= j1) {
+        for (; r + R <= r1; r += R) block_bf16<R, C>(x + r * k, k, wj, k, y + r * m + j, m);
+        rest_rows_bf16<C, R - 1>(x + r * k, r1 - r, wj, k, y + r * m + j, m);
+      } else {  // the last few weight rows, one at a time
+        for (int64_t jj = j; jj < j1; ++jj)
+          for (int64_t rr = r0; rr < r1; ++rr) block_bf16<1, 1>(x + rr * k, k, w + jj * k, k, y + rr * m + jj, m);
+      }
+    }
+  }
+}
+
+#pragma GCC pop_options
+
+template <int R, int C>
+void linear_blocks_bf16(const at::BFloat16* x, int64_t n, const at::BFloat16* w, int64_t k, float* y, int64_t m) {
+  const int64_t grain = std::max<int64_t>(64, (int64_t(1) << 16) / std::max<int64_t>(k, 1)) / C * C;
+  parallel_for(0, m, grain, [&](int64_t j0, int64_t j1) { columns_bf16<R, C>(x, n, w, k, y, m, j0, j1); });
+}
+
+void linear_bf16(const at::BFloat16* x, int64_t n, const at::BFloat16* w, int64_t k, float* y, int64_t m) {
+  // 1-8 rows: one weight row at a time (the fewest weight streams; 1-4 rows are
+  // memory-bound). From 9 rows on, 8 rows x 2 weight rows = 16 accumulators. Measured on
+  // the model's 120 layer products, two threads, ms (4x1 / 8x1 / 4x4 / 8x2 blocks):
+  // 8 rows 13.5 / 10.8 / 13.5 / 12.9; 16 rows 18.4 / 16.8 / 18.4 / 15.2; 32 rows
+  // 28.4 / 35.1 / 28.4 / 26.0.
+  if (n <= 4) {
+    linear_blocks_bf16<4, 1>(x, n, w, k, y, m);
+  } else if (n <= 8) {
+    linear_blocks_bf16<8, 1>(x, n, w, k, y, m);
+  } else {
+    linear_blocks_bf16<8, 2>(x, n, w, k, y, m);
+  }
+}
+
+bool avx512_bf16_enabled = __builtin_cpu_supports("avx512bf16");
+const bool amx_available = amx::request();
+bool amx_enabled = amx_available;
+
+}  // namespace
+
+// x (..., k) float32 or bfloat16; w (m, k) bfloat16 or float32, contiguous; bias (m,) or
+// None. Returns y (..., m) in x's dtype, or float32 with `float_out`, computed in float32.
+// bfloat16 x and w take the AVX512-BF16 path where it is enabled (use_avx512).
+torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias, bool float_out) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "linear: CPU tensors only");
+  TORCH_CHECK(w.dim() == 2 && x.size(-1) == w.size(1), "linear: shapes ", x.sizes(), " and ", w.sizes());
+  TORCH_CHECK(w.is_contiguous(), "linear: the weight must be contiguous (out_features, in_features)");
+  const int64_t k = w.size(1), m = w.size(0);
+  torch::Tensor y;
+  if (avx512_bf16_enabled && x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16) {
+    const auto rows = x.reshape({-1, k}).contiguous();
+    y = torch::empty({rows.size(0), m}, rows.options().dtype(at::kFloat));
+    linear_bf16(rows.data_ptr<at::BFloat16>(), rows.size(0), w.data_ptr<at::BFloat16>(), k, y.data_ptr<float>(), m);
+  } else {
+    const auto rows = x.reshape({-1, k}).to(at::kFloat).contiguous();  // bfloat16 -> float32 is exact
+    y = torch::empty({rows.size(0), m}, rows.options());
+    if (w.scalar_type() == at::kBFloat16) {
+      linear_impl(rows.data_ptr<float>(), rows.size(0), w.data_ptr<at::BFloat16>(), k, y.data_ptr<float>(), m);
+    } else {
+      TORCH_CHECK(w.scalar_type() == at::kFloat, "linear: w must be bfloat16 or float32");
+      linear_impl(rows.data_ptr<float>(), rows.size(0), w.data_ptr<float>(), k, y.data_ptr<float>(), m);
+    }
+  }
+  if (bias.has_value()) y.add_(bias->to(at::kFloat));
+  auto shape = x.sizes().vec();
+  shape.back() = m;
+  return (float_out ? y : y.to(x.scalar_type())).view(shape);
+}
+
+// prompt_linear: y = x @ w.T (+ b) for many rows (a prompt's, workers.kernels.native.
+// prompt_linear). bfloat16 rows on CPUs with AMX take the tiles (amx_gemm.h: every output one
+// fixed sum, whatever the rows around it or the thread count); everything else takes linear
+// above, whose rows are independent too. Never a library's GEMM: which kernel oneDNN picks
+// depends on the row count and the CPU, and with it the rounding (issue 36).
+torch::Tensor prompt_linear(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "prompt_linear: CPU tensors only");
+  TORCH_CHECK(w.dim() == 2 && x.dim() >= 1 && x.size(-1) == w.size(1), "prompt_linear: shapes ", x.sizes(), " and ", w.sizes());
+  TORCH_CHECK(w.is_contiguous(), "prompt_linear: the weight must be contiguous (out_features, in_features)");
+  if (!(amx_enabled && x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16)) return linear(x, w, bias, false);
+  const int64_t k = w.size(1), m = w.size(0);
+  const auto rows = x.reshape({-1, k}).contiguous();
+  auto y = torch::empty({rows.size(0), m}, rows.options().dtype(at::kFloat));
+  amx::gemm_bf16(reinterpret_cast<const uint16_t*>(rows.data_ptr<at::BFloat16>()), rows.size(0),
+                 reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), k, y.data_ptr<float>(), m, parallel_for);
+  if (bias.has_value()) y.add_(bias->to(at::kFloat));
+  auto shape = x.sizes().vec();
+  shape.back() = m;
+  return y.to(x.scalar_type()).view(shape);
+}
+
+// Turn the AMX path of prompt_linear on (where the CPU and the OS allow it; the default) or
+// off (tests cover both paths); returns whether it is on.
+bool use_amx(bool enable) {
+  amx_enabled = enable && amx_available;
+  return amx_enabled;
+}
