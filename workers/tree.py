@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from workers.drafters.conditional_head import ConditionedDrafts
     from workers.drafters.successor_prior import SuccessorPrior
 
 
@@ -96,14 +95,13 @@ def chain(root: int, tokens: list[int]) -> TokenTree:
 
 
 def build_dynamic_tree(root: int, draft_logprobs: torch.Tensor, budget: int, top_k: int,
-                       prior: SuccessorPrior | ConditionedDrafts | None = None) -> TokenTree:
+                       prior: SuccessorPrior | None = None) -> TokenTree:
     """The `budget` nodes (root included) of highest path score, EAGLE-2 style.
 
     draft_logprobs: (max_depth, vocab) log-probabilities for depths 1..max_depth.
     Without `prior` every node at depth d - 1 has the same candidate children, the top_k
     drafts of depth d; with it (workers.drafters.successor_prior), each node's children
-    are the drafts of depth d rescored under that node's own token (with a conditional
-    head's step, workers.drafters.conditional_head, shifted by it too).
+    are the drafts of depth d rescored under that node's own token.
     Best-first search: the frontier holds each node's next-best unexpanded child and its
     next sibling, so every pop is the best remaining node and the result is a valid tree.
     """

@@ -94,7 +94,7 @@ def draft_head(model: Transformer, vocab_ids: torch.Tensor) -> torch.Tensor:
 
 
 class EagleDrafter:
-    """Drafts EAGLE-2 trees for runtime.decoding.tree_decoder.TreeDecoder, which feeds it the
+    """Drafts EAGLE-2 trees; as a proposer (workers.drafters.base.TreeProposer) it is fed the
     target's features (`feed`) after the prefill and after every step."""
 
     observed_top_k = 1
