@@ -27,8 +27,8 @@ from dataclasses import replace
 
 import torch
 
-from runtime.decoding.steps import Step, clip_step
 from runtime.batching.step_batcher import Lane
+from runtime.decoding.steps import Step, clip_step
 from workers.drafters.base import Proposal, Proposer
 from workers.drafters.pseudo_proposer import PseudoStateProposer
 from workers.kv_cache import KVCache
@@ -47,6 +47,8 @@ class SpeculativeDecoder:
         device, in the pass it shares with other replies' steps when a `lane` runs them."""
         self.model, self.cache, self.proposers, self.sizer, self.lane = model, cache, proposers, sizer, lane
         self.pseudo = next((p for p in proposers if isinstance(p, PseudoStateProposer)), None)
+        # A proposer that reads the target's features (EAGLE's `feed`) needs a tree step's hidden states.
+        self.reads_features = any(getattr(p, "feed", None) is not None for p in proposers)
         self.depth = self.pseudo.max_depth if self.pseudo else 0  # of the drafts the next step makes
         self.expected = 1.0  # tokens the next step is expected to commit (the sizer's estimate)
 
@@ -115,7 +117,7 @@ class SpeculativeDecoder:
         (as little Python as `ar`'s, which every reply of the pass waits for) unless a
         proposer reads the target's features, which only a tree step returns."""
         self.depth = 0
-        if any(getattr(p, "feed", None) is not None for p in self.proposers):
+        if self.reads_features:
             return self.unproposed(root, choose, index)
         logits = self.lane.decode(self.model, self.cache, root)
         token, margin = choose.choose(logits, index)

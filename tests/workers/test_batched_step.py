@@ -7,33 +7,17 @@ import dataclasses
 import pytest
 import torch
 
-from runtime.decoding.autoregressive import decode_one, prefill
+from runtime.decoding.autoregressive import decode_one
 from workers.batched_step import batched_forward, one_token, prompt_segment
 from workers.drafters.loading import load, shipped_weights
 from workers.kernels.choice import NATIVE
-from workers.loading import load_model
 from workers.model import set_kernels
 from workers.sampling import Greedy
 from workers.tree import TokenTree, chain
 from workers.tree_step import decoding_cache, prepare_tree_step
 
+from batched_passes import PROMPTS, model, prefilled  # noqa: F401 - model: a fixture
 from refined import with_refinement
-
-PROMPTS = [[1, 9, 400, 33], [7, 7, 7, 7, 7, 7, 7, 7, 7, 12], [2, 5000]]  # different lengths: different positions
-
-
-@pytest.fixture(scope="module", params=["float32", "bfloat16"])
-def model(request):
-    model, _ = load_model("default", getattr(torch, request.param), "cpu")
-    return model
-
-
-def prefilled(model, prompts):
-    caches = [decoding_cache(model, 64) for _ in prompts]
-    with torch.inference_mode():
-        for cache, ids in zip(caches, prompts):
-            prefill(model, cache, ids)
-    return caches
 
 
 def segments(model, caches):

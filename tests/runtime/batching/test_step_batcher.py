@@ -12,27 +12,12 @@ from runtime.batching import step_batcher
 from runtime.batching.step_batcher import StepBatcher
 from runtime.decoding.autoregressive import generate_ar, prefill, prefill_hidden
 from workers.kv_cache import CacheFullError
-from workers.loading import load_model
 from workers.sampling import Greedy, chooser
 from workers.tree import chain
 from workers.tree_sizing import Load
 from workers.tree_step import decoding_cache, prepare_tree_step
 
-PROMPTS = [[1, 9, 400, 33], [7, 7, 7, 7, 7, 7, 7, 7, 7, 12], [2, 5000]]  # different lengths: different positions
-
-
-@pytest.fixture(scope="module", params=["float32", "bfloat16"])
-def model(request):
-    model, _ = load_model("default", getattr(torch, request.param), "cpu")
-    return model
-
-
-def prefilled(model, prompts):
-    caches = [decoding_cache(model, 64) for _ in prompts]
-    with torch.inference_mode():
-        for cache, ids in zip(caches, prompts):
-            prefill(model, cache, ids)
-    return caches
+from batched_passes import PROMPTS, model, prefilled  # noqa: F401 - model: a fixture
 
 
 @pytest.mark.real_model
