@@ -1,4 +1,4 @@
-"""`leapfrog train`: the settings of one drafter training run (runtime.training.trainer)."""
+"""`leapfrog train`: the settings of one drafter training run (runtime.training.loop)."""
 
 from __future__ import annotations
 

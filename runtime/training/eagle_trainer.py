@@ -4,44 +4,41 @@ The data are the pseudo-state drafters' (runtime.training.distill, cached: Share
 training prompts with the model's own replies). Then:
 
   vocabulary  the `vocab` most frequent reply tokens of the training data (FR-Spec)
-  features    the target's last hidden states f over prompt + reply, computed once in the
-              training dtype (bfloat16 is what decoding feeds), several sequences a
-              forward, and cached beside OUT (OUT.features/, one file per 64 sequences:
-              a stop loses at most one)
-  training    AdamW on fc and the layer, float32, the target frozen, on the target's device,
-              `batch` sequences a step in one right-padded forward. Row q of a sequence
-              is [f_q ; e(x_{q+1})] (teacher features, as EAGLE-1), causal over the last
-              `context` prompt rows and the reply; its output o_q is scored by
+  features    the target's last hidden states f over prompt + reply, computed once and
+              cached beside OUT (runtime.training.feature_cache)
+  training    the one training loop (runtime.training.loop): AdamW on fc and the layer,
+              float32, the target frozen, on the target's device, `batch` sequences a
+              step in one right-padded forward, the gradient clipped to norm 1. Row q
+              of a sequence is [f_q ; e(x_{q+1})] (teacher features, as EAGLE-1), causal
+              over the last `context` prompt rows and the reply; its output o_q is scored by
                   CE(head(norm(o_q)), x_{q+2})  over reply targets in the draft vocabulary
                   + reg_weight * SmoothL1(o_q, f_{q+1})
               (EAGLE-1's two losses, its weights swapped: acceptance is what we want)
-  validation  depth-1 top-1 accuracy of the drafts on the validation replies
-The layer starts as a copy of the target's last layer, fc as [I, I]. Checkpoints every
-`checkpoint_every` steps; --resume continues from one.
+  validation  top-1 accuracy of the drafts on the validation replies at depth 1 and 2,
+              before the first step, every `eval_every` steps and at the end (not
+              counted in the training time)
+The layer starts as a copy of the target's last layer, fc as [I, I] (or from --init
+weights). Checkpoints every `checkpoint_every` steps; --resume continues from one.
 """
 
 from __future__ import annotations
 
-import json
-import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from configs.training import TrainConfig, TrainError
+from runtime.training.feature_cache import cached_features, feature_folder
+from runtime.training.loop import LoopSettings, Progress, train_loop, weights_paths
 from runtime.training.objective import PrefixKV
-from runtime.training.trainer import SequenceOrder, data_fingerprint, learning_rate, save_checkpoint, weights_paths
 from workers.drafters.eagle import EagleConfig, EagleModel, draft_head, signature
 from workers.model import AttentionContext, Transformer
 
 CONTEXT = 64  # prompt rows (before the reply) each training sequence keeps as context
 REG_WEIGHT = 0.1
-SHARD = 64  # sequences per feature file
-FEATURE_BATCH = (8, 64)  # sequences a feature forward: (CPU, GPU)
 
 
 def draft_vocabulary(examples: list[dict], size: int, vocab_size: int) -> tuple[torch.Tensor, float]:
@@ -58,51 +55,6 @@ def draft_vocabulary_coverage(examples: list[dict], vocab_ids: torch.Tensor) -> 
     vocab = set(vocab_ids.tolist())
     tokens = [t for e in examples for t in e["reply_ids"]]
     return sum(t in vocab for t in tokens) / max(len(tokens), 1)
-
-
-@torch.inference_mode()
-def features(model: Transformer, examples: list[dict]) -> list[torch.Tensor]:
-    """The target's last hidden states of each example (prompt + reply, dim), before the final
-    norm, in bfloat16 on the CPU: one right-padded causal forward for all of them (a real row
-    never sees the padding after it)."""
-    ids = [e["prompt_ids"] + e["reply_ids"] for e in examples]
-    n = max(len(i) for i in ids)
-    tokens = torch.tensor([i + [0] * (n - len(i)) for i in ids], device=model.device)
-    h = model.run_layers(model.embed(tokens), model.context(torch.arange(n, device=model.device)))
-    return [h[b, : len(i)].to(torch.bfloat16).cpu() for b, i in enumerate(ids)]
-
-
-def feature_folder(cfg: TrainConfig) -> Path:
-    """Where a run keeps its cached features (train/ and val/): beside its weights."""
-    return weights_paths(cfg.out)[0].with_suffix(".features")
-
-
-def cached_features(model: Transformer, examples: list[dict], folder: Path, progress: bool, log) -> list[torch.Tensor]:
-    """Features of every example, from `folder` where a shard is there, computed (and saved) otherwise."""
-    folder.mkdir(parents=True, exist_ok=True)
-    out: list[torch.Tensor] = []
-    computed = 0
-    per_pass = FEATURE_BATCH[model.device.type == "cuda"]
-    bar = tqdm(total=len(examples), desc="eagle features", unit="seq", disable=not progress)
-    for start in range(0, len(examples), SHARD):
-        chunk = examples[start : start + SHARD]
-        path = folder / f"{start // SHARD:05d}-{data_fingerprint(chunk)}.pt"
-        if path.is_file():
-            feats = torch.load(path, weights_only=True)
-        else:
-            order = sorted(range(len(chunk)), key=lambda i: len(chunk[i]["reply_ids"]) + len(chunk[i]["prompt_ids"]))
-            feats = [None] * len(chunk)
-            for first in range(0, len(order), per_pass):  # similar lengths together: little padding
-                part = order[first : first + per_pass]
-                for i, f in zip(part, features(model, [chunk[i] for i in part])):
-                    feats[i] = f
-            save_checkpoint(path, feats)
-            computed += len(chunk)
-        out += feats
-        bar.update(len(chunk))
-    bar.close()
-    log(f"[eagle] features of {len(out)} sequences in {folder}: {len(out) - computed} read, {computed} computed")
-    return out
 
 
 def start_model(model: Transformer, vocab_ids: torch.Tensor) -> EagleModel:
@@ -229,97 +181,82 @@ class RecordingKV:
         return k, v
 
 
-def train_eagle(model: Transformer, train_examples: list[dict], val_examples: list[dict], cfg: TrainConfig, log=print) -> dict:
-    """Train (or resume) the EAGLE peer; saves weights, summary JSON and checkpoint; returns the summary."""
-    train_examples = [e for e in train_examples if len(e["reply_ids"]) >= 2]
-    if not train_examples:
-        raise TrainError("no training example has a reply of at least 2 tokens")
-    out, summary_path, ckpt_path = weights_paths(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    model.requires_grad_(False)
-    torch.manual_seed(cfg.seed)
-    train_feats = cached_features(model, train_examples, feature_folder(cfg) / "train", cfg.progress, log)
-    val_feats = cached_features(model, val_examples, feature_folder(cfg) / "val", cfg.progress, log)
+class EagleTask:
+    """The training of the EAGLE peer as runtime.training.loop sees it: Objective's loss
+    (each reply target weighs the same) on cached features, validation before the first
+    step too, the gradient clipped to norm 1, a loss record each log line."""
 
-    resuming = cfg.resume and ckpt_path.is_file()
-    if cfg.init and not resuming:  # a checkpoint to resume replaces the start
-        eagle = EagleModel.load(cfg.init, model.args)
-        log(f"[eagle] started from {cfg.init}")
-    else:
-        eagle = start_model(model, draft_vocabulary(train_examples, cfg.vocab, model.args.vocab_size)[0])
-    eagle.to(model.device)
-    opt = torch.optim.AdamW(eagle.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    sampler = SequenceOrder(len(train_examples), generator)
-    step, elapsed, history, val_history = 0, 0.0, [], []
-    if resuming:
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        try:
-            if state["model"] != signature(model.args):
-                raise RuntimeError(f"saved for a model {state['model']}")
-            eagle.load_state_dict(state["eagle"])
-        except RuntimeError as e:
-            raise TrainError(f"{ckpt_path} does not fit this run: {e}") from None
-        opt.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        sampler.perm, sampler.cursor = state["perm"], state["cursor"]
-        step, elapsed, history, val_history = state["step"], state["elapsed"], state["history"], state["val_history"]
-        log(f"[eagle] resumed from {ckpt_path} at step {step}")
-    coverage = draft_vocabulary_coverage(train_examples, eagle.vocab_ids)
-    log(f"[eagle] draft vocabulary: {len(eagle.vocab_ids)} tokens cover {coverage:.1%} of the training replies")
-    objective = Objective(model, eagle)
+    def __init__(self, model: Transformer, train_examples: list[dict], val_examples: list[dict], cfg: TrainConfig, log):
+        self.model, self.cfg = model, cfg
+        self.examples, self.val_examples = [e for e in train_examples if len(e["reply_ids"]) >= 2], val_examples
+        if not self.examples:
+            raise TrainError("no training example has a reply of at least 2 tokens")
+        self.settings = LoopSettings(tag="eagle", micro_batch=cfg.batch, clip_grad_norm=1.0, validate_first=True,
+                                     time_validation=False, loss_history="log")
+        model.requires_grad_(False)
+        torch.manual_seed(cfg.seed)
+        self.train_feats = cached_features(model, self.examples, feature_folder(cfg) / "train", cfg.progress, log)
+        self.val_feats = cached_features(model, val_examples, feature_folder(cfg) / "val", cfg.progress, log)
+        resuming = cfg.resume and weights_paths(cfg.out)[2].is_file()
+        if cfg.init and not resuming:  # a checkpoint to resume replaces the start
+            self.eagle = EagleModel.load(cfg.init, model.args)
+            log(f"[eagle] started from {cfg.init}")
+        else:
+            self.eagle = start_model(model, draft_vocabulary(self.examples, cfg.vocab, model.args.vocab_size)[0])
+        self.eagle.to(model.device)
+        self.weights_in_place()
 
-    def checkpoint() -> None:
-        save_checkpoint(ckpt_path, {
-            "eagle": eagle.state_dict(), "optimizer": opt.state_dict(), "generator": generator.get_state(),
-            "perm": sampler.perm, "cursor": sampler.cursor, "step": step, "elapsed": elapsed, "history": history,
-            "val_history": val_history, "model": signature(model.args),
-        })  # fmt: skip
+    def weights_in_place(self) -> None:
+        """What follows from the draft vocabulary: its coverage and the objective's head."""
+        self.coverage = draft_vocabulary_coverage(self.examples, self.eagle.vocab_ids)
+        self.objective = Objective(self.model, self.eagle)
 
-    def validate() -> None:
-        if val_examples:
-            m = objective.accuracy(val_examples, val_feats)
-            val_history.append({"step": step, **m})
-            log(f"[eagle] step {step}: validation top-1 depth 1 {m['top1']:.3f}, depth 2 {m['top1_depth2']:.3f} "
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.eagle.parameters())
+
+    def loss(self, indices: list[int], generator: torch.Generator) -> tuple[torch.Tensor, int]:
+        return self.objective.loss([self.examples[i] for i in indices], [self.train_feats[i] for i in indices],
+                                   self.cfg.unroll)
+
+    def validate(self) -> dict | None:
+        return self.objective.accuracy(self.val_examples, self.val_feats) if self.val_examples else None
+
+    def describe(self, m: dict) -> str:
+        return (f"validation top-1 depth 1 {m['top1']:.3f}, depth 2 {m['top1_depth2']:.3f} "
                 f"(targets in the draft vocabulary {m['in_vocab']:.3f})")
 
-    if step == 0:
-        validate()
-    bar = tqdm(total=cfg.steps, initial=step, desc="eagle train", unit="step", disable=not cfg.progress)
-    window: list[float] = []
-    while step < cfg.steps:
-        t0 = time.monotonic()
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(cfg, step)
-        opt.zero_grad()
-        chosen = sampler.take(cfg.batch)
-        total, count = objective.loss([train_examples[i] for i in chosen], [train_feats[i] for i in chosen], cfg.unroll)
-        loss = total / max(count, 1)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(eagle.parameters(), 1.0)
-        opt.step()
-        step += 1
-        elapsed += time.monotonic() - t0
-        window.append(loss.item())
-        bar.update(1)
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            history.append({"step": step, "loss": sum(window) / len(window), "elapsed_s": elapsed})
-            log(f"[eagle] step {step}: loss {history[-1]['loss']:.3f} ({elapsed:.0f} s)")
-            window = []
-        if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
-            validate()
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            checkpoint()
-    bar.close()
-    summary = {
-        "kind": "eagle", "steps": step, "time_s": round(elapsed, 1), "parameters": eagle.parameter_count(),
-        "train_sequences": len(train_examples), "reply_tokens": sum(len(e["reply_ids"]) for e in train_examples),
-        "vocab": len(eagle.vocab_ids), "vocab_coverage": coverage, "batch": cfg.batch, "lr": cfg.lr, "unroll": cfg.unroll,
-        "init": cfg.init,
-        "history": history, "validation": val_history,
-    }  # fmt: skip
-    short = {k: summary[k] for k in ("steps", "time_s", "train_sequences", "reply_tokens", "vocab")}
-    eagle.save(out, extra={"training": short})
-    summary_path.write_text(json.dumps(summary, indent=1))
-    log(f"[eagle] wrote {out} and {summary_path} (resumable checkpoint: {ckpt_path})")
-    return summary
+    def started(self) -> str:
+        return (f"[eagle] {self.eagle.parameter_count():,} parameters; draft vocabulary: {len(self.eagle.vocab_ids)} "
+                f"tokens cover {self.coverage:.1%} of the training replies; {len(self.examples)} training / "
+                f"{len(self.val_examples)} validation sequences; {self.cfg.steps} steps of {self.cfg.batch}")
+
+    def checkpoint_state(self) -> dict:
+        return {"eagle": self.eagle.state_dict(), "model": signature(self.model.args)}
+
+    def restore(self, state: dict, path: Path) -> None:
+        try:
+            if state["model"] != signature(self.model.args):
+                raise RuntimeError(f"saved for a model {state['model']}")
+            self.eagle.load_state_dict(state["eagle"])
+        except RuntimeError as e:
+            raise TrainError(f"{path} does not fit this run: {e}") from None
+        self.weights_in_place()  # the checkpoint's vocabulary
+
+    def summary(self, progress: Progress, final: dict | None) -> dict:
+        cfg = self.cfg
+        return {
+            "kind": "eagle", "steps": progress.step, "time_s": round(progress.elapsed, 1),
+            "parameters": self.eagle.parameter_count(), "train_sequences": len(self.examples),
+            "reply_tokens": sum(len(e["reply_ids"]) for e in self.examples), "vocab": len(self.eagle.vocab_ids),
+            "vocab_coverage": self.coverage, "batch": cfg.batch, "lr": cfg.lr, "unroll": cfg.unroll, "init": cfg.init,
+            "history": progress.history, "validation": progress.val_history,
+        }  # fmt: skip
+
+    def save(self, path: Path, summary: dict) -> None:
+        short = {k: summary[k] for k in ("steps", "time_s", "train_sequences", "reply_tokens", "vocab")}
+        self.eagle.save(path, extra={"training": short})
+
+
+def train_eagle(model: Transformer, train_examples: list[dict], val_examples: list[dict], cfg: TrainConfig, log=print) -> dict:
+    """Train (or resume) the EAGLE peer; saves weights, summary JSON and checkpoint; returns the summary."""
+    return train_loop(EagleTask(model, train_examples, val_examples, cfg, log), cfg, log)

@@ -1,5 +1,5 @@
 """The training objective of pseudo-state drafters, and their validation metrics
-(runtime.training.trainer runs the optimisation).
+(runtime.training.trainer brings them to the one training loop, runtime.training.loop).
 
 Any kind of workers.drafters.pseudo_states trains with the same data and loss:
 hidden transfer (`--drafter ht`, at --layer L), Medusa heads (`medusa`, L = N) and PaSS

@@ -1,30 +1,26 @@
 """Train pseudo-state drafters by distillation (`leapfrog train --drafter ht|medusa|pass`).
 
-`run` loads the model, builds the data (runtime.training.distill, cached: ShareGPT
-training prompts with the model's own greedy replies, `--data self`, or with ShareGPT's
-replies, `--data sharegpt`; validation always uses the model's own replies, the text
-decoding drafts for) and trains; `train` is the optimisation:
-AdamW on the drafter's parameters only (the backbone is frozen) with the loss of
-runtime.training.objective, sequences in seeded shuffled epochs, a cosine or constant
-learning rate, validation every `eval_every` steps, and a checkpoint every
-`checkpoint_every` steps that `--resume` continues from (same order of sequences, same
-optimizer state). It writes the weights (a .safetensors file that
-workers.drafters.loading reads), a JSON summary beside them and the checkpoint.
+runtime.training.command loads the model and builds the data (runtime.training.distill,
+cached: ShareGPT training prompts with the model's own greedy replies, `--data self`, or
+with ShareGPT's replies, `--data sharegpt`; validation always uses the model's own
+replies, the text decoding drafts for). Here is what these drafters bring to the one
+training loop (runtime.training.loop): the drafter to train (`drafter_config`, maybe
+started from --init weights, some of them kept fixed), the loss of
+runtime.training.objective on the drafter's parameters only (the backbone is frozen), its
+validation, its checkpoint entries and its summary. It writes the weights (a
+.safetensors file that workers.drafters.loading reads), a JSON summary beside them and
+the checkpoint that `--resume` continues from.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import math
-import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from configs.training import TrainConfig, TrainError
+from runtime.training.loop import LoopSettings, Progress, train_loop
 from runtime.training.objective import evaluate, format_eval, pack_loss, usable
 from workers.drafters.loading import build, load
 from workers.drafters.pseudo_states import PseudoStateConfig, PseudoStateDrafter, check_layer, model_signature
@@ -59,48 +55,103 @@ def start_from(ht: PseudoStateDrafter, path: str, args, log) -> list[str]:
     return copied
 
 
-def weights_paths(out: str | Path) -> tuple[Path, Path, Path]:
-    """(weights, summary JSON, resumable checkpoint) for --out: x.safetensors -> x.json, x.ckpt.pt."""
-    out = Path(out)
-    return out, out.with_suffix(".json"), out.with_suffix(".ckpt.pt")
+class PseudoStateTask:
+    """The training of a pseudo-state drafter as runtime.training.loop sees it: the loss of
+    runtime.training.objective (each sequence weighs the same; `pack` of them a forward),
+    validation every `eval_every` steps and at the end (counted in the run's time), no
+    gradient clipping, every step's loss in the summary."""
 
+    def __init__(self, model: Transformer, train_examples: list[dict], val_examples: list[dict], cfg: TrainConfig, log):
+        args = model.args
+        self.model, self.cfg, self.config = model, cfg, drafter_config(cfg, args.n_layers)
+        self.examples, self.val_examples = usable(train_examples, cfg.k), usable(val_examples, cfg.k)
+        if not self.examples:
+            raise TrainError(f"no training example has a reply of at least k={cfg.k} tokens")
+        self.settings = LoopSettings(tag="train", micro_batch=cfg.pack)
+        model.requires_grad_(False)
+        torch.manual_seed(cfg.seed)
+        self.ht = build(self.config, args.dim).to(model.device)  # float32 whatever the backbone dtype
+        inherited = start_from(self.ht, cfg.init, args, log) if cfg.init else []  # a checkpoint to resume replaces them
+        self.frozen = inherited if cfg.freeze_init else []
+        for name, p in self.ht.named_parameters():
+            p.requires_grad_(name not in self.frozen)
+        if self.frozen:
+            if len(self.frozen) == len(list(self.ht.parameters())):
+                raise TrainError(f"--freeze-init: {cfg.init} holds every parameter of this drafter; nothing would learn")
+            log(f"[train] kept fixed: {', '.join(self.frozen)}")
 
-class SequenceOrder:
-    """Sequences in shuffled epochs, from a seeded generator (its state is checkpointed)."""
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.ht.parameters() if p.requires_grad]
 
-    def __init__(self, n: int, generator: torch.Generator):
-        self.n, self.generator = n, generator
-        self.perm = torch.randperm(n, generator=generator)
-        self.cursor = 0
+    def loss(self, indices: list[int], generator: torch.Generator) -> tuple[torch.Tensor, int]:
+        group = [self.examples[i] for i in indices]  # packed into one forward
+        return pack_loss(self.model, self.ht, group, self.cfg.positions_per_seq, generator) * len(group), len(group)
 
-    def take(self, count: int) -> list[int]:
-        out = []
-        while len(out) < count:
-            if self.cursor >= self.n:
-                self.perm, self.cursor = torch.randperm(self.n, generator=self.generator), 0
-            out.append(int(self.perm[self.cursor]))
-            self.cursor += 1
-        return out
+    def validate(self) -> dict | None:
+        return evaluate(self.model, self.ht, self.val_examples, self.cfg.val_positions) if self.val_examples else None
 
+    def describe(self, metrics: dict) -> str:
+        return format_eval(metrics)
 
-def learning_rate(cfg: TrainConfig, step: int) -> float:
-    if cfg.schedule == "constant" or cfg.steps <= 1:
-        return cfg.lr
-    frac = min(step / (cfg.steps - 1), 1.0)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+    def started(self) -> str:
+        cfg, args = self.cfg, self.model.args
+        return (
+            f"[train] {self.config.kind} drafter ({self.ht.parameter_count():,} parameters), "
+            f"layer {self.config.layer}/{args.n_layers}, k {cfg.k}, pseudo attention {cfg.pseudo_attention}; "
+            f"{len(self.examples)} training / {len(self.val_examples)} validation sequences; "
+            f"{cfg.steps} steps of {cfg.batch} x {cfg.positions_per_seq} positions, {cfg.pack} sequence(s) a forward"
+        )
 
+    def checkpoint_state(self) -> dict:
+        return {
+            "drafter": {name: t.detach().cpu() for name, t in self.ht.state_dict().items()},
+            "ht_config": dataclasses.asdict(self.config),
+            "model": model_signature(self.model.args),
+            "frozen": self.frozen,
+        }
 
-def data_fingerprint(examples: list[dict]) -> str:
-    h = hashlib.sha1()
-    for e in examples:
-        h.update(json.dumps([e.get("id"), len(e["prompt_ids"]), len(e["reply_ids"])]).encode())
-    return h.hexdigest()[:12]
+    def restore(self, state: dict, path: Path) -> None:
+        config, model = dataclasses.asdict(self.config), model_signature(self.model.args)
+        if (state["ht_config"], state["model"]) != (config, model):
+            raise TrainError(f"{path} was saved for {state['ht_config']} on {state['model']}; this run is {config} on {model}")
+        if state.get("frozen", []) != self.frozen:
+            raise TrainError(f"{path} was saved with {state.get('frozen', [])} kept fixed; this run keeps {self.frozen}")
+        self.ht.load_state_dict(state["drafter"])
 
+    def summary(self, progress: Progress, final: dict | None) -> dict:
+        cfg, history = self.cfg, progress.history
+        tail = history[-max(1, min(len(history), cfg.log_every)) :]  # the losses of the last log line
+        return {
+            "config": dataclasses.asdict(self.config),
+            "model": model_signature(self.model.args),
+            "checkpoint": cfg.checkpoint,
+            "dtype": cfg.dtype,
+            "distill_dtype": cfg.distill_dtype or cfg.dtype,
+            "parameters": self.ht.parameter_count(),
+            "frozen": self.frozen,  # the --init parameters kept fixed (--freeze-init)
+            "steps": progress.step,
+            "time_s": round(progress.elapsed, 1),
+            "examples": {
+                "train": len(self.examples),
+                "val": len(self.val_examples),
+                "train_reply_tokens": sum(len(e["reply_ids"]) for e in self.examples),
+            },
+            "training": {
+                k: getattr(cfg, k)
+                for k in (
+                    "data", "lr", "weight_decay", "schedule", "positions_per_seq", "batch", "pack", "seed",
+                    "max_new_tokens", "val_max_new_tokens", "max_prompt_tokens",
+                )
+            },
+            "final_train_loss": round(sum(tail) / len(tail), 6) if tail else None,
+            "val": final if final is not None else {"positions": 0},
+            "val_history": progress.val_history,
+            "loss_history": history,
+        }
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    def save(self, path: Path, summary: dict) -> None:
+        short = {k: v for k, v in summary.items() if k not in ("val_history", "loss_history", "config", "model")}
+        self.ht.save(path, self.model.args, extra={"training": short})
 
 
 def train(
@@ -111,157 +162,6 @@ def train(
     log=print,
 ) -> tuple[PseudoStateDrafter, dict]:
     """Train (or resume) the drafter; saves weights, summary JSON and checkpoint; returns both."""
-    args = model.args
-    ht_config = drafter_config(cfg, args.n_layers)
-    layer = ht_config.layer
-    train_examples, val_examples = usable(train_examples, cfg.k), usable(val_examples, cfg.k)
-    if not train_examples:
-        raise TrainError(f"no training example has a reply of at least k={cfg.k} tokens")
-    out, summary_path, ckpt_path = weights_paths(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-
-    model.requires_grad_(False)
-    torch.manual_seed(cfg.seed)
-    ht = build(ht_config, args.dim).to(model.device)  # float32 whatever the backbone dtype
-    inherited = start_from(ht, cfg.init, args, log) if cfg.init else []  # a checkpoint to resume replaces them
-    frozen = inherited if cfg.freeze_init else []
-    for name, p in ht.named_parameters():
-        p.requires_grad_(name not in frozen)
-    if frozen:
-        if len(frozen) == len(list(ht.parameters())):
-            raise TrainError(f"--freeze-init: {cfg.init} holds every parameter of this drafter; nothing would learn")
-        log(f"[train] kept fixed: {', '.join(frozen)}")
-    opt = torch.optim.AdamW([p for p in ht.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    sampler = SequenceOrder(len(train_examples), generator)
-    step, elapsed, history, val_history = 0, 0.0, [], []
-    fingerprint = data_fingerprint(train_examples)
-
-    if cfg.resume and ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if state["ht_config"] != dataclasses.asdict(ht_config) or state["model"] != model_signature(args):
-            raise TrainError(
-                f"{ckpt_path} was saved for {state['ht_config']} on {state['model']}; "
-                f"this run is {dataclasses.asdict(ht_config)} on {model_signature(args)}"
-            )
-        if state.get("frozen", []) != frozen:
-            raise TrainError(f"{ckpt_path} was saved with {state.get('frozen', [])} kept fixed; this run keeps {frozen}")
-        if state["data"] != fingerprint:
-            log(f"[train] warning: the training examples differ from those of {ckpt_path}")
-        ht.load_state_dict(state["drafter"])
-        opt.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        if state["data"] == fingerprint:
-            sampler.perm, sampler.cursor = state["perm"], state["cursor"]
-        step, elapsed = state["step"], state["elapsed"]
-        history, val_history = state["history"], state["val_history"]
-        log(f"[train] resumed from {ckpt_path} at step {step}")
-    elif cfg.resume:
-        log(f"[train] no checkpoint {ckpt_path}; starting from step 0")
-
-    def checkpoint() -> None:
-        save_checkpoint(
-            ckpt_path,
-            {
-                "drafter": {name: t.detach().cpu() for name, t in ht.state_dict().items()},
-                "optimizer": opt.state_dict(),
-                "generator": generator.get_state(),
-                "perm": sampler.perm,
-                "cursor": sampler.cursor,
-                "step": step,
-                "elapsed": elapsed,
-                "history": history,
-                "val_history": val_history,
-                "ht_config": dataclasses.asdict(ht_config),
-                "model": model_signature(args),
-                "data": fingerprint,
-                "frozen": frozen,
-            },
-        )
-
-    log(
-        f"[train] {ht_config.kind} drafter ({ht.parameter_count():,} parameters), layer {layer}/{args.n_layers}, "
-        f"k {cfg.k}, pseudo attention {cfg.pseudo_attention}; "
-        f"{len(train_examples)} training / {len(val_examples)} validation sequences; "
-        f"{cfg.steps} steps of {cfg.batch} x {cfg.positions_per_seq} positions, {cfg.pack} sequence(s) a forward"
-    )
-    bar = tqdm(total=cfg.steps, initial=min(step, cfg.steps), desc="train", unit="step", disable=not cfg.progress)
-    say = bar.write if cfg.progress else log  # log lines above the bar while it shows
-    window: list[float] = []
-    try:
-        while step < cfg.steps:
-            t0 = time.perf_counter()
-            for group in opt.param_groups:
-                group["lr"] = learning_rate(cfg, step)
-            opt.zero_grad(set_to_none=True)
-            total = 0.0
-            taken = sampler.take(cfg.batch)
-            for start in range(0, cfg.batch, cfg.pack):  # `pack` sequences share a forward
-                group = [train_examples[i] for i in taken[start : start + cfg.pack]]
-                loss = pack_loss(model, ht, group, cfg.positions_per_seq, generator)
-                (loss * len(group) / cfg.batch).backward()
-                total += loss.item() * len(group)
-            loss_value = total / cfg.batch
-            if not math.isfinite(loss_value):
-                raise TrainError(f"the loss is {loss_value} at step {step + 1}; try a lower --lr")
-            opt.step()
-            step += 1
-            history.append(round(loss_value, 6))
-            window.append(loss_value)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}")
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                mean = sum(window) / len(window)
-                say(f"[train] step {step}/{cfg.steps}  loss {mean:.4f}  lr {learning_rate(cfg, step - 1):.2e}")
-                window = []
-            if val_examples and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                metrics = evaluate(model, ht, val_examples, cfg.val_positions)
-                val_history.append({"step": step, **metrics})
-                say(f"[train] step {step}  {format_eval(metrics)}")
-            elapsed += time.perf_counter() - t0
-            if step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                checkpoint()
-    finally:
-        bar.close()
-
-    t0 = time.perf_counter()
-    final = evaluate(model, ht, val_examples, cfg.val_positions) if val_examples else {"positions": 0}
-    elapsed += time.perf_counter() - t0
-    if not val_history or val_history[-1]["step"] != step:
-        val_history.append({"step": step, **final})
-    log(f"[train] final ({step} steps, {elapsed:.0f}s)  {format_eval(final)}")
-    checkpoint()
-
-    tail = history[-max(1, min(len(history), cfg.log_every)) :]
-    summary = {
-        "config": dataclasses.asdict(ht_config),
-        "model": model_signature(args),
-        "checkpoint": cfg.checkpoint,
-        "dtype": cfg.dtype,
-        "distill_dtype": cfg.distill_dtype or cfg.dtype,
-        "parameters": ht.parameter_count(),
-        "frozen": frozen,  # the --init parameters kept fixed (--freeze-init)
-        "steps": step,
-        "time_s": round(elapsed, 1),
-        "examples": {
-            "train": len(train_examples),
-            "val": len(val_examples),
-            "train_reply_tokens": sum(len(e["reply_ids"]) for e in train_examples),
-        },
-        "training": {
-            k: getattr(cfg, k)
-            for k in (
-                "data", "lr", "weight_decay", "schedule", "positions_per_seq", "batch", "pack", "seed", "max_new_tokens",
-                "val_max_new_tokens", "max_prompt_tokens",
-            )
-        },
-        "final_train_loss": round(sum(tail) / len(tail), 6) if tail else None,
-        "val": final,
-        "val_history": val_history,
-        "loss_history": history,
-    }
-    short = {k: v for k, v in summary.items() if k not in ("val_history", "loss_history", "config", "model")}
-    ht.save(out, args, extra={"training": short})
-    summary_path.write_text(json.dumps(summary, indent=1))
-    log(f"[train] wrote {out} and {summary_path} (resumable checkpoint: {ckpt_path})")
-    return ht, summary
+    task = PseudoStateTask(model, train_examples, val_examples, cfg, log)
+    summary = train_loop(task, cfg, log)
+    return task.ht, summary

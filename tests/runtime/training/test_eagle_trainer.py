@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from configs.training import TrainConfig, TrainError
-from runtime.training.eagle_trainer import Objective, draft_vocabulary, features, start_model, train_eagle
-from runtime.training.trainer import weights_paths
+from runtime.training.eagle_trainer import Objective, draft_vocabulary, start_model, train_eagle
+from runtime.training.feature_cache import features
+from runtime.training.loop import weights_paths
 from workers.drafters.eagle import EagleDrafter, EagleModel
 
 from tiny_training import examples, model, tiny_folder  # noqa: F401 - fixtures

@@ -25,7 +25,8 @@ from runtime.training.objective import (
     pack_loss,
     target_logits,
 )
-from runtime.training.trainer import train, weights_paths
+from runtime.training.loop import weights_paths
+from runtime.training.trainer import train
 from workers.drafters.hidden_transfer import HiddenTransfer
 from workers.drafters.loading import build, load
 from workers.drafters.pseudo_forward import run_to_end
