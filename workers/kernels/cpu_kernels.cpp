@@ -3,7 +3,8 @@
 //
 //   thread_pool.h  the kernels' own pool and parallel_for (outside the main thread)
 //   products.h     linear (few rows, weights streamed once) and prompt_linear (many rows;
-//                  AMX tiles from amx_gemm.h where the CPU has them)
+//                  AMX tiles from amx_gemm.h where the CPU has them); row_tiles.h, the
+//                  walk over rows and weight rows, compiled there once per target
 //   norms.h        rms_norm, rotary_
 //   attention.h    attention in float32, AVX2 or 16 AVX-512 lanes
 //   layer.h        decoder_layer and ragged_decoder_layer: a whole layer through the above

@@ -41,6 +41,13 @@ inline float hsum(__m256 v) {
 inline float to_float(float v) { return v; }
 inline float to_float(at::BFloat16 v) { return static_cast<float>(v); }
 
+// Weight rows are taken against all n rows of x in tiles of kRowTile rows (row_tiles.h): a
+// tile of x stays in L2 while the weight rows pass by (a 300-token prompt's x would not).
+constexpr int64_t kRowTile = 64;
+
+// The float32 path (AVX2 FMA on weights widened to float32).
+namespace avx2 {
+
 // R rows of x against C weight rows: R * C accumulators stay in registers.
 template <int R, int C, typename W>
 inline void block(const float* x, int64_t ldx, const W* w, int64_t k, float* y, int64_t ldy) {
@@ -77,46 +84,9 @@ inline void block(const float* x, int64_t ldx, const W* w, int64_t k, float* y, 
     }
 }
 
-// Weight rows [j0, j1) against all n rows of x, in tiles of kRowTile rows: a tile of x
-// stays in L2 while the weight rows pass by (a 300-token prompt's x would not), and each
-// block of C weight rows stays in L1 while every row of the tile meets it.
-constexpr int64_t kRowTile = 64;
+#include "row_tiles.h"
 
-// The last rows of a tile (fewer than R) together: their dot products are independent
-// chains of FMAs that overlap (one row at a time waits on each FMA's latency).
-template <int C, int Rest, typename W>
-inline void rest_rows(const float* x, int64_t rows, const W* w, int64_t k, float* y, int64_t m) {
-  if constexpr (Rest > 0) {
-    if (rows == Rest) return block<Rest, C>(x, k, w, k, y, m);
-    rest_rows<C, Rest - 1>(x, rows, w, k, y, m);
-  }
-}
-
-template <int R, int C, typename W>
-void columns(const float* x, int64_t n, const W* w, int64_t k, float* y, int64_t m, int64_t j0, int64_t j1) {
-  for (int64_t r0 = 0; r0 < n; r0 += kRowTile) {
-    const int64_t r1 = std::min(n, r0 + kRowTile);
-    for (int64_t j = j0; j < j1; j += C) {
-      const W* wj = w + j * k;
-      int64_t r = r0;
-      if (j + C <= j1) {
-        for (; r + R <= r1; r += R) block<R, C>(x + r * k, k, wj, k, y + r * m + j, m);
-        rest_rows<C, R - 1>(x + r * k, r1 - r, wj, k, y + r * m + j, m);
-      } else {  // the last few weight rows, one at a time
-        for (int64_t jj = j; jj < j1; ++jj)
-          for (int64_t rr = r0; rr < r1; ++rr) block<1, 1>(x + rr * k, k, w + jj * k, k, y + rr * m + jj, m);
-      }
-    }
-  }
-}
-
-template <int R, int C, typename W>
-void linear_blocks(const float* x, int64_t n, const W* w, int64_t k, float* y, int64_t m) {
-  // Threads split the weight rows (parallel_for: the kernels' own pool). Grain: enough rows
-  // per task that scheduling costs little.
-  const int64_t grain = std::max<int64_t>(64, (int64_t(1) << 16) / std::max<int64_t>(k, 1)) / C * C;
-  parallel_for(0, m, grain, [&](int64_t j0, int64_t j1) { columns<R, C>(x, n, w, k, y, m, j0, j1); });
-}
+}  // namespace avx2
 
 template <typename W>
 void linear_impl(const float* x, int64_t n, const W* w, int64_t k, float* y, int64_t m) {
@@ -130,11 +100,11 @@ void linear_impl(const float* x, int64_t n, const W* w, int64_t k, float* y, int
   // vectors of the 16 AVX2 registers. Either way each output is the same dot product,
   // summed in the same order.
   if (n <= 4) {
-    linear_blocks<4, 1>(x, n, w, k, y, m);
+    avx2::linear_blocks<4, 1>(x, n, w, k, y, m);
   } else if (n <= 6) {
-    linear_blocks<6, 2>(x, n, w, k, y, m);
+    avx2::linear_blocks<6, 2>(x, n, w, k, y, m);
   } else {
-    linear_blocks<4, 3>(x, n, w, k, y, m);
+    avx2::linear_blocks<4, 3>(x, n, w, k, y, m);
   }
 }
 
@@ -147,14 +117,15 @@ void linear_impl(const float* x, int64_t n, const W* w, int64_t k, float* y, int
 // which rows share the call. The sums differ in rounding from the AVX2 path's, so one
 // engine takes one path for every call (use_avx512).
 //
-// rest_rows_bf16 and columns_bf16 repeat rest_rows and columns: code compiled for
-// AVX512 cannot be shared with the path that runs on CPUs without it (GCC inlines a
-// target-specific intrinsic only into a function compiled for that target).
+// The same row tiles (row_tiles.h) are compiled again here, for AVX512: GCC inlines a
+// target-specific intrinsic only into a function compiled for that target.
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16")
 
+namespace avx512 {
+
 template <int R, int C>
-inline void block_bf16(const at::BFloat16* x, int64_t ldx, const at::BFloat16* w, int64_t k, float* y, int64_t ldy) {
+inline void block(const at::BFloat16* x, int64_t ldx, const at::BFloat16* w, int64_t k, float* y, int64_t ldy) {
   __m512 acc[R][C];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
@@ -183,39 +154,11 @@ inline void block_bf16(const at::BFloat16* x, int64_t ldx, const at::BFloat16* w
     for (int c = 0; c < C; ++c) y[r * ldy + c] = _mm512_reduce_add_ps(acc[r][c]);
 }
 
-template <int C, int Rest>
-inline void rest_rows_bf16(const at::BFloat16* x, int64_t rows, const at::BFloat16* w, int64_t k, float* y, int64_t m) {
-  if constexpr (Rest > 0) {
-    if (rows == Rest) return block_bf16<Rest, C>(x, k, w, k, y, m);
-    rest_rows_bf16<C, Rest - 1>(x, rows, w, k, y, m);
-  }
-}
+#include "row_tiles.h"
 
-template <int R, int C>
-void columns_bf16(const at::BFloat16* x, int64_t n, const at::BFloat16* w, int64_t k, float* y, int64_t m, int64_t j0, int64_t j1) {
-  for (int64_t r0 = 0; r0 < n; r0 += kRowTile) {
-    const int64_t r1 = std::min(n, r0 + kRowTile);
-    for (int64_t j = j0; j < j1; j += C) {
-      const at::BFloat16* wj = w + j * k;
-      int64_t r = r0;
-      if (j + C <= j1) {
-        for (; r + R <= r1; r += R) block_bf16<R, C>(x + r * k, k, wj, k, y + r * m + j, m);
-        rest_rows_bf16<C, R - 1>(x + r * k, r1 - r, wj, k, y + r * m + j, m);
-      } else {  // the last few weight rows, one at a time
-        for (int64_t jj = j; jj < j1; ++jj)
-          for (int64_t rr = r0; rr < r1; ++rr) block_bf16<1, 1>(x + rr * k, k, w + jj * k, k, y + rr * m + jj, m);
-      }
-    }
-  }
-}
+}  // namespace avx512
 
 #pragma GCC pop_options
-
-template <int R, int C>
-void linear_blocks_bf16(const at::BFloat16* x, int64_t n, const at::BFloat16* w, int64_t k, float* y, int64_t m) {
-  const int64_t grain = std::max<int64_t>(64, (int64_t(1) << 16) / std::max<int64_t>(k, 1)) / C * C;
-  parallel_for(0, m, grain, [&](int64_t j0, int64_t j1) { columns_bf16<R, C>(x, n, w, k, y, m, j0, j1); });
-}
 
 void linear_bf16(const at::BFloat16* x, int64_t n, const at::BFloat16* w, int64_t k, float* y, int64_t m) {
   // 1-8 rows: one weight row at a time (the fewest weight streams; 1-4 rows are
@@ -224,11 +167,11 @@ void linear_bf16(const at::BFloat16* x, int64_t n, const at::BFloat16* w, int64_
   // 8 rows 13.5 / 10.8 / 13.5 / 12.9; 16 rows 18.4 / 16.8 / 18.4 / 15.2; 32 rows
   // 28.4 / 35.1 / 28.4 / 26.0.
   if (n <= 4) {
-    linear_blocks_bf16<4, 1>(x, n, w, k, y, m);
+    avx512::linear_blocks<4, 1>(x, n, w, k, y, m);
   } else if (n <= 8) {
-    linear_blocks_bf16<8, 1>(x, n, w, k, y, m);
+    avx512::linear_blocks<8, 1>(x, n, w, k, y, m);
   } else {
-    linear_blocks_bf16<8, 2>(x, n, w, k, y, m);
+    avx512::linear_blocks<8, 2>(x, n, w, k, y, m);
   }
 }
 
