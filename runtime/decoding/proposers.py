@@ -66,7 +66,8 @@ def build_proposer(name: str, engine) -> tuple[object, dict | None]:
         return early_exit_proposer(engine), None
     if name == "token-recycling":
         c = engine.drafters.token_recycling
-        return TreeProposer(TokenRecyclingDrafter(engine.model.args.vocab_size, c.top_k, c.budget)), None
+        drafter = TokenRecyclingDrafter(engine.model.args.vocab_size, c.top_k, c.budget)
+        return TreeProposer(drafter, from_root_token=True), None
     if name == "pld":
         c = engine.drafters.pld
         return LookupChain(PromptLookupDrafter(c.min_ngram, c.max_ngram, c.depth)), None

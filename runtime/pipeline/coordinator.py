@@ -41,13 +41,15 @@ import torch
 
 from configs.schema import DrafterConfigs, PipelineConfig, SamplingConfig
 from runtime.decoding.steps import Step, clip_step
-from runtime.pipeline.launch_trees import Drafts, LaunchSizer, build_launch_tree, predict_from_drafts
+from runtime.pipeline.launch_trees import (Drafts, LaunchSizer, build_launch_tree, observe_commit, predict_from_drafts,
+                                           reply_proposers)
 from runtime.pipeline.metrics import Metrics
 from runtime.pipeline.reply_state import Launch, ReplyState, WorkerCache, can_extend, hypotheses, next_trunk, subtree_paths
 from runtime.pipeline.transport import Transport, WorkerFailed
 from workers.decode_worker import OBSERVED_TOP_K
-from workers.drafters.token_recycling import TokenRecyclingDrafter
+from workers.drafters.base import TreeProposer
 from workers.drafters.successor_prior import SuccessorPrior
+from workers.drafters.token_recycling import TokenRecyclingDrafter
 from workers.messages import DraftRequest, DraftResult, Prediction, StepRequest, StepResult
 
 RESTART_ATTEMPTS = 3
@@ -74,6 +76,7 @@ class Coordinator:
         # The target's best next tokens after each token, refreshed by every step and kept
         # across requests (token recycling): bonus-token candidates and continuations.
         self.recycling = TokenRecyclingDrafter(vocab_size, OBSERVED_TOP_K, max(config.continuation_budget, 1))
+        self.recycled = TreeProposer(self.recycling, from_root_token=True)
         self.aborts: set[asyncio.Future] = set()
         self.current: ReplyState | None = None  # one request at a time: the workers' caches are its
         self.lock = asyncio.Lock()
@@ -106,6 +109,8 @@ class Coordinator:
         greedy = sampling is None or sampling.greedy
         req = ReplyState(self._id(), list(prompt_ids), len(prompt_ids), max_new_tokens, set(stop_ids),
                          None if greedy else asdict(sampling))
+        pld = self.drafters.pld if self.config.lookup else None
+        req.proposers, req.continuation = reply_proposers(prompt_ids, self.drafters.ht, pld, self.prior, self.recycled)
         start = time.perf_counter()
         await self.lock.acquire()
         self.current = req
@@ -197,11 +202,13 @@ class Coordinator:
         tokens, margins, done = clip_step(
             full[len(req.seq) :], result.margins[skip:], req.produced, req.max_new_tokens, req.stop_ids
         )
+        drafts = Drafts(len(full) - 1, result.draft_tokens, result.draft_logprobs) if result.draft_tokens else None
+        observe_commit(req.proposers, req.seq[-1], tokens, margins, drafts.after(len(full) - 1, self.vocab) if drafts else None)
         req.seq += tokens
         m.count_tokens(len(tokens), launch.spawned, first, result.forward_s)
         req.done = done
-        if result.draft_tokens:
-            req.drafts = Drafts(len(full) - 1, result.draft_tokens, result.draft_logprobs)
+        if drafts is not None:
+            req.drafts = drafts
         for other in list(req.launches.values()):
             if not can_extend(other, req.seq):  # built on a refuted prediction: roll back
                 req.launches.pop(other.step_id)
@@ -268,12 +275,10 @@ class Coordinator:
 
     def _launch(self, req: ReplyState, worker: int, trunk: list[int], alternatives: list[int], parent: Launch | None) -> None:
         c = self.config
-        chain = req.chain[len(req.seq) :][: c.max_chain] if req.chain[: len(req.seq)] == req.seq else []
+        drafted = req.chain[len(req.seq) :][: c.max_chain] if req.chain[: len(req.seq)] == req.seq else []
         covered = subtree_paths(parent, req.seq) if parent is not None else []
-        plan = build_launch_tree(
-            req.seq, trunk, alternatives, req.drafts, covered + ([chain] if chain else []), self.drafters.ht,
-            self.drafters.pld if c.lookup else None, c.continuation_budget, self.vocab, self.recycling, self.prior,
-        )
+        plan = build_launch_tree(req.seq, trunk, alternatives, covered + ([drafted] if drafted else []), req.proposers,
+                                 req.continuation, c.continuation_budget, self.drafters.ht.pseudo_nodes)
         if self.sizing is not None:
             plan = self.sizing.size(plan, len(req.seq))
         keep = min(self.cached[worker].reusable(req.seq, every_layer=True), len(req.seq) - 1)

@@ -1,21 +1,22 @@
-"""The token tree of one pipelined step (runtime.pipeline.coordinator), built from what the
-coordinator knows when it launches the step:
+"""The token tree of one pipelined step (runtime.pipeline.coordinator), built by the
+proposers (workers.drafters.base) from what the coordinator knows when it launches it:
 
-  drafts       the newest hidden-transfer drafts, candidates per depth for the
-               positions after the token they were drafted at (`Drafts.anchor`)
-  trunk        predicted tokens after the root: the walk that the steps still in
-               flight are expected to commit (their Predictions), bonus tokens included
-  alternatives other likely tokens in place of the trunk's last one
-  chains       drafts from elsewhere (prompt lookup, the asynchronous drafter, the
-               tree of the step in flight)
-  recycling    token recycling's table of the target's next tokens after each token
+  proposers     the reply's proposers at the last committed token, in order, as in the
+                single-worker loop: the drafts of the newest verified pass (PassDrafts),
+                the prompt-lookup chain
+  chains        paths from elsewhere (the asynchronous drafter, the tree of the step in flight)
+  trunk         predicted tokens after the root: the walk that the steps still in
+                flight are expected to commit (their Predictions), bonus tokens included
+  alternatives  other likely tokens in place of the trunk's last one
+  continuation  proposers again, each at the trunk's last token, a predicted root
+                (Proposal.ahead): token recycling, the drafts, the lookup chain
 
 The tree is rooted at the last committed token:
 
-  root ── ht tree from the drafts, each node's children rescored under its token by
-    │      the successor prior when there is one (prompt-lookup and drafter chains grafted on)
-    └── trunk ... e ── continuation: token recycling's tree after e, the drafts
-              │        for the positions after e, the prompt-lookup chain after it
+  root ── the proposers' tree (chains grafted on)
+    │
+    └── trunk ... e ── continuation: each continuation proposer's tree after e
+              │
               └── alternatives to e (leaves)
 
 Every node is verified by the worker from the committed root, so a wrong trunk costs
@@ -31,10 +32,13 @@ from dataclasses import dataclass, field
 import torch
 
 from configs.schema import PldConfig, PseudoStateModeConfig
-from workers.drafters.prompt_lookup import lookup
+from workers.drafters.base import LookupChain, Proposal, Proposer
+from workers.drafters.prompt_lookup import PromptLookupDrafter
+from workers.drafters.pseudo_proposer import PassDrafts
 from workers.drafters.successor_prior import SuccessorPrior
 from workers.drafters.token_recycling import TokenRecyclingDrafter
-from workers.tree import TokenTree, build_dynamic_tree, graft_chain, root_only
+from workers.tree import TokenTree, chain, graft_chain, root_only
+from workers.tree_step import StepOutcome
 from workers.tree_sizing import TreeSizer
 
 
@@ -74,24 +78,47 @@ def merge_below(tree: TokenTree, node: int, subtree: TokenTree) -> None:
         graft_chain(tree, [subtree.tokens[i] for i in subtree.path_to(leaf)[1:]], None, at=node)
 
 
+def reply_proposers(prompt_ids: list[int], ht: PseudoStateModeConfig, pld: PldConfig | None,
+                    prior: SuccessorPrior | None, recycled: Proposer) -> tuple[list[Proposer], dict[str, Proposer]]:
+    """A reply's proposers, started on its prompt: at the root, the newest pass's drafts and,
+    with `pld`, the prompt-lookup chain; after the trunk (name -> proposer), token
+    recycling (`recycled`, whose table the coordinator keeps across replies) and the same two."""
+    drafts = PassDrafts(ht, prior)
+    proposers, continuation = [drafts], {"recycled": recycled, "drafted": drafts}
+    if pld is not None:
+        lookup = LookupChain(PromptLookupDrafter(pld.min_ngram, pld.max_ngram, pld.depth))
+        proposers.append(lookup)
+        continuation["lookup after"] = lookup
+    for proposer in proposers:
+        proposer.start(prompt_ids[:-1])  # the last comes back as the first launch's root
+    return proposers, continuation
+
+
+def observe_commit(proposers: list[Proposer], root: int, tokens: list[int], margins: list[float],
+                   drafts: torch.Tensor | None) -> None:
+    """`tokens` were committed after `root`: the proposers see them as one step from it, with
+    `drafts` (depth, vocab) after them: the workers' candidates' log-probabilities, -inf elsewhere."""
+    outcome = StepOutcome(list(range(len(tokens))), tokens, margins, None, None, drafts)
+    for proposer in proposers:
+        proposer.observe(chain(root, tokens[:-1]), outcome.path, outcome)
+
+
 def build_launch_tree(
     committed: list[int],
     trunk: list[int],
     alternatives: list[int],
-    drafts: Drafts | None,
     chains: list[list[int]],
-    ht: PseudoStateModeConfig,
-    pld: PldConfig | None,
+    proposers: list[Proposer],
+    continuation: dict[str, Proposer],
     continuation_budget: int,
-    vocab: int,
-    recycling: TokenRecyclingDrafter | None = None,
-    prior: SuccessorPrior | None = None,
+    pseudo_count: int,
 ) -> LaunchTree:
-    root_index = len(committed) - 1
-    at_root = drafts.after(root_index, vocab) if drafts else None
-    tree = (root_only(committed[-1]) if at_root is None
-            else build_dynamic_tree(committed[-1], at_root, ht.budget, ht.top_k, prior))
-    slots: dict[int, Hashable] = {}
+    """`continuation`: name -> proposer; the name labels the slots of its nodes below the
+    trunk for the sizer. `pseudo_count`: the nodes that get pseudo states ([ht] pseudo_nodes)."""
+    proposal = Proposal(root_only(committed[-1]))
+    for proposer in proposers:
+        proposer.propose(proposal)
+    tree, slots, at_root = proposal.tree, dict(proposal.slots), proposal.logprobs
 
     def grafted(origin: str, below: int, graft) -> None:
         """Run `graft`; label the nodes it adds with their origin and depth below `below`."""
@@ -100,27 +127,19 @@ def build_launch_tree(
         for node in range(start, len(tree)):
             slots[node] = (origin, tree.depths[node] - tree.depths[below])
 
-    for chain in chains:
-        grafted("chain", 0, lambda: graft_chain(tree, chain, at_root))
-    if pld is not None:
-        grafted("lookup", 0, lambda: graft_chain(tree, lookup(committed, pld.min_ngram, pld.max_ngram, pld.depth), at_root))
+    for path in chains:
+        grafted("chain", 0, lambda: graft_chain(tree, path, at_root))
     end = 0
     if trunk:
         for rank, alternative in enumerate(alternatives):
             grafted(f"alternative {rank}", 0, lambda: graft_chain(tree, [*trunk[:-1], alternative], at_root))
         graft_chain(tree, trunk, at_root)
         end = tree.walk(trunk)
-        after = drafts.after(root_index + len(trunk), vocab) if drafts else None
-        if continuation_budget > 1:
-            if recycling is not None:
-                grafted("recycled", end, lambda: merge_below(tree, end, recycling.propose(trunk[-1])))
-            if after is not None:
-                grafted("drafted", end, lambda: merge_below(
-                    tree, end, build_dynamic_tree(trunk[-1], after, continuation_budget, ht.top_k, prior)))
-        if pld is not None:
-            grafted("lookup after", end,
-                    lambda: graft_chain(tree, lookup(committed + trunk, pld.min_ngram, pld.max_ngram, pld.depth), None, at=end))
-    return LaunchTree(tree, pseudo_nodes(tree, end, ht.pseudo_nodes), end, slots)
+        for origin, proposer in continuation.items():
+            after = Proposal(root_only(trunk[-1]), ahead=[committed[-1], *trunk[:-1]], budget=continuation_budget)
+            proposer.propose(after)
+            grafted(origin, end, lambda: merge_below(tree, end, after.tree))
+    return LaunchTree(tree, pseudo_nodes(tree, end, pseudo_count), end, slots)
 
 
 def pseudo_nodes(tree: TokenTree, end: int, count: int) -> list[int]:

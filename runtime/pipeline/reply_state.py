@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from runtime.pipeline.launch_trees import Drafts, LaunchTree
 from runtime.pipeline.metrics import Metrics
+from workers.drafters.base import Proposer
 from workers.messages import Prediction, StepRequest
 
 
@@ -38,7 +39,11 @@ class ReplyState:
     stop_ids: set[int]
     sampling: dict | None
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    drafts: Drafts | None = None
+    # The proposers of its launch trees (runtime.pipeline.launch_trees): at the committed root,
+    # and after a predicted trunk (name -> proposer); each sees the committed tokens.
+    proposers: list[Proposer] = field(default_factory=list)
+    continuation: dict[str, Proposer] = field(default_factory=dict)
+    drafts: Drafts | None = None  # the newest, for predictions (launch_trees.predict_from_drafts)
     launches: dict[int, Launch] = field(default_factory=dict)
     chain: list[int] = field(default_factory=list)  # async: the drafter's tokens, committed prefix first
     drafting: bool = False

@@ -10,7 +10,9 @@ any proposer, or any mix of them, is lossless.
 
     start(prompt_ids)            a new request; the prompt's last token comes back as the
                                  root of the first step, which no proposer proposes
-    propose(proposal)            add candidates below proposal.tree's root, in place
+    propose(proposal)            add candidates below proposal.tree's root, in place; the root
+                                 is the last committed token, or (pipeline launches) a predicted
+                                 one with `proposal.ahead` the predicted tokens before it
     observe(tree, path, outcome) a proposed tree was verified: `path` (node indices, root
                                  first) accepted
     skip(root, outcome)          a step of `root` alone ran with no proposal (the first step,
@@ -28,7 +30,7 @@ from typing import Protocol
 
 import torch
 
-from workers.drafters.prompt_lookup import PromptLookupDrafter
+from workers.drafters.prompt_lookup import PromptLookupDrafter, lookup
 from workers.tree import TokenTree, graft_chain, root_only
 from workers.tree_step import StepOutcome
 
@@ -44,6 +46,12 @@ class Proposal:
     # The in-forward drafts' log-probabilities (depth, vocab) for the positions after the
     # root, when a proposer has them: grafted chains are scored by them.
     logprobs: torch.Tensor | None = None
+    # The tokens between the last committed token (first) and the root, when the root is a
+    # prediction (runtime.pipeline.launch_trees proposes after a predicted trunk); empty:
+    # the root is the last committed token. A proposer that cannot propose there leaves
+    # the tree alone.
+    ahead: list[int] = field(default_factory=list)
+    budget: int | None = None  # nodes a tree may have, root included (None: the proposer's setting)
 
 
 class Proposer(Protocol):
@@ -78,16 +86,20 @@ class Drafter(Protocol):
 class TreeProposer:
     """A drafter that proposes a whole tree (EAGLE, token recycling, early exit) as a
     proposer: it starts the step's tree. `scored`: its trees carry draft log-probabilities
-    (EAGLE); otherwise every node is rated by its index in the proposal (its slot)."""
+    (EAGLE); otherwise every node is rated by its index in the proposal (its slot).
+    `from_root_token`: its tree depends on the root's token alone (token recycling), so it
+    proposes after a predicted root too; the others need the committed context."""
 
-    def __init__(self, drafter: Drafter, scored: bool = False):
-        self.drafter, self.scored = drafter, scored
+    def __init__(self, drafter: Drafter, scored: bool = False, from_root_token: bool = False):
+        self.drafter, self.scored, self.from_root_token = drafter, scored, from_root_token
         self.feed = getattr(drafter, "feed", None)
 
     def start(self, prompt_ids: list[int]) -> None:
         self.drafter.start(prompt_ids)
 
     def propose(self, proposal: Proposal) -> None:
+        if proposal.ahead and not self.from_root_token:
+            return
         if len(proposal.tree) > 1:
             raise ValueError(f"{type(self.drafter).__name__} starts the tree: it must be the first proposer")
         proposal.tree = self.drafter.propose(proposal.tree.tokens[0])
@@ -123,7 +135,11 @@ class LookupChain:
 
     def propose(self, proposal: Proposal) -> None:
         tree = proposal.tree
-        tokens = self.lookup.drafts(tree.tokens[0])
+        if proposal.ahead:  # after a predicted root: a scan of the context it would have
+            d = self.lookup
+            tokens = lookup([*d.context, *proposal.ahead, tree.tokens[0]], d.min_ngram, d.max_ngram, d.depth)
+        else:
+            tokens = self.lookup.drafts(tree.tokens[0])
         proposal.tree = tree = graft_chain(tree, tokens, proposal.logprobs)
         node = 0
         for depth, token in enumerate(tokens, 1):
