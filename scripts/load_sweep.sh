@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The serving table of docs/serving.md (issue 18): for each server, start it, drive it with
+# A load sweep of the server (docs/serving.md, "Measuring load"): for each server, start it, drive it with
 # scripts/load_test.py at each client count, and note its resident memory; one JSON file a
 # point in OUT (sweep-c<concurrency>-<mode>-<clients>.json). Servers (bfloat16, 2 threads):
 #   one     --concurrency 1, mode ar: one engine, requests queue (servers before issue 18)
