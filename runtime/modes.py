@@ -104,6 +104,8 @@ PRESETS: dict[str, tuple[str, ...]] = {
     "early-exit": ("early-exit",),
     "pld": ("pld",),
     "token-recycling": ("token-recycling",),
+    "draft": ("draft",),  # a separate draft model ([draft]: the target's paired one, qwen2.5-coder-0.5b for the 1.5B)
+    "draft-pld": ("draft", "pld"),
 }
 
 

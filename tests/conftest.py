@@ -50,6 +50,10 @@ TINY_KINDS = {
     "llama_bias": ("llama", {"attention_bias": True, "mlp_bias": True}),
     "llama_tied": ("llama", {"tie_word_embeddings": True}),
     "qwen2": ("qwen2", {"num_hidden_layers": 3}),
+    # A draft model for "qwen2" (workers.drafters.draft_model): the same vocabulary, narrower and shallower.
+    "qwen2_draft": ("qwen2", {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                              "num_attention_heads": 2, "num_key_value_heads": 1}),
+    "qwen2_other_vocab": ("qwen2", {"num_hidden_layers": 1, "vocab_size": 192}),  # cannot draft for "qwen2"
     "mistral_window": ("mistral", {"sliding_window": 8}),
 }
 

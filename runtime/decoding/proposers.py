@@ -5,6 +5,7 @@
     eagle              the EAGLE-2 peer's draft model over the target's features ([eagle])
     early-exit         the target's first layers draft a chain ([early_exit])
     token-recycling    a table of the target's recent top-k next tokens ([token_recycling])
+    draft              a separate draft model of the same vocabulary ([draft])
     pld                the prompt-lookup chain ([pld]): alone, or grafted after another
 
 `build_proposer` returns the proposer and, for a trained one, what the benchmark table
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 from configs.schema import PROPOSERS, ConfigError
 from workers.drafters.base import LookupChain, TreeProposer
+from workers.drafters.draft_model import DraftModelProposer, draft_checkpoint, load_draft_model
 from workers.drafters.eagle import EagleDrafter, EagleModel
 from workers.drafters.early_exit import EarlyExitDrafter
 from workers.drafters.loading import DrafterWeightsError, load, load_prior, weights_file
@@ -56,6 +58,17 @@ def early_exit_proposer(engine) -> TreeProposer:
     return TreeProposer(EarlyExitDrafter(engine.model, engine.cache, c.layer or n_layers // 2, c.depth))
 
 
+def draft_proposer(engine) -> tuple[DraftModelProposer, dict]:
+    """The [draft] model's proposer; the model is loaded once for the engine and its siblings."""
+    e, c = engine, engine.drafters.draft
+    name = draft_checkpoint(c.checkpoint, e.config.checkpoint)
+    if name not in e.models_beside:
+        e.models_beside[name] = load_draft_model(name, e.model, e.folder, e.config)
+    model = e.models_beside[name]
+    proposer = DraftModelProposer(model, e.cache.max_len + c.depth * c.top_k, c.depth, c.top_k, c.budget, c.min_prob)
+    return proposer, {"parameters": sum(p.numel() for p in model.parameters()), "training_s": None, "training_steps": None}
+
+
 def build_proposer(name: str, engine) -> tuple[object, dict | None]:
     """The proposer called `name` (PROPOSERS), and its trained drafter's info or None."""
     if name in PSEUDO_STATE_SECTIONS:
@@ -64,6 +77,8 @@ def build_proposer(name: str, engine) -> tuple[object, dict | None]:
         return eagle_proposer(engine)
     if name == "early-exit":
         return early_exit_proposer(engine), None
+    if name == "draft":
+        return draft_proposer(engine)
     if name == "token-recycling":
         c = engine.drafters.token_recycling
         drafter = TokenRecyclingDrafter(engine.model.args.vocab_size, c.top_k, c.budget)

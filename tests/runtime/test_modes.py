@@ -3,15 +3,29 @@ mode building from the engine's config and decoding `ar`'s tokens."""
 
 import pytest
 
-from configs.schema import DrafterConfigs, EagleModeConfig, EarlyExitConfig, ModelConfig, PipelineConfig, TreeSizingConfig
+from configs.schema import (
+    ConfigError,
+    DraftModelConfig,
+    DrafterConfigs,
+    EagleModeConfig,
+    EarlyExitConfig,
+    ModelConfig,
+    PipelineConfig,
+    TreeSizingConfig,
+)
 from runtime.engine import Engine
 from runtime.modes import MODES, PIPELINED_MODES, UnknownModeError, check_mode
 from workers.drafters.loading import DrafterWeightsError, weights_file
 
 
+# Modes `draft` and `draft-pld` with the model drafting for itself (no second model in memory;
+# tests/workers/drafters/test_draft_model.py has a real pair, tiny).
+SELF_DRAFT = DraftModelConfig(checkpoint="default")
+
+
 @pytest.fixture(scope="module")
 def engine():
-    e = Engine(ModelConfig(dtype="float32", device="cpu", max_context=512), DrafterConfigs(),
+    e = Engine(ModelConfig(dtype="float32", device="cpu", max_context=512), DrafterConfigs(draft=SELF_DRAFT),
                PipelineConfig(transport="local", workers=2))
     yield e
     e.close()
@@ -45,6 +59,14 @@ def test_early_exit_layer_beyond_the_model_is_refused(engine):
     engine.set_drafter_config("early_exit", EarlyExitConfig())
 
 
+def test_draft_mode_without_a_paired_draft_model_is_refused(engine):
+    engine.set_drafter_config("draft", DraftModelConfig())  # checkpoint "auto": none is paired with the default model
+    with pytest.raises(ConfigError, match="no draft model is paired with the checkpoint 'default'"):
+        engine.mode("draft")
+    engine.set_drafter_config("draft", SELF_DRAFT)
+    assert list(engine.steps(engine.encode_chat("Hi."), "draft", 3))
+
+
 def test_eagle_weights_that_are_missing_or_for_another_checkpoint_are_refused(engine, tmp_path):
     engine.set_drafter_config("eagle", EagleModeConfig(weights=str(tmp_path / "none.safetensors")))
     with pytest.raises(DrafterWeightsError, match="do not exist.*train --drafter eagle"):
@@ -59,12 +81,12 @@ def bfloat16_engine():
     # The configured trees, unsized: which drafts a sized tree keeps depends on this machine's
     # measured step cost, and these tests need drafts accepted to check the rows verified together.
     e = Engine(ModelConfig(dtype="bfloat16", device="cpu", max_context=512, kernels="native"),
-               DrafterConfigs(tree_sizing=TreeSizingConfig(cost="off")), PipelineConfig(transport="local", workers=2))
+               DrafterConfigs(tree_sizing=TreeSizingConfig(cost="off"), draft=SELF_DRAFT), PipelineConfig(transport="local", workers=2))
     yield e
     e.close()
 
 
-@pytest.mark.parametrize("mode", ["ht", "ht-pld", "pld", "medusa", "early-exit", "token-recycling", "eagle", "eagle-pld", "pipeline"])
+@pytest.mark.parametrize("mode", ["ht", "ht-pld", "pld", "medusa", "early-exit", "token-recycling", "eagle", "eagle-pld", "draft", "pipeline"])
 def test_bfloat16_tree_modes_are_token_identical_with_native_kernels(bfloat16_engine, mode):
     """The native kernels compute every row of a step as a one-row step would, and every
     mode computes the prompt positions alike (prompt rows: PyTorch's GEMM), so in bfloat16
