@@ -113,16 +113,17 @@ def _preset(names: tuple[str, ...]) -> Callable:
     return lambda engine: SpeculativeMode(engine, names)
 
 
-def _hf(prompt_lookup: bool) -> Callable:
-    return lambda engine: HfGenerateMode(engine, prompt_lookup=prompt_lookup)
+def _hf(**kind) -> Callable:
+    return lambda engine: HfGenerateMode(engine, **kind)
 
 
 MODES: dict[str, Callable] = {
     "ar": AutoregressiveMode,
     **{name: _preset(names) for name, names in PRESETS.items()},
     "spec": lambda engine: SpeculativeMode(engine, engine.drafters.speculation.checked()),
-    "hf": _hf(prompt_lookup=False),
+    "hf": _hf(),
     "hf-pld": _hf(prompt_lookup=True),
+    "hf-draft": _hf(assisted=True),  # transformers' assisted generation with the [draft] checkpoint
     "llama.cpp": lambda engine: LlamaCppMode(engine, "llama.cpp", None),  # optional: `make llama-cpp`
     "llama.cpp-bf16": lambda engine: LlamaCppMode(engine, "llama.cpp-bf16", "bf16"),
     "llama.cpp-f32": lambda engine: LlamaCppMode(engine, "llama.cpp-f32", "f32"),

@@ -1,4 +1,6 @@
-"""Hugging Face `generate` as peer modes: plain, and with prompt lookup decoding.
+"""Hugging Face `generate` as peer modes: plain (`hf`), with prompt lookup decoding
+(`hf-pld`), and assisted generation with the draft model (`hf-draft`: `assistant_model`,
+the [draft] checkpoint, as transformers users run a draft model).
 
 With sampling they use transformers' own sampler (seeded with torch.manual_seed): the
 same distribution as ours, but not the same draws, so the benchmark cannot compare
@@ -17,6 +19,8 @@ import torch
 
 from configs.schema import SamplingConfig
 from runtime.decoding.steps import Step
+from workers.drafters.draft_model import draft_checkpoint
+from workers.loading import resolve_checkpoint
 
 PROMPT_LOOKUP_TOKENS = 10  # candidate tokens per lookup, as in transformers' documentation
 
@@ -37,13 +41,18 @@ def peer_samples(sampling: SamplingConfig | None) -> bool:
 class HfGenerateMode:
     same_draws_as_ar = False  # sampled tokens follow transformers' RNG, not workers.sampling
 
-    def __init__(self, engine, prompt_lookup: bool):
+    def __init__(self, engine, prompt_lookup: bool = False, assisted: bool = False):
         from transformers import AutoModelForCausalLM
 
         self.engine = engine
         self.prompt_lookup = prompt_lookup
         self.model = AutoModelForCausalLM.from_pretrained(engine.folder, dtype=engine.model.dtype)
         self.model.to(engine.model.device).eval()
+        self.assistant = None
+        if assisted:
+            name = draft_checkpoint(engine.drafters.draft.checkpoint, engine.config.checkpoint)
+            self.assistant = AutoModelForCausalLM.from_pretrained(resolve_checkpoint(name), dtype=engine.model.dtype)
+            self.assistant.to(engine.model.device).eval()
         self.forward_passes = 0
         self.model.register_forward_pre_hook(self._count)
 
@@ -54,6 +63,8 @@ class HfGenerateMode:
     def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingConfig | None = None) -> Iterator[Step]:
         input_ids = torch.tensor([prompt_ids], device=self.model.device)
         extra = {"prompt_lookup_num_tokens": PROMPT_LOOKUP_TOKENS} if self.prompt_lookup else {}
+        if self.assistant is not None:
+            extra["assistant_model"] = self.assistant
         sample = peer_samples(sampling)
         if sample:
             torch.manual_seed(sampling.seed)

@@ -75,6 +75,8 @@ class DraftModelProposer:
 
     @torch.inference_mode()
     def propose(self, proposal: Proposal) -> None:
+        if proposal.ahead:  # a predicted root: its cache holds committed tokens only
+            return
         if len(proposal.tree) > 1:
             raise ValueError("the draft model starts the tree: it must be the first proposer")
         root = proposal.tree.tokens[0]
