@@ -20,7 +20,7 @@ from configs.training import TrainError
 from runtime.arg_types import int_list, non_negative_int, number_type, positive_int
 from runtime.bench.charts import speedup_chart
 from runtime.bench.harness import NEAR_TIE_TOL, WARMUP_TOKENS, compared_with_ar, run_bench, run_once
-from runtime.bench.prompts import BenchInputError, default_prompts_path, load_prompts
+from runtime.bench.prompts import BenchInputError, load_prompts, prompts_path
 from runtime.bench.report import describe_difference, describe_sampling, describe_threads, format_table, speed_line
 from runtime.bench.sweep import load_sweep, project_sweep, run_sweep
 from runtime.engine import Engine, PromptTooLongError
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(gen)
 
     bench = sub.add_parser("bench", help="run decoding modes side by side on a prompt file")
-    bench.add_argument("--prompts", help="Spec-Bench-format JSONL (default: the bundled Spec-Bench)")
+    bench.add_argument("--prompts", help="a shipped set (spec-bench, the default; humaneval: code) or a Spec-Bench-format JSONL file")
     bench.add_argument("--modes", default="ar,hf,hf-pld", help=f"comma-separated modes of {', '.join(MODES)} (ar always runs)")
     bench.add_argument("--limit", type=positive_int, help="use the first N prompts")
     bench.add_argument("--per-category", type=positive_int, help="use the first N prompts of each category")
@@ -249,7 +249,7 @@ def cmd_bench(args, config: LeapfrogConfig) -> int:
         raise ConfigError("--modes is empty")
     for name in modes:
         check_mode(name)
-    prompts = load_prompts(args.prompts or default_prompts_path(), args.limit, args.per_category)
+    prompts = load_prompts(prompts_path(args.prompts), args.limit, args.per_category)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     tol = args.near_tie_tol if args.near_tie_tol is not None else NEAR_TIE_TOL[config.model.dtype]

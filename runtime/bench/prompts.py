@@ -1,6 +1,7 @@
 """Benchmark prompts: the first turns of a Spec-Bench-format JSONL file
-({"question_id", "category", "turns"} per line). The 480 Spec-Bench prompts ship in
-runtime/bench/data/spec_bench/ and are the default."""
+({"question_id", "category", "turns"} per line). Two sets ship in runtime/bench/data/ and
+go by name: `spec-bench` (480 prompts, 13 categories: the default) and `humaneval` (164
+code prompts, for the code models)."""
 
 from __future__ import annotations
 
@@ -22,8 +23,18 @@ class Prompt:
     text: str
 
 
-def default_prompts_path() -> Path:
-    return Path(str(resources.files("runtime.bench") / "data" / "spec_bench" / "question.jsonl"))
+PROMPT_SETS = {"spec-bench": "spec_bench", "humaneval": "humaneval"}  # name -> folder in data/
+
+
+def default_prompts_path(name: str = "spec-bench") -> Path:
+    return Path(str(resources.files("runtime.bench") / "data" / PROMPT_SETS[name] / "question.jsonl"))
+
+
+def prompts_path(name_or_path: str | None) -> Path:
+    """A shipped set by name (PROMPT_SETS; None: spec-bench) or a JSONL file's path."""
+    if name_or_path is None or name_or_path in PROMPT_SETS:
+        return default_prompts_path(name_or_path or "spec-bench")
+    return Path(name_or_path)
 
 
 def load_prompts(path: str | Path, limit: int | None = None, per_category: int | None = None) -> list[Prompt]:
