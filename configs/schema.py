@@ -18,6 +18,9 @@ PROPOSERS = ("ht", "medusa", "pass", "eagle", "early-exit", "token-recycling", "
 TREE_STARTERS = PROPOSERS[:6]
 DRAFTER_KINDS = ("ht", "medusa", "pass")  # the pseudo-state drafters (workers.drafters.pseudo_states)
 KERNELS = ("auto", "native", "torch")  # matrix-product kernels of the model (workers.kernels)
+# The linear layers' weights: "float" (de-quantized to the model's dtype) or "shipped" (the
+# GGUF file's own quantized blocks, multiplied as they are: workers.gguf_weights).
+WEIGHTS = ("float", "shipped")
 
 
 class ConfigError(ValueError):
@@ -32,6 +35,7 @@ class ModelConfig:
     max_context: int = 2048
     kernels: str = "auto"  # matrix products: auto | native | torch (workers.kernels)
     cuda_graphs: bool = True  # on CUDA, decoder layers replay captured graphs (workers.graphed_layers)
+    weights: str = "float"  # linear weights: float (in dtype) | shipped (the GGUF file's blocks; CPU)
 
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
@@ -301,6 +305,8 @@ class LeapfrogConfig:
     def validate(self) -> LeapfrogConfig:
         if self.model.kernels not in KERNELS:
             raise ConfigError(f"kernels must be one of {', '.join(KERNELS)}, got {self.model.kernels!r}")
+        if self.model.weights not in WEIGHTS:
+            raise ConfigError(f"weights must be one of {', '.join(WEIGHTS)}, got {self.model.weights!r}")
         if self.model.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.model.dtype!r}")
         if self.model.max_context < 2:

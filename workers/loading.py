@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from workers.cache_dir import cache_dir
+from workers.gguf_weights import use_shipped_weights
 from workers.graphed_layers import GraphedLayers
 from workers.model import ModelArgs, Transformer
 
@@ -207,10 +208,16 @@ def load_model(
     device: str | torch.device = "cpu",
     kernels: str = "auto",
     cuda_graphs: bool = True,
+    weights: str = "float",
 ) -> tuple[Transformer, Path]:
     """Build our Transformer from a checkpoint, multiplying with `kernels` (workers.kernels)
     and, on CUDA with `cuda_graphs`, replaying its layers from CUDA graphs
-    (workers.graphed_layers); returns it with the resolved folder."""
+    (workers.graphed_layers); returns it with the resolved folder. `weights` (configs.schema.
+    WEIGHTS): "float", every weight de-quantized to `dtype`; "shipped", the linear layers'
+    weights in the GGUF file's own blocks (workers.gguf_weights; a GGUF checkpoint on the CPU)."""
+    if weights not in ("float", "shipped"):
+        raise ModelLoadError(f"unknown weights {weights!r}: expected float or shipped")
+    gguf = shipped_gguf(name, device) if weights == "shipped" else None
     folder = resolve_checkpoint(name)
     config = read_hf_config(folder)
     args = model_args(config)
@@ -243,10 +250,22 @@ def load_model(
         model.lm_head.weight = model.embed_tokens.weight
     model.inv_freq = inv_freq
     model = model.to(device=device, dtype=dtype).eval()
+    if gguf is not None:
+        use_shipped_weights(model, gguf)
     model.use_kernels(kernels)
     if cuda_graphs and model.device.type == "cuda":
         model.use_graphs(GraphedLayers(model))
     return model, folder
+
+
+def shipped_gguf(name: str, device: str | torch.device) -> Path:
+    """The GGUF file whose blocks weights="shipped" multiplies, or why it cannot."""
+    if torch.device(device).type != "cpu":
+        raise ModelLoadError(f"weights=shipped runs on the CPU kernels only, not on {device}")
+    path = default_gguf_path() if name == "default" else Path(name).expanduser()
+    if path.suffix != ".gguf" or not path.is_file():
+        raise ModelLoadError(f"weights=shipped needs a GGUF checkpoint ('default' or a .gguf file), not {name!r}")
+    return path
 
 
 def load_tokenizer(folder: Path):

@@ -22,10 +22,11 @@ from workers.kernels import reference
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 HEADERS = sorted(Path(__file__).parent.glob("*.h"))  # its parts (cpu_kernels.cpp includes them)
 NAME = "leapfrog_cpu_kernels"
+# -mf16c: float16 -> float32 conversions (the GGUF blocks' scales, quant.h);
 # -fopenmp: at::get_num_threads reads torch's OpenMP setting (same libgomp soname, loaded once;
 # the loops themselves run on the kernels' own pool, cpu_kernels.cpp);
 # -ffp-contract=off: no fused a*b+c where the reference rounds the product first.
-CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off"]
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off"]
 LDFLAGS = ["-fopenmp"]
 
 

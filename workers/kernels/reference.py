@@ -10,12 +10,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-linear = F.linear
+from workers.kernels.quant_blocks import dequantize, is_quantized
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear; a quantized weight (workers.kernels.quant_blocks) de-quantized first, on every call."""
+    if is_quantized(weight):
+        weight = dequantize(weight).to(x.dtype)
+    return F.linear(x, weight, bias)
 
 
 def prompt_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
     """linear: PyTorch computes prompt rows as any others."""
-    return F.linear(x, weight, bias)
+    return linear(x, weight, bias)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

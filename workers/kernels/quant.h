@@ -1,0 +1,219 @@
+// Products with the model file's own quantized weights (part of cpu_kernels.cpp: included
+// there, in order, after attention.h).
+//
+// linear_q: y = x @ W.T (+ b) where W stays in the GGUF file's blocks: a uint8 tensor
+// (out_features, blocks, block_bytes), each row of W its in_features / 32 blocks of 32
+// weights in ascending order, exactly the bytes of the file (workers/gguf_weights.py). The
+// block size in bytes says the format (every ggml block type has its own): Q4_1 (20 bytes:
+// float16 scale d, float16 minimum m, 16 bytes of nibbles; weight = d * q + m) and Q8_0
+// (34 bytes: float16 scale d, 32 int8; weight = d * q).
+//
+// Why: a decode step streams every weight once; in 4.5-8.5 bits a weight instead of 16 it
+// streams ~3x fewer bytes than bfloat16 (96 MB against 269 MB a token for the 135M model).
+//
+// How: each block is de-quantized in registers to float32 exactly as gguf-py (and so
+// transformers' converted checkpoint) computes it (d * q + m: a product rounded, then a
+// sum rounded; no fused multiply-add), once for all rows of x in the call, and multiplied
+// with float32 x by FMA. Every output y[r, j] is one dot product in a fixed order: blocks
+// in ascending order, each block's first and second halves into two accumulators (16 lanes
+// each with AVX-512; 2 x 8 lanes each with AVX2), then the two accumulators added and
+// summed horizontally in a fixed order. That order does not depend on how many rows share
+// the call, which rows they are, or the thread count (threads split the weight rows), so a
+// token tree's rows get exactly the numbers a one-row decode step gets. AVX-512 and AVX2
+// round differently, so one engine keeps one path (use_avx512, as for attention).
+#pragma once
+
+namespace {
+
+namespace quant {
+
+constexpr int64_t kBlock = 32;         // weights a block (both formats)
+constexpr int64_t kRowTile = 64;       // rows of x a pass over the weights (as products.h)
+constexpr int kPrefetchBytes = 1024;   // software prefetch this far ahead in a weight row
+
+inline float half_to_float(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
+}  // namespace quant
+
+// The float32 path: 8 lanes (AVX2 + FMA).
+namespace qavx2 {
+
+using quant::kBlock;
+
+// One block as 4 x 8 float32 weights: w[0] = weights 0-7, ..., w[3] = 24-31.
+struct Q4_1 {
+  static constexpr int64_t kBytes = 20;
+  static inline void dequant(const uint8_t* b, __m256 w[4]) {
+    const __m256 d = _mm256_set1_ps(quant::half_to_float(b)), m = _mm256_set1_ps(quant::half_to_float(b + 2));
+    const __m128i qs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 4));
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(qs, mask), hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
+    // Byte i holds weight i (low nibble) and weight i + 16 (high nibble).
+    const __m128i q[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+    for (int i = 0; i < 4; ++i) w[i] = _mm256_add_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q[i]))), m);
+  }
+};
+
+struct Q8_0 {
+  static constexpr int64_t kBytes = 34;
+  static inline void dequant(const uint8_t* b, __m256 w[4]) {
+    const __m256 d = _mm256_set1_ps(quant::half_to_float(b));
+    for (int i = 0; i < 4; ++i) {
+      const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 2 + 8 * i));
+      w[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), d);
+    }
+  }
+};
+
+// R rows of x (float32, k = blocks * 32) against C quantized weight rows.
+template <int R, int C, class F>
+inline void block(const float* x, int64_t ldx, const uint8_t* w, int64_t row_bytes, int64_t blocks, float* y, int64_t ldy) {
+  __m256 acc[R][C][2];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+    for (int c = 0; c < C; ++c) acc[r][c][0] = acc[r][c][1] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m256 wv[C][4];
+#pragma GCC unroll 16
+    for (int c = 0; c < C; ++c) {
+      const uint8_t* wb = w + c * row_bytes + b * F::kBytes;
+      _mm_prefetch(reinterpret_cast<const char*>(wb) + quant::kPrefetchBytes, _MM_HINT_T0);
+      F::dequant(wb, wv[c]);
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const float* xb = x + r * ldx + b * kBlock;
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) {
+        const __m256 xv = _mm256_loadu_ps(xb + 8 * i);
+#pragma GCC unroll 16
+        for (int c = 0; c < C; ++c) acc[r][c][i / 2] = _mm256_fmadd_ps(xv, wv[c][i], acc[r][c][i / 2]);
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+    for (int c = 0; c < C; ++c) y[r * ldy + c] = hsum(_mm256_add_ps(acc[r][c][0], acc[r][c][1]));
+}
+
+#include "quant_tiles.h"
+
+}  // namespace qavx2
+
+// The AVX-512 path: 16 lanes, the same order of blocks.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
+
+namespace qavx512 {
+
+using quant::kBlock;
+
+// One block as 2 x 16 float32 weights: w[0] = weights 0-15, w[1] = 16-31.
+struct Q4_1 {
+  static constexpr int64_t kBytes = 20;
+  static inline void dequant(const uint8_t* b, __m512 w[2]) {
+    const __m512 d = _mm512_set1_ps(quant::half_to_float(b)), m = _mm512_set1_ps(quant::half_to_float(b + 2));
+    const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 4)));
+    const __m512i lo = _mm512_and_si512(q, _mm512_set1_epi32(0x0F)), hi = _mm512_srli_epi32(q, 4);
+    w[0] = _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(lo)), m);
+    w[1] = _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(hi)), m);
+  }
+};
+
+struct Q8_0 {
+  static constexpr int64_t kBytes = 34;
+  static inline void dequant(const uint8_t* b, __m512 w[2]) {
+    const __m512 d = _mm512_set1_ps(quant::half_to_float(b));
+    for (int i = 0; i < 2; ++i) {
+      const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2 + 16 * i));
+      w[i] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), d);
+    }
+  }
+};
+
+template <int R, int C, class F>
+inline void block(const float* x, int64_t ldx, const uint8_t* w, int64_t row_bytes, int64_t blocks, float* y, int64_t ldy) {
+  __m512 acc[R][C][2];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+    for (int c = 0; c < C; ++c) acc[r][c][0] = acc[r][c][1] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m512 wv[C][2];
+#pragma GCC unroll 16
+    for (int c = 0; c < C; ++c) {
+      const uint8_t* wb = w + c * row_bytes + b * F::kBytes;
+      _mm_prefetch(reinterpret_cast<const char*>(wb) + quant::kPrefetchBytes, _MM_HINT_T0);
+      F::dequant(wb, wv[c]);
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const float* xb = x + r * ldx + b * kBlock;
+      const __m512 x0 = _mm512_loadu_ps(xb), x1 = _mm512_loadu_ps(xb + 16);
+#pragma GCC unroll 16
+      for (int c = 0; c < C; ++c) {
+        acc[r][c][0] = _mm512_fmadd_ps(x0, wv[c][0], acc[r][c][0]);
+        acc[r][c][1] = _mm512_fmadd_ps(x1, wv[c][1], acc[r][c][1]);
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+    for (int c = 0; c < C; ++c) y[r * ldy + c] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][c][0], acc[r][c][1]));
+}
+
+#include "quant_tiles.h"
+
+}  // namespace qavx512
+
+#pragma GCC pop_options
+
+// Rows of x against the weights of format F, on the path the engine uses (use_avx512).
+// Tiles (R rows x C weight rows) by the number of rows: chosen by measurement (quant_bench).
+template <class F2, class F512>
+void linear_q_rows(const float* x, int64_t n, const uint8_t* w, int64_t blocks, float* y, int64_t m) {
+  if (avx512_attention_enabled) {
+    if (n <= 2) return qavx512::linear_blocks<2, 2, F512>(x, n, w, blocks, y, m);
+    if (n <= 4) return qavx512::linear_blocks<4, 2, F512>(x, n, w, blocks, y, m);
+    return qavx512::linear_blocks<8, 1, F512>(x, n, w, blocks, y, m);
+  }
+  if (n <= 2) return qavx2::linear_blocks<2, 1, F2>(x, n, w, blocks, y, m);
+  return qavx2::linear_blocks<4, 1, F2>(x, n, w, blocks, y, m);
+}
+
+}  // namespace
+
+// x (..., k) float32 or bfloat16; w (m, k / 32, block_bytes) uint8: the GGUF blocks of an
+// (m, k) weight (quant.h, top); bias (m,) or None. Returns y (..., m) in x's dtype, or
+// float32 with `float_out`; every sum in float32 (bfloat16 x is widened exactly).
+torch::Tensor linear_q(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias, bool float_out) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "linear_q: CPU tensors only");
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 3 && w.is_contiguous(),
+              "linear_q: w must be contiguous uint8 blocks (out_features, blocks, block_bytes)");
+  const int64_t m = w.size(0), blocks = w.size(1), k = blocks * quant::kBlock;
+  TORCH_CHECK(x.size(-1) == k, "linear_q: x has ", x.size(-1), " inputs, the weight ", k);
+  const auto rows = x.reshape({-1, k}).to(at::kFloat).contiguous();  // bfloat16 -> float32 is exact
+  auto y = torch::empty({rows.size(0), m}, rows.options());
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  switch (w.size(2)) {
+    case qavx512::Q4_1::kBytes:
+      linear_q_rows<qavx2::Q4_1, qavx512::Q4_1>(rows.data_ptr<float>(), rows.size(0), wp, blocks, y.data_ptr<float>(), m);
+      break;
+    case qavx512::Q8_0::kBytes:
+      linear_q_rows<qavx2::Q8_0, qavx512::Q8_0>(rows.data_ptr<float>(), rows.size(0), wp, blocks, y.data_ptr<float>(), m);
+      break;
+    default:
+      TORCH_CHECK(false, "linear_q: blocks of ", w.size(2), " bytes are no format it takes (Q4_1: 20, Q8_0: 34)");
+  }
+  if (bias.has_value()) y.add_(bias->to(at::kFloat));
+  auto shape = x.sizes().vec();
+  shape.back() = m;
+  return (float_out ? y : y.to(x.scalar_type())).view(shape);
+}

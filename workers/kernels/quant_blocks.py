@@ -1,0 +1,48 @@
+"""The GGUF block formats that the kernels multiply as they are (workers/kernels/quant.h).
+
+A quantized weight is a uint8 tensor (out_features, in_features / 32, block_bytes): each
+row's blocks of 32 weights in ascending order, the file's bytes unchanged. The block size
+in bytes names the format (ggml's block types all differ in size), so the tensor alone
+says how to read it. `dequantize` is the reference: float32 weights computed exactly as
+gguf-py (and with it transformers' GGUF loader) computes them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BLOCK = 32  # weights a block
+# format name -> bytes a block: Q4_1 = float16 d, float16 m, 16 bytes of nibbles (weight i in
+# byte i's low nibble, weight i + 16 in its high one), d * q + m; Q8_0 = float16 d, 32 int8, d * q.
+BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}
+FORMAT_OF_BYTES = {size: name for name, size in BLOCK_BYTES.items()}
+
+
+def is_quantized(weight: torch.Tensor) -> bool:
+    return weight.dtype == torch.uint8
+
+
+def format_of(blocks: torch.Tensor) -> str:
+    if blocks.dtype != torch.uint8 or blocks.dim() != 3 or blocks.shape[2] not in FORMAT_OF_BYTES:
+        raise ValueError(f"not quantized blocks: {blocks.dtype} {tuple(blocks.shape)} (formats: {BLOCK_BYTES})")
+    return FORMAT_OF_BYTES[blocks.shape[2]]
+
+
+def _halves(b: torch.Tensor) -> torch.Tensor:
+    """(..., 2) uint8 little-endian float16 -> (...,) float32."""
+    return b.contiguous().view(torch.float16).squeeze(-1).float()
+
+
+def dequantize(blocks: torch.Tensor) -> torch.Tensor:
+    """(out, in / 32, block_bytes) uint8 -> (out, in) float32, as gguf-py de-quantizes: the
+    scale times the quantized value rounded to float32, then (Q4_1) plus the minimum."""
+    fmt = format_of(blocks)
+    out, n = blocks.shape[0], blocks.shape[1]
+    d = _halves(blocks[..., 0:2]).unsqueeze(-1)  # (out, n, 1)
+    if fmt == "Q8_0":
+        q = blocks[..., 2:].contiguous().view(torch.int8).float()
+        return (q * d).reshape(out, n * BLOCK)
+    m = _halves(blocks[..., 2:4]).unsqueeze(-1)
+    qs = blocks[..., 4:]
+    q = torch.cat((qs & 0x0F, qs >> 4), dim=-1).float()  # weights 0-15, then 16-31
+    return (d * q + m).reshape(out, n * BLOCK)
