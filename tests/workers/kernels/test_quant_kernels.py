@@ -1,0 +1,97 @@
+"""linear_q: products with the GGUF file's quantized blocks (workers/kernels/quant.h).
+
+Against the reference (the same blocks de-quantized by workers.kernels.quant_blocks, which
+equals gguf-py's de-quantization), and the guarantee of every product kernel: a row's
+result is bit-identical whether computed alone or among other rows, on 1 or 2 threads, in
+the main thread or another (the kernels' own pool).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from workers.kernels import native, reference
+from workers.kernels.choice import native_unsupported
+from workers.kernels.quant_blocks import BLOCK, BLOCK_BYTES, dequantize
+
+from test_native_kernels import in_threads, rand, vector_path  # noqa: F401 (a fixture)
+
+pytestmark = pytest.mark.skipif(
+    native_unsupported(torch.device("cpu"), torch.float32) is not None,
+    reason=f"native kernels unavailable: {native_unsupported(torch.device('cpu'), torch.float32)}",
+)
+
+FORMATS = list(BLOCK_BYTES)
+# (out_features, in_features): the 135M model's products, then odd ones: in_features 32 x an
+# odd number of blocks, out_features not a multiple of any tile's weight rows (1, 2).
+SHAPES = [(960, 576), (576, 1536), (37, 96), (5, 32), (129, 160)]
+
+
+def random_blocks(fmt: str, out_features: int, in_features: int, seed: int = 0) -> torch.Tensor:
+    """Blocks with random quantized values and plausible scales (and minimums)."""
+    g = torch.Generator().manual_seed(seed)
+    n = in_features // BLOCK
+    blocks = torch.randint(0, 256, (out_features, n, BLOCK_BYTES[fmt]), dtype=torch.uint8, generator=g)
+    blocks[..., 0:2] = (torch.rand(out_features, n, 1, generator=g) * 0.02).half().view(torch.uint8)
+    if fmt == "Q4_1":
+        blocks[..., 2:4] = (-torch.rand(out_features, n, 1, generator=g) * 0.15).half().view(torch.uint8)
+    return blocks
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_dequantize_is_gguf_py_s(fmt):
+    from gguf import GGMLQuantizationType, quants
+
+    blocks = random_blocks(fmt, 7, 96)
+    want = quants.dequantize(blocks.reshape(7, -1).numpy(), GGMLQuantizationType[fmt])
+    assert np.array_equal(dequantize(blocks).numpy(), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("out_features,in_features", SHAPES)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_linear_q_matches_the_de_quantized_reference(vector_path, fmt, out_features, in_features, dtype):
+    x, w, b = rand(1, 6, in_features, dtype=dtype), random_blocks(fmt, out_features, in_features), rand(out_features, seed=2)
+    for bias in (None, b.to(dtype)):
+        got = native.linear(x, w, bias)
+        assert got.dtype == dtype and got.shape == (1, 6, out_features)
+        want = reference.linear(x.double(), w, None if bias is None else bias.double())
+        tol = dict(atol=1e-4, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.05, rtol=0.02)
+        torch.testing.assert_close(got.double(), want, **tol)
+    logits = native.linear(x, w, None, float_out=True)  # the LM head: float32 sums, not rounded
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits.double(), reference.linear(x.double(), w), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_linear_q_rows_are_independent(vector_path, fmt):
+    x, w = rand(64, 576), random_blocks(fmt, 389, 576)
+    together = native.linear(x, w, None)
+    for r in (0, 1, 3, 4, 5, 8, 37, 63):  # in a tile of rows, in the remainder, alone
+        assert torch.equal(native.linear(x[r : r + 1], w, None)[0], together[r])
+    for n in range(1, 65):  # every tile (1-2, 3-4, 5+ rows) and its remainders
+        assert torch.equal(native.linear(x[:n], w, None), together[:n]), n
+        assert torch.equal(native.linear(x[64 - n :], w, None), together[64 - n :]), n
+    assert torch.equal(native.prompt_linear(x, w, None, 63), together)  # prompt rows: the same kernel
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_linear_q_threads_do_not_change_results(vector_path, fmt):
+    x, w = rand(8, 160), random_blocks(fmt, 3001, 160)
+    one = native.linear(x, w, None)
+    torch.set_num_threads(2)
+    try:
+        assert torch.equal(native.linear(x, w, None), one)
+        assert all(torch.equal(got, one) for got in in_threads(lambda: native.linear(x, w, None), 2)[::10])
+    finally:
+        torch.set_num_threads(1)
+
+
+def test_linear_q_refuses_what_it_cannot_read():
+    x = rand(1, 64)
+    with pytest.raises(RuntimeError, match="no format it takes"):
+        native.linear(x, torch.zeros(3, 2, 19, dtype=torch.uint8), None)
+    with pytest.raises(RuntimeError, match="x has 64 inputs, the weight 96"):
+        native.linear(x, random_blocks("Q8_0", 3, 96), None)

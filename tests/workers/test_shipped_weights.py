@@ -1,0 +1,74 @@
+"""weights = "shipped": the default model's linear layers multiply the GGUF file's own blocks.
+
+The file's blocks, read, un-permuted and fused by workers.gguf_weights, de-quantize to
+exactly the weights transformers' GGUF loader wrote into the float checkpoint; and a tree
+mode over the shipped weights decodes `ar`'s tokens over the same weights (lossless means:
+the same quantized model, tree against plain).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from configs.schema import ConfigError, DrafterConfigs, LeapfrogConfig, ModelConfig, PipelineConfig, TreeSizingConfig
+from workers.gguf_weights import read_shipped
+from workers.kernels.choice import native_unsupported
+from workers.kernels.quant_blocks import dequantize, format_of
+from workers.loading import ModelLoadError, default_gguf_path, load_model
+
+pytestmark = pytest.mark.real_model
+
+
+def test_shipped_blocks_are_the_converted_checkpoint_s_weights(real_model):
+    """Every linear weight of the float model (de-quantized by transformers) is our
+    de-quantization of the file's blocks, bit for bit: names, fusion and the q/k rows'
+    un-permutation all right. The tied LM head reads the embedding table's Q8_0 blocks."""
+    model, _, _ = real_model
+    shipped, left = read_shipped(default_gguf_path(), model.args.n_layers, model.args.tie_embeddings)
+    assert left == [] and len(shipped) == 4 * model.args.n_layers + 1
+    params = dict(model.named_parameters()) | {"lm_head.weight": model.lm_head.weight}  # tied: one parameter, two names
+    for name, blocks in shipped.items():
+        assert torch.equal(dequantize(blocks), params[name]), name
+    assert format_of(shipped["lm_head.weight"]) == "Q8_0" and format_of(shipped["layers.0.self_attn.qkv_proj.weight"]) == "Q4_1"
+
+
+def test_shipped_float32_forward_is_close_to_the_float_model(real_model):
+    model, _, _ = real_model
+    shipped, _ = load_model("default", torch.float32, "cpu", weights="shipped")
+    assert shipped.lm_head.weight.dtype == torch.uint8 and shipped.embed_tokens.weight.dtype == torch.float32
+    tokens = torch.tensor([[1, 504, 3458, 282, 4198, 314, 253, 1345]])
+    with torch.no_grad():
+        got = shipped(tokens, shipped.context(torch.arange(8)))
+        want = model(tokens, model.context(torch.arange(8)))
+    torch.testing.assert_close(got, want, atol=5e-4, rtol=1e-4)  # the same weights, summed in another order
+
+
+def test_shipped_weights_need_a_gguf_checkpoint_on_the_cpu(real_model):
+    _, _, folder = real_model
+    with pytest.raises(ModelLoadError, match="needs a GGUF checkpoint"):
+        load_model(str(folder), weights="shipped")
+    with pytest.raises(ModelLoadError, match="CPU kernels only"):
+        load_model("default", device="meta", weights="shipped")
+    with pytest.raises(ConfigError, match="weights must be one of float, shipped"):
+        LeapfrogConfig(model=ModelConfig(weights="int4")).validate()
+
+
+@pytest.mark.skipif(native_unsupported(torch.device("cpu"), torch.bfloat16) is not None, reason="native kernels unavailable")
+def test_tree_modes_over_shipped_weights_decode_ar_s_tokens():
+    from runtime.engine import Engine
+
+    e = Engine(ModelConfig(dtype="bfloat16", device="cpu", max_context=512, kernels="native", weights="shipped"),
+               DrafterConfigs(tree_sizing=TreeSizingConfig(cost="off")), PipelineConfig(transport="local", workers=2))
+    try:
+        accepted = False
+        for prompt in ["Name two rivers.", "List three prime numbers and add them."]:
+            ids = e.encode_chat(prompt)
+            ar = [t for s in e.steps(ids, "ar", 40) for t in s.tokens]
+            for mode in ("pld", "ht", "token-recycling"):
+                steps = list(e.steps(ids, mode, 40))
+                assert [t for s in steps for t in s.tokens] == ar, (prompt, mode)
+                accepted |= any(len(s.tokens) > 1 for s in steps)
+        assert accepted  # drafts were accepted: rows verified together were used
+    finally:
+        e.close()
