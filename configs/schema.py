@@ -18,9 +18,11 @@ PROPOSERS = ("ht", "medusa", "pass", "eagle", "early-exit", "token-recycling", "
 TREE_STARTERS = PROPOSERS[:6]
 DRAFTER_KINDS = ("ht", "medusa", "pass")  # the pseudo-state drafters (workers.drafters.pseudo_states)
 KERNELS = ("auto", "native", "torch")  # matrix-product kernels of the model (workers.kernels)
-# The linear layers' weights: "float" (de-quantized to the model's dtype) or "shipped" (the
-# GGUF file's own quantized blocks, multiplied as they are: workers.gguf_weights).
-WEIGHTS = ("float", "shipped")
+# The linear layers' weights: "float" (de-quantized to the model's dtype), "shipped" (the
+# GGUF file's own quantized blocks, multiplied as they are with x in float32:
+# workers.gguf_weights) or "shipped-int8" (the same blocks, x quantized to int8 per block
+# of 32 first, as llama.cpp does: faster one-row steps, llama.cpp's rounding).
+WEIGHTS = ("float", "shipped", "shipped-int8")
 
 
 class ConfigError(ValueError):
@@ -35,7 +37,7 @@ class ModelConfig:
     max_context: int = 2048
     kernels: str = "auto"  # matrix products: auto | native | torch (workers.kernels)
     cuda_graphs: bool = True  # on CUDA, decoder layers replay captured graphs (workers.graphed_layers)
-    weights: str = "float"  # linear weights: float (in dtype) | shipped (the GGUF file's blocks; CPU)
+    weights: str = "float"  # linear weights: float (in dtype) | shipped | shipped-int8 (the GGUF file's blocks; CPU)
 
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]

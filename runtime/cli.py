@@ -44,7 +44,8 @@ def add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES))
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--weights", choices=WEIGHTS,
-                   help="linear weights: float (de-quantized, in --dtype) | shipped (the GGUF file's own blocks, CPU kernels)")
+                   help="linear weights: float (de-quantized, in --dtype) | shipped (the GGUF file's own blocks, CPU kernels) "
+                   "| shipped-int8 (those blocks, x quantized to int8 as llama.cpp does)")
     p.add_argument("--kernels", choices=KERNELS, help="matrix-product kernels: auto (native where it runs) | native | torch")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False,
                    help="on CUDA, launch every kernel instead of replaying each layer's captured graph")
@@ -229,7 +230,7 @@ def cmd_generate(args, config: LeapfrogConfig) -> int:
         print(text.push(step.tokens), end="", flush=True)
     seconds = time.perf_counter() - start
     print(text.flush())
-    weights = ", shipped weights" if config.model.weights == "shipped" else ""
+    weights = f", {config.model.weights} weights" if config.model.weights != "float" else ""
     report = f"{config.model.dtype}{weights}, {describe_threads(mode, config)}, {describe_sampling(sampling)}"
     print(f"[{mode}] {speed_line(len(tokens), seconds, passes)} ({report})", file=sys.stderr)
     for other, threads in compare:  # same prompt, same process, measured right after

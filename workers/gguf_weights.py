@@ -98,10 +98,12 @@ def read_shipped(gguf: Path, n_layers: int, tie_embeddings: bool) -> tuple[dict[
     return shipped, left
 
 
-def use_shipped_weights(model: nn.Module, gguf: Path) -> list[str]:
+def use_shipped_weights(model: nn.Module, gguf: Path, int8_activations: bool = False) -> list[str]:
     """Replace the linear weights of `model` (a workers.model.Transformer on the CPU, its float
     weights loaded from the same file) by the file's blocks; returns the names left in float.
-    A tied LM head is untied: it reads the blocks, the embedding table keeps its floats."""
+    A tied LM head is untied: it reads the blocks, the embedding table keeps its floats.
+    `int8_activations`: the blocks typed int8, which has the kernels quantize x to int8 per
+    block first (workers/kernels/quant_i8.h); uint8 otherwise (x in float32)."""
     args = model.args
     shipped, left = read_shipped(gguf, args.n_layers, args.tie_embeddings)
     modules = dict(model.named_modules())
@@ -110,5 +112,5 @@ def use_shipped_weights(model: nn.Module, gguf: Path) -> list[str]:
         out_features, in_features = module.weight.shape
         if blocks.shape[0] != out_features or blocks.shape[1] * BLOCK != in_features:
             raise ValueError(f"{gguf}: {name} has blocks {tuple(blocks.shape)}, the model ({out_features}, {in_features})")
-        module.weight = nn.Parameter(blocks, requires_grad=False)
+        module.weight = nn.Parameter(blocks.view(torch.int8) if int8_activations else blocks, requires_grad=False)
     return left

@@ -214,10 +214,11 @@ def load_model(
     and, on CUDA with `cuda_graphs`, replaying its layers from CUDA graphs
     (workers.graphed_layers); returns it with the resolved folder. `weights` (configs.schema.
     WEIGHTS): "float", every weight de-quantized to `dtype`; "shipped", the linear layers'
-    weights in the GGUF file's own blocks (workers.gguf_weights; a GGUF checkpoint on the CPU)."""
-    if weights not in ("float", "shipped"):
-        raise ModelLoadError(f"unknown weights {weights!r}: expected float or shipped")
-    gguf = shipped_gguf(name, device) if weights == "shipped" else None
+    weights in the GGUF file's own blocks (workers.gguf_weights; a GGUF checkpoint on the CPU);
+    "shipped-int8", those blocks with x quantized to int8 per block (llama.cpp's way)."""
+    if weights not in ("float", "shipped", "shipped-int8"):
+        raise ModelLoadError(f"unknown weights {weights!r}: expected float, shipped or shipped-int8")
+    gguf = shipped_gguf(name, device, weights) if weights != "float" else None
     folder = resolve_checkpoint(name)
     config = read_hf_config(folder)
     args = model_args(config)
@@ -251,20 +252,20 @@ def load_model(
     model.inv_freq = inv_freq
     model = model.to(device=device, dtype=dtype).eval()
     if gguf is not None:
-        use_shipped_weights(model, gguf)
+        use_shipped_weights(model, gguf, int8_activations=weights == "shipped-int8")
     model.use_kernels(kernels)
     if cuda_graphs and model.device.type == "cuda":
         model.use_graphs(GraphedLayers(model))
     return model, folder
 
 
-def shipped_gguf(name: str, device: str | torch.device) -> Path:
+def shipped_gguf(name: str, device: str | torch.device, weights: str) -> Path:
     """The GGUF file whose blocks weights="shipped" multiplies, or why it cannot."""
     if torch.device(device).type != "cpu":
-        raise ModelLoadError(f"weights=shipped runs on the CPU kernels only, not on {device}")
+        raise ModelLoadError(f"weights={weights} runs on the CPU kernels only, not on {device}")
     path = default_gguf_path() if name == "default" else Path(name).expanduser()
     if path.suffix != ".gguf" or not path.is_file():
-        raise ModelLoadError(f"weights=shipped needs a GGUF checkpoint ('default' or a .gguf file), not {name!r}")
+        raise ModelLoadError(f"weights={weights} needs a GGUF checkpoint ('default' or a .gguf file), not {name!r}")
     return path
 
 

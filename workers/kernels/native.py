@@ -98,6 +98,13 @@ def use_amx(enable: bool) -> bool:
     return extension().use_amx(enable)
 
 
+def use_vnni(enable: bool) -> bool:
+    """Turn the AVX-VNNI dot products of linear_q's int8 variant (blocks typed int8) on (where
+    the CPU has them; the default) or off (AVX2's): the same integers either way, so the
+    same bits; tests switch it to cover both. Returns whether they are on."""
+    return extension().use_vnni(enable)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if needs_grad(x, weight) or x.dtype != weight.dtype:
         return reference.rms_norm(x, weight, eps)

@@ -186,7 +186,7 @@ bool amx_enabled = amx_available;
 // bfloat16 x and w take the AVX512-BF16 path where it is enabled (use_avx512).
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias, bool float_out) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "linear: CPU tensors only");
-  if (w.scalar_type() == at::kByte) return linear_q(x, w, bias, float_out);  // the GGUF file's blocks (quant.h)
+  if (w.scalar_type() == at::kByte || w.scalar_type() == at::kChar) return linear_q(x, w, bias, float_out);  // GGUF blocks (quant.h)
   TORCH_CHECK(w.dim() == 2 && x.size(-1) == w.size(1), "linear: shapes ", x.sizes(), " and ", w.sizes());
   TORCH_CHECK(w.is_contiguous(), "linear: the weight must be contiguous (out_features, in_features)");
   const int64_t k = w.size(1), m = w.size(0);
@@ -218,7 +218,7 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const c10::
 // depends on the row count and the CPU, and with it the rounding (issue 36).
 torch::Tensor prompt_linear(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "prompt_linear: CPU tensors only");
-  if (w.scalar_type() == at::kByte) return linear_q(x, w, bias, false);  // rows are independent there too
+  if (w.scalar_type() == at::kByte || w.scalar_type() == at::kChar) return linear_q(x, w, bias, false);  // rows independent there too
   TORCH_CHECK(w.dim() == 2 && x.dim() >= 1 && x.size(-1) == w.size(1), "prompt_linear: shapes ", x.sizes(), " and ", w.sizes());
   TORCH_CHECK(w.is_contiguous(), "prompt_linear: the weight must be contiguous (out_features, in_features)");
   if (!(amx_enabled && x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16)) return linear(x, w, bias, false);

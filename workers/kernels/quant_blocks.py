@@ -3,8 +3,10 @@
 A quantized weight is a uint8 tensor (out_features, in_features / 32, block_bytes): each
 row's blocks of 32 weights in ascending order, the file's bytes unchanged. The block size
 in bytes names the format (ggml's block types all differ in size), so the tensor alone
-says how to read it. `dequantize` is the reference: float32 weights computed exactly as
-gguf-py (and with it transformers' GGUF loader) computes them.
+says how to read it. The same bytes typed int8 ask the kernels to quantize x to int8 per
+block of 32 before multiplying (llama.cpp's way: `quantize_rows`), uint8 to multiply x in
+float32. `dequantize` is the reference: float32 weights computed exactly as gguf-py (and
+with it transformers' GGUF loader) computes them.
 """
 
 from __future__ import annotations
@@ -19,11 +21,11 @@ FORMAT_OF_BYTES = {size: name for name, size in BLOCK_BYTES.items()}
 
 
 def is_quantized(weight: torch.Tensor) -> bool:
-    return weight.dtype == torch.uint8
+    return weight.dtype in (torch.uint8, torch.int8)
 
 
 def format_of(blocks: torch.Tensor) -> str:
-    if blocks.dtype != torch.uint8 or blocks.dim() != 3 or blocks.shape[2] not in FORMAT_OF_BYTES:
+    if not is_quantized(blocks) or blocks.dim() != 3 or blocks.shape[2] not in FORMAT_OF_BYTES:
         raise ValueError(f"not quantized blocks: {blocks.dtype} {tuple(blocks.shape)} (formats: {BLOCK_BYTES})")
     return FORMAT_OF_BYTES[blocks.shape[2]]
 
@@ -37,6 +39,7 @@ def dequantize(blocks: torch.Tensor) -> torch.Tensor:
     """(out, in / 32, block_bytes) uint8 -> (out, in) float32, as gguf-py de-quantizes: the
     scale times the quantized value rounded to float32, then (Q4_1) plus the minimum."""
     fmt = format_of(blocks)
+    blocks = blocks.view(torch.uint8)
     out, n = blocks.shape[0], blocks.shape[1]
     d = _halves(blocks[..., 0:2]).unsqueeze(-1)  # (out, n, 1)
     if fmt == "Q8_0":
@@ -46,3 +49,13 @@ def dequantize(blocks: torch.Tensor) -> torch.Tensor:
     qs = blocks[..., 4:]
     q = torch.cat((qs & 0x0F, qs >> 4), dim=-1).float()  # weights 0-15, then 16-31
     return (d * q + m).reshape(out, n * BLOCK)
+
+
+def quantize_rows(x: torch.Tensor) -> torch.Tensor:
+    """x (..., k) as the int8 variant sees it (quant_i8.h, quantize_rows), in float32: each
+    block of 32 values of a row scaled by d = max|x| / 127, rounded to the nearest integer
+    (ties to even), times d again."""
+    xb = x.float().unflatten(-1, (-1, BLOCK))
+    d = xb.abs().amax(-1, keepdim=True) / 127
+    inverse = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    return (torch.round(xb * inverse) * d).flatten(-2)

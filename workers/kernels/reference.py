@@ -10,12 +10,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from workers.kernels.quant_blocks import dequantize, is_quantized
+from workers.kernels.quant_blocks import dequantize, is_quantized, quantize_rows
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear; a quantized weight (workers.kernels.quant_blocks) de-quantized first, on every call."""
+    """F.linear; a quantized weight (workers.kernels.quant_blocks) de-quantized first, on every
+    call, and x rounded to int8 blocks first where the weight's blocks are typed int8."""
     if is_quantized(weight):
+        if weight.dtype == torch.int8:
+            x = quantize_rows(x).to(x.dtype)
         weight = dequantize(weight).to(x.dtype)
     return F.linear(x, weight, bias)
 

@@ -1,9 +1,11 @@
 """linear_q: products with the GGUF file's quantized blocks (workers/kernels/quant.h).
 
-Against the reference (the same blocks de-quantized by workers.kernels.quant_blocks, which
-equals gguf-py's de-quantization), and the guarantee of every product kernel: a row's
-result is bit-identical whether computed alone or among other rows, on 1 or 2 threads, in
-the main thread or another (the kernels' own pool).
+Both variants (blocks typed uint8: x in float32; typed int8: x quantized to int8 per block
+first) against the reference (the same blocks de-quantized by workers.kernels.quant_blocks,
+which equals gguf-py's de-quantization; x rounded to int8 blocks the same way for the int8
+variant), and the guarantee of every product kernel: a row's result is bit-identical
+whether computed alone or among other rows, on 1 or 2 threads, in the main thread or
+another (the kernels' own pool).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 
 from workers.kernels import native, reference
 from workers.kernels.choice import native_unsupported
-from workers.kernels.quant_blocks import BLOCK, BLOCK_BYTES, dequantize
+from workers.kernels.quant_blocks import BLOCK, BLOCK_BYTES, dequantize, quantize_rows
 
 from test_native_kernels import in_threads, rand, vector_path  # noqa: F401 (a fixture)
 
@@ -27,6 +29,12 @@ FORMATS = list(BLOCK_BYTES)
 # (out_features, in_features): the 135M model's products, then odd ones: in_features 32 x an
 # odd number of blocks, out_features not a multiple of any tile's weight rows (1, 2).
 SHAPES = [(960, 576), (576, 1536), (37, 96), (5, 32), (129, 160)]
+
+
+@pytest.fixture(params=[torch.uint8, torch.int8], ids=["float-x", "int8-x"])
+def variant(request) -> torch.dtype:
+    """How the blocks are typed: uint8, x multiplied in float32; int8, x quantized to int8 first."""
+    return request.param
 
 
 def random_blocks(fmt: str, out_features: int, in_features: int, seed: int = 0) -> torch.Tensor:
@@ -52,8 +60,9 @@ def test_dequantize_is_gguf_py_s(fmt):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("out_features,in_features", SHAPES)
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_linear_q_matches_the_de_quantized_reference(vector_path, fmt, out_features, in_features, dtype):
-    x, w, b = rand(1, 6, in_features, dtype=dtype), random_blocks(fmt, out_features, in_features), rand(out_features, seed=2)
+def test_linear_q_matches_the_de_quantized_reference(vector_path, variant, fmt, out_features, in_features, dtype):
+    w = random_blocks(fmt, out_features, in_features).view(variant)
+    x, b = rand(1, 6, in_features, dtype=dtype), rand(out_features, seed=2)
     for bias in (None, b.to(dtype)):
         got = native.linear(x, w, bias)
         assert got.dtype == dtype and got.shape == (1, 6, out_features)
@@ -66,20 +75,20 @@ def test_linear_q_matches_the_de_quantized_reference(vector_path, fmt, out_featu
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_linear_q_rows_are_independent(vector_path, fmt):
-    x, w = rand(64, 576), random_blocks(fmt, 389, 576)
+def test_linear_q_rows_are_independent(vector_path, variant, fmt):
+    x, w = rand(64, 576), random_blocks(fmt, 389, 576).view(variant)
     together = native.linear(x, w, None)
     for r in (0, 1, 3, 4, 5, 8, 37, 63):  # in a tile of rows, in the remainder, alone
         assert torch.equal(native.linear(x[r : r + 1], w, None)[0], together[r])
-    for n in range(1, 65):  # every tile (1-2, 3-4, 5+ rows) and its remainders
+    for n in range(1, 65):  # every tile (float x: 1-2, 3-4, 5+ rows; int8 x: 1-2, 3+) and its remainders
         assert torch.equal(native.linear(x[:n], w, None), together[:n]), n
         assert torch.equal(native.linear(x[64 - n :], w, None), together[64 - n :]), n
     assert torch.equal(native.prompt_linear(x, w, None, 63), together)  # prompt rows: the same kernel
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_linear_q_threads_do_not_change_results(vector_path, fmt):
-    x, w = rand(8, 160), random_blocks(fmt, 3001, 160)
+def test_linear_q_threads_do_not_change_results(vector_path, variant, fmt):
+    x, w = rand(8, 160), random_blocks(fmt, 3001, 160).view(variant)
     one = native.linear(x, w, None)
     torch.set_num_threads(2)
     try:
@@ -95,3 +104,20 @@ def test_linear_q_refuses_what_it_cannot_read():
         native.linear(x, torch.zeros(3, 2, 19, dtype=torch.uint8), None)
     with pytest.raises(RuntimeError, match="x has 64 inputs, the weight 96"):
         native.linear(x, random_blocks("Q8_0", 3, 96), None)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_int8_x_is_x_rounded_to_int8_blocks(fmt):
+    """The int8 variant computes what the float one computes on x rounded to int8 blocks
+    (quant_blocks.quantize_rows mirrors the kernel's rounding), up to float32 sums; and its
+    integer dot products make AVX-VNNI and AVX2 machines agree bit for bit."""
+    x, w = rand(5, 576) * 3, random_blocks(fmt, 200, 576)
+    rounded = quantize_rows(x)
+    assert not torch.equal(rounded, x)
+    torch.testing.assert_close(native.linear(x, w.view(torch.int8), None), native.linear(rounded, w, None), atol=2e-4, rtol=1e-5)
+    vnni = native.linear(x, w.view(torch.int8), None)
+    native.use_vnni(False)
+    try:
+        assert torch.equal(native.linear(x, w.view(torch.int8), None), vnni)
+    finally:
+        native.use_vnni(True)
