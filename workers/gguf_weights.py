@@ -1,8 +1,8 @@
 """The GGUF file's quantized weights, as they are, for the model's linear layers.
 
 `[model] weights = "shipped"` (workers.loading.load_model) keeps each linear layer's
-weight in the file's own blocks (workers/kernels/quant_blocks.py: a uint8 tensor
-(out_features, in_features / 32, block_bytes)); the kernels multiply them without
+weight in the file's own blocks (Q4_1, Q5_0 or Q8_0: workers/kernels/quant_blocks.py; a
+uint8 tensor (out_features, in_features / 32, block_bytes)); the kernels multiply them without
 de-quantizing to memory (workers/kernels/quant.h). Everything else (embeddings, norms,
 and any linear weight in a format the kernels do not take) comes from the float
 checkpoint, as with `weights = "float"`.

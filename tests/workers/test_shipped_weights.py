@@ -15,6 +15,7 @@ from configs.schema import ConfigError, DrafterConfigs, LeapfrogConfig, ModelCon
 from workers.gguf_weights import read_shipped
 from workers.kernels.choice import native_unsupported
 from workers.kernels.quant_blocks import dequantize, format_of
+from workers.cache_dir import cache_dir
 from workers.loading import ModelLoadError, default_gguf_path, load_model
 
 pytestmark = pytest.mark.real_model
@@ -82,3 +83,27 @@ def test_tree_modes_over_shipped_weights_decode_ar_s_tokens(weights):
         assert accepted  # drafts were accepted: rows verified together were used
     finally:
         e.close()
+
+
+QWEN_GGUF = cache_dir() / "gguf" / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+
+
+@pytest.mark.skipif(not QWEN_GGUF.is_file(), reason=f"{QWEN_GGUF} is not here")
+def test_a_q4_k_m_file_ships_its_q5_0_and_q8_0_weights():
+    """Qwen2.5-Coder-0.5B's Q4_K_M file is mostly Q5_0 (896 inputs are no multiple of a K
+    block's 256), with Q8_0 v projections and LM head and Q4_K / Q6_K down projections:
+    the weights whose parts are all Q4_1 / Q5_0 / Q8_0 ship, the rest stay float; all of
+    them are transformers' de-quantized weights bit for bit."""
+    float_model, _ = load_model(str(QWEN_GGUF), torch.float32, "cpu")
+    shipped, left = read_shipped(QWEN_GGUF, float_model.args.n_layers, float_model.args.tie_embeddings)
+    assert {format_of(b) for b in shipped.values()} == {"Q5_0", "Q8_0"} and "lm_head.weight" in shipped
+    assert all(name.endswith(("qkv_proj.weight", "down_proj.weight")) for name in left)
+    params = dict(float_model.named_parameters()) | {"lm_head.weight": float_model.lm_head.weight}
+    for name, blocks in shipped.items():
+        assert torch.equal(dequantize(blocks), params[name]), name
+    model, _ = load_model(str(QWEN_GGUF), torch.float32, "cpu", weights="shipped")
+    tokens = torch.tensor([[151644, 872, 198, 7985, 264, 729, 13, 151645, 198, 151644, 77091, 198]])
+    with torch.no_grad():
+        got = model(tokens, model.context(torch.arange(12)))
+        want = float_model(tokens, float_model.context(torch.arange(12)))
+    torch.testing.assert_close(got, want, atol=5e-4, rtol=1e-4)

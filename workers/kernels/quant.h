@@ -5,8 +5,9 @@
 // below) tensor (out_features, blocks, block_bytes), each row of W its in_features / 32 blocks of 32
 // weights in ascending order, exactly the bytes of the file (workers/gguf_weights.py). The
 // block size in bytes says the format (every ggml block type has its own): Q4_1 (20 bytes:
-// float16 scale d, float16 minimum m, 16 bytes of nibbles; weight = d * q + m) and Q8_0
-// (34 bytes: float16 scale d, 32 int8; weight = d * q).
+// float16 scale d, float16 minimum m, 16 bytes of nibbles; weight = d * q + m), Q5_0 (22
+// bytes: d, 32 fifth bits, 16 bytes of nibbles; weight = d * (q - 16)) and Q8_0 (34 bytes:
+// float16 scale d, 32 int8; weight = d * q).
 //
 // Why: a decode step streams every weight once; in 4.5-8.5 bits a weight instead of 16 it
 // streams ~3x fewer bytes than bfloat16 (96 MB against 269 MB a token for the 135M model).
@@ -65,6 +66,27 @@ struct Q4_1 {
     // Byte i holds weight i (low nibble) and weight i + 16 (high nibble).
     const __m128i q[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
     for (int i = 0; i < 4; ++i) w[i] = _mm256_add_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q[i]))), m);
+  }
+};
+
+// Q5_0: float16 d, 4 bytes of fifth bits (bit i: weight i's), 16 bytes of nibbles as Q4_1's;
+// weight = d * (q - 16), q = nibble + 16 * fifth bit.
+struct Q5_0 {
+  static constexpr int64_t kBytes = 22;
+  static inline void dequant(const uint8_t* b, __m256 w[4]) {
+    const __m256 d = _mm256_set1_ps(quant::half_to_float(b));
+    uint32_t fifth;
+    std::memcpy(&fifth, b + 2, 4);
+    const __m128i qs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 6));
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(qs, mask), hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
+    const __m128i q[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+    const __m256i bits = _mm256_set1_epi32(static_cast<int32_t>(fifth)), lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (int i = 0; i < 4; ++i) {
+      const __m256i high = _mm256_and_si256(_mm256_srlv_epi32(bits, _mm256_add_epi32(lane, _mm256_set1_epi32(8 * i))), _mm256_set1_epi32(1));
+      const __m256i v = _mm256_sub_epi32(_mm256_or_si256(_mm256_cvtepu8_epi32(q[i]), _mm256_slli_epi32(high, 4)), _mm256_set1_epi32(16));
+      w[i] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(v));
+    }
   }
 };
 
@@ -143,6 +165,25 @@ struct Q4_1 {
     const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 4)));
     w[0] = _mm512_permutexvar_ps(q, table);                         // low nibbles: weights 0-15
     w[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), table);  // high nibbles: weights 16-31
+  }
+};
+
+struct Q5_0 {
+  static constexpr int64_t kBytes = 22;
+  static inline void dequant(const uint8_t* b, __m512 w[2]) {
+    const __m512 d = _mm512_set1_ps(quant::half_to_float(b));
+    uint32_t fifth;
+    std::memcpy(&fifth, b + 2, 4);
+    const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 6)));
+    const __m512i bits = _mm512_set1_epi32(static_cast<int32_t>(fifth));
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i one = _mm512_set1_epi32(1), sixteen = _mm512_set1_epi32(16);
+    const __m512i high0 = _mm512_and_si512(_mm512_srlv_epi32(bits, lane), one);
+    const __m512i high1 = _mm512_and_si512(_mm512_srlv_epi32(bits, _mm512_add_epi32(lane, sixteen)), one);
+    const __m512i v0 = _mm512_or_si512(_mm512_and_si512(q, _mm512_set1_epi32(0x0F)), _mm512_slli_epi32(high0, 4));
+    const __m512i v1 = _mm512_or_si512(_mm512_srli_epi32(q, 4), _mm512_slli_epi32(high1, 4));
+    w[0] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_sub_epi32(v0, sixteen)));
+    w[1] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_sub_epi32(v1, sixteen)));
   }
 };
 
@@ -225,8 +266,8 @@ torch::Tensor linear_q(const torch::Tensor& x, const torch::Tensor& w, const c10
               "linear_q: w must be contiguous uint8 or int8 blocks (out_features, blocks, block_bytes)");
   const int64_t m = w.size(0), blocks = w.size(1), k = blocks * quant::kBlock, bytes = w.size(2);
   TORCH_CHECK(x.size(-1) == k, "linear_q: x has ", x.size(-1), " inputs, the weight ", k);
-  TORCH_CHECK(bytes == qi8::Q4_1::kBytes || bytes == qi8::Q8_0::kBytes, "linear_q: blocks of ", bytes,
-              " bytes are no format it takes (Q4_1: 20, Q8_0: 34)");
+  TORCH_CHECK(bytes == qi8::Q4_1::kBytes || bytes == qi8::Q5_0::kBytes || bytes == qi8::Q8_0::kBytes, "linear_q: blocks of ",
+              bytes, " bytes are no format it takes (Q4_1: 20, Q5_0: 22, Q8_0: 34)");
   const auto rows = x.reshape({-1, k}).to(at::kFloat).contiguous();  // bfloat16 -> float32 is exact
   const int64_t n = rows.size(0);
   auto y = torch::empty({n, m}, rows.options());
@@ -236,9 +277,12 @@ torch::Tensor linear_q(const torch::Tensor& x, const torch::Tensor& w, const c10
     std::vector<XBlock> xq(n * blocks);
     quantize_rows(rows.data_ptr<float>(), n, blocks, xq.data());
     if (bytes == qi8::Q4_1::kBytes) linear_q_int8<qi8::Q4_1>(xq.data(), n, wp, blocks, yp, m);
+    else if (bytes == qi8::Q5_0::kBytes) linear_q_int8<qi8::Q5_0>(xq.data(), n, wp, blocks, yp, m);
     else linear_q_int8<qi8::Q8_0>(xq.data(), n, wp, blocks, yp, m);
   } else if (bytes == qavx512::Q4_1::kBytes) {
     linear_q_rows<qavx2::Q4_1, qavx512::Q4_1>(rows.data_ptr<float>(), n, wp, blocks, yp, m);
+  } else if (bytes == qavx512::Q5_0::kBytes) {
+    linear_q_rows<qavx2::Q5_0, qavx512::Q5_0>(rows.data_ptr<float>(), n, wp, blocks, yp, m);
   } else {
     linear_q_rows<qavx2::Q8_0, qavx512::Q8_0>(rows.data_ptr<float>(), n, wp, blocks, yp, m);
   }

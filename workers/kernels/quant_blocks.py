@@ -15,8 +15,10 @@ import torch
 
 BLOCK = 32  # weights a block
 # format name -> bytes a block: Q4_1 = float16 d, float16 m, 16 bytes of nibbles (weight i in
-# byte i's low nibble, weight i + 16 in its high one), d * q + m; Q8_0 = float16 d, 32 int8, d * q.
-BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}
+# byte i's low nibble, weight i + 16 in its high one), d * q + m; Q5_0 = float16 d, 32 bits
+# (bit i: weight i's fifth bit), 16 bytes of nibbles as Q4_1's, d * (q - 16); Q8_0 =
+# float16 d, 32 int8, d * q.
+BLOCK_BYTES = {"Q4_1": 20, "Q5_0": 22, "Q8_0": 34}
 FORMAT_OF_BYTES = {size: name for name, size in BLOCK_BYTES.items()}
 
 
@@ -45,6 +47,12 @@ def dequantize(blocks: torch.Tensor) -> torch.Tensor:
     if fmt == "Q8_0":
         q = blocks[..., 2:].contiguous().view(torch.int8).float()
         return (q * d).reshape(out, n * BLOCK)
+    if fmt == "Q5_0":
+        fifth = blocks[..., 2:6].contiguous().view(torch.int32)  # (out, n, 1), little-endian
+        high = (fifth >> torch.arange(32, dtype=torch.int32)) & 1  # (out, n, 32)
+        qs = blocks[..., 6:]
+        q = torch.cat((qs & 0x0F, qs >> 4), dim=-1).to(torch.int32) | (high << 4)
+        return (d * (q - 16).float()).reshape(out, n * BLOCK)
     m = _halves(blocks[..., 2:4]).unsqueeze(-1)
     qs = blocks[..., 4:]
     q = torch.cat((qs & 0x0F, qs >> 4), dim=-1).float()  # weights 0-15, then 16-31

@@ -57,6 +57,24 @@ struct Q4_1 {
   static inline void scales(const uint8_t* b, float& d, float& m) { d = quant::half_to_float(b), m = quant::half_to_float(b + 2); }
 };
 
+struct Q5_0 {
+  static constexpr int64_t kBytes = 22;
+  static constexpr bool kSigned = true, kMinimum = false;
+  static inline __m256i weights(const uint8_t* b) {  // q - 16 in -16..15: nibbles as Q4_1's, fifth bits from 4 bytes
+    uint32_t fifth;
+    std::memcpy(&fifth, b + 2, 4);
+    const __m128i qs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 6));
+    const __m256i nibbles = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(qs, 4), qs), _mm256_set1_epi8(0x0F));
+    // byte i = 0xFF where bit i of `fifth` is set (byte i takes byte i / 8 of it, then every
+    // bit but bit i % 8 is set: all ones iff that bit was)
+    const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int32_t>(fifth)),
+                                               _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0));
+    const __m256i set = _mm256_cmpeq_epi8(_mm256_or_si256(spread, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe)), _mm256_set1_epi64x(-1));
+    return _mm256_sub_epi8(_mm256_or_si256(nibbles, _mm256_and_si256(set, _mm256_set1_epi8(0x10))), _mm256_set1_epi8(16));
+  }
+  static inline void scales(const uint8_t* b, float& d, float& m) { d = quant::half_to_float(b), m = 0.f; }
+};
+
 struct Q8_0 {
   static constexpr int64_t kBytes = 34;
   static constexpr bool kSigned = true, kMinimum = false;
@@ -68,10 +86,11 @@ struct Q8_0 {
 
 namespace qi8avx2 {
 using qi8::Q4_1;
+using qi8::Q5_0;
 using qi8::Q8_0;
 using quant::kBlock;
 // 32 u8 x s8 products, 4 adjacent ones summed into each int32 lane (pairs into int16 first:
-// |15 * 127 * 2| and |128 * 127 * 2| fit, so nothing saturates).
+// |15 * 127 * 2|, |16 * 127 * 2| and |128 * 127 * 2| fit, so nothing saturates).
 inline __m256i dot(__m256i u, __m256i s) { return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)); }
 #include "quant_i8_block.h"
 }  // namespace qi8avx2
@@ -80,6 +99,7 @@ inline __m256i dot(__m256i u, __m256i s) { return _mm256_madd_epi16(_mm256_maddu
 #pragma GCC target("avxvnni")
 namespace qi8vnni {
 using qi8::Q4_1;
+using qi8::Q5_0;
 using qi8::Q8_0;
 using quant::kBlock;
 inline __m256i dot(__m256i u, __m256i s) { return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s); }

@@ -32,7 +32,7 @@ inline void block(const XBlock* x, int64_t ldx, const uint8_t* w, int64_t row_by
       const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb.q));
 #pragma GCC unroll 16
       for (int c = 0; c < C; ++c) {
-        // Q8_0's weights are signed: |w| against x with w's sign (the same products).
+        // Q5_0's and Q8_0's weights are signed: |w| against x with w's sign (the same products).
         const __m256i products = F::kSigned ? dot(_mm256_sign_epi8(wq[c], wq[c]), _mm256_sign_epi8(xq, wq[c])) : dot(wq[c], xq);
         acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(products), _mm256_set1_ps(wd[c] * xb.d), acc[r][c]);
         if (F::kMinimum) minimum[r][c] += wm[c] * xb.s;
