@@ -42,6 +42,7 @@
 
 // quant.h (below) defines it; linear hands it uint8 and int8 (quantized) weights.
 torch::Tensor linear_q(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias, bool float_out);
+torch::Tensor dequantize_bf16(const torch::Tensor& w);
 
 #include "products.h"
 #include "norms.h"
@@ -61,6 +62,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_q", &linear_q, "y = x @ W.T (+ b), W the GGUF file's blocks (Q4_1, Q8_0): uint8, x in float32; int8, x in int8",
         no_gil);
   m.def("use_vnni", &use_vnni, "turn linear_q's AVX-VNNI dot products (int8 x) on (where the CPU has them) or off");
+  m.def("dequantize_bf16", &dequantize_bf16, "quantized blocks (out, blocks, bytes) -> (out, in) bfloat16, as gguf-py then .to(bfloat16)",
+        no_gil);
   m.def("rms_norm", &rms_norm, "RMSNorm of each row, rounding as the reference does", no_gil);
   m.def("rotary_", &rotary_, "rotary embedding in place on the q and k heads of the fused projection", no_gil);
   m.def("attention", &attention, "attention in float32, each query row independent of the others", no_gil);

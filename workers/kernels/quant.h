@@ -232,6 +232,23 @@ inline void block(const float* x, int64_t ldx, const uint8_t* w, int64_t row_byt
 
 #include "quant_tiles.h"
 
+// Weight rows [j0, j1) de-quantized to bfloat16 (out: (m, blocks * 32)), rounded to nearest
+// even as torch's float32 -> bfloat16 conversion rounds (no NaN among de-quantized weights).
+template <class F>
+void rows_to_bf16(const uint8_t* w, int64_t blocks, uint16_t* out, int64_t j0, int64_t j1) {
+  const __m512i one = _mm512_set1_epi32(1), half = _mm512_set1_epi32(0x7FFF);
+  for (int64_t j = j0; j < j1; ++j)
+    for (int64_t b = 0; b < blocks; ++b) {
+      __m512 wv[2];
+      F::dequant(w + (j * blocks + b) * F::kBytes, wv);
+      for (int i = 0; i < 2; ++i) {
+        const __m512i u = _mm512_castps_si512(wv[i]);
+        const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, half), _mm512_and_si512(_mm512_srli_epi32(u, 16), one)), 16);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (j * blocks + b) * kBlock + 16 * i), _mm512_cvtepi32_epi16(rounded));
+      }
+    }
+}
+
 }  // namespace qavx512
 
 #pragma GCC pop_options
@@ -253,6 +270,27 @@ void linear_q_rows(const float* x, int64_t n, const uint8_t* w, int64_t blocks, 
 }  // namespace
 
 #include "quant_i8.h"
+
+// w (m, k / 32, block_bytes) uint8 or int8 -> (m, k) bfloat16: the float32 weights gguf-py
+// computes, rounded to bfloat16 (what weights = "float" holds in bfloat16). For prompt_linear's
+// AMX tiles (AMX CPUs have AVX-512).
+torch::Tensor dequantize_bf16(const torch::Tensor& w) {
+  TORCH_CHECK((w.scalar_type() == at::kByte || w.scalar_type() == at::kChar) && w.dim() == 3 && w.is_contiguous(),
+              "dequantize_bf16: contiguous uint8 or int8 blocks (out_features, blocks, block_bytes)");
+  TORCH_CHECK(avx512_attention_available(), "dequantize_bf16: takes AVX-512");
+  const int64_t m = w.size(0), blocks = w.size(1), bytes = w.size(2);
+  TORCH_CHECK(bytes == qavx512::Q4_1::kBytes || bytes == qavx512::Q5_0::kBytes || bytes == qavx512::Q8_0::kBytes,
+              "dequantize_bf16: blocks of ", bytes, " bytes are no format it takes (Q4_1: 20, Q5_0: 22, Q8_0: 34)");
+  auto out = torch::empty({m, blocks * quant::kBlock}, w.options().dtype(at::kBFloat16));
+  const uint8_t* wp = static_cast<const uint8_t*>(w.data_ptr());
+  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  parallel_for(0, m, 64, [&](int64_t j0, int64_t j1) {
+    if (bytes == qavx512::Q4_1::kBytes) qavx512::rows_to_bf16<qavx512::Q4_1>(wp, blocks, op, j0, j1);
+    else if (bytes == qavx512::Q5_0::kBytes) qavx512::rows_to_bf16<qavx512::Q5_0>(wp, blocks, op, j0, j1);
+    else qavx512::rows_to_bf16<qavx512::Q8_0>(wp, blocks, op, j0, j1);
+  });
+  return out;
+}
 
 // x (..., k) float32 or bfloat16; w (m, k / 32, block_bytes): the GGUF blocks of an (m, k)
 // weight (top of this file), as uint8: x multiplied in float32 against the blocks

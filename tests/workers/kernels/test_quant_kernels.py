@@ -121,3 +121,25 @@ def test_int8_x_is_x_rounded_to_int8_blocks(fmt):
         assert torch.equal(native.linear(x, w.view(torch.int8), None), vnni)
     finally:
         native.use_vnni(True)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_prompt_rows_on_amx_are_the_bfloat16_weights_prompt_rows(variant, fmt):
+    """bfloat16 prompt rows against quantized weights take the AMX tiles against the weights
+    de-quantized to bfloat16: the very bits that weights = "float" in bfloat16 gives a
+    prompt position, however many rows share the call; elsewhere (no AMX) linear_q."""
+    if not native.use_amx(True):
+        pytest.skip("this CPU has no AMX (or Linux does not grant its tile state)")
+    w = random_blocks(fmt, 389, 576).view(variant)
+    bf16 = dequantize(w).bfloat16()
+    assert torch.equal(native.extension().dequantize_bf16(w), bf16)
+    x = rand(1, 120, 576, dtype=torch.bfloat16)
+    full = native.prompt_linear(x, w, None, 119)
+    assert torch.equal(full[:, :119], native.prompt_linear(x[:, :119], bf16, None, 119))
+    assert torch.equal(full[:, 119:], native.linear(x[:, 119:], w, None))  # the last row: one-row kernels
+    assert torch.equal(native.prompt_linear(x[:, 7:20], w, None, 13), full[:, 7:20])
+    native.use_amx(False)
+    try:
+        assert torch.equal(native.prompt_linear(x, w, None, 119), native.linear(x, w, None))
+    finally:
+        native.use_amx(True)
