@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from workers.cpu_info import describe_cpu  # noqa: E402
 from workers.gguf_weights import read_shipped  # noqa: E402
 from workers.kernels import native  # noqa: E402
-from workers.kernels.quant_blocks import BLOCK, dequantize  # noqa: E402
+from workers.kernels.quant_blocks import BLOCK_WEIGHTS, dequantize, format_of  # noqa: E402
 from workers.loading import default_gguf_path  # noqa: E402
 
 
@@ -35,9 +35,13 @@ def step_weights() -> dict[str, list[torch.Tensor]]:
             "bfloat16": [dequantize(b).bfloat16() for b in blocks]}
 
 
+def in_features(w: torch.Tensor) -> int:
+    return w.shape[1] * BLOCK_WEIGHTS[format_of(w)] if w.dim() == 3 else w.shape[1]
+
+
 def median_ms(weights: list[torch.Tensor], rows: int, dtype: torch.dtype, repeats: int) -> float:
-    xs = {k: torch.randn(rows, k).to(dtype) for k in {w.shape[1] * (BLOCK if w.dim() == 3 else 1) for w in weights}}
-    inputs = [xs[w.shape[1] * (BLOCK if w.dim() == 3 else 1)] for w in weights]
+    xs = {k: torch.randn(rows, k).to(dtype) for k in {in_features(w) for w in weights}}
+    inputs = [xs[in_features(w)] for w in weights]
     times = []
     for _ in range(repeats + 1):
         start = time.perf_counter()

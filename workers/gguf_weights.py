@@ -1,8 +1,8 @@
 """The GGUF file's quantized weights, as they are, for the model's linear layers.
 
 `[model] weights = "shipped"` (workers.loading.load_model) keeps each linear layer's
-weight in the file's own blocks (Q4_1, Q5_0 or Q8_0: workers/kernels/quant_blocks.py; a
-uint8 tensor (out_features, in_features / 32, block_bytes)); the kernels multiply them without
+weight in the file's own blocks (Q4_1, Q5_0, Q8_0, Q4_K or Q6_K: workers/kernels/quant_blocks.py;
+a uint8 tensor (out_features, in_features / block weights, block_bytes)); the kernels multiply them without
 de-quantizing to memory (workers/kernels/quant.h). Everything else (embeddings, norms,
 and any linear weight in a format the kernels do not take) comes from the float
 checkpoint, as with `weights = "float"`.
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from workers.kernels.quant_blocks import BLOCK, BLOCK_BYTES
+from workers.kernels.quant_blocks import BLOCK_BYTES, BLOCK_WEIGHTS, format_of
 
 # GGUF's per-layer tensor -> (our fused weight, its part's index in the fusion)
 LAYER_PARTS = {
@@ -103,14 +103,16 @@ def use_shipped_weights(model: nn.Module, gguf: Path, int8_activations: bool = F
     weights loaded from the same file) by the file's blocks; returns the names left in float.
     A tied LM head is untied: it reads the blocks, the embedding table keeps its floats.
     `int8_activations`: the blocks typed int8, which has the kernels quantize x to int8 per
-    block first (workers/kernels/quant_i8.h); uint8 otherwise (x in float32)."""
+    block first (workers/kernels/quant_i8.h); uint8 otherwise (x in float32), and always
+    for the K formats (Q4_K, Q6_K), which the int8 variant does not take."""
     args = model.args
     shipped, left = read_shipped(gguf, args.n_layers, args.tie_embeddings)
     modules = dict(model.named_modules())
     for name, blocks in shipped.items():
         module = modules[name.removesuffix(".weight")]
         out_features, in_features = module.weight.shape
-        if blocks.shape[0] != out_features or blocks.shape[1] * BLOCK != in_features:
+        if blocks.shape[0] != out_features or blocks.shape[1] * BLOCK_WEIGHTS[format_of(blocks)] != in_features:
             raise ValueError(f"{gguf}: {name} has blocks {tuple(blocks.shape)}, the model ({out_features}, {in_features})")
-        module.weight = nn.Parameter(blocks.view(torch.int8) if int8_activations else blocks, requires_grad=False)
+        int8 = int8_activations and BLOCK_WEIGHTS[format_of(blocks)] == 32  # K formats: float32 x (quant_k.h)
+        module.weight = nn.Parameter(blocks.view(torch.int8) if int8 else blocks, requires_grad=False)
     return left

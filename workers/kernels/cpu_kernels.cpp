@@ -7,8 +7,9 @@
 //                  walk over rows and weight rows, compiled there once per target
 //   norms.h        rms_norm, rotary_
 //   attention.h    attention in float32, AVX2 or 16 AVX-512 lanes
-//   quant.h        linear_q: products with the GGUF file's quantized blocks (Q4_1, Q8_0),
-//                  x in float32, or in int8 (quant_i8.h, quant_i8_block.h); quant_tiles.h
+//   quant.h        linear_q: products with the GGUF file's quantized blocks (Q4_1, Q5_0,
+//                  Q8_0; Q4_K, Q6_K in quant_k.h), x in float32, or in int8 (quant_i8.h,
+//                  quant_i8_block.h; not the K formats); quant_tiles.h
 //                  its tiling, compiled once per target. linear and prompt_linear hand
 //                  uint8 and int8 (quantized) weights to it
 //   layer.h        decoder_layer and ragged_decoder_layer: a whole layer through the above
@@ -59,7 +60,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         no_gil);
   m.def("use_amx", &use_amx, "turn prompt_linear's AMX path on (where the CPU and OS allow it) or off");
   m.def("use_avx512", &use_avx512, "turn the AVX-512 paths of linear and attention on (where the CPU has them) or off");
-  m.def("linear_q", &linear_q, "y = x @ W.T (+ b), W the GGUF file's blocks (Q4_1, Q8_0): uint8, x in float32; int8, x in int8",
+  m.def("linear_q", &linear_q, "y = x @ W.T (+ b), W the GGUF file's blocks (Q4_1, Q5_0, Q8_0, Q4_K, Q6_K): uint8, x in float32; int8, x in int8",
         no_gil);
   m.def("use_vnni", &use_vnni, "turn linear_q's AVX-VNNI dot products (int8 x) on (where the CPU has them) or off");
   m.def("dequantize_bf16", &dequantize_bf16, "quantized blocks (out, blocks, bytes) -> (out, in) bfloat16, as gguf-py then .to(bfloat16)",

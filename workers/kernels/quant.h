@@ -7,7 +7,8 @@
 // block size in bytes says the format (every ggml block type has its own): Q4_1 (20 bytes:
 // float16 scale d, float16 minimum m, 16 bytes of nibbles; weight = d * q + m), Q5_0 (22
 // bytes: d, 32 fifth bits, 16 bytes of nibbles; weight = d * (q - 16)) and Q8_0 (34 bytes:
-// float16 scale d, 32 int8; weight = d * q).
+// float16 scale d, 32 int8; weight = d * q); and the K formats Q4_K and Q6_K (256 weights
+// a block, taken 32 at a time: quant_k.h), float32 x only.
 //
 // Why: a decode step streams every weight once; in 4.5-8.5 bits a weight instead of 16 it
 // streams ~3x fewer bytes than bfloat16 (96 MB against 269 MB a token for the 135M model).
@@ -36,7 +37,7 @@ namespace {
 
 namespace quant {
 
-constexpr int64_t kBlock = 32;         // weights a block (both formats)
+constexpr int64_t kBlock = 32;         // weights a block (a K format's block: 8 of them)
 constexpr int64_t kRowTile = 64;       // rows of x a pass over the weights (as products.h)
 // Software prefetch this far ahead in the weight rows: 1 KB -> 4 KB took a one-row step's
 // products from ~9 to ~5.7 ms on two threads (float x; int8 x ~9 -> ~4 ms).
@@ -57,8 +58,8 @@ using quant::kBlock;
 
 // One block as 4 x 8 float32 weights: w[0] = weights 0-7, ..., w[3] = 24-31.
 struct Q4_1 {
-  static constexpr int64_t kBytes = 20;
-  static inline void dequant(const uint8_t* b, __m256 w[4]) {
+  static constexpr int64_t kBytes = 20, kSubs = 1;
+  static inline void dequant(const uint8_t* b, int, __m256 w[4]) {
     const __m256 d = _mm256_set1_ps(quant::half_to_float(b)), m = _mm256_set1_ps(quant::half_to_float(b + 2));
     const __m128i qs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 4));
     const __m128i mask = _mm_set1_epi8(0x0F);
@@ -72,8 +73,8 @@ struct Q4_1 {
 // Q5_0: float16 d, 4 bytes of fifth bits (bit i: weight i's), 16 bytes of nibbles as Q4_1's;
 // weight = d * (q - 16), q = nibble + 16 * fifth bit.
 struct Q5_0 {
-  static constexpr int64_t kBytes = 22;
-  static inline void dequant(const uint8_t* b, __m256 w[4]) {
+  static constexpr int64_t kBytes = 22, kSubs = 1;
+  static inline void dequant(const uint8_t* b, int, __m256 w[4]) {
     const __m256 d = _mm256_set1_ps(quant::half_to_float(b));
     uint32_t fifth;
     std::memcpy(&fifth, b + 2, 4);
@@ -91,8 +92,8 @@ struct Q5_0 {
 };
 
 struct Q8_0 {
-  static constexpr int64_t kBytes = 34;
-  static inline void dequant(const uint8_t* b, __m256 w[4]) {
+  static constexpr int64_t kBytes = 34, kSubs = 1;
+  static inline void dequant(const uint8_t* b, int, __m256 w[4]) {
     const __m256 d = _mm256_set1_ps(quant::half_to_float(b));
     for (int i = 0; i < 4; ++i) {
       const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 2 + 8 * i));
@@ -109,17 +110,18 @@ inline void block(const float* x, int64_t ldx, const uint8_t* w, int64_t row_byt
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 16
     for (int c = 0; c < C; ++c) acc[r][c][0] = acc[r][c][1] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < blocks; ++b) {
+  for (int64_t b = 0; b < blocks; ++b)
+  for (int s = 0; s < F::kSubs; ++s) {  // 32 weights at a time (a K format's block: 8 times)
     __m256 wv[C][4];
 #pragma GCC unroll 16
     for (int c = 0; c < C; ++c) {
       const uint8_t* wb = w + c * row_bytes + b * F::kBytes;
-      _mm_prefetch(reinterpret_cast<const char*>(wb) + quant::kPrefetchBytes, _MM_HINT_T0);
-      F::dequant(wb, wv[c]);
+      if (s == 0) _mm_prefetch(reinterpret_cast<const char*>(wb) + quant::kPrefetchBytes, _MM_HINT_T0);
+      F::dequant(wb, s, wv[c]);
     }
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
-      const float* xb = x + r * ldx + b * kBlock;
+      const float* xb = x + r * ldx + (b * F::kSubs + s) * kBlock;
 #pragma GCC unroll 4
       for (int i = 0; i < 4; ++i) {
         const __m256 xv = _mm256_loadu_ps(xb + 8 * i);
@@ -154,8 +156,8 @@ using quant::kBlock;
 // instead of 2 conversions, 2 products and 2 sums a block: ~15-20% less time a 1-2 row
 // product on an AVX-512 Xeon (one thread, measured against the direct de-quantization).
 struct Q4_1 {
-  static constexpr int64_t kBytes = 20;
-  static inline void dequant(const uint8_t* b, __m512 w[2]) {
+  static constexpr int64_t kBytes = 20, kSubs = 1;
+  static inline void dequant(const uint8_t* b, int, __m512 w[2]) {
     int32_t scales;  // float16 d, float16 m: both converted by one instruction
     std::memcpy(&scales, b, 4);
     const __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128(scales));
@@ -169,8 +171,8 @@ struct Q4_1 {
 };
 
 struct Q5_0 {
-  static constexpr int64_t kBytes = 22;
-  static inline void dequant(const uint8_t* b, __m512 w[2]) {
+  static constexpr int64_t kBytes = 22, kSubs = 1;
+  static inline void dequant(const uint8_t* b, int, __m512 w[2]) {
     const __m512 d = _mm512_set1_ps(quant::half_to_float(b));
     uint32_t fifth;
     std::memcpy(&fifth, b + 2, 4);
@@ -188,8 +190,8 @@ struct Q5_0 {
 };
 
 struct Q8_0 {
-  static constexpr int64_t kBytes = 34;
-  static inline void dequant(const uint8_t* b, __m512 w[2]) {
+  static constexpr int64_t kBytes = 34, kSubs = 1;
+  static inline void dequant(const uint8_t* b, int, __m512 w[2]) {
     const __m512 d = _mm512_set1_ps(quant::half_to_float(b));
     for (int i = 0; i < 2; ++i) {
       const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2 + 16 * i));
@@ -205,17 +207,18 @@ inline void block(const float* x, int64_t ldx, const uint8_t* w, int64_t row_byt
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 16
     for (int c = 0; c < C; ++c) acc[r][c][0] = acc[r][c][1] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < blocks; ++b) {
+  for (int64_t b = 0; b < blocks; ++b)
+  for (int s = 0; s < F::kSubs; ++s) {  // 32 weights at a time (a K format's block: 8 times)
     __m512 wv[C][2];
 #pragma GCC unroll 16
     for (int c = 0; c < C; ++c) {
       const uint8_t* wb = w + c * row_bytes + b * F::kBytes;
-      _mm_prefetch(reinterpret_cast<const char*>(wb) + quant::kPrefetchBytes, _MM_HINT_T0);
-      F::dequant(wb, wv[c]);
+      if (s == 0) _mm_prefetch(reinterpret_cast<const char*>(wb) + quant::kPrefetchBytes, _MM_HINT_T0);
+      F::dequant(wb, s, wv[c]);
     }
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
-      const float* xb = x + r * ldx + b * kBlock;
+      const float* xb = x + r * ldx + (b * F::kSubs + s) * kBlock;
       const __m512 x0 = _mm512_loadu_ps(xb), x1 = _mm512_loadu_ps(xb + 16);
 #pragma GCC unroll 16
       for (int c = 0; c < C; ++c) {
@@ -238,33 +241,45 @@ template <class F>
 void rows_to_bf16(const uint8_t* w, int64_t blocks, uint16_t* out, int64_t j0, int64_t j1) {
   const __m512i one = _mm512_set1_epi32(1), half = _mm512_set1_epi32(0x7FFF);
   for (int64_t j = j0; j < j1; ++j)
-    for (int64_t b = 0; b < blocks; ++b) {
-      __m512 wv[2];
-      F::dequant(w + (j * blocks + b) * F::kBytes, wv);
-      for (int i = 0; i < 2; ++i) {
-        const __m512i u = _mm512_castps_si512(wv[i]);
-        const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, half), _mm512_and_si512(_mm512_srli_epi32(u, 16), one)), 16);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (j * blocks + b) * kBlock + 16 * i), _mm512_cvtepi32_epi16(rounded));
+    for (int64_t b = 0; b < blocks; ++b)
+      for (int s = 0; s < F::kSubs; ++s) {
+        __m512 wv[2];
+        F::dequant(w + (j * blocks + b) * F::kBytes, s, wv);
+        for (int i = 0; i < 2; ++i) {
+          const __m512i u = _mm512_castps_si512(wv[i]);
+          const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, half), _mm512_and_si512(_mm512_srli_epi32(u, 16), one)), 16);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + ((j * blocks + b) * F::kSubs + s) * kBlock + 16 * i),
+                              _mm512_cvtepi32_epi16(rounded));
+        }
       }
-    }
 }
 
 }  // namespace qavx512
 
 #pragma GCC pop_options
 
+}  // namespace
+
+#include "quant_k.h"
+
+namespace {
+
+// Weights a block of `bytes` bytes holds: 256 for the K formats, 32 for the others.
+inline int64_t block_weights(int64_t bytes) { return bytes == qavx512::Q4_K::kBytes || bytes == qavx512::Q6_K::kBytes ? 256 : 32; }
+
 // Rows of x against the weights of format F, on the path the engine uses (use_avx512).
 // Tiles (R rows x C weight rows) by the number of rows: two weight rows at a time for 1-4
 // rows (independent FMA chains for a lone row), one from 5 rows on (register room).
 template <class F2, class F512>
 void linear_q_rows(const float* x, int64_t n, const uint8_t* w, int64_t blocks, float* y, int64_t m) {
+  const int64_t k = blocks * F512::kSubs * quant::kBlock;
   if (avx512_attention_enabled) {
-    if (n <= 2) return qavx512::linear_blocks<2, 2, F512>(x, blocks * quant::kBlock, n, w, blocks, y, m);
-    if (n <= 4) return qavx512::linear_blocks<4, 2, F512>(x, blocks * quant::kBlock, n, w, blocks, y, m);
-    return qavx512::linear_blocks<8, 1, F512>(x, blocks * quant::kBlock, n, w, blocks, y, m);
+    if (n <= 2) return qavx512::linear_blocks<2, 2, F512>(x, k, n, w, blocks, y, m);
+    if (n <= 4) return qavx512::linear_blocks<4, 2, F512>(x, k, n, w, blocks, y, m);
+    return qavx512::linear_blocks<8, 1, F512>(x, k, n, w, blocks, y, m);
   }
-  if (n <= 2) return qavx2::linear_blocks<2, 1, F2>(x, blocks * quant::kBlock, n, w, blocks, y, m);
-  return qavx2::linear_blocks<4, 1, F2>(x, blocks * quant::kBlock, n, w, blocks, y, m);
+  if (n <= 2) return qavx2::linear_blocks<2, 1, F2>(x, k, n, w, blocks, y, m);
+  return qavx2::linear_blocks<4, 1, F2>(x, k, n, w, blocks, y, m);
 }
 
 }  // namespace
@@ -279,14 +294,17 @@ torch::Tensor dequantize_bf16(const torch::Tensor& w) {
               "dequantize_bf16: contiguous uint8 or int8 blocks (out_features, blocks, block_bytes)");
   TORCH_CHECK(avx512_attention_available(), "dequantize_bf16: takes AVX-512");
   const int64_t m = w.size(0), blocks = w.size(1), bytes = w.size(2);
-  TORCH_CHECK(bytes == qavx512::Q4_1::kBytes || bytes == qavx512::Q5_0::kBytes || bytes == qavx512::Q8_0::kBytes,
-              "dequantize_bf16: blocks of ", bytes, " bytes are no format it takes (Q4_1: 20, Q5_0: 22, Q8_0: 34)");
-  auto out = torch::empty({m, blocks * quant::kBlock}, w.options().dtype(at::kBFloat16));
+  TORCH_CHECK(bytes == qavx512::Q4_1::kBytes || bytes == qavx512::Q5_0::kBytes || bytes == qavx512::Q8_0::kBytes ||
+                  bytes == qavx512::Q4_K::kBytes || bytes == qavx512::Q6_K::kBytes,
+              "dequantize_bf16: blocks of ", bytes, " bytes are no format it takes");
+  auto out = torch::empty({m, blocks * block_weights(bytes)}, w.options().dtype(at::kBFloat16));
   const uint8_t* wp = static_cast<const uint8_t*>(w.data_ptr());
   uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   parallel_for(0, m, 64, [&](int64_t j0, int64_t j1) {
     if (bytes == qavx512::Q4_1::kBytes) qavx512::rows_to_bf16<qavx512::Q4_1>(wp, blocks, op, j0, j1);
     else if (bytes == qavx512::Q5_0::kBytes) qavx512::rows_to_bf16<qavx512::Q5_0>(wp, blocks, op, j0, j1);
+    else if (bytes == qavx512::Q4_K::kBytes) qavx512::rows_to_bf16<qavx512::Q4_K>(wp, blocks, op, j0, j1);
+    else if (bytes == qavx512::Q6_K::kBytes) qavx512::rows_to_bf16<qavx512::Q6_K>(wp, blocks, op, j0, j1);
     else qavx512::rows_to_bf16<qavx512::Q8_0>(wp, blocks, op, j0, j1);
   });
   return out;
@@ -302,10 +320,12 @@ torch::Tensor linear_q(const torch::Tensor& x, const torch::Tensor& w, const c10
   const bool int8_rows = w.scalar_type() == at::kChar;
   TORCH_CHECK((int8_rows || w.scalar_type() == at::kByte) && w.dim() == 3 && w.is_contiguous(),
               "linear_q: w must be contiguous uint8 or int8 blocks (out_features, blocks, block_bytes)");
-  const int64_t m = w.size(0), blocks = w.size(1), k = blocks * quant::kBlock, bytes = w.size(2);
+  const int64_t m = w.size(0), blocks = w.size(1), bytes = w.size(2), k = blocks * block_weights(bytes);
+  const bool k_format = bytes == qavx512::Q4_K::kBytes || bytes == qavx512::Q6_K::kBytes;
+  TORCH_CHECK(bytes == qi8::Q4_1::kBytes || bytes == qi8::Q5_0::kBytes || bytes == qi8::Q8_0::kBytes || k_format,
+              "linear_q: blocks of ", bytes, " bytes are no format it takes (Q4_1: 20, Q5_0: 22, Q8_0: 34, Q4_K: 144, Q6_K: 210)");
+  TORCH_CHECK(!(k_format && int8_rows), "linear_q: K-format blocks take float32 x only (typed uint8)");
   TORCH_CHECK(x.size(-1) == k, "linear_q: x has ", x.size(-1), " inputs, the weight ", k);
-  TORCH_CHECK(bytes == qi8::Q4_1::kBytes || bytes == qi8::Q5_0::kBytes || bytes == qi8::Q8_0::kBytes, "linear_q: blocks of ",
-              bytes, " bytes are no format it takes (Q4_1: 20, Q5_0: 22, Q8_0: 34)");
   const auto rows = x.reshape({-1, k}).to(at::kFloat).contiguous();  // bfloat16 -> float32 is exact
   const int64_t n = rows.size(0);
   auto y = torch::empty({n, m}, rows.options());
@@ -321,6 +341,10 @@ torch::Tensor linear_q(const torch::Tensor& x, const torch::Tensor& w, const c10
     linear_q_rows<qavx2::Q4_1, qavx512::Q4_1>(rows.data_ptr<float>(), n, wp, blocks, yp, m);
   } else if (bytes == qavx512::Q5_0::kBytes) {
     linear_q_rows<qavx2::Q5_0, qavx512::Q5_0>(rows.data_ptr<float>(), n, wp, blocks, yp, m);
+  } else if (bytes == qavx512::Q4_K::kBytes) {
+    linear_q_rows<qavx2::Q4_K, qavx512::Q4_K>(rows.data_ptr<float>(), n, wp, blocks, yp, m);
+  } else if (bytes == qavx512::Q6_K::kBytes) {
+    linear_q_rows<qavx2::Q6_K, qavx512::Q6_K>(rows.data_ptr<float>(), n, wp, blocks, yp, m);
   } else {
     linear_q_rows<qavx2::Q8_0, qavx512::Q8_0>(rows.data_ptr<float>(), n, wp, blocks, yp, m);
   }

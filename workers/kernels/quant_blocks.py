@@ -18,7 +18,10 @@ BLOCK = 32  # weights a block
 # byte i's low nibble, weight i + 16 in its high one), d * q + m; Q5_0 = float16 d, 32 bits
 # (bit i: weight i's fifth bit), 16 bytes of nibbles as Q4_1's, d * (q - 16); Q8_0 =
 # float16 d, 32 int8, d * q.
-BLOCK_BYTES = {"Q4_1": 20, "Q5_0": 22, "Q8_0": 34}
+BLOCK_BYTES = {"Q4_1": 20, "Q5_0": 22, "Q8_0": 34, "Q4_K": 144, "Q6_K": 210}
+# weights a block: the K formats' blocks hold 256 (8 x 32: workers/kernels/quant_k.h), and
+# take float32 x only (typed uint8)
+BLOCK_WEIGHTS = {"Q4_1": BLOCK, "Q5_0": BLOCK, "Q8_0": BLOCK, "Q4_K": 256, "Q6_K": 256}
 FORMAT_OF_BYTES = {size: name for name, size in BLOCK_BYTES.items()}
 
 
@@ -38,11 +41,16 @@ def _halves(b: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize(blocks: torch.Tensor) -> torch.Tensor:
-    """(out, in / 32, block_bytes) uint8 -> (out, in) float32, as gguf-py de-quantizes: the
+    """(out, in / block weights, block_bytes) uint8 -> (out, in) float32, as gguf-py de-quantizes: the
     scale times the quantized value rounded to float32, then (Q4_1) plus the minimum."""
     fmt = format_of(blocks)
     blocks = blocks.view(torch.uint8)
     out, n = blocks.shape[0], blocks.shape[1]
+    if BLOCK_WEIGHTS[fmt] != BLOCK:  # the K formats: gguf-py's own numbers
+        from gguf import GGMLQuantizationType, quants
+
+        flat = quants.dequantize(blocks.reshape(out, -1).numpy(), GGMLQuantizationType[fmt])
+        return torch.from_numpy(flat.astype("float32"))
     d = _halves(blocks[..., 0:2]).unsqueeze(-1)  # (out, n, 1)
     if fmt == "Q8_0":
         q = blocks[..., 2:].contiguous().view(torch.int8).float()

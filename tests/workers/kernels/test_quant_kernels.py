@@ -16,7 +16,7 @@ import torch
 
 from workers.kernels import native, reference
 from workers.kernels.choice import native_unsupported
-from workers.kernels.quant_blocks import BLOCK, BLOCK_BYTES, dequantize, quantize_rows
+from workers.kernels.quant_blocks import BLOCK, BLOCK_BYTES, BLOCK_WEIGHTS, dequantize, quantize_rows
 
 from test_native_kernels import in_threads, rand, vector_path  # noqa: F401 (a fixture)
 
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(
     reason=f"native kernels unavailable: {native_unsupported(torch.device('cpu'), torch.float32)}",
 )
 
-FORMATS = list(BLOCK_BYTES)
+FORMATS = [f for f in BLOCK_BYTES if BLOCK_WEIGHTS[f] == BLOCK]  # 32 weights a block; the K formats below
 # (out_features, in_features): the 135M model's products, then odd ones: in_features 32 x an
 # odd number of blocks, out_features not a multiple of any tile's weight rows (1, 2).
 SHAPES = [(960, 576), (576, 1536), (37, 96), (5, 32), (129, 160)]
@@ -143,3 +143,39 @@ def test_prompt_rows_on_amx_are_the_bfloat16_weights_prompt_rows(variant, fmt):
         assert torch.equal(native.prompt_linear(x, w, None, 119), native.linear(x, w, None))
     finally:
         native.use_amx(True)
+
+
+K_FORMATS = [f for f in BLOCK_BYTES if BLOCK_WEIGHTS[f] != BLOCK]
+
+
+def random_k_blocks(fmt: str, out_features: int, in_features: int, seed: int = 0) -> torch.Tensor:
+    """K blocks (256 weights) with random values, scales and minimums; plausible float16 d (and dmin)."""
+    g = torch.Generator().manual_seed(seed)
+    n = in_features // 256
+    blocks = torch.randint(0, 256, (out_features, n, BLOCK_BYTES[fmt]), dtype=torch.uint8, generator=g)
+    at = [0, 2] if fmt == "Q4_K" else [208]  # d (and dmin)
+    for i in at:
+        blocks[..., i : i + 2] = (torch.rand(out_features, n, 1, generator=g) * 0.002).half().view(torch.uint8)
+    return blocks
+
+
+@pytest.mark.parametrize("fmt", K_FORMATS)
+def test_k_formats_match_gguf_py_and_keep_rows_independent(vector_path, fmt):
+    """Q4_K / Q6_K (float32 x): against gguf-py's de-quantization (768 inputs: 3 blocks of 256,
+    an odd count), a row alone is the row among 1-20 others, 1 and 2 threads agree, and
+    prompt rows on AMX take float's bfloat16 weights."""
+    w, x = random_k_blocks(fmt, 131, 768), rand(20, 768)
+    got = native.linear(x, w, None)
+    torch.testing.assert_close(got.double(), x.double() @ dequantize(w).double().T, atol=1e-4, rtol=1e-5)
+    for n in range(1, 21):
+        assert torch.equal(native.linear(x[:n], w, None), got[:n]), n
+    assert torch.equal(native.linear(x[7:8], w, None)[0], got[7])
+    torch.set_num_threads(2)
+    try:
+        assert torch.equal(native.linear(x, w, None), got)
+    finally:
+        torch.set_num_threads(1)
+    if native.use_amx(True):
+        assert torch.equal(native.extension().dequantize_bf16(w), dequantize(w).bfloat16())
+    with pytest.raises(RuntimeError, match="K-format blocks take float32 x only"):
+        native.linear(x, w.view(torch.int8), None)
