@@ -18,6 +18,11 @@ PROPOSERS = ("ht", "medusa", "pass", "eagle", "early-exit", "token-recycling", "
 TREE_STARTERS = PROPOSERS[:7]
 DRAFTER_KINDS = ("ht", "medusa", "pass")  # the pseudo-state drafters (workers.drafters.pseudo_states)
 KERNELS = ("auto", "native", "torch")  # matrix-product kernels of the model (workers.kernels)
+# The linear layers' weights: "float" (de-quantized to the model's dtype), "shipped" (the
+# GGUF file's own quantized blocks, multiplied as they are with x in float32:
+# workers.gguf_weights) or "shipped-int8" (the same blocks, x quantized to int8 per block
+# of 32 first, as llama.cpp does: faster one-row steps, llama.cpp's rounding).
+WEIGHTS = ("float", "shipped", "shipped-int8")
 
 
 class ConfigError(ValueError):
@@ -32,6 +37,7 @@ class ModelConfig:
     max_context: int = 2048
     kernels: str = "auto"  # matrix products: auto | native | torch (workers.kernels)
     cuda_graphs: bool = True  # on CUDA, decoder layers replay captured graphs (workers.graphed_layers)
+    weights: str = "float"  # linear weights: float (in dtype) | shipped | shipped-int8 (the GGUF file's blocks; CPU)
 
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
@@ -318,6 +324,8 @@ class LeapfrogConfig:
     def validate(self) -> LeapfrogConfig:
         if self.model.kernels not in KERNELS:
             raise ConfigError(f"kernels must be one of {', '.join(KERNELS)}, got {self.model.kernels!r}")
+        if self.model.weights not in WEIGHTS:
+            raise ConfigError(f"weights must be one of {', '.join(WEIGHTS)}, got {self.model.weights!r}")
         if self.model.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.model.dtype!r}")
         if self.model.max_context < 2:

@@ -15,7 +15,7 @@ import torch
 import uvloop
 
 from configs.files import load_config
-from configs.schema import DTYPES, KERNELS, ConfigError, LeapfrogConfig
+from configs.schema import DTYPES, KERNELS, WEIGHTS, ConfigError, LeapfrogConfig
 from configs.training import TrainError
 from runtime.arg_types import int_list, non_negative_int, number_type, positive_int
 from runtime.bench.charts import speedup_chart
@@ -43,6 +43,9 @@ def add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="'default', a named one (qwen2.5-coder-1.5b, qwen2.5-coder-0.5b: `make models`), a .gguf file or a Hugging Face checkpoint folder")
     p.add_argument("--dtype", choices=sorted(DTYPES))
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--weights", choices=WEIGHTS,
+                   help="linear weights: float (de-quantized, in --dtype) | shipped (the GGUF file's own blocks, CPU kernels) "
+                   "| shipped-int8 (those blocks, x quantized to int8 as llama.cpp does)")
     p.add_argument("--kernels", choices=KERNELS, help="matrix-product kernels: auto (native where it runs) | native | torch")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False,
                    help="on CUDA, launch every kernel instead of replaying each layer's captured graph")
@@ -138,6 +141,7 @@ def resolve_config(args) -> LeapfrogConfig:
         ("dtype", config.model, "dtype"),
         ("device", config.model, "device"),
         ("kernels", config.model, "kernels"),
+        ("weights", config.model, "weights"),
         ("cuda_graphs", config.model, "cuda_graphs"),
         ("threads", config.runtime, "threads"),
         ("max_new_tokens", config.generation, "max_new_tokens"),
@@ -226,7 +230,8 @@ def cmd_generate(args, config: LeapfrogConfig) -> int:
         print(text.push(step.tokens), end="", flush=True)
     seconds = time.perf_counter() - start
     print(text.flush())
-    report = f"{config.model.dtype}, {describe_threads(mode, config)}, {describe_sampling(sampling)}"
+    weights = f", {config.model.weights} weights" if config.model.weights != "float" else ""
+    report = f"{config.model.dtype}{weights}, {describe_threads(mode, config)}, {describe_sampling(sampling)}"
     print(f"[{mode}] {speed_line(len(tokens), seconds, passes)} ({report})", file=sys.stderr)
     for other, threads in compare:  # same prompt, same process, measured right after
         run = engines.run(other, threads, prompt_ids, max_new, sampling)

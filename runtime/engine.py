@@ -37,7 +37,8 @@ class Engine:
         self.pipeline = pipeline or PipelineConfig()
         if model_of is None:
             self.model, self.folder = load_model(
-                config.checkpoint, config.torch_dtype(), config.torch_device(), config.kernels, config.cuda_graphs
+                config.checkpoint, config.torch_dtype(), config.torch_device(), config.kernels, config.cuda_graphs,
+                weights=config.weights,
             )
         else:
             self.model, self.folder = model_of.model, model_of.folder

@@ -11,9 +11,12 @@ from workers.tree_step import decoding_cache
 PROMPTS = [[1, 9, 400, 33], [7, 7, 7, 7, 7, 7, 7, 7, 7, 12], [2, 5000]]  # different lengths: different positions
 
 
-@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+@pytest.fixture(scope="module", params=["float32", "bfloat16", "bfloat16-shipped"])
 def model(request):
-    model, _ = load_model("default", getattr(torch, request.param), "cpu")
+    """The model in each dtype; bfloat16-shipped: its linear layers on the GGUF file's own
+    blocks (weights = "shipped"), whose products take the same fused and ragged layers."""
+    dtype, _, weights = request.param.partition("-")
+    model, _ = load_model("default", getattr(torch, dtype), "cpu", weights=weights or "float")
     return model
 
 

@@ -101,13 +101,15 @@ def device_name(device) -> str:
 
 
 def profile_key(engine) -> dict:
-    """What a step's cost depends on: the model's shape, dtype, kernels (the native kernels'
+    """What a step's cost depends on: the model's shape, dtype, weights, kernels (the native kernels'
     build: a changed kernel measures anew), CUDA graphs, threads and device."""
     model = engine.model
     kernels = model.kernels.name
     if kernels == "native":
         kernels = f"native {native.build_dir().name}"
-    return {"model": asdict(model.args), "dtype": engine.config.dtype, "kernels": kernels,
+    # Shipped (quantized) weights cost otherwise; float keys stay as they were (cached curves hold).
+    weights = {"weights": engine.config.weights} if engine.config.weights != "float" else {}
+    return weights | {"model": asdict(model.args), "dtype": engine.config.dtype, "kernels": kernels,
             "graphs": model.graphs is not None, "threads": torch.get_num_threads(),
             "device": device_name(model.device), "cpu_flags": cpu_info()["flags"], "torch": torch.__version__}
 

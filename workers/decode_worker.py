@@ -33,6 +33,7 @@ from configs.schema import ModelConfig, PseudoStateModeConfig, SamplingConfig
 from workers.drafters.early_exit import early_exit_chain
 from workers.drafters.loading import load, weights_file
 from workers.drafters.pseudo_states import PseudoStateDrafter
+from workers.kernels.quant_blocks import dequantize, is_quantized
 from workers.kv_cache import KVCache
 from workers.loading import load_model
 from workers.messages import DraftRequest, DraftResult, Prediction, StepRequest, StepResult
@@ -141,6 +142,8 @@ class DecodeWorker:
         if not candidates:
             return Prediction(req.step_id, [], [])
         weight = self.model.lm_head.weight[torch.tensor(candidates, device=h.device)]
+        if is_quantized(weight):  # the GGUF file's blocks (weights = "shipped")
+            weight = dequantize(weight).to(h.dtype)
         scores = (self.model.norm(h) @ weight.T).float()  # (n, candidates)
         node, tokens = 0, []
         while True:
@@ -167,7 +170,7 @@ def load_worker(model_config: ModelConfig, ht: PseudoStateModeConfig, model=None
     if model is None:
         model, _ = load_model(
             model_config.checkpoint, model_config.torch_dtype(), model_config.torch_device(), model_config.kernels,
-            model_config.cuda_graphs,
+            model_config.cuda_graphs, weights=model_config.weights,
         )
     drafter = load(weights_file(model_config.checkpoint, "ht", ht.weights), model.args)
     if ht.depth:

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from workers.cache_dir import cache_dir
+from workers.gguf_weights import use_shipped_weights
 from workers.graphed_layers import GraphedLayers
 from workers.model import ModelArgs, Transformer
 from workers.model_registry import REGISTRY, PartsError, joined_gguf
@@ -217,10 +218,17 @@ def load_model(
     device: str | torch.device = "cpu",
     kernels: str = "auto",
     cuda_graphs: bool = True,
+    weights: str = "float",
 ) -> tuple[Transformer, Path]:
     """Build our Transformer from a checkpoint, multiplying with `kernels` (workers.kernels)
     and, on CUDA with `cuda_graphs`, replaying its layers from CUDA graphs
-    (workers.graphed_layers); returns it with the resolved folder."""
+    (workers.graphed_layers); returns it with the resolved folder. `weights` (configs.schema.
+    WEIGHTS): "float", every weight de-quantized to `dtype`; "shipped", the linear layers'
+    weights in the GGUF file's own blocks (workers.gguf_weights; a GGUF checkpoint on the CPU);
+    "shipped-int8", those blocks with x quantized to int8 per block (llama.cpp's way)."""
+    if weights not in ("float", "shipped", "shipped-int8"):
+        raise ModelLoadError(f"unknown weights {weights!r}: expected float, shipped or shipped-int8")
+    gguf = shipped_gguf(name, device, weights) if weights != "float" else None
     folder = resolve_checkpoint(name)
     config = read_hf_config(folder)
     args = model_args(config)
@@ -253,10 +261,22 @@ def load_model(
         model.lm_head.weight = model.embed_tokens.weight
     model.inv_freq = inv_freq
     model = model.to(device=device, dtype=dtype).eval()
+    if gguf is not None:
+        use_shipped_weights(model, gguf, int8_activations=weights == "shipped-int8")
     model.use_kernels(kernels)
     if cuda_graphs and model.device.type == "cuda":
         model.use_graphs(GraphedLayers(model))
     return model, folder
+
+
+def shipped_gguf(name: str, device: str | torch.device, weights: str) -> Path:
+    """The GGUF file whose blocks weights="shipped" multiplies, or why it cannot."""
+    if torch.device(device).type != "cpu":
+        raise ModelLoadError(f"weights={weights} runs on the CPU kernels only, not on {device}")
+    path = default_gguf_path() if name == "default" else Path(name).expanduser()
+    if path.suffix != ".gguf" or not path.is_file():
+        raise ModelLoadError(f"weights={weights} needs a GGUF checkpoint ('default' or a .gguf file), not {name!r}")
+    return path
 
 
 def load_tokenizer(folder: Path):

@@ -7,6 +7,11 @@
 //                  walk over rows and weight rows, compiled there once per target
 //   norms.h        rms_norm, rotary_
 //   attention.h    attention in float32, AVX2 or 16 AVX-512 lanes
+//   quant.h        linear_q: products with the GGUF file's quantized blocks (Q4_1, Q5_0,
+//                  Q8_0; Q4_K, Q6_K in quant_k.h), x in float32, or in int8 (quant_i8.h,
+//                  quant_i8_block.h; not the K formats); quant_tiles.h
+//                  its tiling, compiled once per target. linear and prompt_linear hand
+//                  uint8 and int8 (quantized) weights to it
 //   layer.h        decoder_layer and ragged_decoder_layer: a whole layer through the above
 //
 // Every kernel computes each row of its output on its own, in a fixed order whatever the
@@ -24,6 +29,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstring>
 #include <atomic>
 #include <cmath>
 #include <condition_variable>
@@ -34,9 +40,15 @@
 
 
 #include "thread_pool.h"
+
+// quant.h (below) defines it; linear hands it uint8 and int8 (quantized) weights.
+torch::Tensor linear_q(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias, bool float_out);
+torch::Tensor dequantize_bf16(const torch::Tensor& w);
+
 #include "products.h"
 #include "norms.h"
 #include "attention.h"
+#include "quant.h"
 #include "layer.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -48,6 +60,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         no_gil);
   m.def("use_amx", &use_amx, "turn prompt_linear's AMX path on (where the CPU and OS allow it) or off");
   m.def("use_avx512", &use_avx512, "turn the AVX-512 paths of linear and attention on (where the CPU has them) or off");
+  m.def("linear_q", &linear_q, "y = x @ W.T (+ b), W the GGUF file's blocks (Q4_1, Q5_0, Q8_0, Q4_K, Q6_K): uint8, x in float32; int8, x in int8",
+        no_gil);
+  m.def("use_vnni", &use_vnni, "turn linear_q's AVX-VNNI dot products (int8 x) on (where the CPU has them) or off");
+  m.def("dequantize_bf16", &dequantize_bf16, "quantized blocks (out, blocks, bytes) -> (out, in) bfloat16, as gguf-py then .to(bfloat16)",
+        no_gil);
   m.def("rms_norm", &rms_norm, "RMSNorm of each row, rounding as the reference does", no_gil);
   m.def("rotary_", &rotary_, "rotary embedding in place on the q and k heads of the fused projection", no_gil);
   m.def("attention", &attention, "attention in float32, each query row independent of the others", no_gil);

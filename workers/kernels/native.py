@@ -22,10 +22,11 @@ from workers.kernels import reference
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 HEADERS = sorted(Path(__file__).parent.glob("*.h"))  # its parts (cpu_kernels.cpp includes them)
 NAME = "leapfrog_cpu_kernels"
+# -mf16c: float16 -> float32 conversions (the GGUF blocks' scales, quant.h);
 # -fopenmp: at::get_num_threads reads torch's OpenMP setting (same libgomp soname, loaded once;
 # the loops themselves run on the kernels' own pool, cpu_kernels.cpp);
 # -ffp-contract=off: no fused a*b+c where the reference rounds the product first.
-CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off"]
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off"]
 LDFLAGS = ["-fopenmp"]
 
 
@@ -95,6 +96,13 @@ def use_amx(enable: bool) -> bool:
     state: the default) or off; returns whether they are on. Tiles round otherwise than
     linear, so a process keeps one setting while it decodes: tests switch it to cover both."""
     return extension().use_amx(enable)
+
+
+def use_vnni(enable: bool) -> bool:
+    """Turn the AVX-VNNI dot products of linear_q's int8 variant (blocks typed int8) on (where
+    the CPU has them; the default) or off (AVX2's): the same integers either way, so the
+    same bits; tests switch it to cover both. Returns whether they are on."""
+    return extension().use_vnni(enable)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

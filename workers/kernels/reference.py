@@ -10,12 +10,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-linear = F.linear
+from workers.kernels.quant_blocks import dequantize, is_quantized, quantize_rows
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear; a quantized weight (workers.kernels.quant_blocks) de-quantized first, on every
+    call, and x rounded to int8 blocks first where the weight's blocks are typed int8."""
+    if is_quantized(weight):
+        if weight.dtype == torch.int8:
+            x = quantize_rows(x).to(x.dtype)
+        weight = dequantize(weight).to(x.dtype)
+    return F.linear(x, weight, bias)
 
 
 def prompt_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
     """linear: PyTorch computes prompt rows as any others."""
-    return F.linear(x, weight, bias)
+    return linear(x, weight, bias)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
