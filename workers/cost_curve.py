@@ -114,6 +114,16 @@ def profile_key(engine) -> dict:
             "device": device_name(model.device), "cpu_flags": cpu_info()["flags"], "torch": torch.__version__}
 
 
+def busy_while_measuring() -> str | None:
+    """Why a curve just measured should not be cached, or None: the last minute's load
+    average above 1.5 runnable threads a core means other work shared the cores, and a
+    curve measured then (every row count several times slower) would size every later
+    tree for a machine that is not this one."""
+    cores = os.cpu_count() or 1
+    load = os.getloadavg()[0]
+    return f"load {load:.1f} on {cores} cores" if load > 1.5 * cores else None
+
+
 def device_profile(engine, progress: bool = True) -> dict:
     """This engine's quick cost curve, from the cache or measured now (and cached)."""
     key = profile_key(engine)
@@ -131,6 +141,12 @@ def device_profile(engine, progress: bool = True) -> dict:
     if progress:
         print(f"measuring this device's tree-step cost once (cached in {path.parent})", file=sys.stderr)
     profile = cost_curve(engine, rows, contexts, QUICK_REPEATS, progress) | {"key": key}
+    busy = busy_while_measuring()
+    if busy is not None:  # other work shared the cores: right for now, wrong to keep
+        profile["busy"] = busy
+        print(f"the tree-step cost was measured while the machine was busy ({busy}): used by this process, "
+              "not cached; it is measured again next time", file=sys.stderr)
+        return profile
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".{os.getpid()}.tmp")
     partial.write_text(json.dumps(profile, indent=1))

@@ -45,6 +45,7 @@ def test_the_command_writes_the_profile(tmp_path, capsys):
 
 def test_the_tree_modes_curve_is_measured_once_and_cached(engine, tmp_path, monkeypatch):
     monkeypatch.setenv("LEAPFROG_CACHE", str(tmp_path))
+    monkeypatch.setattr(cost_curve_module.os, "getloadavg", lambda: (0.5, 0.5, 0.5))  # a quiet machine
     profile = device_profile(engine, progress=False)
     assert profile["key"]["kernels"].split()[0] == engine.model.kernels.name and profile["rows"][0] == 1
     assert max(profile["rows"]) + max(profile["contexts"]) <= 64  # fits this engine's max_context
@@ -57,6 +58,15 @@ def test_the_tree_modes_curve_is_measured_once_and_cached(engine, tmp_path, monk
     assert device_profile(engine, progress=False) == json.loads(json.dumps(profile))
     engine.set_drafter_config("tree_sizing", TreeSizingConfig(cost="auto"))
     assert engine.cost_curve().at(1).rows[0] == 1
+
+
+def test_a_curve_measured_on_a_busy_machine_is_used_but_not_cached(engine, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LEAPFROG_CACHE", str(tmp_path))
+    cores = cost_curve_module.os.cpu_count()
+    monkeypatch.setattr(cost_curve_module.os, "getloadavg", lambda: (2.0 * cores, 1.0, 1.0))
+    profile = device_profile(engine, progress=False)
+    assert profile["busy"] == f"load {2.0 * cores:.1f} on {cores} cores" and profile["rows"][0] == 1
+    assert not list(tmp_path.glob("profiles/*.json")) and "not cached" in capsys.readouterr().err
 
 
 def test_a_changed_native_kernel_is_measured_anew(engine, monkeypatch, tmp_path):
