@@ -157,6 +157,7 @@ def summarize(engine, prompts, modes, runs, max_new_tokens, near_tie_tol, thread
         "model": engine.config.checkpoint,
         "checkpoint_folder": str(engine.folder),
         "dtype": engine.config.dtype,
+        "weights": engine.config.weights,
         "device": str(engine.model.device),
         "cpu": cpu_info(),
         "threads": threads,

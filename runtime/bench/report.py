@@ -17,7 +17,7 @@ def format_table(result: dict) -> str:
         f"temperature {sampling['temperature']} top-k {sampling['top_k']} top-p {sampling['top_p']} seed {sampling['seed']}+i"
     )
     lines = [
-        f"model {result['model']}  dtype {result['dtype']}  device {result['device']}  threads {result['threads']}  "
+        f"model {result['model']}  dtype {result['dtype']}  weights {result.get('weights', 'float')}  device {result['device']}  threads {result['threads']}  "
         f"prompts {result['prompts']}  max_new_tokens {result['max_new_tokens']}  {how}",
         *([f"cpu {result['cpu']['model']} ({result['cpu']['class']}: {' '.join(result['cpu']['flags'])})"] if result.get("cpu") else []),
         head,
