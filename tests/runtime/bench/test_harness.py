@@ -125,7 +125,7 @@ TOL = 1e-3
 
 def fake_engine():
     return SimpleNamespace(
-        config=SimpleNamespace(checkpoint="tiny", dtype="float32"),
+        config=SimpleNamespace(checkpoint="tiny", dtype="float32", weights="float"),
         folder=Path("/models/tiny"),
         model=SimpleNamespace(device="cpu"),
     )
