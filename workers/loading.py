@@ -273,9 +273,14 @@ def shipped_gguf(name: str, device: str | torch.device, weights: str) -> Path:
     """The GGUF file whose blocks weights="shipped" multiplies, or why it cannot."""
     if torch.device(device).type != "cpu":
         raise ModelLoadError(f"weights={weights} runs on the CPU kernels only, not on {device}")
+    if name in REGISTRY:
+        try:
+            return joined_gguf(name)  # joined by resolve_checkpoint already, unless called first
+        except PartsError as e:
+            raise ModelLoadError(str(e)) from e
     path = default_gguf_path() if name == "default" else Path(name).expanduser()
     if path.suffix != ".gguf" or not path.is_file():
-        raise ModelLoadError(f"weights={weights} needs a GGUF checkpoint ('default' or a .gguf file), not {name!r}")
+        raise ModelLoadError(f"weights={weights} needs a GGUF checkpoint ('default', a named one or a .gguf file), not {name!r}")
     return path
 
 

@@ -185,13 +185,14 @@ def draft_checkpoint(setting: str, target: str) -> str:
 
 
 def load_draft_model(name: str, target: Transformer, target_folder: Path, config: ModelConfig) -> Transformer:
-    """The draft model `name` with the target's dtype, device, kernels and CUDA graphs
+    """The draft model `name` with the target's dtype, device, kernels, CUDA graphs and weights
     (`config`: the target's [model]); the target itself when `name` is its checkpoint.
     ModelLoadError naming both when their vocabularies differ."""
     folder = resolve_checkpoint(name)
     if folder == target_folder:
         return target  # drafting with the target itself: one copy of the weights (its own cache)
-    model, folder = load_model(name, config.torch_dtype(), config.torch_device(), config.kernels, config.cuda_graphs)
+    model, folder = load_model(name, config.torch_dtype(), config.torch_device(), config.kernels, config.cuda_graphs,
+                               config.weights)
     check_same_vocabulary(target, target_folder, config.checkpoint, model, folder, name)
     return model
 
