@@ -184,7 +184,6 @@ class DraftModelConfig:
     top_k: int = 2  # children per expanded node; nodes expanded per depth
     budget: int = 8  # tree nodes per step, root included (then cut by [tree_sizing])
     min_prob: float = 0.1  # stop drafting deeper once the best path of a depth is drafted less likely than this (0: never)
-    stop: str = "min_prob"  # "cost": also stop once a depth's best path is worth less than a draft-model call here
 
 
 @dataclass
@@ -229,9 +228,8 @@ class DrafterConfigs:
         if min(self.eagle.depth, self.eagle.top_k, self.eagle.budget) < 1:
             raise ConfigError(f"[eagle] depth, top_k and budget must be >= 1: {self.eagle}")
         d = self.draft
-        if min(d.depth, d.top_k, d.budget) < 1 or not 0.0 <= d.min_prob < 1.0 or not d.checkpoint or d.stop not in ("min_prob", "cost"):
-            raise ConfigError(f'[draft] depth, top_k and budget must be >= 1, min_prob in [0, 1), stop "min_prob" or "cost", '
-                              f"checkpoint set: {d}")
+        if min(d.depth, d.top_k, d.budget) < 1 or not 0.0 <= d.min_prob < 1.0 or not d.checkpoint:
+            raise ConfigError(f"[draft] depth, top_k and budget must be >= 1, min_prob in [0, 1), checkpoint set: {d}")
         if not self.tree_sizing.cost:
             raise ConfigError('[tree_sizing] cost must be "auto", "off" or a profile file (leapfrog profile --out)')
         self.speculation.checked()

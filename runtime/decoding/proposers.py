@@ -65,7 +65,7 @@ def draft_proposer(engine) -> tuple[DraftModelProposer, dict]:
     if name not in e.models_beside:
         e.models_beside[name] = load_draft_model(name, e.model, e.folder, e.config)
     model = e.models_beside[name]
-    proposer = DraftModelProposer(model, e.cache.max_len + c.depth * c.top_k, c.depth, c.top_k, c.budget, c.min_prob, c.stop)
+    proposer = DraftModelProposer(model, e.cache.max_len + c.depth * c.top_k, c.depth, c.top_k, c.budget, c.min_prob)
     return proposer, {"parameters": sum(p.numel() for p in model.parameters()), "training_s": None, "training_steps": None}
 
 

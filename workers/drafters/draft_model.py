@@ -24,8 +24,6 @@ every tree (runtime.decoding.speculative), so any draft model is lossless.
 
 from __future__ import annotations
 
-import math
-import time
 from pathlib import Path
 
 import torch
@@ -41,23 +39,12 @@ from workers.tree import TokenTree
 from workers.tree_step import StepOutcome
 
 
-class Average:
-    """An exponential moving average of a time (None until the first)."""
-
-    def __init__(self, weight: float = 0.1):
-        self.weight, self.value = weight, None
-
-    def add(self, x: float) -> None:
-        self.value = x if self.value is None else self.value + self.weight * (x - self.value)
-
-
 class DraftModelProposer:
     """The draft model as a proposer (workers.drafters.base.Proposer): it starts the tree."""
 
     scored = True  # its trees carry draft log-probabilities
 
-    def __init__(self, model: Transformer, max_len: int, depth: int, top_k: int, budget: int, min_prob: float = 0.0,
-                 stop: str = "min_prob"):
+    def __init__(self, model: Transformer, max_len: int, depth: int, top_k: int, budget: int, min_prob: float = 0.0):
         if min(depth, top_k, budget) < 1 or not 0.0 <= min_prob < 1.0:
             raise ValueError(f"draft depth, top_k and budget must be >= 1 and min_prob in [0, 1): "
                              f"{depth}, {top_k}, {budget}, {min_prob}")
@@ -68,9 +55,6 @@ class DraftModelProposer:
         self.base = 0  # after a propose: the committed positions in the cache (the root's included)
         self.rows: dict[tuple[int, ...], int] = {}  # after a propose: an expanded node's path tokens -> its row after `base`
         self.calls = 0  # draft-model forward passes (for the tests and the curious)
-        self.stop = stop  # "cost": also stop where a depth is worth less than its call (worth_a_call)
-        self.call_s, self.token_s = Average(), Average()  # a draft-model call's seconds; a committed token's
-        self.proposed_at: float | None = None
 
     def start(self, prompt_ids: list[int]) -> None:
         self.cache.truncate(0)
@@ -95,7 +79,6 @@ class DraftModelProposer:
             return
         if len(proposal.tree) > 1:
             raise ValueError("the draft model starts the tree: it must be the first proposer")
-        self.proposed_at = time.perf_counter()
         root = proposal.tree.tokens[0]
         feed = self.tokens[self.cache.length:] + [root]
         start = self.cache.length
@@ -117,7 +100,7 @@ class DraftModelProposer:
                     scores.append(scores[parent] + lp)
                     paths.append(paths[parent] + (v,))
             children = range(first_child, len(tokens))
-            if depth == self.depth or not self.worth_a_call(max(scores[i] for i in children)):
+            if depth == self.depth or max(scores[i] for i in children) < self.min_logprob:
                 break
             # Expand the best of this depth: one row each, seeing the committed tokens and its ancestors' rows.
             expanded = sorted(children, key=lambda i: -scores[i])[: self.top_k]
@@ -129,26 +112,10 @@ class DraftModelProposer:
                     mask[r, self.rows[path[:d]]] = True
                 self.rows[path] = cached + r
             positions = torch.full((len(expanded),), self.base - 1 + depth, device=self.model.device)
-            started = time.perf_counter()
             logprobs = self.forward([tokens[i] for i in expanded], positions, mask.to(self.model.device))
-            self.call_s.add(time.perf_counter() - started)
         proposal.tree = best_nodes(tokens, parents, depths, scores, self.budget)
 
-    def worth_a_call(self, best: float) -> bool:
-        """Whether to expand one depth more, whose best path so far has draft log-probability
-        `best`: above `min_prob`; with stop "cost", also only while that path's probability
-        times a committed token's time (what an accepted token below it saves) exceeds a
-        draft-model call (what expanding costs), both measured on this device."""
-        if best < self.min_logprob:
-            return False
-        if self.stop != "cost" or not (self.call_s.value and self.token_s.value):
-            return True
-        return math.exp(best) * self.token_s.value > self.call_s.value
-
     def observe(self, tree: TokenTree, path: list[int], outcome: StepOutcome) -> None:
-        if self.proposed_at is not None:  # the step's time (drafting and verifying) a committed token
-            self.token_s.add((time.perf_counter() - self.proposed_at) / len(outcome.tokens))
-            self.proposed_at = None
         accepted = [tree.tokens[node] for node in path]  # root first
         self.tokens += accepted
         # Keep the rows of the accepted drafts the draft model ran (a path down from the root);

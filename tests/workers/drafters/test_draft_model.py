@@ -5,7 +5,6 @@ holds, after rejections too; every node scored as a cache-free run of its path; 
 with the target itself accepts every draft; a draft model of another vocabulary or
 tokenizer is refused, naming both checkpoints."""
 
-import math
 import shutil
 
 import pytest
@@ -182,18 +181,6 @@ def test_min_prob_stops_drafting_early(pair):
     proposal = Proposal(root_only(3))
     proposer.propose(proposal)
     assert proposer.calls == 1 and len(proposal.tree) == 2  # one depth drafted, none expanded
-
-
-def test_stop_cost_expands_a_depth_only_while_it_is_worth_a_call(pair):
-    target, draft = pair
-    proposer = DraftModelProposer(draft, MAX_CONTEXT + 64, 4, 2, budget=8, min_prob=0.0, stop="cost")
-    assert proposer.worth_a_call(-5.0)  # nothing measured yet: as deep as `depth`
-    proposer.call_s.add(0.04)
-    proposer.token_s.add(0.10)  # a path drafted p likely is worth p * 0.10 s: expand while p > 0.4
-    assert proposer.worth_a_call(math.log(0.5)) and not proposer.worth_a_call(math.log(0.3))
-    ids = prompts(draft.args.vocab_size)[2]
-    assert decode(target, proposer, ids, 40, check=True)[0] == ar_tokens(target, ids, 40)
-    assert proposer.token_s.value > 0 and proposer.call_s.value > 0  # measured by the steps
 
 
 def test_a_draft_model_of_another_vocabulary_is_refused(tiny_models, tiny_checkpoint):
