@@ -53,23 +53,31 @@ def default_gguf_path() -> Path:
     return path
 
 
-def resolve_checkpoint(name: str) -> Path:
-    """Return a Hugging Face checkpoint folder for `name`, converting GGUF files on first use."""
+def gguf_file(name: str) -> Path | None:
+    """The GGUF file `name` stands for ("default", a registered name, joined from its part
+    packages on first use, or a .gguf file), or None when it names anything else."""
     if name == "default":
-        return convert_gguf(default_gguf_path())
+        return default_gguf_path()
     if name in REGISTRY:
         try:
-            return convert_gguf(joined_gguf(name))
+            return joined_gguf(name)
         except PartsError as e:
             raise ModelLoadError(f"checkpoint {name!r}: {e}") from None
+    path = Path(name).expanduser()
+    return path if path.suffix == ".gguf" and path.is_file() else None
+
+
+def resolve_checkpoint(name: str) -> Path:
+    """Return a Hugging Face checkpoint folder for `name`, converting GGUF files on first use."""
+    gguf = gguf_file(name)
+    if gguf is not None:
+        return convert_gguf(gguf)
     path = Path(name).expanduser()
     if not path.exists():
         raise ModelLoadError(f"checkpoint {name!r} does not exist (expected 'default', one of {', '.join(REGISTRY)}, "
                              "a .gguf file or a folder)")
     if path.is_file():
-        if path.suffix != ".gguf":
-            raise ModelLoadError(f"{path} is a file but not a .gguf; pass a checkpoint folder or a GGUF file")
-        return convert_gguf(path)
+        raise ModelLoadError(f"{path} is a file but not a .gguf; pass a checkpoint folder or a GGUF file")
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} has no config.json; is it a Hugging Face checkpoint folder?")
     if not list(path.glob("*.safetensors")):
@@ -273,15 +281,10 @@ def shipped_gguf(name: str, device: str | torch.device, weights: str) -> Path:
     """The GGUF file whose blocks weights="shipped" multiplies, or why it cannot."""
     if torch.device(device).type != "cpu":
         raise ModelLoadError(f"weights={weights} runs on the CPU kernels only, not on {device}")
-    if name in REGISTRY:
-        try:
-            return joined_gguf(name)  # joined by resolve_checkpoint already, unless called first
-        except PartsError as e:
-            raise ModelLoadError(str(e)) from e
-    path = default_gguf_path() if name == "default" else Path(name).expanduser()
-    if path.suffix != ".gguf" or not path.is_file():
+    gguf = gguf_file(name)
+    if gguf is None:
         raise ModelLoadError(f"weights={weights} needs a GGUF checkpoint ('default', a named one or a .gguf file), not {name!r}")
-    return path
+    return gguf
 
 
 def load_tokenizer(folder: Path):
