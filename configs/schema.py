@@ -17,7 +17,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 PROPOSERS = ("ht", "medusa", "pass", "eagle", "early-exit", "token-recycling", "draft", "pld")
 TREE_STARTERS = PROPOSERS[:7]
 DRAFTER_KINDS = ("ht", "medusa", "pass")  # the pseudo-state drafters (workers.drafters.pseudo_states)
-KERNELS = ("auto", "native", "torch")  # matrix-product kernels of the model (workers.kernels)
+# Matrix-product kernels of the model (workers.kernels): auto (native where it runs, else
+# torch), native (our CPU kernels on the fastest path this CPU has), a path of them by name
+# (amx, avx512, avx2: an error where the CPU lacks it), or torch.
+KERNELS = ("auto", "native", "amx", "avx512", "avx2", "torch")
 # The linear layers' weights: "float" (de-quantized to the model's dtype), "shipped" (the
 # GGUF file's own quantized blocks, multiplied as they are with x in float32:
 # workers.gguf_weights) or "shipped-int8" (the same blocks, x quantized to int8 per block
@@ -35,7 +38,7 @@ class ModelConfig:
     dtype: str = "float32"
     device: str = "auto"
     max_context: int = 2048
-    kernels: str = "auto"  # matrix products: auto | native | torch (workers.kernels)
+    kernels: str = "auto"  # matrix products: auto | native | amx | avx512 | avx2 | torch (workers.kernels)
     cuda_graphs: bool = True  # on CUDA, decoder layers replay captured graphs (workers.graphed_layers)
     weights: str = "float"  # linear weights: float (in dtype) | shipped | shipped-int8 (the GGUF file's blocks; CPU)
 

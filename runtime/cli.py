@@ -46,7 +46,7 @@ def add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", choices=WEIGHTS,
                    help="linear weights: float (de-quantized, in --dtype) | shipped (the GGUF file's own blocks, CPU kernels) "
                    "| shipped-int8 (those blocks, x quantized to int8 as llama.cpp does)")
-    p.add_argument("--kernels", choices=KERNELS, help="matrix-product kernels: auto (native where it runs) | native | torch")
+    p.add_argument("--kernels", choices=KERNELS, help="matrix-product kernels: auto (native where it runs) | native (its fastest path here) | amx | avx512 | avx2 (a path of native by name) | torch")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False,
                    help="on CUDA, launch every kernel instead of replaying each layer's captured graph")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads")

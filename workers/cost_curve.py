@@ -106,7 +106,7 @@ def profile_key(engine) -> dict:
     model = engine.model
     kernels = model.kernels.name
     if kernels == "native":
-        kernels = f"native {native.build_dir().name}"
+        kernels = f"native {native.build_dir().name} {native.path_on()}"
     # Shipped (quantized) weights cost otherwise; float keys stay as they were (cached curves hold).
     weights = {"weights": engine.config.weights} if engine.config.weights != "float" else {}
     return weights | {"model": asdict(model.args), "dtype": engine.config.dtype, "kernels": kernels,

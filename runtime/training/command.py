@@ -30,7 +30,7 @@ def add_train(sub) -> None:
     p.add_argument("--checkpoint", help="'default', a named one (qwen2.5-coder-1.5b, qwen2.5-coder-0.5b: `make models`), a .gguf file or a Hugging Face checkpoint folder")
     p.add_argument("--dtype", choices=TRAIN_DTYPES, help="backbone dtype (the transfer trains in float32)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--kernels", choices=KERNELS, help="matrix-product kernels: auto (native where it runs) | native | torch")
+    p.add_argument("--kernels", choices=KERNELS, help="matrix-product kernels: auto (native where it runs) | native (its fastest path here) | amx | avx512 | avx2 (a path of native by name) | torch")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads")
     p.add_argument("--distill-dtype", choices=TRAIN_DTYPES,
                    help="dtype of the model that generates --data self replies (default: --dtype); float32 training on "

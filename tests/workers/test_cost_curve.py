@@ -70,14 +70,16 @@ def test_a_curve_measured_on_a_busy_machine_is_used_but_not_cached(engine, tmp_p
 
 
 def test_a_changed_native_kernel_is_measured_anew(engine, monkeypatch, tmp_path):
-    """The cached curve is keyed by the native kernels' build: a faster kernel is not sized by
-    the curve of the old one."""
+    """The cached curve is keyed by the native kernels' build and path: a faster kernel (or
+    AMX tiles instead of AVX-512) is not sized by the curve of the other."""
     if engine.model.kernels.name != "native":
         pytest.skip("the native kernels are not built here")
     before = cost_curve_module.profile_key(engine)
     monkeypatch.setattr(cost_curve_module.native, "build_dir", lambda: tmp_path / "torch-x-py3-otherdigest")
     after = cost_curve_module.profile_key(engine)
-    assert before["kernels"] != after["kernels"] and after["kernels"] == "native torch-x-py3-otherdigest"
+    assert before["kernels"] != after["kernels"] and after["kernels"] == f"native torch-x-py3-otherdigest {cost_curve_module.native.path_on()}"
+    monkeypatch.setattr(cost_curve_module.native, "path_on", lambda: "avx2")
+    assert cost_curve_module.profile_key(engine)["kernels"] == "native torch-x-py3-otherdigest avx2"
 
 
 def test_a_profile_that_cannot_be_read_is_a_config_error(engine, tmp_path):

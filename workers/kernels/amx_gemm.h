@@ -1,24 +1,31 @@
-// bfloat16 products on Intel AMX tiles (cpu_kernels.cpp: prompt_linear), for the many rows of
-// a prompt: y (n, m) float32 = x (n, k) @ w (m, k).T.
+// bfloat16 products on Intel AMX tiles (products.h: linear and prompt_linear on CPUs that have
+// them): y (n, m) float32 = x (n, k) @ w (m, k).T, for any number of rows, from a decode
+// step's one to a prompt's hundreds.
 //
 // Why our own: oneDNN (PyTorch's GEMM) picks among its kernels by the row count, and on AMX
-// CPUs the kernels it picks round differently, so a prompt position got other bits when a
+// CPUs the kernels it picks round differently, so a position got other bits when a
 // different number of rows shared its call (another mode, another thread count). Here every
 // output is one fixed sum whatever the call: TDPBF16PS adds into each float32 element its 32
 // products of a k-chunk in one order the instruction defines, the chunks in ascending order
 // of k, and an element's row of x meets no other row's data. A row's result is the same
-// alone, in any group of rows, on any thread count.
+// alone, in any group of rows, on any thread count, and on either walk below.
 //
-// Layout. A tiles are 16 weight rows x 32 bfloat16 of k, copied per block of 32 weight rows
-// into one contiguous buffer (pack_w); B tiles are 16 rows of x in the pair layout
-// TDPBF16PS wants: tile row p holds (x[r][2p], x[r][2p + 1]) for r = 0..15, i.e. the
+// Layout. A tiles are 16 weight rows x 32 bfloat16 of k; B tiles are 16 rows of x in the pair
+// layout TDPBF16PS wants: tile row p holds (x[r][2p], x[r][2p + 1]) for r = 0..15, i.e. the
 // 16 x 16 matrix of x's bfloat16 pairs, transposed (pack_x, once per call). C tiles hold 16
 // weight rows x 16 x rows (y transposed), turned back as they are stored (store_c). Each
-// step of the inner loop: 2 A tiles x 2 B tiles into 4 C tiles (32 x 32 outputs). Zeros pad
+// step of the inner loops: 2 A tiles x 2 B tiles into 4 C tiles (32 x 32 outputs). Zeros pad
 // the rows beyond n and m and the bfloat16 beyond k (0 * 0 adds nothing).
 //
-// Speed on a 2-core AMX VM (scripts/time_prefill.py, docs/results.md): a 512-token prefill
-// of the 135M in 262 ms against 234 ms through oneDNN and 870 ms on the one-row kernels.
+// Two walks, by the row count (gemm_bf16):
+// - few rows (a decode or tree step, up to kStreamedRows): the A tiles are loaded straight
+//   from w, 16 rows of it at a stride, so the weights are read once, from memory, as in the
+//   one-row kernels (streamed_columns). One tile multiply covers 16 rows of x for the cost of
+//   one: on a 2-core AMX VM the 135M's 121 products of a step take ~12 ms for 1 to 16 rows
+//   and ~15 for 32, against 12, 32 and 60 ms on the AVX512-BF16 kernels (linear_bf16).
+// - many rows (a prompt): each block of 32 weight rows is copied once into one contiguous
+//   buffer and meets every row group from there (packed_columns): a 512-token prefill of the
+//   135M in 262 ms against 234 ms through oneDNN and 870 ms on the one-row kernels.
 #pragma once
 
 #include <immintrin.h>
@@ -29,6 +36,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <vector>
 
 namespace amx {
@@ -125,9 +133,9 @@ inline void pack_w(const uint16_t* w, int64_t m, int64_t k, int64_t j, int64_t c
   }
 }
 
-// Weight rows [j0, j1) (multiples of 32 apart from the end at m) against every packed row
-// group; y (n, m) float32.
-inline void columns(const uint32_t* xp, int64_t n, int64_t groups, int64_t chunks, const uint16_t* w, int64_t m, int64_t k,
+// Weight rows [j0, j1) (multiples of 32 apart from the end at m), copied block by block
+// (pack_w), against every packed row group; y (n, m) float32.
+inline void packed_columns(const uint32_t* xp, int64_t n, int64_t groups, int64_t chunks, const uint16_t* w, int64_t m, int64_t k,
                     float* y, int64_t j0, int64_t j1) {
   TileConfig cfg;
   for (int t = 0; t < 8; ++t) cfg.rows[t] = kTile, cfg.colsb[t] = 64;
@@ -164,7 +172,62 @@ inline void columns(const uint32_t* xp, int64_t n, int64_t groups, int64_t chunk
   _tile_release();
 }
 
+// Weight rows [j0, j1) (multiples of 16, k a multiple of 32) as A tiles loaded straight from
+// w at a stride of one weight row, against every packed row group, two groups a pass; each
+// block of 32 weight rows meets all the groups before the next is read, so the weights come
+// from memory once (their later passes find them in L2). A software prefetch measured slower.
+inline void streamed_columns(const uint32_t* xp, int64_t n, int64_t groups, int64_t chunks, const uint16_t* w, int64_t m,
+                             int64_t k, float* y, int64_t j0, int64_t j1) {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) cfg.rows[t] = kTile, cfg.colsb[t] = 64;
+  _tile_loadconfig(&cfg);
+  alignas(64) float out[4][kTile * kTile];
+  const int64_t stride = k * 2;  // bytes from one weight row to the next
+  for (int64_t j = j0; j < j1; j += 2 * kTile) {
+    const bool two = j + kTile < j1;  // a second A tile (weight rows j + 16 ..)
+    const uint16_t* a0 = w + j * k;
+    const uint16_t* a1 = a0 + kTile * k;
+    for (int64_t g = 0; g < groups; g += 2) {
+      const bool pair = g + 1 < groups;  // a second B tile (x rows of group g + 1)
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      const uint32_t* b = xp + g * chunks * (kTile * kTile);  // the pair's tiles: chunk c at c * 512 uint32
+      for (int64_t c = 0; c < chunks; ++c, b += 2 * kTile * kTile) {
+        _tile_loadd(4, a0 + c * kChunk, stride);
+        _tile_loadd(6, b, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        if (pair) {
+          _tile_loadd(7, b + kTile * kTile, 64);
+          _tile_dpbf16ps(1, 4, 7);
+        }
+        if (two) {
+          _tile_loadd(5, a1 + c * kChunk, stride);
+          _tile_dpbf16ps(2, 5, 6);
+          if (pair) _tile_dpbf16ps(3, 5, 7);
+        }
+      }
+      for (int t = 0; t < 4; ++t) {  // C tile t: weight rows j + 16 * (t / 2), x rows of group g + t % 2
+        if ((t % 2 && !pair) || (t / 2 && !two)) continue;
+        switch (t) {  // _tile_stored takes a constant tile number
+          case 0: _tile_stored(0, out[0], 64); break;
+          case 1: _tile_stored(1, out[1], 64); break;
+          case 2: _tile_stored(2, out[2], 64); break;
+          default: _tile_stored(3, out[3], 64);
+        }
+        store_c(out[t], y, n, m, (g + t % 2) * kTile, j + kTile * (t / 2));
+      }
+    }
+  }
+  _tile_release();
+}
+
 #pragma GCC pop_options
+
+// Rows of x up to which the weights are streamed (streamed_columns) rather than packed:
+// packing pays once many row groups reuse each block.
+constexpr int64_t kStreamedRows = 64;
 
 // y (n, m) = x (n, k) @ w (m, k).T, bfloat16 in, float32 out. Threads split the weight rows
 // in blocks of 32 (parallel_for: the caller's, which never changes a result here).
@@ -172,11 +235,18 @@ inline void gemm_bf16(const uint16_t* x, int64_t n, const uint16_t* w, int64_t k
                       const std::function<void(int64_t, int64_t, int64_t, const std::function<void(int64_t, int64_t)>&)>& parallel_for) {
   const int64_t groups = ((n + kTile - 1) / kTile + 1) / 2 * 2;  // an even count: B tiles go in pairs
   const int64_t chunks = (k + kChunk - 1) / kChunk;
-  std::vector<uint32_t> xp(static_cast<size_t>(groups * chunks * kTile * kTile));
-  pack_x(x, n, k, groups, chunks, xp.data());
+  std::unique_ptr<uint32_t[]> xp(new uint32_t[static_cast<size_t>(groups * chunks * kTile * kTile)]);  // pack_x fills it all
+  pack_x(x, n, k, groups, chunks, xp.get());
   const int64_t blocks = (m + 2 * kTile - 1) / (2 * kTile);
+  const bool streamed = n <= kStreamedRows && k % kChunk == 0 && m % kTile == 0;
+  const int64_t used = (n + kTile - 1) / kTile;  // groups with rows of x in them
   parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    columns(xp.data(), n, groups, chunks, w, m, k, y, b0 * 2 * kTile, std::min(m, b1 * 2 * kTile));
+    const int64_t j0 = b0 * 2 * kTile, j1 = std::min(m, b1 * 2 * kTile);
+    if (streamed) {
+      streamed_columns(xp.get(), n, used, chunks, w, m, k, y, j0, j1);
+    } else {
+      packed_columns(xp.get(), n, groups, chunks, w, m, k, y, j0, j1);
+    }
   });
 }
 

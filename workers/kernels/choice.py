@@ -56,19 +56,27 @@ def native_unsupported(device: torch.device, dtype: torch.dtype) -> str | None:
 def resolve_kernels(name: str, device: torch.device, dtype: torch.dtype) -> Kernels:
     """The kernels `name` (one of KERNELS) stands for on this device and dtype.
 
-    "auto" is native where native runs, else torch; asking for "native" where it cannot
-    run is an error that says why.
+    "auto" is native where native runs, else torch; "native" is native on the fastest path
+    this CPU has (native.PATHS), and "amx", "avx512" or "avx2" native on that path. Asking
+    for native, or a path of it, where it cannot run is an error that says why. The path is
+    the process's (native.select_path): the last model loaded sets it.
     """
     if name not in KERNELS:
         raise KernelError(f"unknown kernels {name!r}: expected one of {', '.join(KERNELS)}")
     if name == "torch":
         return TORCH
     reason = native_unsupported(device, dtype)
-    if reason is None:
-        return NATIVE
-    if name == "native":
+    if reason is not None:
+        if name == "auto":
+            return TORCH
         raise KernelError(f"native kernels unavailable: {reason}")
-    return TORCH
+    if name in native.PATHS:
+        reason = native.select_path(name)
+        if reason is not None:
+            raise KernelError(f"kernels {name!r} unavailable: {reason}")
+    else:
+        native.best_path()
+    return NATIVE
 
 
 def weight_layout(kernels: Kernels, weight: torch.Tensor) -> torch.Tensor:

@@ -2,9 +2,10 @@
 // in parts, each included in order:
 //
 //   thread_pool.h  the kernels' own pool and parallel_for (outside the main thread)
-//   products.h     linear (few rows, weights streamed once) and prompt_linear (many rows;
-//                  AMX tiles from amx_gemm.h where the CPU has them); row_tiles.h, the
-//                  walk over rows and weight rows, compiled there once per target
+//   products.h     linear (rows of x against weights streamed once: AMX tiles from
+//                  amx_gemm.h where the CPU has them, else AVX512-BF16 or AVX2) and
+//                  prompt_linear (many rows); row_tiles.h, the walk over rows and weight
+//                  rows, compiled there once per target
 //   norms.h        rms_norm, rotary_
 //   attention.h    attention in float32, AVX2 or 16 AVX-512 lanes
 //   quant.h        linear_q: products with the GGUF file's quantized blocks (Q4_1, Q5_0,
@@ -51,14 +52,18 @@ torch::Tensor dequantize_bf16(const torch::Tensor& w);
 #include "quant.h"
 #include "layer.h"
 
+// Which paths are on now: (AMX tiles, AVX512-BF16 products, AVX-512 attention).
+std::tuple<bool, bool, bool> paths_on() { return {amx_enabled, avx512_bf16_enabled, avx512_attention_enabled}; }
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // Every kernel lets go of the GIL while it computes (they touch no Python object): threads
   // decoding other requests (workers.batched_step) run their Python between the layers of a pass.
   const auto no_gil = py::call_guard<py::gil_scoped_release>();
-  m.def("linear", &linear, "y = x @ w.T (+ b): few rows, weights streamed once (AVX2 FMA, or AVX512-BF16)", no_gil);
-  m.def("prompt_linear", &prompt_linear, "y = x @ w.T (+ b): many rows, on AMX tiles where the CPU has them, else linear",
+  m.def("linear", &linear, "y = x @ w.T (+ b): weights streamed once (AMX tiles, AVX512-BF16 or AVX2 FMA)", no_gil);
+  m.def("prompt_linear", &prompt_linear, "y = x @ w.T (+ b): many rows; quantized weights on AMX de-quantized to bfloat16 for the tiles, else linear",
         no_gil);
-  m.def("use_amx", &use_amx, "turn prompt_linear's AMX path on (where the CPU and OS allow it) or off");
+  m.def("use_amx", &use_amx, "turn the AMX path of linear and prompt_linear on (where the CPU and OS allow it) or off");
+  m.def("paths_on", &paths_on, "which paths are on: (AMX tiles, AVX512-BF16 products, AVX-512 attention)");
   m.def("use_avx512", &use_avx512, "turn the AVX-512 paths of linear and attention on (where the CPU has them) or off");
   m.def("linear_q", &linear_q, "y = x @ W.T (+ b), W the GGUF file's blocks (Q4_1, Q5_0, Q8_0, Q4_K, Q6_K): uint8, x in float32; int8, x in int8",
         no_gil);

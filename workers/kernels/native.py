@@ -61,7 +61,9 @@ def needs_grad(*tensors: torch.Tensor | None) -> bool:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, float_out: bool = False) -> torch.Tensor:
     """x (..., in) @ weight (out, in).T (+ bias), in float32; the result in x's dtype, or in
     float32 with `float_out` (the LM head's logits: workers.model.LogitsHead). bfloat16 x and
-    weight take the AVX512-BF16 dot products where the CPU has them (use_avx512)."""
+    weight take AMX tiles where the CPU has them (use_amx), else the AVX512-BF16 dot products
+    where it has those (use_avx512): on AMX a step of 1 to 32 rows costs about what one row
+    does, which lets token trees grow."""
     if needs_grad(x, weight, bias):
         out = reference.linear(x, weight, bias)
         return out.float() if float_out else out
@@ -78,10 +80,11 @@ def use_avx512(enable: bool) -> bool:
 
 def prompt_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
     """linear, with the first n rows (dim -2: prompt rows, workers.model.AttentionContext) on
-    the many-row path: AMX tiles for bfloat16 on CPUs that have them (cpu_kernels.cpp,
-    prompt_linear; use_amx), else linear itself. Either way each row's bits are its own,
-    whatever other rows share the call and however many threads run it; never a library's
-    GEMM, whose choice of kernel (and rounding) varies with the row count and the CPU."""
+    the many-row path: for quantized weights on AMX, tiles against the weights de-quantized to
+    bfloat16 for the call (products.h, prompt_linear); else linear itself. Either way each
+    row's bits are its own, whatever other rows share the call and however many threads run
+    it; never a library's GEMM, whose choice of kernel (and rounding) varies with the row
+    count and the CPU."""
     n = min(n, x.shape[-2])
     if x.dtype != torch.bfloat16 or n <= 0 or needs_grad(x, weight, bias):
         return linear(x, weight, bias)
@@ -92,10 +95,40 @@ def prompt_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 def use_amx(enable: bool) -> bool:
-    """Turn prompt_linear's AMX tiles on (where the CPU has AMX and Linux grants the tile
-    state: the default) or off; returns whether they are on. Tiles round otherwise than
-    linear, so a process keeps one setting while it decodes: tests switch it to cover both."""
+    """Turn the AMX tiles of linear and prompt_linear on (where the CPU has AMX and Linux
+    grants the tile state: the default) or off; returns whether they are on. Tiles round
+    otherwise than the AVX-512 and AVX2 paths, so a process keeps one setting while it
+    decodes (workers.kernels.choice.resolve_kernels sets it from `--kernels`)."""
     return extension().use_amx(enable)
+
+
+# The native kernels' paths, fastest first: AMX tiles for bfloat16 products (with AVX-512
+# attention), AVX-512 (AVX512-BF16 products, 16-lane attention), AVX2. They round differently.
+PATHS = ("amx", "avx512", "avx2")
+
+
+def path_on() -> str:
+    """The path the kernels take now (one of PATHS)."""
+    amx, avx512_products, avx512_attention = extension().paths_on()
+    return "amx" if amx else "avx512" if avx512_products or avx512_attention else "avx2"
+
+
+def select_path(path: str) -> str | None:
+    """Take `path` (one of PATHS) from now on; None, or why this CPU cannot (then nothing
+    changes). The setting is the process's: the last engine loaded sets it for all."""
+    before = path_on()
+    use_avx512(path != "avx2")
+    use_amx(path == "amx")
+    if path_on() == path:
+        return None
+    select_path(before)
+    need = {"amx": "AMX-BF16 (or Linux did not grant its tile state)", "avx512": "AVX512-BF16 or AVX512F"}[path]
+    return f"this CPU has no {need}"
+
+
+def best_path() -> str:
+    """The fastest path this CPU has."""
+    return next(p for p in PATHS if select_path(p) is None)
 
 
 def use_vnni(enable: bool) -> bool:

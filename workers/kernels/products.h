@@ -183,18 +183,27 @@ bool amx_enabled = amx_available;
 
 // x (..., k) float32 or bfloat16; w (m, k) bfloat16 or float32, contiguous; bias (m,) or
 // None. Returns y (..., m) in x's dtype, or float32 with `float_out`, computed in float32.
-// bfloat16 x and w take the AVX512-BF16 path where it is enabled (use_avx512).
+// bfloat16 x and w take AMX tiles where the CPU has them (amx_gemm.h; use_amx), else the
+// AVX512-BF16 path where it is enabled (use_avx512): each output one fixed sum either way, so
+// a row's bits never depend on the rows around it, but the two round differently, so one
+// process keeps one setting while it decodes.
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias, bool float_out) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "linear: CPU tensors only");
   if (w.scalar_type() == at::kByte || w.scalar_type() == at::kChar) return linear_q(x, w, bias, float_out);  // GGUF blocks (quant.h)
   TORCH_CHECK(w.dim() == 2 && x.size(-1) == w.size(1), "linear: shapes ", x.sizes(), " and ", w.sizes());
   TORCH_CHECK(w.is_contiguous(), "linear: the weight must be contiguous (out_features, in_features)");
   const int64_t k = w.size(1), m = w.size(0);
+  const bool bf16 = x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16;
   torch::Tensor y;
-  if (avx512_bf16_enabled && x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16) {
+  if (bf16 && (amx_enabled || avx512_bf16_enabled)) {
     const auto rows = x.reshape({-1, k}).contiguous();
     y = torch::empty({rows.size(0), m}, rows.options().dtype(at::kFloat));
-    linear_bf16(rows.data_ptr<at::BFloat16>(), rows.size(0), w.data_ptr<at::BFloat16>(), k, y.data_ptr<float>(), m);
+    if (amx_enabled) {
+      amx::gemm_bf16(reinterpret_cast<const uint16_t*>(rows.data_ptr<at::BFloat16>()), rows.size(0),
+                     reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), k, y.data_ptr<float>(), m, parallel_for);
+    } else {
+      linear_bf16(rows.data_ptr<at::BFloat16>(), rows.size(0), w.data_ptr<at::BFloat16>(), k, y.data_ptr<float>(), m);
+    }
   } else {
     const auto rows = x.reshape({-1, k}).to(at::kFloat).contiguous();  // bfloat16 -> float32 is exact
     y = torch::empty({rows.size(0), m}, rows.options());
@@ -212,38 +221,21 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const c10::
 }
 
 // prompt_linear: y = x @ w.T (+ b) for many rows (a prompt's, workers.kernels.native.
-// prompt_linear). bfloat16 rows on CPUs with AMX take the tiles (amx_gemm.h: every output one
-// fixed sum, whatever the rows around it or the thread count); everything else takes linear
-// above, whose rows are independent too. Never a library's GEMM: which kernel oneDNN picks
-// depends on the row count and the CPU, and with it the rounding (issue 36).
-//
-// Quantized weights (quant.h): bfloat16 rows on AMX take the same tiles, against the weights
-// de-quantized to bfloat16 for the call (exactly the bfloat16 weights of weights = "float":
-// a prompt position gets the bits it gets there; ~4x faster than linear_q at 300 rows);
-// elsewhere linear_q, whose rows are independent too.
-torch::Tensor prompt_linear(const torch::Tensor& x, const torch::Tensor& w_in, const c10::optional<torch::Tensor>& bias) {
-  TORCH_CHECK(x.device().is_cpu() && w_in.device().is_cpu(), "prompt_linear: CPU tensors only");
-  torch::Tensor w = w_in;
-  if (w.scalar_type() == at::kByte || w.scalar_type() == at::kChar) {
-    if (!(amx_enabled && x.scalar_type() == at::kBFloat16)) return linear_q(x, w, bias, false);
-    w = dequantize_bf16(w);
-  }
-  TORCH_CHECK(w.dim() == 2 && x.dim() >= 1 && x.size(-1) == w.size(1), "prompt_linear: shapes ", x.sizes(), " and ", w.sizes());
-  TORCH_CHECK(w.is_contiguous(), "prompt_linear: the weight must be contiguous (out_features, in_features)");
-  if (!(amx_enabled && x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16)) return linear(x, w, bias, false);
-  const int64_t k = w.size(1), m = w.size(0);
-  const auto rows = x.reshape({-1, k}).contiguous();
-  auto y = torch::empty({rows.size(0), m}, rows.options().dtype(at::kFloat));
-  amx::gemm_bf16(reinterpret_cast<const uint16_t*>(rows.data_ptr<at::BFloat16>()), rows.size(0),
-                 reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), k, y.data_ptr<float>(), m, parallel_for);
-  if (bias.has_value()) y.add_(bias->to(at::kFloat));
-  auto shape = x.sizes().vec();
-  shape.back() = m;
-  return y.to(x.scalar_type()).view(shape);
+// prompt_linear): linear, whose rows are independent, except for quantized weights (quant.h):
+// bfloat16 rows on AMX take the tiles against the weights de-quantized to bfloat16 for the
+// call (exactly the bfloat16 weights of weights = "float": a prompt position gets the bits
+// it gets there; ~4x faster than linear_q at 300 rows); elsewhere linear_q. Never a
+// library's GEMM: which kernel oneDNN picks depends on the row count and the CPU, and with it
+// the rounding (issue 36).
+torch::Tensor prompt_linear(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "prompt_linear: CPU tensors only");
+  if ((w.scalar_type() == at::kByte || w.scalar_type() == at::kChar) && amx_enabled && x.scalar_type() == at::kBFloat16)
+    return linear(x, dequantize_bf16(w), bias, false);
+  return linear(x, w, bias, false);
 }
 
-// Turn the AMX path of prompt_linear on (where the CPU and the OS allow it; the default) or
-// off (tests cover both paths); returns whether it is on.
+// Turn the AMX path of linear and prompt_linear on (where the CPU and the OS allow it; the
+// default) or off (tests cover both paths); returns whether it is on.
 bool use_amx(bool enable) {
   amx_enabled = enable && amx_available;
   return amx_enabled;

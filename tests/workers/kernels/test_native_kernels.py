@@ -27,15 +27,23 @@ LINEAR_SHAPES = [(1, 576, 960), (2, 64, 7), (4, 100, 33), (5, 576, 1536), (13, 3
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-5), torch.bfloat16: dict(atol=0.05, rtol=0.02)}
 
 
-@pytest.fixture(params=["avx512", "avx2"])
+# Each path of the kernels: (AMX tiles, AVX-512) on or off.
+PATHS = {"amx": (True, True), "avx512": (False, True), "avx2": (False, False)}
+
+
+@pytest.fixture(params=list(PATHS))
 def vector_path(request):
-    """Each path of the kernels: the AVX-512 ones where the CPU has them (the default:
-    bfloat16 products by AVX512-BF16 dot products, attention in 16 lanes) and the AVX2 ones."""
-    on = native.use_avx512(request.param == "avx512")
-    if request.param == "avx512" and not on:
-        pytest.skip("this CPU has no AVX-512")
+    """Each path of the kernels: AMX tiles for bfloat16 products where the CPU (and Linux)
+    allow them (the default there), the AVX-512 ones where the CPU has them (bfloat16
+    products by AVX512-BF16 dot products, attention in 16 lanes), and the AVX2 ones."""
+    amx, avx512 = PATHS[request.param]
+    on = native.use_avx512(avx512), native.use_amx(amx)
+    if on != (avx512, amx):
+        native.use_avx512(True), native.use_amx(True)
+        pytest.skip(f"this CPU has no {request.param.upper()} (or Linux does not grant AMX's tile state)")
     yield request.param
     native.use_avx512(True)
+    native.use_amx(True)
 
 
 def rand(*shape, dtype=torch.float32, seed=0):
@@ -58,12 +66,30 @@ def test_linear_matches_reference(vector_path, dtype, rows, k, m):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_linear_rows_are_independent(vector_path, dtype):
-    x, w = rand(64, 576, dtype=dtype), rand(1000, 576, dtype=dtype, seed=1)
-    together = native.linear(x, w, None)
-    for r in (0, 3, 4, 5, 37, 63):  # in a block of rows, in the remainder, alone
+    x, w = rand(100, 576, dtype=dtype), rand(1000, 576, dtype=dtype, seed=1)
+    together = native.linear(x, w, None)  # AMX: 100 rows take the packed weight blocks
+    for r in (0, 3, 4, 5, 37, 63, 99):  # in a block of rows, in the remainder, alone
         assert torch.equal(native.linear(x[r : r + 1], w, None)[0], together[r])
-    for n in range(2, 20):  # every blocking (AVX2: 1-4, 5-6, 7+ rows; AVX512-BF16: 1-4, 5-8, 9+), remainders
+    # every blocking (AVX2: 1-4, 5-6, 7+ rows; AVX512-BF16: 1-4, 5-8, 9+; AMX: groups of 16,
+    # in pairs, streamed weights up to 64 rows), remainders
+    for n in [*range(2, 20), 31, 32, 33, 47, 64, 65]:
         assert torch.equal(native.linear(x[:n], w, None), together[:n]), n
+
+
+@pytest.mark.parametrize("rows", [1, 2, 16, 17, 40, 64])
+@pytest.mark.parametrize("out_features,in_features", [(960, 576), (48, 64), (1008, 1536)])
+def test_amx_streamed_and_packed_weights_give_the_same_bits(rows, out_features, in_features):
+    """On AMX, up to 64 rows stream the weights straight from memory and more rows copy them
+    into packed blocks first (amx_gemm.h): a row gets the same bits either way, and the
+    same as a one-row step."""
+    if not native.use_amx(True):
+        pytest.skip("this CPU has no AMX (or Linux does not grant its tile state)")
+    x, w = rand(130, in_features, dtype=torch.bfloat16), rand(out_features, in_features, dtype=torch.bfloat16, seed=1)
+    packed = native.linear(x, w, None, float_out=True)
+    assert torch.equal(native.linear(x[-rows:], w, None, float_out=True), packed[-rows:])
+    assert torch.equal(native.linear(x[5:6], w, None, float_out=True)[0], packed[5])
+    want = reference.linear(x.float(), w.float(), None)
+    torch.testing.assert_close(packed, want, atol=1e-3, rtol=1e-4)
 
 
 # The model's product shapes (SmolLM2-135M: qkv, o, gate/up, down), (out, in), and odd ones:
@@ -73,19 +99,8 @@ MODEL_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
 ODD_SHAPES = [(33, 100), (50, 37), (577, 64), (7, 1)]
 
 
-@pytest.fixture(params=["amx", "rows"])
-def prompt_path(request):
-    """Each path of prompt rows in bfloat16: AMX tiles where the CPU (and Linux) allow them,
-    else the few-row kernels (linear), which CPUs without AMX take."""
-    on = native.use_amx(request.param == "amx")
-    if request.param == "amx" and not on:
-        pytest.skip("this CPU has no AMX (or Linux does not grant its tile state)")
-    yield request.param
-    native.use_amx(True)
-
-
 @pytest.mark.parametrize("out_features,in_features", MODEL_SHAPES + ODD_SHAPES)
-def test_prompt_rows_do_not_depend_on_how_many_share_the_call(prompt_path, out_features, in_features):
+def test_prompt_rows_do_not_depend_on_how_many_share_the_call(vector_path, out_features, in_features):
     """Prompt rows (bfloat16) give each row the same bits whether 1, 2 or hundreds of prompt
     rows share the call, and wherever the row sits; the rows after them are the one-row
     kernels' bits. Every mode computes a prompt position the same way only if this holds."""
@@ -102,7 +117,7 @@ def test_prompt_rows_do_not_depend_on_how_many_share_the_call(prompt_path, out_f
 
 
 @pytest.mark.parametrize("out_features,in_features", MODEL_SHAPES + ODD_SHAPES[:1])
-def test_prompt_rows_do_not_depend_on_the_thread_count(prompt_path, out_features, in_features):
+def test_prompt_rows_do_not_depend_on_the_thread_count(vector_path, out_features, in_features):
     """Prompt rows' products split their output columns over the kernels' threads: the same
     bits on 1 and 2 threads, on the main thread and in another (the kernels' own pool)."""
     x, w = rand(1, 120, in_features, dtype=torch.bfloat16), rand(out_features, in_features, dtype=torch.bfloat16, seed=1)
@@ -115,7 +130,7 @@ def test_prompt_rows_do_not_depend_on_the_thread_count(prompt_path, out_features
     assert all(torch.equal(got, two) for got in in_threads(lambda: native.prompt_linear(x, w, None, 119), 2)[::10])
 
 
-def test_prompt_rows_do_not_depend_on_a_library_s_kernel_choice(prompt_path):
+def test_prompt_rows_do_not_depend_on_a_library_s_kernel_choice(vector_path):
     """Prompt rows are our kernels' own sums, never a library GEMM: turning PyTorch's oneDNN
     off (which changes the kernel, and the rounding, of its own bfloat16 GEMM: on an AMX CPU
     both its choice by row count and this switch did) changes no bit of them."""
@@ -133,14 +148,11 @@ def test_prompt_rows_in_float32_are_the_native_kernels():
     assert torch.equal(native.prompt_linear(x, w, None, 39), native.linear(x, w, None))
 
 
-def test_prompt_rows_without_amx_are_the_one_row_kernels(vector_path):
-    """CPUs without AMX (or with it turned off) multiply prompt rows with linear itself."""
+def test_prompt_rows_in_bfloat16_are_the_one_row_kernels(vector_path):
+    """Prompt rows against bfloat16 weights are linear's on every path (AMX tiles there too):
+    a prompt position gets the bits a decode step gives it."""
     x, w = rand(1, 40, 576, dtype=torch.bfloat16), rand(960, 576, dtype=torch.bfloat16, seed=1)
-    native.use_amx(False)
-    try:
-        assert torch.equal(native.prompt_linear(x, w, None, 39), native.linear(x, w, None))
-    finally:
-        native.use_amx(True)
+    assert torch.equal(native.prompt_linear(x, w, None, 39), native.linear(x, w, None))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
