@@ -9,14 +9,50 @@ namespace {
 template <typename T>
 inline T to_dtype(float v) { return static_cast<T>(v); }
 
+// 8 floats rounded to T as static_cast<T> rounds each (bfloat16: to nearest even, NaN to
+// 0x7fc0, as c10::BFloat16 does), returned widened back to float32; `store` writes them as T.
+inline __m256 round8(__m256 v, float*) { return v; }  // float32: nothing to round
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+
+inline __m256i bf16_bits8(__m256 v) {  // the bfloat16 bits of each lane, in its low half
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i bias = _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)), _mm256_set1_epi32(0x7fff));
+  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(u, bias), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  return _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7fc0), nan);
+}
+inline __m256 round8(__m256 v, at::BFloat16*) { return _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits8(v), 16)); }
+inline void store8(at::BFloat16* p, __m256 v) {
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(bf16_bits8(v), bf16_bits8(v)), 0x08);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+
+// Per row: the sum of squares in 8 lanes over d in ascending order, a fixed horizontal sum,
+// then the last d % 8 in order (each square rounded before it is added, as x.pow(2) does);
+// then y = T(w * float(T(x * scale))), 8 at a time, the reference's roundings.
 template <typename T>
 void rms_norm_impl(const T* x, const T* w, T* y, int64_t rows, int64_t d, float eps) {
+  // float64 (which the dispatch also compiles) one by one
+  const int64_t d8 = std::is_same_v<T, double> ? 0 : d - d % kLanes;
   for (int64_t r = 0; r < rows; ++r) {
     const T* xr = x + r * d;
     float ss = 0.f;
-    for (int64_t i = 0; i < d; ++i) ss += static_cast<float>(xr[i]) * static_cast<float>(xr[i]);
+    if constexpr (!std::is_same_v<T, double>) {
+      __m256 acc = _mm256_setzero_ps();
+      for (int64_t i = 0; i < d8; i += kLanes) {
+        const __m256 v = load8(xr + i);
+        acc = _mm256_add_ps(acc, _mm256_mul_ps(v, v));
+      }
+      ss = hsum(acc);
+    }
+    for (int64_t i = d8; i < d; ++i) ss += static_cast<float>(xr[i]) * static_cast<float>(xr[i]);
     const float scale = 1.f / std::sqrt(ss / static_cast<float>(d) + eps);
-    for (int64_t i = 0; i < d; ++i)
+    if constexpr (!std::is_same_v<T, double>) {
+      const __m256 sv = _mm256_set1_ps(scale);
+      for (int64_t i = 0; i < d8; i += kLanes)
+        store8(y + r * d + i, _mm256_mul_ps(load8(w + i), round8(_mm256_mul_ps(load8(xr + i), sv), static_cast<T*>(nullptr))));
+    }
+    for (int64_t i = d8; i < d; ++i)
       y[r * d + i] = to_dtype<T>(static_cast<float>(w[i]) * static_cast<float>(to_dtype<T>(static_cast<float>(xr[i]) * scale)));
   }
 }
@@ -25,11 +61,27 @@ template <typename T>
 void rotary_impl(T* qkv, int64_t ld, const T* cos, const T* sin, int64_t rows, int64_t heads, int64_t d) {
   const int64_t half = d / 2;
   std::vector<float> x(d);
+  T* const kind = nullptr;  // picks round8's overload for T
+  const __m256 sign = _mm256_set1_ps(-0.f);
   for (int64_t r = 0; r < rows; ++r) {
     const T* c = cos + r * d;
     const T* s = sin + r * d;
     for (int64_t h = 0; h < heads; ++h) {
       T* p = qkv + r * ld + h * d;
+      if constexpr (!std::is_same_v<T, double>) {  // (float64, which the dispatch compiles too: below)
+        if (half % kLanes == 0) {  // 8 of each half at a time, the same roundings as below
+          for (int64_t i = 0; i < half; i += kLanes) {
+            const __m256 x1 = load8(p + i), x2 = load8(p + i + half);
+            const __m256 a1 = round8(_mm256_mul_ps(x1, load8(c + i)), kind);
+            const __m256 b1 = round8(_mm256_mul_ps(_mm256_xor_ps(x2, sign), load8(s + i)), kind);
+            const __m256 a2 = round8(_mm256_mul_ps(x2, load8(c + i + half)), kind);
+            const __m256 b2 = round8(_mm256_mul_ps(x1, load8(s + i + half)), kind);
+            store8(p + i, _mm256_add_ps(a1, b1));
+            store8(p + i + half, _mm256_add_ps(a2, b2));
+          }
+          continue;
+        }
+      }
       for (int64_t i = 0; i < d; ++i) x[i] = static_cast<float>(p[i]);
       for (int64_t i = 0; i < d; ++i) {
         // rotate_half(x) = (-x2, x1): out = x * cos + rotate_half(x) * sin

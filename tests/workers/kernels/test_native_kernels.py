@@ -10,6 +10,7 @@ import multiprocessing
 import threading
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -236,10 +237,40 @@ def test_rms_norm_matches_reference(dtype):
     torch.testing.assert_close(got, reference.rms_norm(x, w, 1e-5), **TOL[dtype])
 
 
+def rms_norm_in_its_order(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """The native rms_norm's arithmetic, step by step in float32 (norms.h): squares summed in
+    8 lanes, the lanes' fixed horizontal sum, the d % 8 rest in order; then its roundings."""
+    d, d8 = x.shape[-1], x.shape[-1] - x.shape[-1] % 8
+    out = []
+    for row in x.reshape(-1, d):
+        sq = (row.float() * row.float()).numpy()
+        lanes = np.zeros(8, np.float32)
+        for i in range(0, d8, 8):
+            lanes = lanes + sq[i : i + 8]
+        s = lanes[:4] + lanes[4:]
+        ss = (s[0] + s[2]) + (s[1] + s[3])
+        for i in range(d8, d):
+            ss = np.float32(ss + sq[i])
+        scale = np.float32(1) / np.sqrt(np.float32(ss / np.float32(d) + np.float32(eps)))
+        out.append((w.float() * (row.float() * torch.tensor(scale)).to(x.dtype).float()).to(x.dtype))
+    return torch.stack(out).view(x.shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d", [576, 37, 8, 3])
+def test_rms_norm_is_its_fixed_order_and_rows_are_independent(dtype, d):
+    x, w = rand(5, d, dtype=dtype) * 3, rand(d, dtype=dtype, seed=1)
+    x[2, 0] = float("nan")  # a NaN row: bfloat16 rounding keeps it NaN
+    got = native.rms_norm(x, w, 1e-5)
+    torch.testing.assert_close(got, rms_norm_in_its_order(x, w, 1e-5), rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(native.rms_norm(x[3:4], w, 1e-5), got[3:4])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batched_angles", [False, True])
-def test_rotary_matches_reference(dtype, batched_angles):
-    B, n, heads, kv_heads, d = 2, 5, 4, 2, 16
+@pytest.mark.parametrize("d", [16, 64, 12])  # halves of 8 and 32 (8 lanes at a time) and of 6 (one by one)
+def test_rotary_matches_reference(dtype, batched_angles, d):
+    B, n, heads, kv_heads = 2, 5, 4, 2
     qkv = rand(B, n, (heads + 2 * kv_heads) * d, dtype=dtype)
     shape = (B, n, d) if batched_angles else (n, d)
     cos, sin = rand(*shape, dtype=dtype, seed=1), rand(*shape, dtype=dtype, seed=2)
