@@ -135,8 +135,8 @@ inline void pack_w(const uint16_t* w, int64_t m, int64_t k, int64_t j, int64_t c
 
 // Weight rows [j0, j1) (multiples of 32 apart from the end at m), copied block by block
 // (pack_w), against every packed row group; y (n, m) float32.
-inline void packed_columns(const uint32_t* xp, int64_t n, int64_t groups, int64_t chunks, const uint16_t* w, int64_t m, int64_t k,
-                    float* y, int64_t j0, int64_t j1) {
+inline void packed_columns(const uint32_t* xp, int64_t n, int64_t groups, int64_t chunks, const uint16_t* w, int64_t m,
+                           int64_t k, float* y, int64_t j0, int64_t j1) {
   TileConfig cfg;
   for (int t = 0; t < 8; ++t) cfg.rows[t] = kTile, cfg.colsb[t] = 64;
   _tile_loadconfig(&cfg);
