@@ -64,7 +64,7 @@ def main() -> None:
     d.add_argument("--per-category", type=int, default=1)
     d.add_argument("--max-new-tokens", type=int, default=128)
     d.add_argument("--threads", type=int, default=2)
-    d.add_argument("--kernels", default="auto", help="auto | native | torch (workers.kernels)")
+    d.add_argument("--kernels", default="auto", help="auto | native | amx | avx512 | avx2 | torch (workers.kernels)")
     c = sub.add_parser("compare")
     c.add_argument("before")
     c.add_argument("after")
