@@ -69,7 +69,7 @@ def test_torch_device():
         ("[generation]\nmode = [\"ar\"]\n", "mode must be str"),
         ('[model]\ndtype = "float64"\n', "dtype must be one of"),
         ('[model]\ndtype = "fp16"\n', "dtype must be one of"),
-        ('[model]\nkernels = "fast"\n', "kernels must be one of auto, native, torch"),
+        ('[model]\nkernels = "fast"\n', "kernels must be one of auto, native, amx, avx512, avx2, torch"),
         ('[model]\ncuda_graphs = "yes"\n', "cuda_graphs must be bool"),
         ("[runtime]\nthreads = 0\n", "threads must be at least 1"),
         ("[generation]\nmax_new_tokens = 0\n", "max_new_tokens must be at least 1"),
