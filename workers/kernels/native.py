@@ -18,6 +18,7 @@ import torch
 
 from workers.cache_dir import cache_dir
 from workers.kernels import reference
+from workers.kernels.quant_blocks import is_quantized
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 HEADERS = sorted(Path(__file__).parent.glob("*.h"))  # its parts (cpu_kernels.cpp includes them)
@@ -80,14 +81,14 @@ def use_avx512(enable: bool) -> bool:
 
 def prompt_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
     """linear, with the first n rows (dim -2: prompt rows, workers.model.AttentionContext) on
-    the many-row path: for quantized weights on AMX, tiles against the weights de-quantized to
-    bfloat16 for the call (products.h, prompt_linear); else linear itself. Either way each
-    row's bits are its own, whatever other rows share the call and however many threads run
-    it; never a library's GEMM, whose choice of kernel (and rounding) varies with the row
-    count and the CPU."""
+    the many-row path, which differs from linear only for quantized weights against bfloat16
+    rows: on AMX, tiles against the weights de-quantized to bfloat16 for the call (products.h,
+    prompt_linear). Either way each row's bits are its own, whatever other rows share the call
+    and however many threads run it; never a library's GEMM, whose choice of kernel (and
+    rounding) varies with the row count and the CPU."""
     n = min(n, x.shape[-2])
-    if x.dtype != torch.bfloat16 or n <= 0 or needs_grad(x, weight, bias):
-        return linear(x, weight, bias)
+    if x.dtype != torch.bfloat16 or not is_quantized(weight) or n <= 0 or needs_grad(x, weight, bias):
+        return linear(x, weight, bias)  # unquantized weights: one call, the same bits
     out = extension().prompt_linear(x[..., :n, :], weight, bias)
     if n == x.shape[-2]:
         return out

@@ -154,6 +154,7 @@ def test_prompt_rows_in_bfloat16_are_the_one_row_kernels(vector_path):
     a prompt position gets the bits a decode step gives it."""
     x, w = rand(1, 40, 576, dtype=torch.bfloat16), rand(960, 576, dtype=torch.bfloat16, seed=1)
     assert torch.equal(native.prompt_linear(x, w, None, 39), native.linear(x, w, None))
+    assert torch.equal(native.extension().prompt_linear(x, w, None), native.linear(x, w, None))  # the kernel itself
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
