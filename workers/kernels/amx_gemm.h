@@ -14,8 +14,9 @@
 // layout TDPBF16PS wants: tile row p holds (x[r][2p], x[r][2p + 1]) for r = 0..15, i.e. the
 // 16 x 16 matrix of x's bfloat16 pairs, transposed (pack_x, once per call). C tiles hold 16
 // weight rows x 16 x rows (y transposed), turned back as they are stored (store_c). Each
-// step of the inner loops: 2 A tiles x 2 B tiles into 4 C tiles (32 x 32 outputs). Zeros pad
-// the rows beyond n and m and the bfloat16 beyond k (0 * 0 adds nothing).
+// step of the inner loop (tile_pass): 2 A tiles x 2 B tiles into 4 C tiles (32 x 32 outputs),
+// a tile with no row of x or w in it left out. Zeros pad the other rows beyond n and m and
+// the bfloat16 beyond k (0 * 0 adds nothing).
 //
 // Two walks, by the row count (gemm_bf16):
 // - few rows (a decode or tree step, up to kStreamedRows): the A tiles are loaded straight
@@ -133,93 +134,76 @@ inline void pack_w(const uint16_t* w, int64_t m, int64_t k, int64_t j, int64_t c
   }
 }
 
-// Weight rows [j0, j1) (multiples of 32 apart from the end at m), copied block by block
-// (pack_w), against every packed row group; y (n, m) float32.
-inline void packed_columns(const uint32_t* xp, int64_t n, int64_t groups, int64_t chunks, const uint16_t* w, int64_t m,
-                           int64_t k, float* y, int64_t j0, int64_t j1) {
+// One pass of both walks below: the A tiles of weight rows j.. (a0; a1 for rows j + 16..,
+// when `two`) against the B tiles of row groups g (b; group g + 1 beside it, when `pair`),
+// summed over the chunks into C tiles and stored into y. A chunk's A tile is a_step
+// bfloat16 after the previous one, its rows a_stride bytes apart.
+inline void tile_pass(const uint16_t* a0, const uint16_t* a1, int64_t a_step, int64_t a_stride, bool two, const uint32_t* b,
+                      bool pair, int64_t chunks, float* y, int64_t n, int64_t m, int64_t g, int64_t j) {
+  alignas(64) float out[4][kTile * kTile];
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t c = 0; c < chunks; ++c, b += 2 * kTile * kTile) {  // the pair's B tiles: chunk c at c * 512 uint32
+    _tile_loadd(4, a0 + c * a_step, a_stride);
+    _tile_loadd(6, b, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    if (pair) {
+      _tile_loadd(7, b + kTile * kTile, 64);
+      _tile_dpbf16ps(1, 4, 7);
+    }
+    if (two) {
+      _tile_loadd(5, a1 + c * a_step, a_stride);
+      _tile_dpbf16ps(2, 5, 6);
+      if (pair) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  for (int t = 0; t < 4; ++t) {  // C tile t: weight rows j + 16 * (t / 2), x rows of group g + t % 2
+    if ((t % 2 && !pair) || (t / 2 && !two)) continue;
+    switch (t) {  // _tile_stored takes a constant tile number
+      case 0: _tile_stored(0, out[0], 64); break;
+      case 1: _tile_stored(1, out[1], 64); break;
+      case 2: _tile_stored(2, out[2], 64); break;
+      default: _tile_stored(3, out[3], 64);
+    }
+    store_c(out[t], y, n, m, (g + t % 2) * kTile, j + kTile * (t / 2));
+  }
+}
+
+inline void full_tiles() {
   TileConfig cfg;
   for (int t = 0; t < 8; ++t) cfg.rows[t] = kTile, cfg.colsb[t] = 64;
   _tile_loadconfig(&cfg);
+}
+
+// Weight rows [j0, j1) (multiples of 32 apart from the end at m), copied block by block
+// (pack_w), against the `groups` row groups that hold rows of x; y (n, m) float32.
+inline void packed_columns(const uint32_t* xp, int64_t n, int64_t groups, int64_t chunks, const uint16_t* w, int64_t m,
+                           int64_t k, float* y, int64_t j0, int64_t j1) {
+  full_tiles();
   std::vector<uint16_t> ap(static_cast<size_t>(chunks * 2 * kTile * kChunk));
-  alignas(64) float out[4][kTile * kTile];
   for (int64_t j = j0; j < j1; j += 2 * kTile) {
-    pack_w(w, m, k, j, chunks, ap.data());
-    for (int64_t g = 0; g < groups; g += 2) {
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
-      const uint32_t* b = xp + g * chunks * (kTile * kTile);  // the pair's tiles: chunk c at c * 512 uint32
-      const uint16_t* a = ap.data();
-      for (int64_t c = 0; c < chunks; ++c, a += 2 * kTile * kChunk, b += 2 * kTile * kTile) {
-        _tile_loadd(4, a, 64);
-        _tile_loadd(5, a + kTile * kChunk, 64);
-        _tile_loadd(6, b, 64);
-        _tile_loadd(7, b + kTile * kTile, 64);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
-      }
-      _tile_stored(0, out[0], 64);
-      _tile_stored(1, out[1], 64);
-      _tile_stored(2, out[2], 64);
-      _tile_stored(3, out[3], 64);
-      for (int t = 0; t < 4; ++t)  // C tile t: weight rows j + 16 * (t / 2), x rows of group g + t % 2
-        if (j + kTile * (t / 2) < m) store_c(out[t], y, n, m, (g + t % 2) * kTile, j + kTile * (t / 2));
-    }
+    pack_w(w, m, k, j, chunks, ap.data());  // chunk c's two A tiles at c * 1024, the second 512 after the first
+    for (int64_t g = 0; g < groups; g += 2)
+      tile_pass(ap.data(), ap.data() + kTile * kChunk, 2 * kTile * kChunk, 64, j + kTile < j1, xp + g * chunks * (kTile * kTile),
+                g + 1 < groups, chunks, y, n, m, g, j);
   }
   _tile_release();
 }
 
 // Weight rows [j0, j1) (multiples of 16, k a multiple of 32) as A tiles loaded straight from
-// w at a stride of one weight row, against every packed row group, two groups a pass; each
-// block of 32 weight rows meets all the groups before the next is read, so the weights come
-// from memory once (their later passes find them in L2). A software prefetch measured slower.
+// w at a stride of one weight row, against the `groups` row groups that hold rows of x, two
+// groups a pass; each block of 32 weight rows meets all the groups before the next is read,
+// so the weights come from memory once (their later passes find them in L2). A software
+// prefetch measured slower.
 inline void streamed_columns(const uint32_t* xp, int64_t n, int64_t groups, int64_t chunks, const uint16_t* w, int64_t m,
                              int64_t k, float* y, int64_t j0, int64_t j1) {
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) cfg.rows[t] = kTile, cfg.colsb[t] = 64;
-  _tile_loadconfig(&cfg);
-  alignas(64) float out[4][kTile * kTile];
-  const int64_t stride = k * 2;  // bytes from one weight row to the next
-  for (int64_t j = j0; j < j1; j += 2 * kTile) {
-    const bool two = j + kTile < j1;  // a second A tile (weight rows j + 16 ..)
-    const uint16_t* a0 = w + j * k;
-    const uint16_t* a1 = a0 + kTile * k;
-    for (int64_t g = 0; g < groups; g += 2) {
-      const bool pair = g + 1 < groups;  // a second B tile (x rows of group g + 1)
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
-      const uint32_t* b = xp + g * chunks * (kTile * kTile);  // the pair's tiles: chunk c at c * 512 uint32
-      for (int64_t c = 0; c < chunks; ++c, b += 2 * kTile * kTile) {
-        _tile_loadd(4, a0 + c * kChunk, stride);
-        _tile_loadd(6, b, 64);
-        _tile_dpbf16ps(0, 4, 6);
-        if (pair) {
-          _tile_loadd(7, b + kTile * kTile, 64);
-          _tile_dpbf16ps(1, 4, 7);
-        }
-        if (two) {
-          _tile_loadd(5, a1 + c * kChunk, stride);
-          _tile_dpbf16ps(2, 5, 6);
-          if (pair) _tile_dpbf16ps(3, 5, 7);
-        }
-      }
-      for (int t = 0; t < 4; ++t) {  // C tile t: weight rows j + 16 * (t / 2), x rows of group g + t % 2
-        if ((t % 2 && !pair) || (t / 2 && !two)) continue;
-        switch (t) {  // _tile_stored takes a constant tile number
-          case 0: _tile_stored(0, out[0], 64); break;
-          case 1: _tile_stored(1, out[1], 64); break;
-          case 2: _tile_stored(2, out[2], 64); break;
-          default: _tile_stored(3, out[3], 64);
-        }
-        store_c(out[t], y, n, m, (g + t % 2) * kTile, j + kTile * (t / 2));
-      }
-    }
-  }
+  full_tiles();
+  for (int64_t j = j0; j < j1; j += 2 * kTile)
+    for (int64_t g = 0; g < groups; g += 2)
+      tile_pass(w + j * k, w + (j + kTile) * k, kChunk, k * 2, j + kTile < j1, xp + g * chunks * (kTile * kTile), g + 1 < groups,
+                chunks, y, n, m, g, j);
   _tile_release();
 }
 
@@ -233,20 +217,16 @@ constexpr int64_t kStreamedRows = 64;
 // in blocks of 32 (parallel_for: the caller's, which never changes a result here).
 inline void gemm_bf16(const uint16_t* x, int64_t n, const uint16_t* w, int64_t k, float* y, int64_t m,
                       const std::function<void(int64_t, int64_t, int64_t, const std::function<void(int64_t, int64_t)>&)>& parallel_for) {
-  const int64_t groups = ((n + kTile - 1) / kTile + 1) / 2 * 2;  // an even count: B tiles go in pairs
+  const int64_t groups = (n + kTile - 1) / kTile;  // groups of 16 rows of x
   const int64_t chunks = (k + kChunk - 1) / kChunk;
-  std::unique_ptr<uint32_t[]> xp(new uint32_t[static_cast<size_t>(groups * chunks * kTile * kTile)]);  // pack_x fills it all
-  pack_x(x, n, k, groups, chunks, xp.get());
+  const int64_t packed = (groups + 1) / 2 * 2;  // an even count: B tiles are laid out in pairs
+  std::unique_ptr<uint32_t[]> xp(new uint32_t[static_cast<size_t>(packed * chunks * kTile * kTile)]);  // pack_x fills it all
+  pack_x(x, n, k, packed, chunks, xp.get());
   const int64_t blocks = (m + 2 * kTile - 1) / (2 * kTile);
   const bool streamed = n <= kStreamedRows && k % kChunk == 0 && m % kTile == 0;
-  const int64_t used = (n + kTile - 1) / kTile;  // groups with rows of x in them
   parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     const int64_t j0 = b0 * 2 * kTile, j1 = std::min(m, b1 * 2 * kTile);
-    if (streamed) {
-      streamed_columns(xp.get(), n, used, chunks, w, m, k, y, j0, j1);
-    } else {
-      packed_columns(xp.get(), n, groups, chunks, w, m, k, y, j0, j1);
-    }
+    (streamed ? streamed_columns : packed_columns)(xp.get(), n, groups, chunks, w, m, k, y, j0, j1);
   });
 }
 
