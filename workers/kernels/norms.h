@@ -10,8 +10,12 @@ template <typename T>
 inline T to_dtype(float v) { return static_cast<T>(v); }
 
 // 8 floats rounded to T as static_cast<T> rounds each (bfloat16: to nearest even, NaN to
-// 0x7fc0, as c10::BFloat16 does), returned widened back to float32; `store` writes them as T.
-inline __m256 round8(__m256 v, float*) { return v; }  // float32: nothing to round
+// 0x7fc0, as c10::BFloat16 does; quant.h's rows_to_bf16 rounds 16 de-quantized weights at a
+// time, which are never NaN), returned widened back to float32; store8 writes them as T.
+template <typename T>
+__m256 round8(__m256 v);
+template <>
+inline __m256 round8<float>(__m256 v) { return v; }  // float32: nothing to round
 inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
 
 inline __m256i bf16_bits8(__m256 v) {  // the bfloat16 bits of each lane, in its low half
@@ -21,9 +25,11 @@ inline __m256i bf16_bits8(__m256 v) {  // the bfloat16 bits of each lane, in its
   const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
   return _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7fc0), nan);
 }
-inline __m256 round8(__m256 v, at::BFloat16*) { return _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits8(v), 16)); }
+template <>
+inline __m256 round8<at::BFloat16>(__m256 v) { return _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits8(v), 16)); }
 inline void store8(at::BFloat16* p, __m256 v) {
-  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(bf16_bits8(v), bf16_bits8(v)), 0x08);
+  const __m256i bits = bf16_bits8(v);
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(bits, bits), 0x08);  // lanes 0-3, 4-7 as 16 bits
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
 }
 
@@ -50,7 +56,7 @@ void rms_norm_impl(const T* x, const T* w, T* y, int64_t rows, int64_t d, float 
     if constexpr (!std::is_same_v<T, double>) {
       const __m256 sv = _mm256_set1_ps(scale);
       for (int64_t i = 0; i < d8; i += kLanes)
-        store8(y + r * d + i, _mm256_mul_ps(load8(w + i), round8(_mm256_mul_ps(load8(xr + i), sv), static_cast<T*>(nullptr))));
+        store8(y + r * d + i, _mm256_mul_ps(load8(w + i), round8<T>(_mm256_mul_ps(load8(xr + i), sv))));
     }
     for (int64_t i = d8; i < d; ++i)
       y[r * d + i] = to_dtype<T>(static_cast<float>(w[i]) * static_cast<float>(to_dtype<T>(static_cast<float>(xr[i]) * scale)));
@@ -61,7 +67,6 @@ template <typename T>
 void rotary_impl(T* qkv, int64_t ld, const T* cos, const T* sin, int64_t rows, int64_t heads, int64_t d) {
   const int64_t half = d / 2;
   std::vector<float> x(d);
-  T* const kind = nullptr;  // picks round8's overload for T
   const __m256 sign = _mm256_set1_ps(-0.f);
   for (int64_t r = 0; r < rows; ++r) {
     const T* c = cos + r * d;
@@ -72,10 +77,10 @@ void rotary_impl(T* qkv, int64_t ld, const T* cos, const T* sin, int64_t rows, i
         if (half % kLanes == 0) {  // 8 of each half at a time, the same roundings as below
           for (int64_t i = 0; i < half; i += kLanes) {
             const __m256 x1 = load8(p + i), x2 = load8(p + i + half);
-            const __m256 a1 = round8(_mm256_mul_ps(x1, load8(c + i)), kind);
-            const __m256 b1 = round8(_mm256_mul_ps(_mm256_xor_ps(x2, sign), load8(s + i)), kind);
-            const __m256 a2 = round8(_mm256_mul_ps(x2, load8(c + i + half)), kind);
-            const __m256 b2 = round8(_mm256_mul_ps(x1, load8(s + i + half)), kind);
+            const __m256 a1 = round8<T>(_mm256_mul_ps(x1, load8(c + i)));
+            const __m256 b1 = round8<T>(_mm256_mul_ps(_mm256_xor_ps(x2, sign), load8(s + i)));
+            const __m256 a2 = round8<T>(_mm256_mul_ps(x2, load8(c + i + half)));
+            const __m256 b2 = round8<T>(_mm256_mul_ps(x1, load8(s + i + half)));
             store8(p + i, _mm256_add_ps(a1, b1));
             store8(p + i + half, _mm256_add_ps(a2, b2));
           }
