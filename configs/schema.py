@@ -247,6 +247,7 @@ class RuntimeConfig:
 
 
 PIPELINE_POLICIES = ("chain", "fanout")
+ASYNC_DRAFTERS = ("early-exit", "draft")  # what drafts on the async drafter worker
 TRANSPORTS = ("ray", "local")
 
 
@@ -263,6 +264,7 @@ class PipelineConfig:
     alternatives: int = 2  # next-best bonus tokens per prediction (leaves, or fanout steps)
     continuation_budget: int = 6  # nodes drafted after the predicted trunk
     lookup: bool = True  # graft prompt-lookup chains ([pld] settings) onto every tree
+    drafter: str = "early-exit"  # async: the drafter worker's drafter: the target's first layers | the [draft] model
     drafter_layer: int = 8  # async: the drafting worker's early-exit layers
     draft_chunk: int = 2  # async: tokens per drafting call
     max_chain: int = 8  # async: drafted tokens kept ahead of the committed ones
@@ -270,8 +272,9 @@ class PipelineConfig:
     start_timeout: float = 300.0  # seconds a worker may take to start (its replica placed and loaded)
 
     def validate(self) -> PipelineConfig:
-        if self.policy not in PIPELINE_POLICIES or self.transport not in TRANSPORTS:
-            raise ConfigError(f"[pipeline] policy must be one of {PIPELINE_POLICIES}, transport one of {TRANSPORTS}: {self}")
+        if self.policy not in PIPELINE_POLICIES or self.transport not in TRANSPORTS or self.drafter not in ASYNC_DRAFTERS:
+            raise ConfigError(f"[pipeline] policy must be one of {PIPELINE_POLICIES}, transport one of {TRANSPORTS}, "
+                              f"drafter one of {ASYNC_DRAFTERS}: {self}")
         if min(self.workers, self.threads, self.drafter_layer, self.draft_chunk, self.max_chain) < 1:
             raise ConfigError(f"[pipeline] workers, threads, drafter_layer, draft_chunk, max_chain must be >= 1: {self}")
         if not 0 < self.confidence < 1:

@@ -17,8 +17,13 @@ states], driven layer by layer:
 Every step verifies from a committed root, so its result is exact even when the tree
 was built on a wrong prediction.
 
-`draft` is the asynchronous drafter's call: early-exit self-drafting
-(workers.drafters.early_exit) extends a chain in this worker's cache.
+`draft` is the asynchronous drafter's call: greedy drafting extends a chain in this
+worker's cache, with the model's first `layer` layers (early-exit self-drafting,
+workers.drafters.early_exit) or, `layer` 0, all of them: a drafter worker whose model is
+a separate draft model ([pipeline] drafter = "draft") drafts that way.
+
+A worker without a pseudo-state drafter (a checkpoint with no trained [ht] weights, or
+the draft model) verifies trees without pseudo states; its steps return no next drafts.
 """
 
 from __future__ import annotations
@@ -57,11 +62,15 @@ def advance(steps: Generator) -> Prediction | StepResult | None:
 
 
 class DecodeWorker:
-    def __init__(self, model: Transformer, drafter: PseudoStateDrafter, cache: KVCache):
+    def __init__(self, model: Transformer, drafter: PseudoStateDrafter | None, cache: KVCache):
         self.model, self.drafter, self.cache = model, drafter, cache
         # By draft depth: the drafter's first d pseudo positions (a step asks for its depth).
-        self.drafters = {d: drafter.first(d) for d in range(1, drafter.config.k)} | {drafter.config.k: drafter}
-        self.pseudo_row_cost = pseudo_row_cost(model.args, drafter.config.layer)
+        self.drafters: dict[int, PseudoStateDrafter] = {}
+        self.pseudo_row_cost, self.max_depth = 0.0, 0
+        if drafter is not None:
+            self.max_depth = drafter.config.k
+            self.drafters = {d: drafter.first(d) for d in range(1, drafter.config.k)} | {drafter.config.k: drafter}
+            self.pseudo_row_cost = pseudo_row_cost(model.args, drafter.config.layer)
         self._request: tuple[int, dict | None] | None = None
         self._choose: Chooser = Greedy()
         self._aborted: set[int] = set()
@@ -100,7 +109,7 @@ class DecodeWorker:
         catch_up, n_layers = req.context[:-1], self.model.args.n_layers
         c, n = len(catch_up), len(tree)
         predict_at = min(req.predict_layer, n_layers) if req.predict_layer > 0 else None
-        depth = self.drafter.config.k if req.draft_depth is None else max(min(req.draft_depth, self.drafter.config.k), 0)
+        depth = self.max_depth if req.draft_depth is None else max(min(req.draft_depth, self.max_depth), 0)
         groups = req.pseudo_nodes if depth else []
         steps = tree_step(self.model, self.cache, tree, choose, req.reply_index, catch_up, self.drafters.get(depth), groups)
         while True:
@@ -160,18 +169,23 @@ class DecodeWorker:
         start = time.perf_counter()
         if not req.tokens:
             raise ValueError("a draft request feeds at least one token")
+        if not 0 <= req.layer <= self.model.args.n_layers:
+            raise ValueError(f"a draft runs 1..{self.model.args.n_layers} layers (0: all), not {req.layer}")
         self.cache.truncate(req.keep)
-        drafted = early_exit_chain(self.model, self.cache, list(req.tokens), req.n, req.layer)
+        drafted = early_exit_chain(self.model, self.cache, list(req.tokens), req.n, req.layer or self.model.args.n_layers)
         return DraftResult(drafted, self.cache.length, time.perf_counter() - start)
 
 
-def load_worker(model_config: ModelConfig, ht: PseudoStateModeConfig, model=None) -> DecodeWorker:
-    """A worker with its own KV cache; `model` shares an already loaded replica (in-process)."""
+def load_worker(model_config: ModelConfig, ht: PseudoStateModeConfig | None, model=None) -> DecodeWorker:
+    """A worker with its own KV cache; `model` shares an already loaded replica (in-process).
+    `ht` None: no pseudo-state drafter (a draft model, or a checkpoint without [ht] weights)."""
     if model is None:
         model, _ = load_model(
             model_config.checkpoint, model_config.torch_dtype(), model_config.torch_device(), model_config.kernels,
             model_config.cuda_graphs, weights=model_config.weights,
         )
+    if ht is None:
+        return DecodeWorker(model, None, decoding_cache(model, model_config.max_context))
     drafter = load(weights_file(model_config.checkpoint, "ht", ht.weights), model.args)
     if ht.depth:
         drafter = drafter.first(min(ht.depth, drafter.config.k))

@@ -61,7 +61,7 @@ class StepResult:
 @dataclass
 class DraftRequest:
     """Asynchronous drafting: keep `keep` cache positions, feed `tokens` through the
-    early-exit layers, then draft `n` tokens one by one."""
+    first `layer` layers (0: all of them), then draft `n` tokens one by one."""
 
     request_id: int
     keep: int

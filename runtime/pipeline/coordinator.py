@@ -20,14 +20,15 @@ and does what it says, then launches what is free:
   roll back  steps in flight whose trees no longer contain the committed tokens can add
              nothing: they are aborted and counted as wasted;
              their workers' caches are cut back to the committed prefix on their next step.
-  draft      (async) worker 0 drafts ahead with early-exit layers, continuing its chain
-             while the committed tokens agree with it and restarting from them otherwise;
-             every verifier tree carries the chain.
+  draft      (async) worker 0 drafts ahead, continuing its chain while the committed
+             tokens agree with it and restarting from them otherwise; every verifier tree
+             carries the chain. It drafts with the target's first layers, or with
+             [pipeline] drafter = "draft" it holds the [draft] model and only drafts.
   fault      a step or draft that raises or passes `step_timeout` retires its worker:
              the request goes on with the others (down to one verifier, and to plain
              verification without the drafter) while the worker restarts; one that
-             cannot be restarted sits out the request. When no verifier is left, the
-             async drafter verifies; only a request with no worker left fails.
+             cannot be restarted sits out the request. When no verifier is left, an
+             early-exit async drafter verifies; only a request with no worker left fails.
 """
 
 from __future__ import annotations
@@ -58,11 +59,15 @@ MODES = ("pipeline", "async")
 
 class Coordinator:
     def __init__(self, transport: Transport, config: PipelineConfig, drafters: DrafterConfigs, vocab_size: int,
-                 sizing: LaunchSizer | None = None, prior: SuccessorPrior | None = None):
+                 sizing: LaunchSizer | None = None, prior: SuccessorPrior | None = None, pseudo_states: bool = True):
         """`sizing`, when given, cuts every launch tree to what pays on the workers' step cost;
-        `prior`, when given, rescores each drafted node's children under its token."""
+        `prior`, when given, rescores each drafted node's children under its token;
+        `pseudo_states` False: the verifiers have no pseudo-state drafter."""
         self.transport, self.config, self.drafters, self.vocab = transport, config, drafters, vocab_size
         self.sizing, self.prior = sizing, prior
+        self.pseudo_nodes = drafters.ht.pseudo_nodes if pseudo_states else 0
+        # [pipeline] drafter = "draft": worker 0 holds the draft model, so it drafts and never verifies.
+        self.draft_model = config.drafter == "draft"
         self.drafter: int | None = None  # async: the drafting worker (per request, see _use)
         self.verifiers = list(range(transport.size))
         # Each worker's cache, whatever role it had when it was filled: a worker that drafted
@@ -84,14 +89,16 @@ class Coordinator:
     def check_mode(self, mode: str) -> None:
         if mode not in MODES:
             raise ValueError(f"the coordinator runs modes {MODES}, not {mode!r}")
-        if mode == "async" and self.transport.size < 2:
-            raise ValueError("mode async needs at least 2 workers: one drafts, the others verify")
+        if (mode == "async" or self.draft_model) and self.transport.size < 2:
+            why = "worker 0 holds the [draft] model" if self.draft_model else "one drafts"
+            raise ValueError(f"mode {mode} needs at least 2 workers: {why}, the others verify")
 
     def _use(self, mode: str) -> None:
-        """async: worker 0 drafts and the others verify; pipeline: all verify."""
+        """async: worker 0 drafts and the others verify; pipeline: all verify (but a draft
+        model's worker)."""
         self.check_mode(mode)
         self.drafter = 0 if mode == "async" else None
-        self.verifiers = [i for i in range(self.transport.size) if i != self.drafter]
+        self.verifiers = [i for i in range(self.transport.size) if i != self.drafter and not (i == 0 and self.draft_model)]
 
     def _id(self) -> int:
         self.next_id += 1
@@ -264,7 +271,7 @@ class Coordinator:
                 break
             self._launch(req, worker, trunk, alternatives, parent)
         if not req.launches and all(w in self.down for w in self.verifiers) and not self.restarting:
-            if self.drafter is not None and self.drafter not in self.down:  # async: the drafter verifies instead
+            if self.drafter is not None and self.drafter not in self.down and not self.draft_model:  # it verifies instead
                 self.verifiers, self.drafter = [self.drafter], None
                 return self._schedule(req)
             why = "; ".join(f"worker {w}: {e}" for w, e in sorted(req.errors.items()))
@@ -278,7 +285,7 @@ class Coordinator:
         drafted = req.chain[len(req.seq) :][: c.max_chain] if req.chain[: len(req.seq)] == req.seq else []
         covered = subtree_paths(parent, req.seq) if parent is not None else []
         plan = build_launch_tree(req.seq, trunk, alternatives, covered + ([drafted] if drafted else []), req.proposers,
-                                 req.continuation, c.continuation_budget, self.drafters.ht.pseudo_nodes)
+                                 req.continuation, c.continuation_budget, self.pseudo_nodes)
         if self.sizing is not None:
             plan = self.sizing.size(plan, len(req.seq))
         keep = min(self.cached[worker].reusable(req.seq, every_layer=True), len(req.seq) - 1)
@@ -342,7 +349,7 @@ class Coordinator:
         # What the drafter's cache holds of it (nothing, after a restart), never its last token:
         # a draft feeds at least one.
         keep = min(self.cached[self.drafter].reusable(base, every_layer=False), len(base) - 1)
-        request = DraftRequest(req.request_id, keep, base[keep:], c.draft_chunk, c.drafter_layer)
+        request = DraftRequest(req.request_id, keep, base[keep:], c.draft_chunk, 0 if self.draft_model else c.drafter_layer)
         cache = self.cached[self.drafter]  # from `keep` on, its upper layers are stale
         self.cached[self.drafter] = WorkerCache(base[:keep], min(cache.complete, keep))
         req.drafting = True

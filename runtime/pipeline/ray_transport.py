@@ -41,13 +41,14 @@ class RayHandle:
 
 
 class RayTransport:
-    """Ray actors, one per worker. `ray.init` must have run (runtime.pipeline.cluster does it)."""
+    """Ray actors, one per worker. `ray.init` must have run (runtime.pipeline.cluster does it).
+    `specs[i]`: worker i's [model] settings and [ht] settings (None: no pseudo-state drafter)."""
 
-    def __init__(self, size: int, model_config: dict, ht: dict, threads: int = 1):
-        self.size, self.model_config, self.ht, self.threads = size, model_config, ht, threads
-        self.gpu = model_config.get("device", "auto") != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1
+    def __init__(self, specs: list[tuple[dict, dict | None]], threads: int = 1):
+        self.size, self.specs, self.threads = len(specs), specs, threads
+        self.gpu = specs[0][0].get("device", "auto") != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1
         bundle = {"GPU": 1, "CPU": 1} if self.gpu else {"CPU": 1}
-        self.group = placement_group([bundle] * size, strategy="PACK")
+        self.group = placement_group([bundle] * self.size, strategy="PACK")
         self.handles: dict[int, RayHandle] = {}
         self.restarts = 0
 
@@ -57,7 +58,7 @@ class RayTransport:
             placement = PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=i)
             actor = RayDecodeWorker.options(
                 num_cpus=1, num_gpus=1 if self.gpu else 0, scheduling_strategy=placement, name=None
-            ).remote(self.model_config, self.ht, self.threads)
+            ).remote(*self.specs[i], self.threads)
             handle = RayHandle(actor)
             try:
                 await handle.health()  # the replica is loaded: the first step is not charged for it

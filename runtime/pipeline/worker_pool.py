@@ -8,9 +8,9 @@ import asyncio
 import concurrent.futures
 import threading
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
-from configs.schema import SamplingConfig
+from configs.schema import PseudoStateModeConfig, SamplingConfig
 from runtime.decoding.steps import Step
 from runtime.pipeline.cluster import ensure_ray
 from runtime.pipeline.coordinator import Coordinator
@@ -18,6 +18,7 @@ from runtime.pipeline.launch_trees import LaunchSizer
 from runtime.pipeline.local_transport import LocalTransport
 from runtime.pipeline.transport import Transport
 from workers.decode_worker import load_worker
+from workers.drafters.draft_model import draft_checkpoint, load_draft_model
 from workers.drafters.loading import load, load_prior, weights_file
 from workers.tree_sizing import TreeSizer, pseudo_row_cost
 
@@ -28,15 +29,41 @@ class Cancelled(Exception):
     """engine.cancelled was set while the caller waited for the workers."""
 
 
+def pseudo_settings(engine) -> PseudoStateModeConfig | None:
+    """The verifiers' [ht] settings; None where no hidden-transfer weights exist for the
+    checkpoint (none are named and none ship for it): they verify without pseudo states."""
+    ht = engine.drafters.ht
+    return None if ht.weights == "default" and engine.config.checkpoint != "default" else ht
+
+
+def draft_model(engine):
+    """The [draft] model (loaded once per engine family), refused at once when its
+    vocabulary is not the target's."""
+    name = draft_checkpoint(engine.drafters.draft.checkpoint, engine.config.checkpoint)
+    if name not in engine.models_beside:
+        engine.models_beside[name] = load_draft_model(name, engine.model, engine.folder, engine.config)
+    return name, engine.models_beside[name]
+
+
 def build_transport(engine) -> Transport:
-    """The engine's [pipeline] transport: threads sharing the engine's replica, or Ray actors."""
-    c = engine.pipeline
+    """The engine's [pipeline] transport: threads sharing the engine's replicas, or Ray
+    actors. With [pipeline] drafter = "draft", worker 0 holds the [draft] model, no target."""
+    c, ht = engine.pipeline, pseudo_settings(engine)
+    draft = draft_model(engine) if c.drafter == "draft" else None
     if c.transport == "local":
-        return LocalTransport(c.workers, lambda i: load_worker(engine.config, engine.drafters.ht, model=engine.model))
+        def make(i: int):
+            if i == 0 and draft is not None:
+                return load_worker(engine.config, None, model=draft[1])
+            return load_worker(engine.config, ht, model=engine.model)
+
+        return LocalTransport(c.workers, make)
     from runtime.pipeline.ray_transport import RayTransport  # imports ray
 
     ensure_ray(c.workers)
-    return RayTransport(c.workers, asdict(engine.config), asdict(engine.drafters.ht), c.threads)
+    specs = [(asdict(engine.config), None if ht is None else asdict(ht)) for _ in range(c.workers)]
+    if draft is not None:
+        specs[0] = (asdict(replace(engine.config, checkpoint=draft[0])), None)
+    return RayTransport(specs, c.threads)
 
 
 def launch_sizer(engine) -> LaunchSizer | None:
@@ -45,7 +72,9 @@ def launch_sizer(engine) -> LaunchSizer | None:
     curve = engine.cost_curve(engine.pipeline.threads)
     if curve is None:
         return None
-    ht = engine.drafters.ht
+    ht = pseudo_settings(engine)
+    if ht is None:
+        return LaunchSizer(TreeSizer(curve), 0.0, 0, 0)
     drafter = load(weights_file(engine.config.checkpoint, "ht", ht.weights), engine.model.args).config
     depth = min(ht.depth or drafter.k, drafter.k)
     return LaunchSizer(TreeSizer(curve), pseudo_row_cost(engine.model.args, drafter.layer), depth, ht.pseudo_nodes)
@@ -59,7 +88,7 @@ class WorkerPool:
         ht = engine.drafters.ht
         prior = load_prior(engine.config.checkpoint, "ht", ht.prior, engine.model.args.vocab_size)
         self.coordinator = Coordinator(self.transport, engine.pipeline, engine.drafters, engine.model.args.vocab_size,
-                                       launch_sizer(engine), prior)
+                                       launch_sizer(engine), prior, pseudo_states=pseudo_settings(engine) is not None)
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, name="leapfrog-coordinator", daemon=True).start()
 

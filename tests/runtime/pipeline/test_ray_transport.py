@@ -71,3 +71,35 @@ def test_killing_an_actor_mid_request_loses_nothing(engine):
     ids = engine.encode_chat("What is the capital of France?")
     assert [t for s in engine.steps(ids, "pipeline", 32) for t in s.tokens] == ar_tokens(engine, ids, 32)
     assert mode.metrics["faults"] == 0 and mode.metrics["spawned"] > 0
+
+
+def test_a_draft_model_actor_drafts_for_target_actors(engine, tiny_checkpoint, tiny_models):
+    """[pipeline] drafter = "draft" over Ray: worker 0's actor loads the draft model's
+    checkpoint and no pseudo-state drafter, worker 1's the target's; `ar`'s tokens."""
+    import asyncio
+    from dataclasses import asdict
+
+    from runtime.decoding.autoregressive import generate_ar
+    from runtime.pipeline.coordinator import Coordinator
+    from runtime.pipeline.ray_transport import RayTransport
+    from workers.sampling import chooser
+    from workers.tree_step import decoding_cache
+
+    engine.close()  # its actors' cores go back to the cluster (a later reply of it starts new ones)
+    target = tiny_models("qwen2")[0]
+    config = PipelineConfig(transport="ray", workers=2, step_timeout=60.0, drafter="draft", draft_chunk=1)
+    model = ModelConfig(dtype="float32", device="cpu", max_context=256)
+    specs = [(asdict(ModelConfig(**{**asdict(model), "checkpoint": str(tiny_checkpoint(kind))})), None)
+             for kind in ("qwen2_draft", "qwen2")]
+    coordinator = Coordinator(RayTransport(specs), config, DrafterConfigs(), target.args.vocab_size, pseudo_states=False)
+    ids = [5, 9, 2, 7, 11]
+
+    async def collect():
+        try:
+            return [t for s in [s async for s in coordinator.generate(ids, 24, set(), None, "async")] for t in s.tokens]
+        finally:
+            await coordinator.close()
+
+    expected = [t for s in generate_ar(target, decoding_cache(target, 256), ids, 24, set(), chooser(None, 24)) for t in s.tokens]
+    assert asyncio.run(collect()) == expected
+    assert coordinator.last_metrics.drafts > 0 and coordinator.last_metrics.faults == 0
