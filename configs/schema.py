@@ -247,7 +247,7 @@ class RuntimeConfig:
 
 
 PIPELINE_POLICIES = ("chain", "fanout")
-ASYNC_DRAFTERS = ("early-exit", "draft")  # what drafts on the async drafter worker
+ASYNC_DRAFTERS = ("auto", "early-exit", "draft")  # what drafts on the async drafter worker
 TRANSPORTS = ("ray", "local")
 
 
@@ -264,7 +264,8 @@ class PipelineConfig:
     alternatives: int = 2  # next-best bonus tokens per prediction (leaves, or fanout steps)
     continuation_budget: int = 6  # nodes drafted after the predicted trunk
     lookup: bool = True  # graft prompt-lookup chains ([pld] settings) onto every tree
-    drafter: str = "early-exit"  # async: the drafter worker's drafter: the target's first layers | the [draft] model
+    drafter: str = "auto"  # async: what drafts on worker 0: early-exit (the target's first layers) | draft (the
+    # [draft] model; worker 0 then only drafts) | auto: draft where a draft model is paired with the checkpoint
     drafter_layer: int = 8  # async: the drafting worker's early-exit layers
     draft_chunk: int = 2  # async: tokens per drafting call
     max_chain: int = 8  # async: drafted tokens kept ahead of the committed ones

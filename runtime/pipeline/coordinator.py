@@ -22,8 +22,8 @@ and does what it says, then launches what is free:
              their workers' caches are cut back to the committed prefix on their next step.
   draft      (async) worker 0 drafts ahead, continuing its chain while the committed
              tokens agree with it and restarting from them otherwise; every verifier tree
-             carries the chain. It drafts with the target's first layers, or with
-             [pipeline] drafter = "draft" it holds the [draft] model and only drafts.
+             carries the chain. It drafts with the target's first layers, or it holds
+             the [draft] model ([pipeline] drafter) and only drafts.
   fault      a step or draft that raises or passes `step_timeout` retires its worker:
              the request goes on with the others (down to one verifier, and to plain
              verification without the drafter) while the worker restarts; one that
@@ -59,15 +59,17 @@ MODES = ("pipeline", "async")
 
 class Coordinator:
     def __init__(self, transport: Transport, config: PipelineConfig, drafters: DrafterConfigs, vocab_size: int,
-                 sizing: LaunchSizer | None = None, prior: SuccessorPrior | None = None, pseudo_states: bool = True):
+                 sizing: LaunchSizer | None = None, prior: SuccessorPrior | None = None, pseudo_states: bool = True,
+                 draft_model: bool = False):
         """`sizing`, when given, cuts every launch tree to what pays on the workers' step cost;
         `prior`, when given, rescores each drafted node's children under its token;
-        `pseudo_states` False: the verifiers have no pseudo-state drafter."""
+        `pseudo_states` False: the verifiers have no pseudo-state drafter (their trees
+        start with token recycling's); `draft_model`: worker 0 holds the [draft] model."""
         self.transport, self.config, self.drafters, self.vocab = transport, config, drafters, vocab_size
         self.sizing, self.prior = sizing, prior
+        self.pseudo_states = pseudo_states
         self.pseudo_nodes = drafters.ht.pseudo_nodes if pseudo_states else 0
-        # [pipeline] drafter = "draft": worker 0 holds the draft model, so it drafts and never verifies.
-        self.draft_model = config.drafter == "draft"
+        self.draft_model = draft_model  # then worker 0 drafts and never verifies
         self.drafter: int | None = None  # async: the drafting worker (per request, see _use)
         self.verifiers = list(range(transport.size))
         # Each worker's cache, whatever role it had when it was filled: a worker that drafted
@@ -117,7 +119,8 @@ class Coordinator:
         req = ReplyState(self._id(), list(prompt_ids), len(prompt_ids), max_new_tokens, set(stop_ids),
                          None if greedy else asdict(sampling))
         pld = self.drafters.pld if self.config.lookup else None
-        req.proposers, req.continuation = reply_proposers(prompt_ids, self.drafters.ht, pld, self.prior, self.recycled)
+        ht = self.drafters.ht if self.pseudo_states else None
+        req.proposers, req.continuation = reply_proposers(prompt_ids, ht, pld, self.prior, self.recycled)
         start = time.perf_counter()
         await self.lock.acquire()
         self.current = req

@@ -78,13 +78,37 @@ def merge_below(tree: TokenTree, node: int, subtree: TokenTree) -> None:
         graft_chain(tree, [subtree.tokens[i] for i in subtree.path_to(leaf)[1:]], None, at=node)
 
 
-def reply_proposers(prompt_ids: list[int], ht: PseudoStateModeConfig, pld: PldConfig | None,
+class CoordinatorTable:
+    """A proposer whose table the coordinator fills from the workers' results (token
+    recycling): it proposes, and what a commit shows it is learnt there, not here."""
+
+    def __init__(self, inner: Proposer):
+        self.inner = inner
+
+    def start(self, prompt_ids: list[int]) -> None:
+        pass
+
+    def propose(self, proposal: Proposal) -> None:
+        self.inner.propose(proposal)
+
+    def observe(self, tree: TokenTree, path: list[int], outcome: StepOutcome) -> None:
+        pass
+
+    def skip(self, root: int, outcome: StepOutcome) -> None:
+        pass
+
+
+def reply_proposers(prompt_ids: list[int], ht: PseudoStateModeConfig | None, pld: PldConfig | None,
                     prior: SuccessorPrior | None, recycled: Proposer) -> tuple[list[Proposer], dict[str, Proposer]]:
-    """A reply's proposers, started on its prompt: at the root, the newest pass's drafts and,
-    with `pld`, the prompt-lookup chain; after the trunk (name -> proposer), token
-    recycling (`recycled`, whose table the coordinator keeps across replies) and the same two."""
-    drafts = PassDrafts(ht, prior)
-    proposers, continuation = [drafts], {"recycled": recycled, "drafted": drafts}
+    """A reply's proposers, started on its prompt: at the root, the newest pass's drafts
+    (without pseudo states, `ht` None: token recycling's tree) and, with `pld`, the
+    prompt-lookup chain; after the trunk (name -> proposer), token recycling (`recycled`,
+    whose table the coordinator keeps across replies) and the same two."""
+    if ht is None:
+        proposers, continuation = [CoordinatorTable(recycled)], {"recycled": recycled}
+    else:
+        drafts = PassDrafts(ht, prior)
+        proposers, continuation = [drafts], {"recycled": recycled, "drafted": drafts}
     if pld is not None:
         lookup = LookupChain(PromptLookupDrafter(pld.min_ngram, pld.max_ngram, pld.depth))
         proposers.append(lookup)

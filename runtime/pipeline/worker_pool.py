@@ -20,6 +20,7 @@ from runtime.pipeline.transport import Transport
 from workers.decode_worker import load_worker
 from workers.drafters.draft_model import draft_checkpoint, load_draft_model
 from workers.drafters.loading import load, load_prior, weights_file
+from workers.model_registry import REGISTRY
 from workers.tree_sizing import TreeSizer, pseudo_row_cost
 
 CANCEL_POLL_S = 0.05  # how often a caller waiting for the workers looks at engine.cancelled
@@ -36,6 +37,16 @@ def pseudo_settings(engine) -> PseudoStateModeConfig | None:
     return None if ht.weights == "default" and engine.config.checkpoint != "default" else ht
 
 
+def drafts_with_model(engine) -> bool:
+    """Whether worker 0 holds the [draft] model ([pipeline] drafter; "auto": where one is
+    paired with the checkpoint, workers.model_registry)."""
+    setting = engine.pipeline.drafter
+    if setting == "auto":
+        entry = REGISTRY.get(engine.config.checkpoint)
+        return entry is not None and entry.draft is not None
+    return setting == "draft"
+
+
 def draft_model(engine):
     """The [draft] model (loaded once per engine family), refused at once when its
     vocabulary is not the target's."""
@@ -47,9 +58,9 @@ def draft_model(engine):
 
 def build_transport(engine) -> Transport:
     """The engine's [pipeline] transport: threads sharing the engine's replicas, or Ray
-    actors. With [pipeline] drafter = "draft", worker 0 holds the [draft] model, no target."""
+    actors. Worker 0 may hold the [draft] model, no target (drafts_with_model)."""
     c, ht = engine.pipeline, pseudo_settings(engine)
-    draft = draft_model(engine) if c.drafter == "draft" else None
+    draft = draft_model(engine) if drafts_with_model(engine) else None
     if c.transport == "local":
         def make(i: int):
             if i == 0 and draft is not None:
@@ -88,7 +99,8 @@ class WorkerPool:
         ht = engine.drafters.ht
         prior = load_prior(engine.config.checkpoint, "ht", ht.prior, engine.model.args.vocab_size)
         self.coordinator = Coordinator(self.transport, engine.pipeline, engine.drafters, engine.model.args.vocab_size,
-                                       launch_sizer(engine), prior, pseudo_states=pseudo_settings(engine) is not None)
+                                       launch_sizer(engine), prior, pseudo_states=pseudo_settings(engine) is not None,
+                                       draft_model=drafts_with_model(engine))
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, name="leapfrog-coordinator", daemon=True).start()
 

@@ -44,7 +44,8 @@ def make_coordinator(target, draft, worker_class=DecodeWorker, transport_class=L
         return worker_class(model, None, decoding_cache(model, MAX_CONTEXT))
 
     transport = transport_class(config.workers, make)
-    coordinator = Coordinator(transport, config, DrafterConfigs(), target.args.vocab_size, pseudo_states=False)
+    coordinator = Coordinator(transport, config, DrafterConfigs(), target.args.vocab_size, pseudo_states=False,
+                              draft_model=True)
     return coordinator, transport
 
 

@@ -91,7 +91,8 @@ def test_a_draft_model_actor_drafts_for_target_actors(engine, tiny_checkpoint, t
     model = ModelConfig(dtype="float32", device="cpu", max_context=256)
     specs = [(asdict(ModelConfig(**{**asdict(model), "checkpoint": str(tiny_checkpoint(kind))})), None)
              for kind in ("qwen2_draft", "qwen2")]
-    coordinator = Coordinator(RayTransport(specs), config, DrafterConfigs(), target.args.vocab_size, pseudo_states=False)
+    coordinator = Coordinator(RayTransport(specs), config, DrafterConfigs(), target.args.vocab_size, pseudo_states=False,
+                              draft_model=True)
     ids = [5, 9, 2, 7, 11]
 
     async def collect():
