@@ -35,6 +35,7 @@ from collections.abc import Generator
 import torch
 
 from configs.schema import ModelConfig, PseudoStateModeConfig, SamplingConfig
+from workers.drafters.draft_tree import GrowingDraftTree
 from workers.drafters.early_exit import early_exit_chain
 from workers.drafters.loading import load, weights_file
 from workers.drafters.pseudo_states import PseudoStateDrafter
@@ -50,6 +51,7 @@ from workers.tree_step import decoding_cache, prompt_rows_of, tree_step
 
 DRAFT_CANDIDATES = 8  # candidates per depth returned with the next drafts
 OBSERVED_TOP_K = 8  # the target's best tokens after every node, for the coordinator's token recycling
+DRAFT_TREE_ROWS = 64  # expanded rows a drafter's tree may hold beyond the committed tokens
 
 
 def advance(steps: Generator) -> Prediction | StepResult | None:
@@ -76,6 +78,7 @@ class DecodeWorker:
         self._aborted: set[int] = set()
         self._lock = threading.Lock()
         self.steps_done = 0
+        self.growing: GrowingDraftTree | None = None  # a drafter's tree (DraftRequest.width >= 1)
 
     def abort(self, step_id: int) -> None:
         """Stop step `step_id` at its next layer (safe to call from another thread)."""
@@ -101,6 +104,7 @@ class DecodeWorker:
     def step(self, req: StepRequest) -> Generator[Prediction | None, None, StepResult]:
         """Yields the Prediction (None when predict_layer is 0) once, then returns the result."""
         start = time.perf_counter()
+        self.growing = None  # the cache is the step's now
         choose = self._chooser(req)
         tree = TokenTree.from_parents(req.tree_tokens, req.tree_parents)
         if req.context[-1] != tree.tokens[0]:
@@ -167,13 +171,26 @@ class DecodeWorker:
     @torch.inference_mode()
     def draft(self, req: DraftRequest) -> DraftResult:
         start = time.perf_counter()
+        if req.width:
+            return self._draft_tree(req, start)
         if not req.tokens:
             raise ValueError("a draft request feeds at least one token")
         if not 0 <= req.layer <= self.model.args.n_layers:
             raise ValueError(f"a draft runs 1..{self.model.args.n_layers} layers (0: all), not {req.layer}")
+        self.growing = None  # the cache is the chain's now
         self.cache.truncate(req.keep)
         drafted = early_exit_chain(self.model, self.cache, list(req.tokens), req.n, req.layer or self.model.args.n_layers)
-        return DraftResult(drafted, self.cache.length, time.perf_counter() - start)
+        return DraftResult(drafted, self.cache.length, time.perf_counter() - start, [], [], req.n)
+
+    def _draft_tree(self, req: DraftRequest, start: float) -> DraftResult:
+        if req.budget < 1:
+            raise ValueError(f"a draft tree is sent as at least its root: budget {req.budget}")
+        if self.growing is None or self.growing.width != req.width:
+            self.growing = GrowingDraftTree(self.model, self.cache, req.width, DRAFT_TREE_ROWS)
+        self.growing.advance(req.keep, list(req.tokens))
+        grown = self.growing.grow(req.n)
+        tree = self.growing.best(req.budget)
+        return DraftResult(tree.tokens, self.cache.length, time.perf_counter() - start, tree.parents, tree.scores, grown)
 
 
 def load_worker(model_config: ModelConfig, ht: PseudoStateModeConfig | None, model=None) -> DecodeWorker:

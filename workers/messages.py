@@ -60,21 +60,29 @@ class StepResult:
 
 @dataclass
 class DraftRequest:
-    """Asynchronous drafting: keep `keep` cache positions, feed `tokens` through the
-    first `layer` layers (0: all of them), then draft `n` tokens one by one."""
+    """Asynchronous drafting. A chain (`width` 0): keep `keep` cache positions, feed `tokens`
+    through the first `layer` layers (0: all of them), then draft `n` tokens one by one.
+    A tree (`width` >= 1, workers.drafters.draft_tree): the committed tokens are the first
+    `keep` the drafter holds, then `tokens`; grow the tree below the last for `n` forwards
+    and send its best `budget` nodes."""
 
     request_id: int
     keep: int
     tokens: list[int]
     n: int
     layer: int
+    width: int = 0
+    budget: int = 0
 
 
 @dataclass
 class DraftResult:
-    tokens: list[int]
+    tokens: list[int]  # a chain: the drafted tokens; a tree: its tokens, the root (last committed) first
     cache_length: int
     forward_s: float
+    parents: list[int]  # a tree's (empty for a chain)
+    scores: list[float]  # a tree's path log-probabilities under the draft model
+    grown: int  # forwards run (a tree: 0 when it had nothing left to grow)
 
 
 MESSAGES = {cls.__name__: cls for cls in (StepRequest, Prediction, StepResult, DraftRequest, DraftResult)}

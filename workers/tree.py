@@ -84,6 +84,14 @@ class TokenTree:
         return path[::-1]
 
 
+def subtree(tree: TokenTree, node: int) -> TokenTree:
+    """The nodes below `node` (and it, as the root), depths and scores counted from it."""
+    order = [i for i in range(node, len(tree)) if node in tree.path_to(i)]
+    index = {old: new for new, old in enumerate(order)}
+    return TokenTree([tree.tokens[i] for i in order], [-1] + [index[tree.parents[i]] for i in order[1:]],
+                     [tree.depths[i] - tree.depths[node] for i in order], [tree.scores[i] - tree.scores[node] for i in order])
+
+
 def root_only(token: int) -> TokenTree:
     return TokenTree([token], [-1], [0], [0.0])
 

@@ -136,6 +136,7 @@ def worker_summary(runs: list[dict]) -> dict | None:
     return {
         **total,
         "hit_rate": round(total["hits"] / total["spawned"], 4) if total["spawned"] else None,
+        "drafter_hit_rate": round(total["drafter_launches"] / max(total["steps"], 1), 4) if total["drafter_launches"] else None,
         "worker_s_per_token": round(total["worker_s"] / per, 5),
         "forward_s_per_step": round(total["step_s"] / max(total["steps"], 1), 5),
         "forward_s_per_draft": round(total["draft_s"] / total["drafts"], 5) if total["drafts"] else None,

@@ -45,6 +45,7 @@ def format_table(result: dict) -> str:
                 f"({w['wasted_tokens']} tree tokens); per step: forward {1000 * w['forward_s_per_step']:.1f} ms, "
                 f"transport {1000 * w['transport_s_per_step']:.1f} ms; "
                 + (f"{w['drafts']} drafter calls of {1000 * w['forward_s_per_draft']:.1f} ms; " if w["drafts"] else "")
+                + (f"the drafter's tree ready for {w['drafter_hit_rate']:.0%} of steps; " if w.get("drafter_hit_rate") else "")
                 + f"coordinator {1000 * w['coordinator_s_per_token']:.2f} ms/token; "
                 f"{w['worker_s_per_token'] * 1000:.1f} worker-ms/token; faults {w['faults']}"
             )

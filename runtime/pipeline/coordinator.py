@@ -42,8 +42,8 @@ import torch
 
 from configs.schema import DrafterConfigs, PipelineConfig, SamplingConfig
 from runtime.decoding.steps import Step, clip_step
-from runtime.pipeline.launch_trees import (Drafts, LaunchSizer, build_launch_tree, observe_commit, predict_from_drafts,
-                                           reply_proposers)
+from runtime.pipeline.launch_trees import (Drafts, GivenTree, LaunchSizer, build_launch_tree, observe_commit,
+                                           predict_from_drafts, reply_proposers)
 from runtime.pipeline.metrics import Metrics
 from runtime.pipeline.reply_state import Launch, ReplyState, WorkerCache, can_extend, hypotheses, next_trunk, subtree_paths
 from runtime.pipeline.transport import Transport, WorkerFailed
@@ -52,6 +52,7 @@ from workers.drafters.base import TreeProposer
 from workers.drafters.successor_prior import SuccessorPrior
 from workers.drafters.token_recycling import TokenRecyclingDrafter
 from workers.messages import DraftRequest, DraftResult, Prediction, StepRequest, StepResult
+from workers.tree import TokenTree, subtree
 
 RESTART_ATTEMPTS = 3
 MODES = ("pipeline", "async")
@@ -287,7 +288,12 @@ class Coordinator:
         c = self.config
         drafted = req.chain[len(req.seq) :][: c.max_chain] if req.chain[: len(req.seq)] == req.seq else []
         covered = subtree_paths(parent, req.seq) if parent is not None else []
-        plan = build_launch_tree(req.seq, trunk, alternatives, covered + ([drafted] if drafted else []), req.proposers,
+        proposers = req.proposers
+        below = self._tree_below(req) if self.draft_model else None
+        req.metrics.drafter_launches += below is not None and len(below) > 1
+        if below is not None and len(below) > 1:  # the drafter's tree starts it
+            proposers = [GivenTree(below), *req.proposers[1:]]
+        plan = build_launch_tree(req.seq, trunk, alternatives, covered + ([drafted] if drafted else []), proposers,
                                  req.continuation, c.continuation_budget, self.pseudo_nodes)
         if self.sizing is not None:
             plan = self.sizing.size(plan, len(req.seq))
@@ -342,6 +348,8 @@ class Coordinator:
     # --- asynchronous drafting ----------------------------------------------------------
 
     def _draft(self, req: ReplyState) -> None:
+        if self.draft_model:
+            return self._grow_tree(req)
         c, seq = self.config, req.seq
         if req.chain[: len(seq)] == seq and len(req.chain) > len(seq):  # the chain still holds: extend it
             if len(req.chain) - len(seq) >= c.max_chain:
@@ -358,6 +366,19 @@ class Coordinator:
         req.drafting = True
         self.busy[self.drafter] = asyncio.ensure_future(self._run_draft(req, self.drafter, base, request))
 
+    def _grow_tree(self, req: ReplyState) -> None:
+        """The draft model's tree (workers.drafters.draft_tree) grows below the committed root;
+        a commit moves its root down the path that came, keeping what was drafted below it."""
+        seq, held = req.seq, self.cached[self.drafter].tokens
+        if held == seq and req.tree_full:
+            return  # it grows again after the next commit
+        keep = next((i for i, (a, b) in enumerate(zip(held, seq)) if a != b), min(len(held), len(seq)))
+        d = self.drafters.draft
+        request = DraftRequest(req.request_id, keep, seq[keep:], self.config.draft_chunk, 0, d.top_k, d.budget)
+        self.cached[self.drafter] = WorkerCache(list(seq), len(seq))  # its committed tokens, once the call is in
+        req.drafting = True
+        self.busy[self.drafter] = asyncio.ensure_future(self._run_draft(req, self.drafter, list(seq), request))
+
     async def _run_draft(self, req: ReplyState, worker: int, base: list[int], request: DraftRequest) -> None:
         try:
             handle = await asyncio.wait_for(self.transport.handle(worker), self.config.start_timeout)
@@ -366,7 +387,8 @@ class Coordinator:
             req.events.put_nowait(("fault", worker, e))
             return
         self.busy.pop(worker, None)
-        self.cached[worker].tokens = (base + result.tokens)[: result.cache_length]
+        if not request.width:
+            self.cached[worker].tokens = (base + result.tokens)[: result.cache_length]
         req.events.put_nowait(("draft", (base,), result))
 
     def _drafted(self, req: ReplyState, base: list[int], result: DraftResult) -> None:
@@ -374,7 +396,20 @@ class Coordinator:
         req.metrics.worker_s += result.forward_s
         req.metrics.draft_s += result.forward_s
         req.metrics.drafts += 1
-        req.chain = base + result.tokens
+        if result.parents:  # a tree, rooted at base[-1]
+            tree = TokenTree.from_parents(result.tokens, result.parents)
+            tree.scores = list(result.scores)
+            req.tree_base, req.draft_tree, req.tree_full = base, tree, result.grown == 0
+        else:
+            req.chain = base + result.tokens
+
+    def _tree_below(self, req: ReplyState) -> TokenTree | None:
+        """The drafter's tree below the committed root, when the committed tokens went down it."""
+        base, tree = req.tree_base, req.draft_tree
+        if tree is None or req.seq[: len(base)] != base:
+            return None
+        node = tree.walk(req.seq[len(base):])
+        return None if node is None else subtree(tree, node)
 
     async def close(self) -> None:
         """Stop restarts in progress and the workers."""

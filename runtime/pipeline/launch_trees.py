@@ -98,6 +98,29 @@ class CoordinatorTable:
         pass
 
 
+class GivenTree:
+    """A scored tree drafted elsewhere (the drafter worker's, rooted at the committed root)
+    as the proposer that starts a launch's tree."""
+
+    def __init__(self, tree: TokenTree):
+        self.tree = tree
+
+    def start(self, prompt_ids: list[int]) -> None:
+        pass
+
+    def propose(self, proposal: Proposal) -> None:
+        if proposal.ahead:
+            return
+        t = self.tree  # a copy: the launch grafts onto it
+        proposal.tree = TokenTree(list(t.tokens), list(t.parents), list(t.depths), list(t.scores))
+
+    def observe(self, tree: TokenTree, path: list[int], outcome: StepOutcome) -> None:
+        pass
+
+    def skip(self, root: int, outcome: StepOutcome) -> None:
+        pass
+
+
 def reply_proposers(prompt_ids: list[int], ht: PseudoStateModeConfig | None, pld: PldConfig | None,
                     prior: SuccessorPrior | None, recycled: Proposer) -> tuple[list[Proposer], dict[str, Proposer]]:
     """A reply's proposers, started on its prompt: at the root, the newest pass's drafts

@@ -22,6 +22,7 @@ class Metrics:
     step_s: float = 0.0  # ... in verifying steps
     draft_s: float = 0.0  # ... in the asynchronous drafter's calls
     drafts: int = 0
+    drafter_launches: int = 0  # verifying steps whose tree the drafter's tree started (async with a draft model)
     round_trip_s: float = 0.0  # launch to result, summed over steps
     coordinator_s: float = 0.0  # building trees and merging results
     faults: int = 0
@@ -66,6 +67,8 @@ class Metrics:
         return {
             **asdict(self),
             "hit_rate": self.hits / self.spawned if self.spawned else None,
+            # async with a draft model: steps that found the drafter's tree below the committed root
+            "drafter_hit_rate": self.drafter_launches / self.steps if self.drafter_launches else None,
             "worker_s_per_token": self.worker_s / per,
             "latency_per_token_s": self.wall_s / per,
             "transport_s_per_step": max(self.round_trip_s - self.step_s, 0.0) / max(self.steps, 1),

@@ -12,6 +12,7 @@ from runtime.pipeline.launch_trees import Drafts, LaunchTree
 from runtime.pipeline.metrics import Metrics
 from workers.drafters.base import Proposer
 from workers.messages import Prediction, StepRequest
+from workers.tree import TokenTree
 
 
 @dataclass
@@ -46,6 +47,10 @@ class ReplyState:
     drafts: Drafts | None = None  # the newest, for predictions (launch_trees.predict_from_drafts)
     launches: dict[int, Launch] = field(default_factory=dict)
     chain: list[int] = field(default_factory=list)  # async: the drafter's tokens, committed prefix first
+    # async with a draft model: its tree (workers.drafters.draft_tree), rooted at the last of `tree_base`
+    tree_base: list[int] = field(default_factory=list)
+    draft_tree: TokenTree | None = None
+    tree_full: bool = False  # the drafter's tree can grow no more until a commit
     drafting: bool = False
     done: bool = False
     failures: dict[int, int] = field(default_factory=dict)  # faults per worker

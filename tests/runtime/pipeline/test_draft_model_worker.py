@@ -1,12 +1,15 @@
 """The async drafter worker holding a separate draft model ([pipeline] drafter = "draft";
 runtime.pipeline.coordinator) on a tiny random Qwen2 pair, with verifiers that have no
 pseudo-state drafter: `ar`'s tokens greedy and sampled, in both pipelined modes; the
-draft model's chains are verified (all accepted when it is the target itself); a drafter
-that fails is restarted and nothing is lost; the draft model's worker never verifies."""
+draft model's trees (workers.drafters.draft_tree) start the verified trees (several
+tokens a step when it is the target itself); a full-depth chain draft is the model's
+greedy chain; a drafter that fails is restarted and nothing is lost; the draft model's
+worker never verifies."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -68,15 +71,23 @@ def test_a_draft_model_drafter_gives_ar_tokens(pair, sampling, mode):
         assert (m.drafts > 0) == (mode == "async")
 
 
+class SlowVerifier(DecodeWorker):
+    """Steps take 50 ms longer: the drafter (a millisecond a call here) always has a tree ready."""
+
+    def step(self, req):
+        time.sleep(0.05)
+        return super().step(req)
+
+
 def test_the_target_as_its_own_draft_model_has_every_draft_accepted(pair):
-    """Chains drafted by the model that verifies them are accepted whole: steps commit
-    several tokens, and the reply is still ar's."""
+    """Trees drafted by the model that verifies them start the verified trees and their
+    best paths are accepted: steps commit several tokens, and the reply is still ar's."""
     target, _ = pair
-    coordinator, _ = make_coordinator(target, target, max_chain=4)
+    coordinator, _ = make_coordinator(target, target, worker_class=SlowVerifier)
     ids = PROMPTS[1]
     assert run(coordinator, ids, 40) == ar_tokens(target, ids, 40)
     m = coordinator.last_metrics
-    assert m.steps < 40 and m.tokens == 40
+    assert m.steps < 40 and m.tokens == 40 and m.drafter_launches > 0
 
 
 def test_a_full_depth_draft_is_the_models_greedy_chain(pair):
