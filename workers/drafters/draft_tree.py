@@ -84,7 +84,8 @@ class GrowingDraftTree:
         last = path[-1] if path else 0
         if len(path) == len(tokens) and self.expanded[last]:  # the tree holds the outcome: keep below it
             below = [x for x in range(last + 1, len(self.tokens)) if self._descends(x, last)]
-            kept = [self.rows[n] for n in path] + [self.rows[x] for x in below if self.expanded[x]]
+            # Rows in expansion order (KVCache.keep's), which need not be the nodes' order.
+            kept = [self.rows[n] for n in path] + sorted(self.rows[x] for x in below if self.expanded[x])
             self._keep_rows(kept, len(path))
             self._reroot(last, below, {r: i - len(path) for i, r in enumerate(kept)})
         else:  # the rows of the path's expanded nodes become committed; the rest is fed next

@@ -6,6 +6,7 @@ commit down the tree keeps the subtree below it; the rows stop at max_rows."""
 
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
@@ -20,6 +21,16 @@ PROMPT = [5, 9, 2, 7, 11, 3]
 @pytest.fixture(scope="module")
 def model(tiny_models):
     return tiny_models("qwen2_draft")[0]
+
+
+@pytest.fixture(scope="module")
+def peaked(model):
+    """The model with sharper next-token distributions: a good child can outscore its
+    parent's siblings, so nodes are not expanded in the order they were made."""
+    sharp = copy.deepcopy(model)
+    with torch.no_grad():
+        sharp.lm_head.weight.mul_(40.0)
+    return sharp
 
 
 def logprobs_after(model, tokens: list[int]) -> torch.Tensor:
@@ -80,6 +91,30 @@ def test_commits_down_the_tree_keep_what_was_drafted_below(model):
     check(tree)
 
 
+def test_a_subtree_expanded_out_of_order_is_kept_exactly(peaked):
+    """Best first, a node made early can be expanded after nodes made later: the rows kept
+    below a new root are moved in expansion order, not node order."""
+    tree = GrowingDraftTree(peaked, decoding_cache(peaked, 256), 2, 64)
+    tree.advance(0, PROMPT)
+    tree.grow(30)
+
+    def out_of_order(top: int) -> bool:
+        rows = [tree.rows[x] for x in range(top + 1, len(tree.tokens)) if tree.expanded[x] and tree._descends(x, top)]
+        return rows != sorted(rows)
+
+    top = next(c for c in range(1, len(tree.tokens)) if tree.expanded[c] and out_of_order(c))
+    below = sum(tree._descends(x, top) for x in range(len(tree.tokens)))
+    path, node = [], top
+    while node > 0:
+        path.insert(0, tree.tokens[node])
+        node = tree.parents[node]
+    tree.advance(len(tree.committed), path)
+    assert len(tree.tokens) == below
+    check(tree)
+    tree.grow(3)
+    check(tree)
+
+
 def test_commits_off_the_tree_and_other_histories_start_again(model):
     tree = GrowingDraftTree(model, decoding_cache(model, 128), 2, 64)
     tree.advance(0, PROMPT)
@@ -99,19 +134,29 @@ def test_commits_off_the_tree_and_other_histories_start_again(model):
     check(tree)
 
 
-def test_random_commits_keep_the_cache_exact(model):
-    rng = random.Random(3)
-    tree = GrowingDraftTree(model, decoding_cache(model, 256), 2, 12)
+@pytest.mark.parametrize("width,max_rows,seed,sharp", [(2, 12, 3, False), (3, 40, 5, True), (2, 30, 7, True)])
+def test_random_commits_keep_the_cache_exact(model, peaked, width, max_rows, seed, sharp):
+    """Nodes are expanded best first, not in the order they were made: the rows kept below
+    a new root are moved in expansion order."""
+    rng = random.Random(seed)
+    m = peaked if sharp else model
+    tree = GrowingDraftTree(m, decoding_cache(m, 512), width, max_rows)
     tree.advance(0, PROMPT)
     for _ in range(25):
         tree.grow(rng.randint(1, 3))
         check(tree)
-        best = tree.best(8)
-        node = rng.randrange(len(best))
-        path = [best.tokens[i] for i in best.path_to(node)[1:]]
-        tree.advance(len(tree.committed), path + [rng.randrange(1, 60)])
+        inner = [i for i in range(1, len(tree.tokens)) if tree.expanded[i]]
+        if inner and rng.random() < 0.6:  # an outcome the tree drafted below: its subtree stays
+            node, path = rng.choice(inner), []
+            while node > 0:
+                path.insert(0, tree.tokens[node])
+                node = tree.parents[node]
+        else:  # off the tree somewhere
+            best = tree.best(8)
+            path = [best.tokens[i] for i in best.path_to(rng.randrange(len(best)))[1:]] + [rng.randrange(1, 60)]
+        tree.advance(len(tree.committed), path)
         check(tree)
-    assert tree.tree_rows <= 12
+    assert tree.tree_rows <= max_rows
 
 
 def test_rows_stop_at_max_rows(model):
