@@ -267,7 +267,7 @@ class PipelineConfig:
     drafter: str = "auto"  # async: what drafts on worker 0: early-exit (the target's first layers) | draft (the
     # [draft] model; worker 0 then only drafts) | auto: draft where a draft model is paired with the checkpoint
     drafter_layer: int = 8  # async: the drafting worker's early-exit layers
-    draft_chunk: int = 2  # async: tokens per drafting call
+    draft_chunk: int = 0  # async: forwards per drafting call; 0: 1 for a draft model's tree, 2 for early-exit chains
     max_chain: int = 8  # async: drafted tokens kept ahead of the committed ones
     step_timeout: float = 60.0  # seconds a worker may take for a step (or an abort) before it is restarted
     start_timeout: float = 300.0  # seconds a worker may take to start (its replica placed and loaded)
@@ -276,8 +276,8 @@ class PipelineConfig:
         if self.policy not in PIPELINE_POLICIES or self.transport not in TRANSPORTS or self.drafter not in ASYNC_DRAFTERS:
             raise ConfigError(f"[pipeline] policy must be one of {PIPELINE_POLICIES}, transport one of {TRANSPORTS}, "
                               f"drafter one of {ASYNC_DRAFTERS}: {self}")
-        if min(self.workers, self.threads, self.drafter_layer, self.draft_chunk, self.max_chain) < 1:
-            raise ConfigError(f"[pipeline] workers, threads, drafter_layer, draft_chunk, max_chain must be >= 1: {self}")
+        if min(self.workers, self.threads, self.drafter_layer, self.max_chain) < 1 or self.draft_chunk < 0:
+            raise ConfigError(f"[pipeline] workers, threads, drafter_layer, max_chain must be >= 1, draft_chunk >= 0: {self}")
         if not 0 < self.confidence < 1:
             raise ConfigError(f"[pipeline] confidence must be in (0, 1), got {self.confidence}")
         if min(self.predict_layer, self.alternatives, self.continuation_budget) < 0 or not min(self.step_timeout, self.start_timeout) > 0:

@@ -49,12 +49,14 @@ from runtime.pipeline.reply_state import Launch, ReplyState, WorkerCache, can_ex
 from runtime.pipeline.transport import Transport, WorkerFailed
 from workers.decode_worker import OBSERVED_TOP_K
 from workers.drafters.base import TreeProposer
+from workers.drafters.eagle import best_nodes
 from workers.drafters.successor_prior import SuccessorPrior
 from workers.drafters.token_recycling import TokenRecyclingDrafter
 from workers.messages import DraftRequest, DraftResult, Prediction, StepRequest, StepResult
 from workers.tree import TokenTree, subtree
 
 RESTART_ATTEMPTS = 3
+DRAFT_TREE_NODES = 1 << 16  # a draft model's tree comes back whole (workers.decode_worker.DRAFT_TREE_ROWS bounds it)
 MODES = ("pipeline", "async")
 
 
@@ -360,7 +362,7 @@ class Coordinator:
         # What the drafter's cache holds of it (nothing, after a restart), never its last token:
         # a draft feeds at least one.
         keep = min(self.cached[self.drafter].reusable(base, every_layer=False), len(base) - 1)
-        request = DraftRequest(req.request_id, keep, base[keep:], c.draft_chunk, 0 if self.draft_model else c.drafter_layer)
+        request = DraftRequest(req.request_id, keep, base[keep:], c.draft_chunk or 2, c.drafter_layer)
         cache = self.cached[self.drafter]  # from `keep` on, its upper layers are stale
         self.cached[self.drafter] = WorkerCache(base[:keep], min(cache.complete, keep))
         req.drafting = True
@@ -373,8 +375,9 @@ class Coordinator:
         if held == seq and req.tree_full:
             return  # it grows again after the next commit
         keep = next((i for i, (a, b) in enumerate(zip(held, seq)) if a != b), min(len(held), len(seq)))
-        d = self.drafters.draft
-        request = DraftRequest(req.request_id, keep, seq[keep:], self.config.draft_chunk, 0, d.top_k, d.budget)
+        # The whole tree comes back: a launch takes the part below the committed root, cut to [draft] budget.
+        request = DraftRequest(req.request_id, keep, seq[keep:], self.config.draft_chunk or 1, 0, self.drafters.draft.top_k,
+                               DRAFT_TREE_NODES)
         self.cached[self.drafter] = WorkerCache(list(seq), len(seq))  # its committed tokens, once the call is in
         req.drafting = True
         self.busy[self.drafter] = asyncio.ensure_future(self._run_draft(req, self.drafter, list(seq), request))
@@ -409,7 +412,10 @@ class Coordinator:
         if tree is None or req.seq[: len(base)] != base:
             return None
         node = tree.walk(req.seq[len(base):])
-        return None if node is None else subtree(tree, node)
+        if node is None:
+            return None
+        below = subtree(tree, node)
+        return best_nodes(below.tokens, below.parents, below.depths, below.scores, self.drafters.draft.budget)
 
     async def close(self) -> None:
         """Stop restarts in progress and the workers."""
