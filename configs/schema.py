@@ -180,7 +180,9 @@ class EagleModeConfig:
 class DraftModelConfig:
     """Mode "draft": a separate, smaller model of the same vocabulary drafts a tree
     (workers.drafters.draft_model): `depth` calls of the draft model per step, each
-    expanding its `top_k` best nodes by `top_k` children (top_k 1: a chain)."""
+    expanding its `top_k` best nodes by `top_k` children (top_k 1: a chain). Mode
+    `async` with a draft model grows its tree the same way on the drafter worker
+    (workers.drafters.draft_tree, no depth) and verifies `budget` nodes of it a step."""
 
     checkpoint: str = "auto"  # auto: the one paired with the target (qwen2.5-coder-1.5b -> qwen2.5-coder-0.5b); or any checkpoint name
     depth: int = 4  # draft-model calls per step: the tree's depth

@@ -206,6 +206,18 @@ class ThreadsEngines:
             torch.set_num_threads(own)
 
 
+def describe_workers(m: dict) -> str:
+    """A pipelined reply's steps, predictions and drafting (runtime.pipeline.metrics)."""
+    parts = [f"{m['steps']} verifying steps ({1000 * m['step_s'] / max(m['steps'], 1):.0f} ms of compute each)"]
+    if m["spawned"]:
+        parts.append(f"{m['spawned']} on predictions, {m['hit_rate']:.0%} held")
+    if m["drafts"]:
+        parts.append(f"the drafter drafted {m['draft_s']:.1f} s beside {m['step_s']:.1f} s of verifying in {m['wall_s']:.1f} s")
+    if m.get("drafter_hit_rate"):
+        parts.append(f"its tree was ready below the committed tokens for {m['drafter_hit_rate']:.0%} of steps")
+    return "; ".join(parts)
+
+
 def cmd_generate(args, config: LeapfrogConfig) -> int:
     mode, max_new = config.generation.mode, config.generation.max_new_tokens
     check_mode(mode)
@@ -233,6 +245,9 @@ def cmd_generate(args, config: LeapfrogConfig) -> int:
     weights = f", {config.model.weights} weights" if config.model.weights != "float" else ""
     report = f"{config.model.dtype}{weights}, {describe_threads(mode, config)}, {describe_sampling(sampling)}"
     print(f"[{mode}] {speed_line(len(tokens), seconds, passes)} ({report})", file=sys.stderr)
+    workers = getattr(engine.mode(mode), "metrics", None)
+    if workers:  # a pipelined mode: what its workers did
+        print(f"[{mode}] {describe_workers(workers)}", file=sys.stderr)
     for other, threads in compare:  # same prompt, same process, measured right after
         run = engines.run(other, threads, prompt_ids, max_new, sampling)
         line = speed_line(len(run["tokens"]), run["seconds"], run["forward_passes"])

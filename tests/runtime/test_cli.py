@@ -267,6 +267,16 @@ def test_generate_compares_one_worker_on_other_thread_counts(capsys):
     assert torch.get_num_threads() == 1  # set back after the 2-thread run
 
 
+@pytest.mark.real_model
+def test_generate_async_prints_what_its_workers_did(capsys):
+    """A pipelined mode's line about its workers: verifying steps and the drafter's time."""
+    rc, out, err = run(capsys, "generate", "--prompt", "Name three fruits.", "--mode", "async", "--transport", "local",
+                       "--compare", "ar", "--max-new-tokens", "16", *T1)
+    assert rc == 0, err
+    assert re.search(r"\[async\] \d+ verifying steps \(\d+ ms of compute each\); the drafter drafted [\d.]+ s beside", err), err
+    assert re.search(r"\[ar\] \d+ tokens .*; output vs \[async\]: identical", err), err
+
+
 @pytest.mark.parametrize("item", ["ht@0", "ht@x", "pipeline@2"])
 def test_generate_compare_bad_threads(capsys, item):
     rc, out, err = run(capsys, "generate", "--prompt", "hi", "--compare", item, *T1)
