@@ -20,10 +20,12 @@ and does what it says, then launches what is free:
   roll back  steps in flight whose trees no longer contain the committed tokens can add
              nothing: they are aborted and counted as wasted;
              their workers' caches are cut back to the committed prefix on their next step.
-  draft      (async) worker 0 drafts ahead, continuing its chain while the committed
-             tokens agree with it and restarting from them otherwise; every verifier tree
-             carries the chain. It drafts with the target's first layers, or it holds
-             the [draft] model ([pipeline] drafter) and only drafts.
+  draft      (async) worker 0 drafts ahead. With the target's first layers it drafts a
+             chain, continued while the committed tokens agree with it and restarted from
+             them otherwise; every verifier tree carries the chain. Holding the [draft]
+             model ([pipeline] drafter), it only drafts: a tree grown while the verifiers
+             verify (workers.drafters.draft_tree), re-rooted at each commit; a verifier's
+             tree starts from its part below the committed tokens.
   fault      a step or draft that raises or passes `step_timeout` retires its worker:
              the request goes on with the others (down to one verifier, and to plain
              verification without the drafter) while the worker restarts; one that
