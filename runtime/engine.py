@@ -18,6 +18,7 @@ from runtime.pipeline.worker_pool import WorkerPool
 from runtime.text.chat import encode_chat, stop_ids
 from runtime.batching.step_batcher import StepBatcher
 from workers.cost_curve import device_profile
+from workers.drafters.draft_model import draft_checkpoint, load_draft_model
 from workers.loading import load_model, load_tokenizer
 from workers.tree_sizing import CostCurve, TreeSizer
 from workers.tree_step import decoding_cache
@@ -122,6 +123,15 @@ class Engine:
             except ValueError as e:
                 raise ConfigError(f"[tree_sizing] cost {setting}: {e}") from None
         return self._cost_curves[threads]
+
+    def draft_model(self) -> tuple[str, object]:
+        """The [draft] model's checkpoint name and model, loaded once for this engine and its
+        siblings (mode `draft`'s proposer, `async`'s drafter worker); a ModelLoadError
+        naming both checkpoints when its vocabulary is not the target's."""
+        name = draft_checkpoint(self.drafters.draft.checkpoint, self.config.checkpoint)
+        if name not in self.models_beside:
+            self.models_beside[name] = load_draft_model(name, self.model, self.folder, self.config)
+        return name, self.models_beside[name]
 
     def tree_sizer(self, drafter_trees: bool = False) -> TreeSizer | None:
         """A new TreeSizer on this device's cost curve (None when sizing is off); for a

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from configs.schema import PROPOSERS, ConfigError
 from workers.drafters.base import LookupChain, TreeProposer
-from workers.drafters.draft_model import DraftModelProposer, draft_checkpoint, load_draft_model
+from workers.drafters.draft_model import DraftModelProposer
 from workers.drafters.eagle import EagleDrafter, EagleModel
 from workers.drafters.early_exit import EarlyExitDrafter
 from workers.drafters.loading import DrafterWeightsError, load, load_prior, weights_file
@@ -61,10 +61,7 @@ def early_exit_proposer(engine) -> TreeProposer:
 def draft_proposer(engine) -> tuple[DraftModelProposer, dict]:
     """The [draft] model's proposer; the model is loaded once for the engine and its siblings."""
     e, c = engine, engine.drafters.draft
-    name = draft_checkpoint(c.checkpoint, e.config.checkpoint)
-    if name not in e.models_beside:
-        e.models_beside[name] = load_draft_model(name, e.model, e.folder, e.config)
-    model = e.models_beside[name]
+    _, model = e.draft_model()
     proposer = DraftModelProposer(model, e.cache.max_len + c.depth * c.top_k, c.depth, c.top_k, c.budget, c.min_prob)
     return proposer, {"parameters": sum(p.numel() for p in model.parameters()), "training_s": None, "training_steps": None}
 

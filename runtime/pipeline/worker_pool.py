@@ -18,7 +18,6 @@ from runtime.pipeline.launch_trees import LaunchSizer
 from runtime.pipeline.local_transport import LocalTransport
 from runtime.pipeline.transport import Transport
 from workers.decode_worker import load_worker
-from workers.drafters.draft_model import draft_checkpoint, load_draft_model
 from workers.drafters.loading import load, load_prior, weights_file
 from workers.model_registry import REGISTRY
 from workers.tree_sizing import TreeSizer, pseudo_row_cost
@@ -47,20 +46,11 @@ def drafts_with_model(engine) -> bool:
     return setting == "draft"
 
 
-def draft_model(engine):
-    """The [draft] model (loaded once per engine family), refused at once when its
-    vocabulary is not the target's."""
-    name = draft_checkpoint(engine.drafters.draft.checkpoint, engine.config.checkpoint)
-    if name not in engine.models_beside:
-        engine.models_beside[name] = load_draft_model(name, engine.model, engine.folder, engine.config)
-    return name, engine.models_beside[name]
-
-
 def build_transport(engine) -> Transport:
     """The engine's [pipeline] transport: threads sharing the engine's replicas, or Ray
     actors. Worker 0 may hold the [draft] model, no target (drafts_with_model)."""
     c, ht = engine.pipeline, pseudo_settings(engine)
-    draft = draft_model(engine) if drafts_with_model(engine) else None
+    draft = engine.draft_model() if drafts_with_model(engine) else None
     if c.transport == "local":
         def make(i: int):
             if i == 0 and draft is not None:
