@@ -17,10 +17,10 @@ states], driven layer by layer:
 Every step verifies from a committed root, so its result is exact even when the tree
 was built on a wrong prediction.
 
-`draft` is the asynchronous drafter's call: greedy drafting extends a chain in this
-worker's cache, with the model's first `layer` layers (early-exit self-drafting,
-workers.drafters.early_exit) or, `layer` 0, all of them: a drafter worker whose model is
-a separate draft model ([pipeline] drafter = "draft") drafts that way.
+`draft` is the asynchronous drafter's call: early-exit self-drafting
+(workers.drafters.early_exit) extends a chain in this worker's cache, or, for a drafter
+worker that holds a separate draft model ([pipeline] drafter), its draft tree grows
+(workers.drafters.draft_tree).
 
 A worker without a pseudo-state drafter (a checkpoint with no trained [ht] weights, or
 the draft model) verifies trees without pseudo states; its steps return no next drafts.
@@ -175,11 +175,11 @@ class DecodeWorker:
             return self._draft_tree(req, start)
         if not req.tokens:
             raise ValueError("a draft request feeds at least one token")
-        if not 0 <= req.layer <= self.model.args.n_layers:
-            raise ValueError(f"a draft runs 1..{self.model.args.n_layers} layers (0: all), not {req.layer}")
+        if not 1 <= req.layer <= self.model.args.n_layers:
+            raise ValueError(f"a draft runs 1..{self.model.args.n_layers} layers, not {req.layer}")
         self.growing = None  # the cache is the chain's now
         self.cache.truncate(req.keep)
-        drafted = early_exit_chain(self.model, self.cache, list(req.tokens), req.n, req.layer or self.model.args.n_layers)
+        drafted = early_exit_chain(self.model, self.cache, list(req.tokens), req.n, req.layer)
         return DraftResult(drafted, self.cache.length, time.perf_counter() - start, [], [], req.n)
 
     def _draft_tree(self, req: DraftRequest, start: float) -> DraftResult:

@@ -61,7 +61,7 @@ class StepResult:
 @dataclass
 class DraftRequest:
     """Asynchronous drafting. A chain (`width` 0): keep `keep` cache positions, feed `tokens`
-    through the first `layer` layers (0: all of them), then draft `n` tokens one by one.
+    through the first `layer` layers, then draft `n` tokens one by one.
     A tree (`width` >= 1, workers.drafters.draft_tree): the committed tokens are the first
     `keep` the drafter holds, then `tokens`; grow the tree below the last for `n` forwards
     and send its best `budget` nodes."""

@@ -93,12 +93,13 @@ def test_the_target_as_its_own_draft_model_has_every_draft_accepted(pair):
 def test_a_full_depth_draft_is_the_models_greedy_chain(pair):
     _, draft = pair
     worker = DecodeWorker(draft, None, decoding_cache(draft, MAX_CONTEXT))
-    ids = PROMPTS[1]
-    first = worker.draft(DraftRequest(1, 0, ids, 3, 0))
-    more = worker.draft(DraftRequest(1, first.cache_length, first.tokens[-1:], 4, 0))
+    ids, layers = PROMPTS[1], draft.args.n_layers
+    first = worker.draft(DraftRequest(1, 0, ids, 3, layers))
+    more = worker.draft(DraftRequest(1, first.cache_length, first.tokens[-1:], 4, layers))
     assert first.tokens + more.tokens == ar_tokens(draft, ids, 7)
-    with pytest.raises(ValueError, match="layers"):
-        worker.draft(DraftRequest(1, 0, ids, 1, draft.args.n_layers + 1))
+    for layer in (0, layers + 1):
+        with pytest.raises(ValueError, match="layers"):
+            worker.draft(DraftRequest(1, 0, ids, 1, layer))
 
 
 class DrafterFailing(DecodeWorker):
