@@ -183,13 +183,11 @@ class DecodeWorker:
         return DraftResult(drafted, self.cache.length, time.perf_counter() - start, [], [], req.n)
 
     def _draft_tree(self, req: DraftRequest, start: float) -> DraftResult:
-        if req.budget < 1:
-            raise ValueError(f"a draft tree is sent as at least its root: budget {req.budget}")
         if self.growing is None or self.growing.width != req.width:
             self.growing = GrowingDraftTree(self.model, self.cache, req.width, DRAFT_TREE_ROWS)
         self.growing.advance(req.keep, list(req.tokens))
         grown = self.growing.grow(req.n)
-        tree = self.growing.best(req.budget)
+        tree = self.growing.tree()
         return DraftResult(tree.tokens, self.cache.length, time.perf_counter() - start, tree.parents, tree.scores, grown)
 
 

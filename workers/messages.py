@@ -64,7 +64,7 @@ class DraftRequest:
     through the first `layer` layers, then draft `n` tokens one by one.
     A tree (`width` >= 1, workers.drafters.draft_tree): the committed tokens are the first
     `keep` the drafter holds, then `tokens`; grow the tree below the last for `n` forwards
-    and send its best `budget` nodes."""
+    and send all of it."""
 
     request_id: int
     keep: int
@@ -72,7 +72,6 @@ class DraftRequest:
     n: int
     layer: int
     width: int = 0
-    budget: int = 0
 
 
 @dataclass

@@ -58,7 +58,6 @@ from workers.messages import DraftRequest, DraftResult, Prediction, StepRequest,
 from workers.tree import TokenTree, subtree
 
 RESTART_ATTEMPTS = 3
-DRAFT_TREE_NODES = 1 << 16  # a draft model's tree comes back whole (workers.decode_worker.DRAFT_TREE_ROWS bounds it)
 MODES = ("pipeline", "async")
 
 
@@ -378,8 +377,7 @@ class Coordinator:
             return  # it grows again after the next commit
         keep = next((i for i, (a, b) in enumerate(zip(held, seq)) if a != b), min(len(held), len(seq)))
         # The whole tree comes back: a launch takes the part below the committed root, cut to [draft] budget.
-        request = DraftRequest(req.request_id, keep, seq[keep:], self.config.draft_chunk or 1, 0, self.drafters.draft.top_k,
-                               DRAFT_TREE_NODES)
+        request = DraftRequest(req.request_id, keep, seq[keep:], self.config.draft_chunk or 1, 0, self.drafters.draft.top_k)
         self.cached[self.drafter] = WorkerCache(list(seq), len(seq))  # its committed tokens, once the call is in
         req.drafting = True
         self.busy[self.drafter] = asyncio.ensure_future(self._run_draft(req, self.drafter, list(seq), request))

@@ -22,7 +22,7 @@ committed row. Every node carries its path's draft log-probability (`scores`).
                            lacks (the root last: its children), then the `width` best
                            unexpanded nodes by path log-probability, each adding its
                            `width` best children; at most `max_rows` expanded rows
-    best(budget)           the root and the budget - 1 best nodes, as a scored TokenTree
+    tree()                 every node (the root first, parents before children), scored
 
 Width 1 grows the draft model's greedy chain. The target verifies whatever is sent, so
 any tree is lossless.
@@ -33,7 +33,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from workers.drafters.eagle import best_nodes
 from workers.kv_cache import KVCache
 from workers.model import Transformer
 from workers.tree import TokenTree
@@ -176,5 +175,5 @@ class GrowingDraftTree:
                 self.children.append([])
                 self.expanded.append(False)
 
-    def best(self, budget: int) -> TokenTree:
-        return best_nodes(self.tokens, self.parents, self.depths, self.scores, budget)
+    def tree(self) -> TokenTree:
+        return TokenTree(list(self.tokens), list(self.parents), list(self.depths), list(self.scores))

@@ -64,8 +64,8 @@ def test_width_one_grows_the_greedy_chain(model):
     tree = GrowingDraftTree(model, decoding_cache(model, 128), 1, 64)
     tree.advance(0, PROMPT)
     assert tree.grow(5) == 5
-    best = tree.best(6)
-    chain, seq = best.tokens[1:], list(PROMPT)
+    drafted = tree.tree()
+    chain, seq = drafted.tokens[1:], list(PROMPT)
     for token in chain:
         assert token == int(logprobs_after(model, seq).argmax())
         seq.append(token)
@@ -77,9 +77,9 @@ def test_commits_down_the_tree_keep_what_was_drafted_below(model):
     tree.advance(0, PROMPT)
     tree.grow(4)
     check(tree)
-    best = tree.best(8)
-    leaf = max(range(len(best)), key=lambda i: best.depths[i])
-    path = [best.tokens[i] for i in best.path_to(leaf)[1:]]
+    drafted = tree.tree()
+    leaf = max(range(len(drafted)), key=lambda i: drafted.depths[i])
+    path = [drafted.tokens[i] for i in drafted.path_to(leaf)[1:]]
     assert len(path) >= 3
     second = tree.child(tree.child(0, path[0]), path[1])
     below = [x for x in range(len(tree.tokens)) if tree._descends(x, second)]
@@ -152,8 +152,8 @@ def test_random_commits_keep_the_cache_exact(model, peaked, width, max_rows, see
                 path.insert(0, tree.tokens[node])
                 node = tree.parents[node]
         else:  # off the tree somewhere
-            best = tree.best(8)
-            path = [best.tokens[i] for i in best.path_to(rng.randrange(len(best)))[1:]] + [rng.randrange(1, 60)]
+            drafted = tree.tree()
+            path = [drafted.tokens[i] for i in drafted.path_to(rng.randrange(len(drafted)))[1:]] + [rng.randrange(1, 60)]
         tree.advance(len(tree.committed), path)
         check(tree)
     assert tree.tree_rows <= max_rows
