@@ -78,47 +78,42 @@ def merge_below(tree: TokenTree, node: int, subtree: TokenTree) -> None:
         graft_chain(tree, [subtree.tokens[i] for i in subtree.path_to(leaf)[1:]], None, at=node)
 
 
-class CoordinatorTable:
+class LearnsNothing:
+    """A proposer whose drafts come from elsewhere: the reply's prompt and commits teach it nothing."""
+
+    def start(self, prompt_ids: list[int]) -> None:
+        pass
+
+    def observe(self, tree: TokenTree, path: list[int], outcome: StepOutcome) -> None:
+        pass
+
+    def skip(self, root: int, outcome: StepOutcome) -> None:
+        pass
+
+
+class CoordinatorTable(LearnsNothing):
     """A proposer whose table the coordinator fills from the workers' results (token
     recycling): it proposes, and what a commit shows it is learnt there, not here."""
 
     def __init__(self, inner: Proposer):
         self.inner = inner
 
-    def start(self, prompt_ids: list[int]) -> None:
-        pass
-
     def propose(self, proposal: Proposal) -> None:
         self.inner.propose(proposal)
 
-    def observe(self, tree: TokenTree, path: list[int], outcome: StepOutcome) -> None:
-        pass
 
-    def skip(self, root: int, outcome: StepOutcome) -> None:
-        pass
-
-
-class GivenTree:
+class GivenTree(LearnsNothing):
     """A scored tree drafted elsewhere (the drafter worker's, rooted at the committed root)
     as the proposer that starts a launch's tree."""
 
     def __init__(self, tree: TokenTree):
         self.tree = tree
 
-    def start(self, prompt_ids: list[int]) -> None:
-        pass
-
     def propose(self, proposal: Proposal) -> None:
         if proposal.ahead:
             return
         t = self.tree  # a copy: the launch grafts onto it
         proposal.tree = TokenTree(list(t.tokens), list(t.parents), list(t.depths), list(t.scores))
-
-    def observe(self, tree: TokenTree, path: list[int], outcome: StepOutcome) -> None:
-        pass
-
-    def skip(self, root: int, outcome: StepOutcome) -> None:
-        pass
 
 
 def reply_proposers(prompt_ids: list[int], ht: PseudoStateModeConfig | None, pld: PldConfig | None,
