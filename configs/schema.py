@@ -182,13 +182,15 @@ class DraftModelConfig:
     (workers.drafters.draft_model): `depth` calls of the draft model per step, each
     expanding its `top_k` best nodes by `top_k` children (top_k 1: a chain). Mode
     `async` with a draft model grows its tree the same way on the drafter worker
-    (workers.drafters.draft_tree, no depth) and verifies `budget` nodes of it a step."""
+    (workers.drafters.draft_tree, no depth) and verifies `budget` nodes of it a step.
+    Both draft among the `vocab` most frequent tokens only (workers.drafters.draft_vocabulary)."""
 
     checkpoint: str = "auto"  # auto: the one paired with the target (qwen2.5-coder-1.5b -> qwen2.5-coder-0.5b); or any checkpoint name
     depth: int = 4  # draft-model calls per step: the tree's depth
     top_k: int = 2  # children per expanded node; nodes expanded per depth
     budget: int = 8  # tree nodes per step, root included (then cut by [tree_sizing])
     min_prob: float = 0.1  # stop drafting deeper once the best path of a depth is drafted less likely than this (0: never)
+    vocab: int = 32768  # draft only the most frequent tokens of ShareGPT's training replies (FR-Spec); 0: the whole vocabulary
 
 
 @dataclass

@@ -16,6 +16,7 @@ from runtime.decoding.steps import Step
 from runtime.modes import build_mode
 from runtime.pipeline.worker_pool import WorkerPool
 from runtime.text.chat import encode_chat, stop_ids
+from runtime.training.token_counts import most_frequent, reply_token_counts
 from runtime.batching.step_batcher import StepBatcher
 from workers.cost_curve import device_profile
 from workers.drafters.draft_model import draft_checkpoint, load_draft_model
@@ -132,6 +133,17 @@ class Engine:
         if name not in self.models_beside:
             self.models_beside[name] = load_draft_model(name, self.model, self.folder, self.config)
         return name, self.models_beside[name]
+
+    def draft_vocabulary(self) -> list[int] | None:
+        """The token ids the [draft] model drafts among: the [draft] vocab most frequent ones
+        in ShareGPT's training replies (runtime.training.token_counts: counted once, cached);
+        None for the whole vocabulary (vocab 0, or no fewer than the model has)."""
+        size, vocab = self.drafters.draft.vocab, self.model.args.vocab_size
+        if size < 0:
+            raise ConfigError(f"[draft] vocab must be >= 0 (0: the whole vocabulary), got {size}")
+        if size == 0 or size >= vocab:
+            return None
+        return most_frequent(reply_token_counts(self.tokenizer, vocab), size).tolist()
 
     def tree_sizer(self, drafter_trees: bool = False) -> TreeSizer | None:
         """A new TreeSizer on this device's cost curve (None when sizing is off); for a

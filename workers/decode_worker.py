@@ -36,6 +36,7 @@ import torch
 
 from configs.schema import ModelConfig, PseudoStateModeConfig, SamplingConfig
 from workers.drafters.draft_tree import GrowingDraftTree
+from workers.drafters.draft_vocabulary import DraftVocabulary
 from workers.drafters.early_exit import early_exit_chain
 from workers.drafters.loading import load, weights_file
 from workers.drafters.pseudo_states import PseudoStateDrafter
@@ -64,8 +65,11 @@ def advance(steps: Generator) -> Prediction | StepResult | None:
 
 
 class DecodeWorker:
-    def __init__(self, model: Transformer, drafter: PseudoStateDrafter | None, cache: KVCache):
+    def __init__(self, model: Transformer, drafter: PseudoStateDrafter | None, cache: KVCache,
+                 draft_vocabulary: list[int] | None = None):
+        """`draft_vocabulary`: the token ids a drafter's tree drafts among (None: all of them)."""
         self.model, self.drafter, self.cache = model, drafter, cache
+        self.vocabulary = DraftVocabulary(model, draft_vocabulary)
         # By draft depth: the drafter's first d pseudo positions (a step asks for its depth).
         self.drafters: dict[int, PseudoStateDrafter] = {}
         self.pseudo_row_cost, self.max_depth = 0.0, 0
@@ -184,23 +188,25 @@ class DecodeWorker:
 
     def _draft_tree(self, req: DraftRequest, start: float) -> DraftResult:
         if self.growing is None or self.growing.width != req.width:
-            self.growing = GrowingDraftTree(self.model, self.cache, req.width, DRAFT_TREE_ROWS)
+            self.growing = GrowingDraftTree(self.model, self.cache, req.width, DRAFT_TREE_ROWS, self.vocabulary)
         self.growing.advance(req.keep, list(req.tokens))
         grown = self.growing.grow(req.n)
         tree = self.growing.tree()
         return DraftResult(tree.tokens, self.cache.length, time.perf_counter() - start, tree.parents, tree.scores, grown)
 
 
-def load_worker(model_config: ModelConfig, ht: PseudoStateModeConfig | None, model=None) -> DecodeWorker:
+def load_worker(model_config: ModelConfig, ht: PseudoStateModeConfig | None, model=None,
+                draft_vocabulary: list[int] | None = None) -> DecodeWorker:
     """A worker with its own KV cache; `model` shares an already loaded replica (in-process).
-    `ht` None: no pseudo-state drafter (a draft model, or a checkpoint without [ht] weights)."""
+    `ht` None: no pseudo-state drafter (a draft model, or a checkpoint without [ht] weights).
+    `draft_vocabulary`: a draft model's tokens to draft among (None: all)."""
     if model is None:
         model, _ = load_model(
             model_config.checkpoint, model_config.torch_dtype(), model_config.torch_device(), model_config.kernels,
             model_config.cuda_graphs, weights=model_config.weights,
         )
     if ht is None:
-        return DecodeWorker(model, None, decoding_cache(model, model_config.max_context))
+        return DecodeWorker(model, None, decoding_cache(model, model_config.max_context), draft_vocabulary)
     drafter = load(weights_file(model_config.checkpoint, "ht", ht.weights), model.args)
     if ht.depth:
         drafter = drafter.first(min(ht.depth, drafter.config.k))

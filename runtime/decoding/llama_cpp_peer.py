@@ -25,7 +25,8 @@ from configs.schema import SamplingConfig
 from runtime.decoding.hf_peers import peer_samples
 from runtime.decoding.steps import Step
 from workers.cache_dir import cache_dir
-from workers.loading import ModelLoadError, default_gguf_path
+from workers import loading
+from workers.loading import ModelLoadError
 
 INSTALL_HINT = "mode {mode} needs llama-cpp-python: run `make llama-cpp` (it compiles llama.cpp, a few minutes)"
 # llama.cpp's file types (llama.h: llama_ftype) of the requantized peers.
@@ -37,12 +38,12 @@ class LlamaCppUnavailable(ModelLoadError):
 
 
 def gguf_file(checkpoint: str) -> Path:
-    """The GGUF file of a checkpoint: the default model's, or a .gguf checkpoint itself."""
-    if checkpoint == "default":
-        return default_gguf_path()
-    if checkpoint.endswith(".gguf") and Path(checkpoint).is_file():
-        return Path(checkpoint)
-    raise LlamaCppUnavailable(f"llama.cpp peers need a GGUF checkpoint; {checkpoint!r} is not one")
+    """The GGUF file of a checkpoint: the default model's, a named one's (joined from its
+    parts: `make models`), or a .gguf checkpoint itself."""
+    path = loading.gguf_file(checkpoint)
+    if path is None:
+        raise LlamaCppUnavailable(f"llama.cpp peers need a GGUF checkpoint; {checkpoint!r} is not one")
+    return path
 
 
 def requantized(source: Path, file_type: str, threads: int) -> Path:

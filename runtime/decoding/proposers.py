@@ -62,7 +62,8 @@ def draft_proposer(engine) -> tuple[DraftModelProposer, dict]:
     """The [draft] model's proposer; the model is loaded once for the engine and its siblings."""
     e, c = engine, engine.drafters.draft
     _, model = e.draft_model()
-    proposer = DraftModelProposer(model, e.cache.max_len + c.depth * c.top_k, c.depth, c.top_k, c.budget, c.min_prob)
+    proposer = DraftModelProposer(model, e.cache.max_len + c.depth * c.top_k, c.depth, c.top_k, c.budget, c.min_prob,
+                                  e.draft_vocabulary())
     return proposer, {"parameters": sum(p.numel() for p in model.parameters()), "training_s": None, "training_steps": None}
 
 

@@ -51,10 +51,11 @@ def build_transport(engine) -> Transport:
     actors. Worker 0 may hold the [draft] model, no target (drafts_with_model)."""
     c, ht = engine.pipeline, pseudo_settings(engine)
     draft = engine.draft_model() if drafts_with_model(engine) else None
+    vocabulary = engine.draft_vocabulary() if draft is not None else None
     if c.transport == "local":
         def make(i: int):
             if i == 0 and draft is not None:
-                return load_worker(engine.config, None, model=draft[1])
+                return load_worker(engine.config, None, model=draft[1], draft_vocabulary=vocabulary)
             return load_worker(engine.config, ht, model=engine.model)
 
         return LocalTransport(c.workers, make)
@@ -63,7 +64,7 @@ def build_transport(engine) -> Transport:
     ensure_ray(c.workers)
     specs = [(asdict(engine.config), None if ht is None else asdict(ht)) for _ in range(c.workers)]
     if draft is not None:
-        specs[0] = (asdict(replace(engine.config, checkpoint=draft[0])), None)
+        specs[0] = (asdict(replace(engine.config, checkpoint=draft[0])), None, vocabulary)
     return RayTransport(specs, c.threads)
 
 

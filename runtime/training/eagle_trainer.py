@@ -23,7 +23,6 @@ weights). Checkpoints every `checkpoint_every` steps; --resume continues from on
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +33,9 @@ from configs.training import TrainConfig, TrainError
 from runtime.training.feature_cache import cached_features, feature_folder
 from runtime.training.loop import LoopSettings, Progress, train_loop, weights_paths
 from runtime.training.objective import PrefixKV
-from workers.drafters.eagle import EagleConfig, EagleModel, draft_head, signature
+from runtime.training.token_counts import most_frequent
+from workers.drafters.draft_vocabulary import draft_head
+from workers.drafters.eagle import EagleConfig, EagleModel, signature
 from workers.model import AttentionContext, Transformer
 
 CONTEXT = 64  # prompt rows (before the reply) each training sequence keeps as context
@@ -43,10 +44,8 @@ REG_WEIGHT = 0.1
 
 def draft_vocabulary(examples: list[dict], size: int, vocab_size: int) -> tuple[torch.Tensor, float]:
     """The `size` most frequent reply tokens (sorted by id) and the share of reply tokens they cover."""
-    counts = Counter(t for e in examples for t in e["reply_ids"])
-    top = [t for t, _ in counts.most_common(size)]
-    top += [t for t in range(vocab_size) if t not in counts][: size - len(top)]  # a small data set: pad
-    ids = torch.tensor(sorted(top))
+    tokens = torch.tensor([t for e in examples for t in e["reply_ids"]], dtype=torch.int64)
+    ids = most_frequent(torch.bincount(tokens, minlength=vocab_size)[:vocab_size], size)  # a small data set: padded by id
     return ids, draft_vocabulary_coverage(examples, ids)
 
 

@@ -20,7 +20,7 @@ from workers.drafters.loading import DrafterWeightsError, weights_file
 
 # Modes `draft` and `draft-pld` with the model drafting for itself (no second model in memory;
 # tests/workers/drafters/test_draft_model.py has a real pair, tiny).
-SELF_DRAFT = DraftModelConfig(checkpoint="default")
+SELF_DRAFT = DraftModelConfig(checkpoint="default", vocab=0)  # vocab: test_engine.py cuts it
 
 
 @pytest.fixture(scope="module")

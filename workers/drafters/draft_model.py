@@ -27,10 +27,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from configs.schema import ConfigError, ModelConfig
 from workers.drafters.base import Proposal
+from workers.drafters.draft_vocabulary import DraftVocabulary
 from workers.drafters.eagle import best_nodes
 from workers.loading import ModelLoadError, load_model, load_tokenizer, resolve_checkpoint
 from workers.model_registry import REGISTRY
@@ -44,11 +44,13 @@ class DraftModelProposer:
 
     scored = True  # its trees carry draft log-probabilities
 
-    def __init__(self, model: Transformer, max_len: int, depth: int, top_k: int, budget: int, min_prob: float = 0.0):
+    def __init__(self, model: Transformer, max_len: int, depth: int, top_k: int, budget: int, min_prob: float = 0.0,
+                 vocabulary: list[int] | None = None):
         if min(depth, top_k, budget) < 1 or not 0.0 <= min_prob < 1.0:
             raise ValueError(f"draft depth, top_k and budget must be >= 1 and min_prob in [0, 1): "
                              f"{depth}, {top_k}, {budget}, {min_prob}")
         self.model, self.depth, self.top_k, self.budget = model, depth, top_k, budget
+        self.vocabulary = DraftVocabulary(model, vocabulary)  # None: the whole vocabulary
         self.min_logprob = float("-inf") if min_prob == 0.0 else float(torch.tensor(min_prob).log())
         self.cache = model.new_cache(max_len)
         self.tokens: list[int] = []  # the committed tokens before the next root; the cache holds a prefix of them
@@ -61,7 +63,8 @@ class DraftModelProposer:
         self.tokens, self.rows = list(prompt_ids), {}
 
     def forward(self, tokens: list[int], positions: torch.Tensor, mask: torch.Tensor | None, prompt_rows: int = 0) -> torch.Tensor:
-        """Run `tokens` at `positions` into the cache and commit them; their log-probabilities (n, vocab).
+        """Run `tokens` at `positions` into the cache and commit them; their draft log-probabilities
+        (n, draft vocabulary).
         `mask` (n, n + cached rows beyond `base`): which of those each row sees besides itself."""
         m = self.model
         self.calls += 1
@@ -71,7 +74,7 @@ class DraftModelProposer:
             ctx.mask[:, self.base:self.cache.length] &= mask
         h = m.run_layers(m.embed(torch.tensor([tokens], device=m.device)), ctx)
         self.cache.commit(len(tokens))
-        return F.log_softmax(m.lm_head(m.norm(h[0])).float(), dim=-1)
+        return self.vocabulary.logprobs(h[0])
 
     @torch.inference_mode()
     def propose(self, proposal: Proposal) -> None:
@@ -85,15 +88,15 @@ class DraftModelProposer:
         positions = torch.arange(start, start + len(feed), device=self.model.device)
         logprobs = self.forward(feed, positions, None, prompt_rows=len(feed) - 1)[-1:]  # y's children
         self.base, self.rows = self.cache.length, {}
-        proposal.logprobs = logprobs  # depth 1 alone: deeper drafts depend on the path (a grafted chain's are unscored there)
+        proposal.logprobs = self.vocabulary.whole(logprobs)  # depth 1 alone: deeper drafts depend on the path (a grafted chain's are unscored there)
         # Drafted nodes (index 0: the root): token, parent, depth, path log-probability, path tokens.
         tokens, parents, depths, scores, paths = [root], [-1], [0], [0.0], [()]
         expanded = [0]  # the nodes whose children `logprobs` holds, one row each
         for depth in range(1, self.depth + 1):
-            top = torch.topk(logprobs, min(self.top_k, logprobs.shape[-1]), dim=-1)
+            values, drafted = self.vocabulary.top(logprobs, self.top_k)
             first_child = len(tokens)
             for row, parent in enumerate(expanded):
-                for lp, v in zip(top.values[row].tolist(), top.indices[row].tolist()):
+                for lp, v in zip(values[row], drafted[row]):
                     tokens.append(v)
                     parents.append(parent)
                     depths.append(depth)

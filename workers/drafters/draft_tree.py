@@ -31,18 +31,19 @@ any tree is lossless.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from workers.drafters.draft_vocabulary import DraftVocabulary
 from workers.kv_cache import KVCache
 from workers.model import Transformer
 from workers.tree import TokenTree
 
 
 class GrowingDraftTree:
-    def __init__(self, model: Transformer, cache: KVCache, width: int, max_rows: int):
+    def __init__(self, model: Transformer, cache: KVCache, width: int, max_rows: int, vocabulary: DraftVocabulary | None = None):
         if min(width, max_rows) < 1:
             raise ValueError(f"a draft tree needs width and max_rows >= 1, got {width}, {max_rows}")
         self.model, self.cache, self.width, self.max_rows = model, cache, width, max_rows
+        self.vocabulary = vocabulary or DraftVocabulary(model, None)
         self.committed: list[int] = []
         self.base = 0  # committed tokens whose rows are in the cache (a prefix)
         cache.truncate(0)
@@ -150,7 +151,7 @@ class GrowingDraftTree:
         return ran
 
     def _forward(self, tokens: list[int], positions: torch.Tensor, mask: torch.Tensor | None, prompt_rows: int = 0) -> torch.Tensor:
-        """Run `tokens` into the cache as new rows; their log-probabilities (n, vocab). `mask`
+        """Run `tokens` into the cache as new rows; their draft log-probabilities (n, draft vocabulary). `mask`
         (n, tree rows): which tree rows each sees (None: causal rows after the committed ones)."""
         m = self.model
         own = torch.eye(len(tokens), dtype=torch.bool, device=m.device) if mask is not None else None
@@ -159,11 +160,10 @@ class GrowingDraftTree:
             ctx.mask[:, self.base:self.cache.length] &= mask
         h = m.run_layers(m.embed(torch.tensor([tokens], device=m.device)), ctx)
         self.cache.commit(len(tokens))
-        return F.log_softmax(m.lm_head(m.norm(h[0])).float(), dim=-1)
+        return self.vocabulary.logprobs(h[0])
 
     def _add_children(self, nodes: list[int], logprobs: torch.Tensor) -> None:
-        top = torch.topk(logprobs, min(self.width, logprobs.shape[-1]), dim=-1)
-        for node, values, indices in zip(nodes, top.values.tolist(), top.indices.tolist()):
+        for node, values, indices in zip(nodes, *self.vocabulary.top(logprobs, self.width)):
             self.expanded[node] = True
             for lp, token in zip(values, indices):
                 self.children[node].append(len(self.tokens))

@@ -28,9 +28,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from workers.drafters.draft_vocabulary import DraftVocabulary
 from workers.drafters.loading import DrafterWeightsError, read_model_weights
 from workers.kv_cache import KVCache
 from workers.model import AttentionContext, DecoderLayer, Linear, ModelArgs, Transformer, set_kernels
@@ -88,11 +88,6 @@ def signature(args: ModelArgs) -> dict:
             "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads, "intermediate_size": args.intermediate_size}
 
 
-def draft_head(model: Transformer, vocab_ids: torch.Tensor) -> torch.Tensor:
-    """The target's LM head cut to the draft vocabulary: (draft vocab, dim)."""
-    return model.lm_head.weight.detach()[vocab_ids.to(model.device)].contiguous()
-
-
 class EagleDrafter:
     """Drafts EAGLE-2 trees; as a proposer (workers.drafters.base.TreeProposer) it is fed the
     target's features (`feed`) after the prefill and after every step."""
@@ -105,10 +100,7 @@ class EagleDrafter:
         self.model, self.depth, self.top_k, self.budget = model, depth, top_k, budget
         self.eagle = eagle.to(device=model.device, dtype=model.dtype).eval().requires_grad_(False)
         set_kernels(self.eagle, model.kernels)
-        self.head = Linear(model.args.dim, eagle.config.vocab, bias=False).to(device=model.device, dtype=model.dtype).requires_grad_(False)
-        self.head.weight.data = draft_head(model, eagle.vocab_ids)
-        set_kernels(self.head, model.kernels)
-        self.vocab_ids = eagle.vocab_ids.tolist()
+        self.vocabulary = DraftVocabulary(model, eagle.vocab_ids)  # the target's head cut to it
         a = model.args
         self.cache = KVCache(1, a.n_kv_heads, a.head_dim, max_len, dtype=model.attention_dtype, device=model.device)
         self.hidden: torch.Tensor | None = None  # features not yet run: (m, dim)
@@ -128,10 +120,6 @@ class EagleDrafter:
     def skip(self, root: int) -> None:
         """A plain step committed `root` unproposed: it follows the features not yet run."""
         self.next_tokens.append(root)
-
-    def log_probs(self, h: torch.Tensor) -> torch.Tensor:
-        """Draft log-probabilities (rows, draft vocab) read from predicted features (rows, dim)."""
-        return F.log_softmax(self.head(self.model.norm(h)).float(), dim=-1)
 
     def rows(self, features: torch.Tensor, tokens: list[int], positions: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Run rows [features ; e(tokens)] at `positions` into the cache (kept pending); their outputs (n, dim)."""
@@ -156,11 +144,11 @@ class EagleDrafter:
         outputs = last[None]  # the outputs that draft children, one per expanded node
         expanded = [0]
         for depth in range(1, self.depth + 1):
-            top = torch.topk(self.log_probs(outputs), min(self.top_k, len(self.vocab_ids)), dim=-1)
+            values, drafted = self.vocabulary.top(self.vocabulary.logprobs(outputs), self.top_k)
             first_child = len(tokens)
             for out_row, parent in enumerate(expanded):
-                for lp, v in zip(top.values[out_row].tolist(), top.indices[out_row].tolist()):
-                    tokens.append(self.vocab_ids[v])
+                for lp, v in zip(values[out_row], drafted[out_row]):
+                    tokens.append(v)
                     parents.append(parent)
                     depths.append(depth)
                     scores.append(scores[parent] + lp)

@@ -38,13 +38,14 @@ def ar_tokens(model, ids, n, sampling=None) -> list[int]:
     return [t for s in generate_ar(model, cache, ids, n, set(), chooser(sampling, n)) for t in s.tokens]
 
 
-def make_coordinator(target, draft, worker_class=DecodeWorker, transport_class=LocalTransport, **settings):
+def make_coordinator(target, draft, worker_class=DecodeWorker, transport_class=LocalTransport, draft_vocabulary=None,
+                     **settings):
     config = PipelineConfig(**{"transport": "local", "workers": 2, "step_timeout": 30.0, "drafter": "draft",
                                "draft_chunk": 2, "max_chain": 6, **settings}).validate()
 
     def make(i: int) -> DecodeWorker:
         model = draft if i == 0 else target  # worker 0 holds the draft model
-        return worker_class(model, None, decoding_cache(model, MAX_CONTEXT))
+        return worker_class(model, None, decoding_cache(model, MAX_CONTEXT), draft_vocabulary if i == 0 else None)
 
     transport = transport_class(config.workers, make)
     coordinator = Coordinator(transport, config, DrafterConfigs(), target.args.vocab_size, pseudo_states=False,
@@ -88,6 +89,34 @@ def test_the_target_as_its_own_draft_model_has_every_draft_accepted(pair):
     assert run(coordinator, ids, 40) == ar_tokens(target, ids, 40)
     m = coordinator.last_metrics
     assert m.steps < 40 and m.tokens == 40 and m.drafter_launches > 0
+
+
+class DraftSpy(SlowVerifier):
+    """Records every token of the trees the drafter sends."""
+
+    drafted: set[int] = set()
+
+    def draft(self, req):
+        result = super().draft(req)
+        DraftSpy.drafted.update(result.tokens[1:])
+        return result
+
+
+@pytest.mark.parametrize("covers", [True, False], ids=["covers-the-reply", "misses-most"])
+def test_a_drafter_with_a_cut_vocabulary_drafts_only_it_and_gives_ar_tokens(pair, covers):
+    """The target drafting for itself among some tokens only ([draft] vocab): every tree
+    token is one of them; when they hold the reply's tokens most drafts are accepted, and
+    either way the reply is ar's."""
+    target, _ = pair
+    ids = PROMPTS[1]
+    ar = ar_tokens(target, ids, 40)
+    vocabulary = sorted(set(ar) | {3, 4}) if covers else sorted({3, 4, 5} | set(ar[:2]))
+    DraftSpy.drafted = set()
+    coordinator, _ = make_coordinator(target, target, worker_class=DraftSpy, draft_vocabulary=vocabulary)
+    assert run(coordinator, ids, 40) == ar
+    assert DraftSpy.drafted and DraftSpy.drafted <= set(vocabulary)
+    if covers:
+        assert coordinator.last_metrics.steps < 40
 
 
 def test_a_full_depth_draft_is_the_models_greedy_chain(pair):

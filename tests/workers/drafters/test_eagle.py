@@ -31,7 +31,7 @@ def reference_log_probs(drafter: EagleDrafter, rows: list[tuple[torch.Tensor, in
     emb = model.embed(torch.tensor([[t for _, t in rows]]))
     out = drafter.eagle(feats, emb, model.context(torch.arange(len(rows))))[0]
     lp = torch.full((model.args.vocab_size,), float("-inf"))
-    lp[drafter.eagle.vocab_ids] = F.log_softmax(drafter.head(model.norm(out[-1])).float(), -1)
+    lp[drafter.eagle.vocab_ids] = F.log_softmax(drafter.vocabulary.head(model.norm(out[-1])).float(), -1)
     return lp, out[-1]
 
 
