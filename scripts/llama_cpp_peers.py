@@ -3,17 +3,13 @@ and speculative decoding with a draft model (issue 37) or an n-gram lookup, each
 llama.cpp's `llama-speculative-simple` runs it, and `llama-bench`'s tg speed.
 
 llama-cpp-python (the `llama.cpp` bench modes) has no draft-model speculation, so this
-runs llama.cpp's binaries. Build them from the llama.cpp sources that the pinned
-llama-cpp-python sdist vendors (no internet needed beyond PyPI):
+runs llama.cpp's binaries. `make llama-cpp-tools` builds them (about 10 minutes) from
+the llama.cpp sources that the pinned llama-cpp-python sdist vendors (PyPI only), into
+.venv/llama.cpp/build/bin, where --bin looks by default:
 
-    pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d /tmp/llama
-    tar xzf /tmp/llama/llama_cpp_python-0.3.36.tar.gz -C /tmp/llama
-    cd /tmp/llama/llama_cpp_python-0.3.36/vendor/llama.cpp
-    cmake -B build -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DCMAKE_BUILD_TYPE=Release
-    cmake --build build -j2 --target llama-bench llama-speculative-simple
-
-    python scripts/llama_cpp_peers.py --bin /tmp/llama/.../build/bin --checkpoint qwen2.5-coder-1.5b \
-        --draft qwen2.5-coder-0.5b --threads 2 --per-category 1 --max-new-tokens 64 --out peers.json
+    make llama-cpp-tools
+    python scripts/llama_cpp_peers.py --checkpoint qwen2.5-coder-1.5b --draft qwen2.5-coder-0.5b \
+        --threads 2 --per-category 1 --max-new-tokens 64 --out peers.json
 
 Each prompt is our chat template's text (llama.cpp tokenizes it with its special tokens);
 greedy; `--no-repack`, as the AMX-repacked weights crash this build's speculative tool in
@@ -41,6 +37,7 @@ from runtime.text.chat import encode_chat  # noqa: E402
 from workers.cpu_info import cpu_info  # noqa: E402
 from workers.loading import gguf_file, load_tokenizer, resolve_checkpoint  # noqa: E402
 
+TOOLS = Path(__file__).resolve().parents[1] / ".venv" / "llama.cpp" / "build" / "bin"  # make llama-cpp-tools
 DECODED = re.compile(r"decoded\s+(\d+) tokens in\s+([\d.]+) seconds")
 COUNTS = {name: re.compile(rf"{name}\s+=\s+(\d+)") for name in ("n_drafted", "n_accept")}
 
@@ -82,7 +79,7 @@ def tg_speed(bin_dir: Path, model: Path, threads: int, tokens: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--bin", required=True, help="llama.cpp's build/bin folder")
+    p.add_argument("--bin", default=str(TOOLS), help=f"llama.cpp's build/bin folder (default {TOOLS}: make llama-cpp-tools)")
     p.add_argument("--checkpoint", default="default", help="the target: default, a named checkpoint or a .gguf file")
     p.add_argument("--draft", default=None, help="a draft model of the same vocabulary (a named checkpoint or .gguf)")
     p.add_argument("--n-max", default="3,16", help="draft tokens per step, each a setting (default 3: the tool's own, and 16)")
@@ -95,6 +92,8 @@ def main() -> None:
     a = p.parse_args()
 
     bin_dir = Path(a.bin)
+    if not (bin_dir / "llama-speculative-simple").is_file():
+        sys.exit(f"no llama.cpp tools in {bin_dir}: run `make llama-cpp-tools` (about 10 minutes) or pass --bin")
     target = gguf_file(a.checkpoint)
     draft = gguf_file(a.draft) if a.draft else None
     if target is None or (a.draft and draft is None):
