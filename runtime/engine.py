@@ -53,6 +53,8 @@ class Engine:
         self.models_beside: dict[str, object] = {} if model_of is None else model_of.models_beside
         # [tree_sizing] cost by torch threads, read on first use; one device, so siblings share them
         self._cost_curves: dict[int, CostCurve] = {} if model_of is None else model_of._cost_curves
+        # [draft] vocab -> its token ids, read on first use (one tokenizer, so siblings share them)
+        self._draft_vocabularies: dict[int, list[int]] = {} if model_of is None else model_of._draft_vocabularies
         # The steps of this engine's and its siblings' replies decoding at once run in one pass;
         # the lane is this engine's seat there (runtime.batching.step_batcher)
         self.batcher = StepBatcher(self.model) if model_of is None else model_of.batcher
@@ -143,7 +145,9 @@ class Engine:
             raise ConfigError(f"[draft] vocab must be >= 0 (0: the whole vocabulary), got {size}")
         if size == 0 or size >= vocab:
             return None
-        return most_frequent(reply_token_counts(self.tokenizer, vocab), size).tolist()
+        if size not in self._draft_vocabularies:
+            self._draft_vocabularies[size] = most_frequent(reply_token_counts(self.tokenizer, vocab), size).tolist()
+        return self._draft_vocabularies[size]
 
     def tree_sizer(self, drafter_trees: bool = False) -> TreeSizer | None:
         """A new TreeSizer on this device's cost curve (None when sizing is off); for a

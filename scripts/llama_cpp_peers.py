@@ -1,6 +1,6 @@
-"""llama.cpp's own tools as peers, on the same prompts as `leapfrog bench`: plain decoding
-and speculative decoding with a draft model (issue 37) or an n-gram lookup, each as
-llama.cpp's `llama-speculative-simple` runs it, and `llama-bench`'s tg speed.
+"""llama.cpp's own tools as peers, on the same prompts as `leapfrog bench`: speculative
+decoding with a draft model (issue 37) or an n-gram lookup, as llama.cpp's
+`llama-speculative-simple` runs it, against plain decoding, `llama-bench`'s tg speed.
 
 llama-cpp-python (the `llama.cpp` bench modes) has no draft-model speculation, so this
 runs llama.cpp's binaries. `make llama-cpp-tools` builds them (about 10 minutes) from
@@ -52,13 +52,11 @@ def settings(draft: Path | None, n_max: list[int]) -> dict[str, list[str]]:
     return out
 
 
-def run_one(binary: Path, target: Path, prompt: str, args: list[str], threads: int, tokens: int) -> dict:
-    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
-        f.write(prompt)
-    cmd = [str(binary), "-m", str(target), "-f", f.name, "-n", str(tokens), "-t", str(threads), "-td", str(threads),
+def run_one(binary: Path, target: Path, prompt: Path, args: list[str], threads: int, tokens: int) -> dict:
+    """One setting on one prompt (a text file): decoded tokens, their seconds, drafts made and accepted."""
+    cmd = [str(binary), "-m", str(target), "-f", str(prompt), "-n", str(tokens), "-t", str(threads), "-td", str(threads),
            "-c", "4096", "--temp", "0", "--seed", "1", "--no-repack", *args]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-    Path(f.name).unlink()
     log = done.stdout + done.stderr
     m = DECODED.search(log)
     if done.returncode != 0 or m is None:
@@ -107,8 +105,10 @@ def main() -> None:
     if draft is not None:
         result["llama_bench_tg"]["draft"] = tg_speed(bin_dir, draft, a.threads, a.max_new_tokens)
     per = {name: [] for name in runs}
+    folder = tempfile.TemporaryDirectory()
     for i, prompt in enumerate(prompts):
-        text = tokenizer.decode(encode_chat(tokenizer, prompt.text))
+        text = Path(folder.name) / f"prompt-{i}.txt"
+        text.write_text(tokenizer.decode(encode_chat(tokenizer, prompt.text)))
         for name, args in runs.items():  # the settings take turns on each prompt
             per[name].append(run_one(bin_dir / "llama-speculative-simple", target, text, args, a.threads, a.max_new_tokens))
         print(f"prompt {i + 1}/{len(prompts)}: " + ", ".join(

@@ -20,7 +20,7 @@ from workers.messages import StepResult, decode, encode
 
 @ray.remote(concurrency_groups={"control": 1})
 class RayDecodeWorker:
-    def __init__(self, model_config: dict, ht: dict | None, threads: int, draft_vocabulary: list[int] | None = None):
+    def __init__(self, model_config: dict, ht: dict | None, draft_vocabulary: list[int] | None, threads: int):
         torch.set_num_threads(threads)
         self.worker = load_worker(ModelConfig(**model_config), None if ht is None else PseudoStateModeConfig(**ht),
                                   draft_vocabulary=draft_vocabulary)

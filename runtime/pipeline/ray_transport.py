@@ -43,9 +43,9 @@ class RayHandle:
 class RayTransport:
     """Ray actors, one per worker. `ray.init` must have run (runtime.pipeline.cluster does it).
     `specs[i]`: worker i's [model] settings, [ht] settings (None: no pseudo-state drafter)
-    and, optionally, the token ids its draft model drafts among (workers.decode_worker.load_worker)."""
+    and the token ids its draft model drafts among (None: all; workers.decode_worker.load_worker)."""
 
-    def __init__(self, specs: list[tuple], threads: int = 1):
+    def __init__(self, specs: list[tuple[dict, dict | None, list[int] | None]], threads: int = 1):
         self.size, self.specs, self.threads = len(specs), specs, threads
         self.gpu = specs[0][0].get("device", "auto") != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1
         bundle = {"GPU": 1, "CPU": 1} if self.gpu else {"CPU": 1}
@@ -59,7 +59,7 @@ class RayTransport:
             placement = PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=i)
             actor = RayDecodeWorker.options(
                 num_cpus=1, num_gpus=1 if self.gpu else 0, scheduling_strategy=placement, name=None
-            ).remote(*self.specs[i][:2], self.threads, *self.specs[i][2:])
+            ).remote(*self.specs[i], self.threads)
             handle = RayHandle(actor)
             try:
                 await handle.health()  # the replica is loaded: the first step is not charged for it

@@ -62,7 +62,7 @@ def build_transport(engine) -> Transport:
     from runtime.pipeline.ray_transport import RayTransport  # imports ray
 
     ensure_ray(c.workers)
-    specs = [(asdict(engine.config), None if ht is None else asdict(ht)) for _ in range(c.workers)]
+    specs = [(asdict(engine.config), None if ht is None else asdict(ht), None) for _ in range(c.workers)]
     if draft is not None:
         specs[0] = (asdict(replace(engine.config, checkpoint=draft[0])), None, vocabulary)
     return RayTransport(specs, c.threads)

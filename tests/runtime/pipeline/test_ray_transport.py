@@ -89,7 +89,7 @@ def test_a_draft_model_actor_drafts_for_target_actors(engine, tiny_checkpoint, t
     target = tiny_models("qwen2")[0]
     config = PipelineConfig(transport="ray", workers=2, step_timeout=60.0, drafter="draft", draft_chunk=1)
     model = ModelConfig(dtype="float32", device="cpu", max_context=256)
-    specs = [(asdict(ModelConfig(**{**asdict(model), "checkpoint": str(tiny_checkpoint(kind))})), None)
+    specs = [(asdict(ModelConfig(**{**asdict(model), "checkpoint": str(tiny_checkpoint(kind))})), None, None)
              for kind in ("qwen2_draft", "qwen2")]
     coordinator = Coordinator(RayTransport(specs), config, DrafterConfigs(), target.args.vocab_size, pseudo_states=False,
                               draft_model=True)

@@ -1,7 +1,7 @@
 """Reply token counts (runtime.training.token_counts): the most frequent ids, ties to the
 lower id; ShareGPT's training replies counted once per tokenizer (cached), the held-out
 conversations and the other turns never, special tokens first; and the engine's [draft]
-vocab read from them."""
+vocab read from them once for the engine and its siblings."""
 
 from __future__ import annotations
 
@@ -68,6 +68,9 @@ def test_the_engines_draft_vocabulary_is_the_most_frequent_reply_tokens(monkeypa
     for size, expected in ((100, list(range(100))), (vocab, None), (vocab + 5, None)):
         engine.set_drafter_config("draft", DraftModelConfig(vocab=size))
         assert engine.draft_vocabulary() == expected
+    monkeypatch.setattr("runtime.engine.reply_token_counts", lambda tokenizer, size: pytest.fail("counted again"))
+    engine.set_drafter_config("draft", DraftModelConfig(vocab=100))
+    assert engine.draft_vocabulary() == engine.sibling().draft_vocabulary() == list(range(100))  # read once, shared
     engine.set_drafter_config("draft", DraftModelConfig(vocab=-1))
     with pytest.raises(ConfigError, match=r"\[draft\] vocab"):
         engine.draft_vocabulary()

@@ -74,7 +74,6 @@ def test_bad_ids_are_refused(pair, ids):
 @pytest.mark.parametrize("sampling", [None, SamplingConfig(0.8, 0, 0.9, seed=3)], ids=["greedy", "top-p"])
 def test_a_draft_model_drafts_only_its_vocabulary_and_gives_ar_tokens(pair, sampling):
     target, draft = pair
-    # The draft model's own most likely tokens and a few others: some drafts are accepted.
     ids = some_ids(target.args.vocab_size, 24, seed=1)
     proposer = DraftModelProposer(draft, MAX_CONTEXT + 64, 3, 2, budget=8, vocabulary=ids)
     drafted: set[int] = set()
